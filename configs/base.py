@@ -1,0 +1,66 @@
+"""Defaults shared by every experiment; each config file starts from these.
+
+Config files import no jax and compute nothing about devices: global batch,
+steps per epoch and the LR scaling factor are derived at build time and logged.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"            # unet | fcn (see medseg_jax/models/__init__.py)
+  c.model.base_features = 64       # U-Net first level / VGG first block width
+  c.model.depth = 4                # U-Net pooling levels
+  c.model.fc_features = 4096       # FCN fc6/fc7 width (as convolutions)
+  c.model.norm = "none"            # none | group | batch (batch is synced across devices)
+  c.model.dropout = 0.0
+  c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ""                 # Decathlon task directory (dataset.json inside)
+  c.data.synthetic = False         # write a synthetic Decathlon dataset to root if absent
+  c.data.synthetic_volumes = 16
+  c.data.synthetic_shape = (96, 96, 48)
+  c.data.modalities = ()           # channels, by dataset.json modality name (or index); () = all
+  c.data.label_map = ()            # source label i -> class label_map[i]; () keeps labels
+  c.data.slice_axis = 2
+  c.data.slices_per_volume = 70    # central slices kept per volume; 0 = all
+  c.data.image_size = 240
+  c.data.val_fraction = 0.15       # split by volume, from `seed`
+  c.data.test_fraction = 0.15
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"             # sgd | adam | adamw
+  c.optim.lr = 1e-5                # base LR for the reference batch
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 0.0     # 0 = no clipping
+
+  c.lr = ml_collections.ConfigDict()
+  c.lr.scaling = "linear"          # none | linear | sqrt, by k = global / reference batch
+  c.lr.reference_batch_size = 0    # 0 = the per-device batch (k = number of devices)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.per_device_batch_size = 7
+  c.train.num_epochs = 100
+  c.train.num_steps = 0            # 0 = derive from num_epochs
+  c.train.loss = "dice_ce"         # dice | ce | dice_ce
+  c.train.eval_every_steps = 500   # 0 = only at the end
+  c.train.eval_batch_size = 0      # per device; 0 = per_device_batch_size
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd
+  c.parallel.num_devices = 0       # 0 = all devices of all processes
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000  # 0 = only at the end
+  c.checkpoint.max_to_keep = 3
+
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.log_every_steps = 50
+  return c

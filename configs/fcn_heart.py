@@ -1,0 +1,18 @@
+"""FCN-8s on Decathlon Task02_Heart (left atrium), thesis settings (70 slices, 512x512)."""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.name = "fcn"
+  c.model.dropout = 0.5
+  c.data.root = "data/Task02_Heart"
+  c.data.modalities = ("MRI",)
+  c.data.slices_per_volume = 70
+  c.data.image_size = 512
+  c.optim.name = "sgd"
+  c.optim.lr = 3e-5
+  c.train.per_device_batch_size = 10
+  c.train.num_epochs = 120
+  return c

@@ -1,0 +1,17 @@
+"""Errors a user can cause; `main` turns them into one line and a non-zero exit."""
+
+
+class MedsegError(Exception):
+  """Bad input (data, path, checkpoint) that the user can fix. Exit code 1."""
+
+  exit_code = 1
+
+
+class ConfigError(MedsegError):
+  """A config value or flag that cannot be used. Exit code 2."""
+
+  exit_code = 2
+
+
+class DataError(MedsegError):
+  """A dataset file or directory that cannot be read as expected."""

@@ -1,0 +1,160 @@
+"""Data parallelism: the only module that touches pmap, shard_map, meshes and collectives.
+
+`config.parallel.strategy` picks how the pure steps of `step.py` run on the mesh:
+- `shard_map` (default): each device runs the step on its shard; gradients are
+  averaged with an explicit `lax.pmean` all-reduce.
+- `pmap`: the same per-shard body under `jax.pmap`, state stacked per device.
+- `gspmd`: `jax.jit` over global arrays; XLA partitions the batch and inserts
+  the all-reduce itself.
+
+Under `jax.shard_map` with `check_vma=True`, gradients of replicated parameters
+already come back summed over devices, and a following pmean would leave them
+N times too large. The per-shard body therefore runs with `check_vma=False`
+and reduces explicitly, exactly as under pmap.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medseg_jax import step as step_lib
+from medseg_jax.errors import ConfigError
+
+AXIS = "data"
+STRATEGIES = ("shard_map", "pmap", "gspmd")
+
+
+def _pmean(tree):
+  return lax.pmean(tree, AXIS)
+
+
+def _psum(tree):
+  return lax.psum(tree, AXIS)
+
+
+def _identity(tree):
+  return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """A strategy on a 1-D mesh of devices along the data axis."""
+
+  strategy: str
+  mesh: Mesh
+  check_vma: bool = False  # True only to demonstrate the N-times trap in tests
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  @property
+  def num_local_devices(self) -> int:
+    return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+  @property
+  def bn_axis_name(self) -> str | None:
+    """Axis name for synchronised BatchNorm; None when XLA sees the global batch."""
+    return None if self.strategy == "gspmd" else AXIS
+
+  def _sharding(self, spec: P) -> NamedSharding:
+    return NamedSharding(self.mesh, spec)
+
+  # -- placing data ----------------------------------------------------------
+  def put_state(self, state: Any) -> Any:
+    """Replicates a host state on every device of the mesh."""
+    if self.strategy == "pmap":
+      state = jax.tree.map(lambda x: np.broadcast_to(x, (self.num_local_devices,) + x.shape),
+                           jax.device_get(state))
+      return jax.tree.map(self._put_local, state)
+    return jax.device_put(state, self._sharding(P()))
+
+  def get_state(self, state: Any) -> Any:
+    """The state as one replicated copy (undoes pmap's per-device stacking)."""
+    if self.strategy == "pmap":
+      return jax.tree.map(lambda x: x[0], state)
+    return state
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Builds global arrays from this process's part of the batch."""
+    if self.strategy == "pmap":
+      n = self.num_local_devices
+      local_batch = {k: v.reshape((n, v.shape[0] // n) + v.shape[1:])
+                     for k, v in local_batch.items()}
+    return {k: self._put_local(v) for k, v in local_batch.items()}
+
+  def _put_local(self, x: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(self._sharding(P(AXIS)), np.asarray(x))
+
+  # -- compiling steps -------------------------------------------------------
+  def train_step(self, loss_fn: Callable) -> Callable:
+    """Compiled `(state, batch, rng) -> (state, metrics)`; the input state is donated."""
+    if self.strategy == "gspmd":
+      fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_identity)
+      return jax.jit(fn, in_shardings=(self._sharding(P()), self._sharding(P(AXIS)),
+                                       self._sharding(P())),
+                     out_shardings=self._sharding(P()), donate_argnums=0)
+    fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_pmean)
+    return self._per_shard(_with_shard_rng(fn), in_axes=(0, 0, None), out_specs=(P(), P()),
+                           donate=True)
+
+  def eval_step(self, num_classes: int) -> Callable:
+    """Compiled `(state, batch) -> confusion matrix` summed over the whole mesh."""
+    if self.strategy == "gspmd":
+      fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_identity)
+      return jax.jit(fn, out_shardings=self._sharding(P()))
+    fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_psum)
+    return self._per_shard(fn, in_axes=(0, 0), out_specs=P())
+
+  def _per_shard(self, fn: Callable, in_axes: tuple, out_specs: Any,
+                 donate: bool = False) -> Callable:
+    donate_argnums = (0,) if donate else ()
+    if self.strategy == "pmap":
+      pmapped = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, donate_argnums=donate_argnums,
+                         devices=[d for d in self.mesh.devices.flat
+                                  if d.process_index == jax.process_index()])
+      return _first_of_replicated_outputs(pmapped)
+    # shard_map: state replicated (P()), batch split along the data axis, rng replicated.
+    in_specs = tuple(P() if a is None or i == 0 else P(AXIS) for i, a in enumerate(in_axes))
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=self.check_vma)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def _with_shard_rng(fn: Callable) -> Callable:
+  """Gives every shard its own dropout stream."""
+  def wrapped(state, batch, rng):
+    return fn(state, batch, jax.random.fold_in(rng, lax.axis_index(AXIS)))
+  return wrapped
+
+
+def _first_of_replicated_outputs(pmapped: Callable) -> Callable:
+  """pmap returns metrics stacked per device; they are identical after the all-reduce."""
+  def call(*args):
+    out = pmapped(*args)
+    if isinstance(out, tuple):  # (state, metrics): the state stays stacked for the next step
+      return out[0], jax.tree.map(lambda x: x[0], out[1])
+    return jax.tree.map(lambda x: x[0], out)
+  return call
+
+
+def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) -> Parallel:
+  """The strategy on the first `num_devices` devices of all processes (0 = all)."""
+  if strategy not in STRATEGIES:
+    raise ConfigError(f"parallel.strategy={strategy!r}: choose from {list(STRATEGIES)}")
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ConfigError(f"parallel.num_devices={num_devices}: there are {len(devices)} devices")
+  if num_devices and jax.process_count() > 1 and num_devices != len(devices):
+    raise ConfigError(f"parallel.num_devices={num_devices}: with several processes, use 0 "
+                      f"(all {len(devices)} devices)")
+  devices = devices[:num_devices or len(devices)]
+  mesh = Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
+  return Parallel(strategy=strategy, mesh=mesh, check_vma=check_vma)

@@ -1,0 +1,60 @@
+"""Pure train and eval steps.
+
+Both run on one shard of the global batch. How shards are combined is injected:
+`reduce_mean` / `reduce_sum` are the all-reduce (or the identity when XLA
+partitions a global computation) chosen in `parallel.py`. Hyperparameters and
+the loss are bound with functools.partial at build time.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medseg_jax.state import TrainState
+
+Reduce = Callable[[jax.Array], jax.Array]
+
+
+def _apply(state: TrainState, params, images, train: bool, rng=None):
+  """Runs the model; returns (logits, new model state)."""
+  variables = {"params": params, **state.model_state}
+  rngs = {"dropout": rng} if rng is not None else None
+  if train and state.model_state:
+    return state.apply_fn(variables, images, train=True, rngs=rngs,
+                          mutable=list(state.model_state.keys()))
+  return state.apply_fn(variables, images, train=train, rngs=rngs), state.model_state
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
+               loss_fn: Callable, reduce_mean: Reduce) -> tuple[TrainState, dict]:
+  """One synchronous SGD step: local gradients, all-reduced mean, optimizer update."""
+  rng = jax.random.fold_in(rng, state.step)
+
+  def objective(params):
+    logits, model_state = _apply(state, params, batch["image"], True, rng)
+    return jnp.mean(loss_fn(logits, batch["label"])), model_state
+
+  (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  grads = reduce_mean(grads)
+  loss = reduce_mean(loss)
+  new_state = state.apply_gradients(grads, model_state)
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_step(state: TrainState, batch: dict, *, num_classes: int,
+              reduce_sum: Reduce) -> jax.Array:
+  """Confusion matrix [true, predicted] of the batch's valid pixels, summed over shards."""
+  logits, _ = _apply(state, state.params, batch["image"], False)
+  pred = jnp.argmax(logits, axis=-1)
+  index = batch["label"] * num_classes + pred
+  weight = jnp.broadcast_to(batch["mask"][:, None, None], index.shape).astype(jnp.int32)
+  counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=num_classes**2)
+  return reduce_sum(counts.reshape(num_classes, num_classes).astype(jnp.int32))
+
+
+def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+  """Per-pixel class probabilities [B,H,W,C]."""
+  logits, _ = _apply(state, state.params, images, False)
+  return jax.nn.softmax(logits, axis=-1)
