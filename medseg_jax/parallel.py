@@ -158,3 +158,12 @@ def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) 
   devices = devices[:num_devices or len(devices)]
   mesh = Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
   return Parallel(strategy=strategy, mesh=mesh, check_vma=check_vma)
+
+
+def to_host(tree: Any) -> Any:
+  """Copies replicated arrays (including ones spread over several hosts) to numpy."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)

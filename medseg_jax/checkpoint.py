@@ -1,0 +1,46 @@
+"""Checkpoints with orbax: the train state every N steps and at the end, resumed on restart."""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _to_tree(state) -> dict:
+  return {"step": state.step, "params": state.params, "model_state": state.model_state,
+          "opt_state": state.opt_state}
+
+
+class Checkpointer:
+  """Saves and restores the arrays of a TrainState in WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, state: Any, sharding, step: int | None = None) -> Any:
+    """Returns `state` with its arrays read from the checkpoint at `step` (latest if None)."""
+    step = self._manager.latest_step() if step is None else step
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            _to_tree(state))
+    tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    logging.info("Restored checkpoint %s/%d", self.directory, step)
+    return state.replace(**tree)
+
+  def save(self, step: int, state: Any, force: bool = False) -> bool:
+    """Saves every `every_steps` steps (or when forced); writing continues in the background."""
+    due = force or (self.every_steps > 0 and step % self.every_steps == 0)
+    if not due or self._manager.latest_step() == step:
+      return False
+    return self._manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=True)
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

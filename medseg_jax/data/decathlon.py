@@ -1,0 +1,84 @@
+"""Reading a Medical Segmentation Decathlon task: dataset.json and its NIfTI volumes."""
+
+import dataclasses
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+
+from medseg_jax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One labelled subject: paths of its image and label volumes."""
+
+  name: str
+  image: str
+  label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  root: str
+  name: str
+  modalities: tuple[str, ...]   # index -> name, as in dataset.json "modality"
+  labels: tuple[str, ...]       # label value -> name
+  training: tuple[Case, ...]
+  test: tuple[str, ...]         # unlabelled images
+
+
+def read_dataset(root: str) -> Dataset:
+  """Parses `root/dataset.json`; any missing piece is a DataError naming the file."""
+  path = os.path.join(root, "dataset.json")
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: not found (data.root must be a Decathlon task directory)")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    modalities = _indexed_names(meta["modality"])
+    labels = _indexed_names(meta["labels"])
+    training = tuple(_case(root, entry) for entry in meta["training"])
+    test = tuple(_resolve(root, p) for p in meta.get("test", []))
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{path}: not a valid Decathlon dataset.json ({type(e).__name__}: {e})")
+  if not training:
+    raise DataError(f"{path}: the 'training' list is empty")
+  return Dataset(root=root, name=str(meta.get("name", os.path.basename(root))),
+                 modalities=modalities, labels=labels, training=training, test=test)
+
+
+def _indexed_names(mapping: dict) -> tuple[str, ...]:
+  """{"0": "FLAIR", "1": "T1w"} -> ("FLAIR", "T1w")."""
+  indices = sorted(int(k) for k in mapping)
+  if indices != list(range(len(indices))):
+    raise ValueError(f"keys must be 0..n-1, got {sorted(mapping)}")
+  return tuple(str(mapping[str(i)]) for i in indices)
+
+
+def _resolve(root: str, rel: str) -> str:
+  return os.path.normpath(os.path.join(root, rel))
+
+
+def _case(root: str, entry: dict) -> Case:
+  image = _resolve(root, entry["image"])
+  name = os.path.basename(image).split(".nii")[0]
+  return Case(name=name, image=image, label=_resolve(root, entry["label"]))
+
+
+def load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+  """Loads a volume in the closest canonical (RAS) orientation.
+
+  Returns (data, original affine, original shape); the last two are what a
+  prediction needs to be written back in the input's space.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: file not found")
+  try:
+    img = nib.load(path)
+    canonical = nib.as_closest_canonical(img)
+    data = np.asarray(canonical.dataobj)
+  except Exception as e:  # nibabel raises many types for damaged or foreign files
+    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
+  return data, img.affine, tuple(img.shape)

@@ -1,0 +1,206 @@
+"""The training loop: build, restore, iterate, log, evaluate, checkpoint."""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from medseg_jax import checkpoint, files, losses, metrics, optim, parallel
+from medseg_jax.data import pipeline
+from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.models import build_model
+from medseg_jax.state import TrainState
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step."""
+
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  par: parallel.Parallel
+  data: dict[str, pipeline.SliceSet]
+  data_info: dict
+  num_classes: int
+  state: TrainState                 # placed on the mesh
+  train_step: Callable
+  eval_step: Callable
+  schedule: Callable
+  global_batch: int
+  steps_per_epoch: int
+  num_steps: int
+  checkpointer: checkpoint.Checkpointer
+  step_rng: jax.Array
+
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
+
+
+def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Devices, data, model, optimizer and compiled steps for `cfg`."""
+  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  if cfg.train.per_device_batch_size <= 0:
+    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
+                      "must be positive")
+  global_batch = cfg.train.per_device_batch_size * par.num_devices
+  data, info = pipeline.load_splits(cfg, workdir)
+  steps_per_epoch = len(data["train"]) // global_batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: the "
+                      f"global batch {global_batch} exceeds the {len(data['train'])} "
+                      "training slices")
+  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  num_classes = pipeline.num_classes(cfg, info)
+  model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
+  schedule = optim.make_schedule(cfg, global_batch)
+  init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
+  state = init_state(model, optim.make_optimizer(cfg, schedule), init_rng,
+                      data["train"].image.shape[1:])
+  logging.info("%d devices (%s), %d processes, global batch %d, k=%.3g, peak LR %.4g, "
+               "%d steps per epoch, %d steps", par.num_devices, cfg.parallel.strategy,
+               jax.process_count(), global_batch, optim.scaling_factor(cfg, global_batch),
+               optim.peak_learning_rate(cfg, global_batch), steps_per_epoch, num_steps)
+  logging.info("Data: %s", info)
+  return Run(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info,
+             num_classes=num_classes, state=state,
+             train_step=par.train_step(losses.get_loss(cfg.train.loss)),
+             eval_step=par.eval_step(num_classes), schedule=schedule,
+             global_batch=global_batch, steps_per_epoch=steps_per_epoch, num_steps=num_steps,
+             checkpointer=checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps,
+                                                  cfg.checkpoint.max_to_keep),
+             step_rng=step_rng)
+
+
+def init_state(model, tx, rng, sample_shape) -> TrainState:
+  variables = jax.jit(model.init, static_argnames="train")(
+      rng, jnp.zeros((1,) + tuple(sample_shape), jnp.float32), train=False)
+  variables = dict(variables)
+  params = variables.pop("params")
+  return TrainState.create(apply_fn=model.apply, params=params, model_state=variables, tx=tx)
+
+
+def restore_or_place(run: Run) -> TrainState:
+  """The latest checkpoint if there is one, else the fresh state; placed on the mesh."""
+  state = run.state
+  if run.checkpointer.latest_step() is not None:
+    replicated = jax.sharding.NamedSharding(run.par.mesh, jax.sharding.PartitionSpec())
+    state = run.checkpointer.restore(state, replicated)
+    logging.info("Resuming from checkpoint at step %d", int(parallel.to_host(state.step)))
+  return run.par.put_state(state)
+
+
+def evaluate(run: Run, state: TrainState, split: str, step: int) -> dict | None:
+  """Exact metrics over a whole split; written to WORKDIR/eval/<split>_metrics.json."""
+  data = run.data[split]
+  if not len(data):
+    return None
+  eval_batch = (run.cfg.train.eval_batch_size or run.cfg.train.per_device_batch_size)
+  confusion = np.zeros((run.num_classes,) * 2, np.int64)
+  for batch in pipeline.eval_batches(data, eval_batch * run.par.num_devices,
+                                     jax.process_index(), jax.process_count()):
+    confusion += parallel.to_host(run.eval_step(state, run.par.put_batch(batch)))
+  result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data))
+  if run.is_chief:
+    files.write_json(os.path.join(run.workdir, "eval", f"{split}_metrics.json"), result)
+  logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,
+               result["dice"] or 0.0, result["mean_iou"] or 0.0,
+               result["pixel_accuracy"] or 0.0)
+  return result
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains, evaluates on validation periodically, then the best state on the test split."""
+  run = build(cfg, workdir)
+  if run.is_chief:
+    files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  state = restore_or_place(run)
+  best = _Best()
+  step = int(parallel.to_host(run.par.get_state(state).step))
+  state = _train_loop(run, state, step, best)
+  final_step = run.num_steps
+  run.checkpointer.save(final_step, run.par.get_state(state), force=True)
+  run.checkpointer.close()
+  if best.state is None:  # resumed after the end: no validation seen in this process
+    best.consider(evaluate(run, state, "val", final_step), state, final_step, run.par)
+  test_state = run.par.put_state(best.state) if best.state is not None else state
+  return evaluate(run, test_state, "test", best.step if best.state is not None else final_step)
+
+
+class _Best:
+  """The state with the highest validation Dice so far, kept on the host."""
+
+  def __init__(self):
+    self.dice, self.step, self.state = -1.0, -1, None
+
+  def consider(self, result: dict | None, state, step: int, par) -> None:
+    if result is not None and (result["dice"] or 0.0) > self.dice:
+      self.dice, self.step = result["dice"] or 0.0, step
+      self.state = jax.device_get(par.get_state(state))
+
+
+def _train_loop(run: Run, state: TrainState, step: int, best: _Best) -> TrainState:
+  cfg = run.cfg
+  log_every, eval_every = cfg.monitor.log_every_steps, cfg.train.eval_every_steps
+  window: dict[str, Any] = {"loss": [], "start": time.perf_counter(), "steps": 0}
+  while step < run.num_steps:
+    epoch, skip = divmod(step, run.steps_per_epoch)
+    batches = pipeline.train_batches(run.data["train"], run.global_batch, cfg.seed, epoch,
+                                     jax.process_index(), jax.process_count())
+    for i, batch in enumerate(batches):
+      if i < skip:
+        continue  # resuming mid-epoch: the same order, minus the batches already seen
+      state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_rng)
+      step += 1
+      window["loss"].append(step_metrics["loss"])
+      window["steps"] += 1
+      record = {}
+      if step % log_every == 0 or step == run.num_steps:
+        record.update(_train_record(run, step, step_metrics, window))
+      if (eval_every and step % eval_every == 0) or step == run.num_steps:
+        eval_start = time.perf_counter()
+        result = evaluate(run, state, "val", step)
+        best.consider(result, state, step, run.par)
+        window["start"] += time.perf_counter() - eval_start  # throughput counts training only
+        record.update({f"val_{k}": v for k, v in (result or {}).items()
+                       if k not in ("per_class", "step")})
+      if record and run.is_chief:
+        files.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), dict(record, step=step))
+      run.checkpointer.save(step, run.par.get_state(state))
+      if step >= run.num_steps:
+        break
+  return state
+
+
+def _train_record(run: Run, step: int, step_metrics: dict, window: dict) -> dict:
+  """Loss averaged since the last record, LR and throughput; resets the window."""
+  losses_ = [float(x) for x in parallel.to_host(window["loss"])]
+  elapsed = time.perf_counter() - window["start"]
+  slices_per_sec = window["steps"] * run.global_batch / elapsed
+  lr = float(run.schedule(step - 1))
+  record = {"epoch": step / run.steps_per_epoch, "loss": float(np.mean(losses_)),
+            "learning_rate": lr, "grad_norm": float(parallel.to_host(step_metrics["grad_norm"])),
+            "slices_per_sec": slices_per_sec,
+            "slices_per_sec_per_device": slices_per_sec / run.par.num_devices,
+            "step_time": elapsed / window["steps"]}
+  logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step, run.num_steps,
+               record["epoch"], record["loss"], lr, slices_per_sec)
+  window.update(loss=[], start=time.perf_counter(), steps=0)
+  return record
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=evaluate: the latest checkpoint on the validation and test splits."""
+  run = build(cfg, workdir)
+  step = run.checkpointer.latest_step()
+  if step is None:
+    raise MedsegError(f"{run.checkpointer.directory}: no checkpoint to evaluate")
+  state = restore_or_place(run)
+  run.checkpointer.close()
+  return {split: evaluate(run, state, split, step) for split in ("val", "test")}

@@ -1,0 +1,101 @@
+"""The entry point, end to end through real processes: outputs, resume, and flag errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.data.synthetic_volumes=6", "--config.data.synthetic_shape=(32, 32, 8)",
+        "--config.data.slices_per_volume=0", "--config.data.image_size=32",
+        "--config.model.depth=2", "--config.model.base_features=4",
+        "--config.train.per_device_batch_size=2", "--config.train.num_steps=3",
+        "--config.train.eval_every_steps=2", "--config.checkpoint.every_steps=2",
+        "--config.monitor.log_every_steps=1"]
+
+
+def run_main(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_quickstart_writes_its_outputs(quickstart_run):
+  workdir, _ = quickstart_run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for r in records:
+    assert {"loss", "learning_rate", "slices_per_sec"} <= r.keys()
+  assert "val_dice" in records[1] and "val_dice" in records[2]
+  assert records[0]["learning_rate"] == pytest.approx(2e-3 * 8)  # linear rule, k = 8 devices
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  assert config["train"]["num_steps"] == 3 and config["model"]["name"] == "unet"
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_files_count_every_slice_of_the_split(quickstart_run, split):
+  workdir, _ = quickstart_run
+  with open(os.path.join(workdir, "eval", f"{split}_metrics.json")) as f:
+    result = json.load(f)
+  assert {"dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class",
+          "step", "num_examples"} <= result.keys()
+  with open(os.path.join(workdir, "split.json")) as f:
+    subjects = json.load(f)[split]
+  depth = sum(nib.load(os.path.join(workdir, "data", "labelsTr", f"{s}.nii.gz")).shape[2]
+              for s in subjects)
+  assert result["num_examples"] == depth
+  assert sum(c["support"] for c in result["per_class"]) == depth * 32 * 32
+
+
+def test_restart_resumes_and_evaluate_mode_reads_the_checkpoint(quickstart_run):
+  workdir, _ = quickstart_run
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming from checkpoint at step 3" in proc.stderr
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=evaluate",
+                  *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _one_error_line(proc):
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2, proc.stderr
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+def test_misspelt_override_key_is_one_line_exit_2(tmp_path):
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                  "--config.train.num_stepz=3")
+  assert "num_stepz" in _one_error_line(proc)
+  assert not os.listdir(tmp_path)
+
+
+def test_wrong_type_is_one_line_exit_2(tmp_path):
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                  "--config.train.num_steps=many")
+  assert "num_steps" in _one_error_line(proc)
+
+
+def test_missing_config_file_is_one_line_exit_2(tmp_path):
+  proc = run_main("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert "configs/nope.py" in _one_error_line(proc)
+
+
+def test_bad_config_value_is_one_line_exit_2(tmp_path):
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", *TINY,
+                  "--config.parallel.strategy=horovod")
+  assert "parallel.strategy" in _one_error_line(proc)

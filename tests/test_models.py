@@ -1,0 +1,103 @@
+"""Model output shapes, parameter counts against hand-computed formulas, bf16 compute."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from configs import base
+from medseg_jax.models import FCN, UNet, build_model
+from medseg_jax.errors import ConfigError
+
+
+def conv(k, cin, cout):
+  return k * k * cin * cout + cout
+
+
+def unet_params(depth, f, cin, classes):
+  total, c = 0, cin
+  for level in range(depth + 1):
+    out = f * 2**level
+    total += conv(3, c, out) + conv(3, out, out)
+    c = out
+  for level in reversed(range(depth)):
+    out = f * 2**level
+    total += conv(2, c, out) + conv(3, 2 * out, out) + conv(3, out, out)
+    c = out
+  return total + conv(1, c, classes)
+
+
+def fcn_params(f, fc, cin, classes):
+  total, c, widths = 0, cin, []
+  for convs, mult in zip((2, 2, 3, 3, 3), (1, 2, 4, 8, 8)):
+    for _ in range(convs):
+      total += conv(3, c, f * mult)
+      c = f * mult
+    widths.append(c)
+  total += conv(7, c, fc) + conv(1, fc, fc) + conv(1, fc, classes)
+  total += conv(4, classes, classes) + conv(1, widths[3], classes)    # upscore2, score_pool4
+  total += conv(4, classes, classes) + conv(1, widths[2], classes)    # upscore_pool4, score_pool3
+  return total + conv(16, classes, classes)                          # upscore8
+
+
+def count(variables):
+  return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("depth,f,cin,classes,size", [(2, 4, 1, 2, 32), (4, 64, 4, 3, 64)])
+def test_unet_shape_and_parameter_count(depth, f, cin, classes, size):
+  model = UNet(num_classes=classes, depth=depth, base_features=f)
+  x = jnp.zeros((2, size, size, cin))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert count(variables) == unet_params(depth, f, cin, classes)
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out.shape == (2, size, size, classes)
+
+
+def test_unet_full_size_is_the_31m_parameter_network():
+  model = UNet(num_classes=2, depth=4, base_features=64)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+  assert 31.0e6 < count(variables) < 31.1e6
+
+
+@pytest.mark.parametrize("f,fc,cin,classes,size", [(4, 16, 1, 2, 32), (64, 4096, 3, 21, 64)])
+def test_fcn_shape_and_parameter_count(f, fc, cin, classes, size):
+  model = FCN(num_classes=classes, base_features=f, fc_features=fc)
+  x = jnp.zeros((2, size, size, cin))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert count(variables) == fcn_params(f, fc, cin, classes)
+  assert jax.eval_shape(model.apply, variables, x).shape == (2, size, size, classes)
+
+
+@pytest.mark.parametrize("name", ["unet", "fcn"])
+def test_bfloat16_compute_keeps_float32_params(name):
+  cfg = base.get_config().model
+  cfg.name, cfg.base_features, cfg.depth, cfg.fc_features = name, 4, 2, 16
+  cfg.compute_dtype = "bfloat16"
+  model = build_model(cfg, num_classes=3, image_size=32)
+  x = jnp.ones((2, 32, 32, 1))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  logits = model.apply(variables, x)
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+  hlo = jax.jit(model.apply).lower(variables, x).as_text()
+  assert "bf16" in hlo  # the convolutions really run in bfloat16
+
+
+@pytest.mark.parametrize("key,value,size", [("name", "resnet", 32), ("norm", "layer", 32),
+                                            ("compute_dtype", "float16", 32), ("name", "unet", 30)])
+def test_bad_model_settings_are_config_errors(key, value, size):
+  cfg = ml_collections.ConfigDict(base.get_config().model.to_dict())
+  cfg[key] = value
+  with pytest.raises(ConfigError):
+    build_model(cfg, num_classes=2, image_size=size)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_norm_variants_run(norm):
+  model = UNet(num_classes=2, depth=2, base_features=4, norm=norm)
+  x = jnp.ones((2, 32, 32, 1))
+  variables = model.init(jax.random.key(0), x)
+  out = model.apply(variables, x, train=True, mutable=["batch_stats"])[0] if norm == "batch" \
+      else model.apply(variables, x)
+  assert out.shape == (2, 32, 32, 2)
