@@ -9,12 +9,17 @@ from ml_collections import config_flags
 
 from medseg_jax.errors import ConfigError, MedsegError
 
-MODES = ("train", "evaluate")
+MODES = ("train", "evaluate", "predict")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES,
+                          "train (then test), evaluate a checkpoint, or predict NIfTI files.")
+_INPUT = flags.DEFINE_string("input", None, "predict: a NIfTI file or a directory of them.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: output file (*.nii.gz) or directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "predict: 'latest' or a step number.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs.")
 
 
 def _fail(message: str, code: int) -> None:
@@ -37,6 +42,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(_unknown_override(config_arg, argv), 2)
   if not _WORKDIR.value:
     _fail("--workdir is required", 2)
+  if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
+    _fail("--mode=predict needs --input and --output", 2)
+  if _CHECKPOINT.value != "latest" and not _CHECKPOINT.value.isdigit():
+    _fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest' or a step number", 2)
   return rest
 
 
@@ -72,15 +81,18 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # jax and the training code are imported only after the flags are good.
-  from medseg_jax import train  # pylint: disable=import-outside-toplevel
+  from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
 
   cfg, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
   try:
     if _MODE.value == "train":
+      os.makedirs(workdir, exist_ok=True)
       train.train_and_evaluate(cfg, workdir)
-    else:
+    elif _MODE.value == "evaluate":
       train.evaluate_checkpoint(cfg, workdir)
+    else:
+      step = None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
+      infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, step, _OVERWRITE.value)
   except MedsegError as e:
     logging.flush()
     _fail(str(e), e.exit_code)

@@ -64,6 +64,10 @@ class Parallel:
     """Axis name for synchronised BatchNorm; None when XLA sees the global batch."""
     return None if self.strategy == "gspmd" else AXIS
 
+  @property
+  def replicated(self) -> NamedSharding:
+    return self._sharding(P())
+
   def _sharding(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)
 
@@ -74,13 +78,11 @@ class Parallel:
       state = jax.tree.map(lambda x: np.broadcast_to(x, (self.num_local_devices,) + x.shape),
                            jax.device_get(state))
       return jax.tree.map(self._put_local, state)
-    return jax.device_put(state, self._sharding(P()))
+    return jax.device_put(state, self.replicated)
 
   def get_state(self, state: Any) -> Any:
     """The state as one replicated copy (undoes pmap's per-device stacking)."""
-    if self.strategy == "pmap":
-      return jax.tree.map(lambda x: x[0], state)
-    return state
+    return _first(state) if self.strategy == "pmap" else state
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Builds global arrays from this process's part of the batch."""
@@ -94,35 +96,44 @@ class Parallel:
     return jax.make_array_from_process_local_data(self._sharding(P(AXIS)), np.asarray(x))
 
   # -- compiling steps -------------------------------------------------------
+  # Per-shard specs: the state (first argument) is replicated, batches are split
+  # along the data axis, the rng is replicated. Under pmap the state is stacked.
+
   def train_step(self, loss_fn: Callable) -> Callable:
     """Compiled `(state, batch, rng) -> (state, metrics)`; the input state is donated."""
     if self.strategy == "gspmd":
       fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_identity)
-      return jax.jit(fn, in_shardings=(self._sharding(P()), self._sharding(P(AXIS)),
-                                       self._sharding(P())),
-                     out_shardings=self._sharding(P()), donate_argnums=0)
+      return jax.jit(fn, in_shardings=(self.replicated, self._sharding(P(AXIS)),
+                                       self.replicated),
+                     out_shardings=self.replicated, donate_argnums=0)
     fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_pmean)
-    return self._per_shard(_with_shard_rng(fn), in_axes=(0, 0, None), out_specs=(P(), P()),
-                           donate=True)
+    return self._per_shard(_with_shard_rng(fn), (P(), P(AXIS), P()), (P(), P()),
+                           unstack=lambda out: (out[0], _first(out[1])), donate=True)
 
   def eval_step(self, num_classes: int) -> Callable:
     """Compiled `(state, batch) -> confusion matrix` summed over the whole mesh."""
     if self.strategy == "gspmd":
       fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_identity)
-      return jax.jit(fn, out_shardings=self._sharding(P()))
+      return jax.jit(fn, out_shardings=self.replicated)
     fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_psum)
-    return self._per_shard(fn, in_axes=(0, 0), out_specs=P())
+    return self._per_shard(fn, (P(), P(AXIS)), P(), unstack=_first)
 
-  def _per_shard(self, fn: Callable, in_axes: tuple, out_specs: Any,
-                 donate: bool = False) -> Callable:
+  def predict_step(self) -> Callable:
+    """Compiled `(state, images) -> probabilities`, split along the batch like the input."""
+    if self.strategy == "gspmd":
+      return jax.jit(step_lib.predict_step, out_shardings=self._sharding(P(AXIS)))
+    return self._per_shard(step_lib.predict_step, (P(), P(AXIS)), P(AXIS),
+                           unstack=lambda x: x.reshape((-1,) + x.shape[2:]))
+
+  def _per_shard(self, fn: Callable, in_specs: tuple, out_specs: Any,
+                 unstack: Callable, donate: bool = False) -> Callable:
     donate_argnums = (0,) if donate else ()
     if self.strategy == "pmap":
+      in_axes = (0,) + tuple(None if spec == P() else 0 for spec in in_specs[1:])
+      local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
       pmapped = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, donate_argnums=donate_argnums,
-                         devices=[d for d in self.mesh.devices.flat
-                                  if d.process_index == jax.process_index()])
-      return _first_of_replicated_outputs(pmapped)
-    # shard_map: state replicated (P()), batch split along the data axis, rng replicated.
-    in_specs = tuple(P() if a is None or i == 0 else P(AXIS) for i, a in enumerate(in_axes))
+                         devices=local)
+      return lambda *args: unstack(pmapped(*args))
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                            check_vma=self.check_vma)
     return jax.jit(mapped, donate_argnums=donate_argnums)
@@ -135,14 +146,9 @@ def _with_shard_rng(fn: Callable) -> Callable:
   return wrapped
 
 
-def _first_of_replicated_outputs(pmapped: Callable) -> Callable:
-  """pmap returns metrics stacked per device; they are identical after the all-reduce."""
-  def call(*args):
-    out = pmapped(*args)
-    if isinstance(out, tuple):  # (state, metrics): the state stays stacked for the next step
-      return out[0], jax.tree.map(lambda x: x[0], out[1])
-    return jax.tree.map(lambda x: x[0], out)
-  return call
+def _first(tree: Any) -> Any:
+  """pmap stacks replicated outputs per device; after the all-reduce the copies are equal."""
+  return jax.tree.map(lambda x: x[0], tree)
 
 
 def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) -> Parallel:

@@ -13,7 +13,7 @@ from absl import logging
 
 from medseg_jax import checkpoint, files, losses, metrics, optim, parallel
 from medseg_jax.data import pipeline
-from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
 from medseg_jax.state import TrainState
 
@@ -58,11 +58,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
                       "training slices")
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
   num_classes = pipeline.num_classes(cfg, info)
-  model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
-  schedule = optim.make_schedule(cfg, global_batch)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
-  state = init_state(model, optim.make_optimizer(cfg, schedule), init_rng,
-                      data["train"].image.shape[1:])
+  state, schedule = build_state(cfg, par, num_classes, data["train"].image.shape[-1],
+                                global_batch, init_rng)
   logging.info("%d devices (%s), %d processes, global batch %d, k=%.3g, peak LR %.4g, "
                "%d steps per epoch, %d steps", par.num_devices, cfg.parallel.strategy,
                jax.process_count(), global_batch, optim.scaling_factor(cfg, global_batch),
@@ -78,6 +76,16 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
              step_rng=step_rng)
 
 
+def build_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel, num_classes: int,
+                channels: int, global_batch: int, rng: jax.Array) -> tuple[TrainState, Callable]:
+  """A fresh host-side TrainState for the model, optimizer and LR schedule of `cfg`."""
+  model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
+  schedule = optim.make_schedule(cfg, global_batch)
+  size = cfg.data.image_size
+  return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels)), \
+      schedule
+
+
 def init_state(model, tx, rng, sample_shape) -> TrainState:
   variables = jax.jit(model.init, static_argnames="train")(
       rng, jnp.zeros((1,) + tuple(sample_shape), jnp.float32), train=False)
@@ -86,13 +94,11 @@ def init_state(model, tx, rng, sample_shape) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=params, model_state=variables, tx=tx)
 
 
-def restore_or_place(run: Run) -> TrainState:
-  """The latest checkpoint if there is one, else the fresh state; placed on the mesh."""
+def restore_or_place(run: Run, step: int | None = None) -> TrainState:
+  """The checkpoint at `step` (latest if None) if there is one, else the fresh state; placed."""
   state = run.state
   if run.checkpointer.latest_step() is not None:
-    replicated = jax.sharding.NamedSharding(run.par.mesh, jax.sharding.PartitionSpec())
-    state = run.checkpointer.restore(state, replicated)
-    logging.info("Resuming from checkpoint at step %d", int(parallel.to_host(state.step)))
+    state = run.checkpointer.restore(state, run.par.replicated, step)
   return run.par.put_state(state)
 
 
@@ -120,9 +126,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | N
   run = build(cfg, workdir)
   if run.is_chief:
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    files.write_json(os.path.join(workdir, "data_info.json"),
+                     dict(run.data_info, num_classes=run.num_classes,
+                          channels=int(run.data["train"].image.shape[-1])))
   state = restore_or_place(run)
   best = _Best()
   step = int(parallel.to_host(run.par.get_state(state).step))
+  if step:
+    logging.info("Resuming from checkpoint at step %d", step)
   state = _train_loop(run, state, step, best)
   final_step = run.num_steps
   run.checkpointer.save(final_step, run.par.get_state(state), force=True)
@@ -197,10 +208,9 @@ def _train_record(run: Run, step: int, step_metrics: dict, window: dict) -> dict
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=evaluate: the latest checkpoint on the validation and test splits."""
+  checkpoint.require_checkpoint(workdir)
   run = build(cfg, workdir)
   step = run.checkpointer.latest_step()
-  if step is None:
-    raise MedsegError(f"{run.checkpointer.directory}: no checkpoint to evaluate")
   state = restore_or_place(run)
   run.checkpointer.close()
   return {split: evaluate(run, state, split, step) for split in ("val", "test")}

@@ -99,3 +99,29 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
   proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", *TINY,
                   "--config.parallel.strategy=horovod")
   assert "parallel.strategy" in _one_error_line(proc)
+
+
+def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):
+  workdir, _ = quickstart_run
+  images = os.path.join(workdir, "data", "imagesTs")
+  out = str(tmp_path / "pred")
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY,
+                  "--mode=predict", f"--input={images}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(images))
+  assert sorted(os.listdir(out)) == names
+  for name in names:
+    src, dst = nib.load(os.path.join(images, name)), nib.load(os.path.join(out, name))
+    assert dst.shape == src.shape and dst.get_data_dtype() == "uint8"
+    assert (dst.affine == src.affine).all()
+    assert set(map(int, dst.get_fdata().ravel())) <= {0, 1}
+  again = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY,
+                   "--mode=predict", f"--input={images}", f"--output={out}")
+  assert again.returncode == 1 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+
+
+def test_predict_without_a_checkpoint_is_one_line(tmp_path):
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'none'}",
+                  "--mode=predict", f"--input={tmp_path}", f"--output={tmp_path / 'o'}")
+  assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o")
