@@ -125,3 +125,14 @@ def test_predict_without_a_checkpoint_is_one_line(tmp_path):
                   "--mode=predict", f"--input={tmp_path}", f"--output={tmp_path / 'o'}")
   assert proc.returncode == 1 and "no checkpoint" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o")
+
+
+def test_cpu_devices_launcher_trains_on_n_devices(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(["bash", "launch/cpu_devices.sh", "2", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path}", *TINY, "--config.train.num_steps=1"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "metrics.jsonl") as f:
+    record = json.loads(f.readline())
+  assert record["learning_rate"] == pytest.approx(2e-3 * 2)  # linear rule with k = 2 devices
