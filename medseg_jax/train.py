@@ -134,6 +134,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | N
   step = int(parallel.to_host(run.par.get_state(state).step))
   if step:
     logging.info("Resuming from checkpoint at step %d", step)
+  if run.is_chief:  # lines logged after the checkpoint will be logged again
+    files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)
   state = _train_loop(run, state, step, best)
   final_step = run.num_steps
   run.checkpointer.save(final_step, run.par.get_state(state), force=True)

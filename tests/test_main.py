@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,11 +61,21 @@ def test_eval_files_count_every_slice_of_the_split(quickstart_run, split):
   assert sum(c["support"] for c in result["per_class"]) == depth * 32 * 32
 
 
-def test_restart_resumes_and_evaluate_mode_reads_the_checkpoint(quickstart_run):
+def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run):
+  """Losing the last checkpoint costs one step; the rerun reproduces it exactly."""
   workdir, _ = quickstart_run
+  with open(os.path.join(workdir, "eval", "val_metrics.json")) as f:
+    before = json.load(f)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
   proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Resuming from checkpoint at step 3" in proc.stderr
+  assert "Resuming from checkpoint at step 2" in proc.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # nothing logged twice
+  with open(os.path.join(workdir, "eval", "val_metrics.json")) as f:
+    after = json.load(f)
+  assert after["step"] == before["step"] == 3
+  assert after["per_class"] == before["per_class"]  # same batches, same rng, same result
   proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=evaluate",
                   *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
