@@ -1,6 +1,6 @@
 """Compile time, median step time and slices/s of the U-Net and FCN train step.
 
-    python benchmarks/train_step.py                # 1 device and 8 fake CPU devices
+    python benchmarks/train_step.py                # 1 device, then each strategy on 8 fake CPU devices
     python benchmarks/train_step.py --devices=8    # one setting (sets XLA_FLAGS itself)
 
 The global batch is the same for every device count, so the figures compare the
@@ -67,18 +67,21 @@ def main():
   p.add_argument("--size", type=int, default=128)
   p.add_argument("--global_batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--strategy", default="shard_map")
+  p.add_argument("--strategy", default="", help="one strategy; default: each on 8 devices")
   p.add_argument("--json", action="store_true", help="print JSON lines only")
   args = p.parse_args()
   if args.devices:
-    for r in measure(args.devices, args.size, args.global_batch, args.steps, args.strategy):
+    for r in measure(args.devices, args.size, args.global_batch, args.steps,
+                     args.strategy or "shard_map"):
       print(json.dumps(r))
     return
   rows = []
-  for devices in (1, 8):
+  settings = [(1, args.strategy or "shard_map")] + [
+      (8, s) for s in ([args.strategy] if args.strategy else ["shard_map", "pmap", "gspmd"])]
+  for devices, strategy in settings:
     cmd = [sys.executable, __file__, f"--devices={devices}", f"--size={args.size}",
            f"--global_batch={args.global_batch}", f"--steps={args.steps}",
-           f"--strategy={args.strategy}"]
+           f"--strategy={strategy}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   print(f"{'model':6} {'devices':>7} {'strategy':>9} {'size':>5} {'batch':>5} "
