@@ -45,24 +45,36 @@ def check_input(path: str, num_modalities: int) -> None:
                     "the model was trained on")
 
 
-def output_paths(inputs: list[str], input_arg: str, output: str, overwrite: bool) -> list[str]:
-  """One output per input: OUTPUT itself for a single file named *.nii[.gz], else OUTPUT/name."""
+def output_paths(inputs: list[str], input_arg: str, output: str, overwrite: bool,
+                 probabilities: bool = False) -> list[tuple[str, str | None]]:
+  """(label map, probability map or None) per input.
+
+  OUTPUT itself for a single input when it is named *.nii[.gz], else OUTPUT/<input name>;
+  probability maps go beside as <name>_probs.nii.gz.
+  """
   if not os.path.isdir(input_arg) and output.endswith(NIFTI_SUFFIXES):
-    paths = [output]
+    labels = [output]
   else:
-    paths = [os.path.join(output, os.path.basename(p)) for p in inputs]
-  existing = [p for p in paths if os.path.exists(p)]
+    labels = [os.path.join(output, os.path.basename(p)) for p in inputs]
+  paths = [(p, _probs_path(p) if probabilities else None) for p in labels]
+  existing = [p for pair in paths for p in pair if p and os.path.exists(p)]
   if existing and not overwrite:
     raise MedsegError(f"{existing[0]}: exists (pass --overwrite to replace it)")
   return paths
 
 
+def _probs_path(label_path: str) -> str:
+  stem = label_path[:-len(".gz")] if label_path.endswith(".gz") else label_path
+  return stem[:-len(".nii")] + "_probs.nii.gz"
+
+
 def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
-            step: int | None = None, overwrite: bool = False) -> list[str]:
-  """Predicts every volume under `input_path` with the checkpoint at `step` (latest if None)."""
+            which: str = "latest", overwrite: bool = False,
+            probabilities: bool = False) -> list[tuple[str, str | None]]:
+  """Predicts every volume under `input_path` with a checkpoint ('latest', 'best' or a step)."""
   checkpoint.require_checkpoint(workdir)
   inputs = find_inputs(input_path)
-  outputs = output_paths(inputs, input_path, output, overwrite)
+  outputs = output_paths(inputs, input_path, output, overwrite, probabilities)
   info_path = os.path.join(workdir, "data_info.json")
   if not os.path.isfile(info_path):
     raise MedsegError(f"{info_path}: not found; --workdir must hold a training run")
@@ -74,20 +86,21 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
   state, _ = train.build_state(cfg, par, info["num_classes"], info["channels"], 1,
                                jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
-  state = par.put_state(ckpt.restore(state, par.replicated, step))
+  step = None if which in ("latest", "best") else int(which)
+  state = par.put_state(ckpt.restore(state, par.replicated, step, best=which == "best"))
   ckpt.close()
   predict_fn = par.predict_step()
   batch = (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * par.num_devices
-  for src, dst in zip(inputs, outputs):
-    probs = _predict_volume(cfg, info, src, lambda x: _run_batched(par, predict_fn, state, x, batch))
-    _write_label_map(src, probs, dst)
-    logging.info("Wrote %s", dst)
+  run = lambda slices: _run_batched(par, predict_fn, state, slices, batch)
+  for src, (labels_dst, probs_dst) in zip(inputs, outputs):
+    write_prediction(src, _predict_volume(cfg, info, src, run), labels_dst, probs_dst)
+    logging.info("Wrote %s", labels_dst)
   return outputs
 
 
 def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:
   """Class probabilities [X,Y,Z,C] in the canonical (RAS) voxel grid of the volume."""
-  image, _, _ = decathlon.load_nifti(path)
+  image = decathlon.load_nifti(path).data
   image = preprocess.select_channels(image, tuple(cfg.data.modalities),
                                      tuple(info["modalities"]), path)
   image = preprocess.zscore_nonzero(image)
@@ -115,26 +128,35 @@ def _run_batched(par: parallel.Parallel, predict_fn, state, slices: np.ndarray,
   return np.concatenate(out)
 
 
-def _write_label_map(src: str, probs: np.ndarray, dst: str) -> None:
-  """Writes argmax labels as uint8 with the input's shape, affine and spatial header."""
+def write_prediction(src: str, probs: np.ndarray, labels_dst: str,
+                     probs_dst: str | None = None) -> None:
+  """Writes argmax labels as uint8 (and optionally the float32 probabilities [.., C]) with
+  the input's shape, affine and spatial header."""
   original = nib.load(src)
   ras_to_original = nib.orientations.ornt_transform(
       nib.orientations.axcodes2ornt(("R", "A", "S")),
       nib.orientations.io_orientation(original.affine))
-  labels = nib.orientations.apply_orientation(np.argmax(probs, -1), ras_to_original)
+  probs = nib.orientations.apply_orientation(probs, ras_to_original)
+  if probs.shape[:3] != original.shape[:3]:
+    raise AssertionError(f"prediction shape {probs.shape[:3]} != input {original.shape[:3]}")
+  _save(np.argmax(probs, -1).astype(np.uint8), original, labels_dst)
+  if probs_dst:
+    _save(probs.astype(np.float32), original, probs_dst)
+
+
+def _save(data: np.ndarray, original: nib.Nifti1Image, path: str) -> None:
+  """Saves `data` with `original`'s affine and header (dtype and shape updated), atomically."""
   header = original.header.copy()
-  header.set_data_dtype(np.uint8)
-  out = nib.Nifti1Image(labels.astype(np.uint8), original.affine, header)
-  out.header.set_slope_inter(1, 0)
-  if out.shape != original.shape[:3]:
-    raise AssertionError(f"prediction shape {out.shape} != input {original.shape[:3]}")
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".nii.gz" if dst.endswith(".gz") else ".nii",
-                             dir=os.path.dirname(os.path.abspath(dst)))
+  header.set_data_dtype(data.dtype)
+  img = nib.Nifti1Image(data, original.affine, header)
+  img.header.set_slope_inter(1, 0)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".nii.gz" if path.endswith(".gz") else ".nii", dir=directory)
   os.close(fd)
   try:
-    nib.save(out, tmp)
-    os.replace(tmp, dst)
+    nib.save(img, tmp)
+    os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise

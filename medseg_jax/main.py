@@ -18,8 +18,11 @@ _MODE = flags.DEFINE_enum("mode", "train", MODES,
                           "train (then test), evaluate a checkpoint, or predict NIfTI files.")
 _INPUT = flags.DEFINE_string("input", None, "predict: a NIfTI file or a directory of them.")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output file (*.nii.gz) or directory.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "predict: 'latest' or a step number.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
+                                  "evaluate/predict: 'latest', 'best' (validation Dice) or a step.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs.")
+_PROBABILITIES = flags.DEFINE_bool("probabilities", False,
+                                   "predict: also write per-class probability maps.")
 
 
 def _fail(message: str, code: int) -> None:
@@ -44,8 +47,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail("--workdir is required", 2)
   if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
     _fail("--mode=predict needs --input and --output", 2)
-  if _CHECKPOINT.value != "latest" and not _CHECKPOINT.value.isdigit():
-    _fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest' or a step number", 2)
+  if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
+    _fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest', 'best' or a step number", 2)
   return rest
 
 
@@ -89,10 +92,10 @@ def main(argv: list[str]) -> None:
       os.makedirs(workdir, exist_ok=True)
       train.train_and_evaluate(cfg, workdir)
     elif _MODE.value == "evaluate":
-      train.evaluate_checkpoint(cfg, workdir)
+      train.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
     else:
-      step = None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
-      infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, step, _OVERWRITE.value)
+      infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+                    _OVERWRITE.value, _PROBABILITIES.value)
   except MedsegError as e:
     logging.flush()
     _fail(str(e), e.exit_code)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -111,19 +112,19 @@ class Parallel:
                            unstack=lambda out: (out[0], _first(out[1])), donate=True)
 
   def eval_step(self, num_classes: int) -> Callable:
-    """Compiled `(state, batch) -> confusion matrix` summed over the whole mesh."""
+    """Compiled `(state, batch) -> (confusion matrix summed over the mesh, predicted labels)`."""
     if self.strategy == "gspmd":
       fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_identity)
-      return jax.jit(fn, out_shardings=self.replicated)
+      return jax.jit(fn, out_shardings=(self.replicated, self._sharding(P(AXIS))))
     fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_psum)
-    return self._per_shard(fn, (P(), P(AXIS)), P(), unstack=_first)
+    return self._per_shard(fn, (P(), P(AXIS)), (P(), P(AXIS)),
+                           unstack=lambda out: (_first(out[0]), _merge(out[1])))
 
   def predict_step(self) -> Callable:
     """Compiled `(state, images) -> probabilities`, split along the batch like the input."""
     if self.strategy == "gspmd":
       return jax.jit(step_lib.predict_step, out_shardings=self._sharding(P(AXIS)))
-    return self._per_shard(step_lib.predict_step, (P(), P(AXIS)), P(AXIS),
-                           unstack=lambda x: x.reshape((-1,) + x.shape[2:]))
+    return self._per_shard(step_lib.predict_step, (P(), P(AXIS)), P(AXIS), unstack=_merge)
 
   def _per_shard(self, fn: Callable, in_specs: tuple, out_specs: Any,
                  unstack: Callable, donate: bool = False) -> Callable:
@@ -151,6 +152,11 @@ def _first(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
+def _merge(x: jax.Array) -> jax.Array:
+  """pmap's [devices, batch, ...] outputs as one [devices * batch, ...] batch."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
 def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) -> Parallel:
   """The strategy on the first `num_devices` devices of all processes (0 = all)."""
   if strategy not in STRATEGIES:
@@ -164,6 +170,13 @@ def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) 
   devices = devices[:num_devices or len(devices)]
   mesh = Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
   return Parallel(strategy=strategy, mesh=mesh, check_vma=check_vma)
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded global array, whole, on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def to_host(tree: Any) -> Any:

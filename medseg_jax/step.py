@@ -44,14 +44,15 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
 
 
 def eval_step(state: TrainState, batch: dict, *, num_classes: int,
-              reduce_sum: Reduce) -> jax.Array:
-  """Confusion matrix [true, predicted] of the batch's valid pixels, summed over shards."""
+              reduce_sum: Reduce) -> tuple[jax.Array, jax.Array]:
+  """(Confusion matrix [true, predicted] of the valid pixels summed over shards, labels)."""
   logits, _ = _apply(state, state.params, batch["image"], False)
   pred = jnp.argmax(logits, axis=-1)
   index = batch["label"] * num_classes + pred
   weight = jnp.broadcast_to(batch["mask"][:, None, None], index.shape).astype(jnp.int32)
   counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=num_classes**2)
-  return reduce_sum(counts.reshape(num_classes, num_classes).astype(jnp.int32))
+  confusion = reduce_sum(counts.reshape(num_classes, num_classes).astype(jnp.int32))
+  return confusion, pred.astype(jnp.uint8)
 
 
 def predict_step(state: TrainState, images: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import checkpoint, files, losses, metrics, optim, parallel
+from medseg_jax import checkpoint, evaluation, files, losses, optim, parallel
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
@@ -41,6 +41,10 @@ class Run:
   @property
   def is_chief(self) -> bool:
     return jax.process_index() == 0
+
+  @property
+  def class_names(self) -> list[str]:
+    return pipeline.class_names(self.cfg, self.data_info)
 
 
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -94,31 +98,13 @@ def init_state(model, tx, rng, sample_shape) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=params, model_state=variables, tx=tx)
 
 
-def restore_or_place(run: Run, step: int | None = None) -> TrainState:
-  """The checkpoint at `step` (latest if None) if there is one, else the fresh state; placed."""
+def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> TrainState:
+  """The checkpoint at `step` (newest, or best, if None) if there is one, else the fresh
+  state; placed on the mesh."""
   state = run.state
   if run.checkpointer.latest_step() is not None:
-    state = run.checkpointer.restore(state, run.par.replicated, step)
+    state = run.checkpointer.restore(state, run.par.replicated, step, best=best)
   return run.par.put_state(state)
-
-
-def evaluate(run: Run, state: TrainState, split: str, step: int) -> dict | None:
-  """Exact metrics over a whole split; written to WORKDIR/eval/<split>_metrics.json."""
-  data = run.data[split]
-  if not len(data):
-    return None
-  eval_batch = (run.cfg.train.eval_batch_size or run.cfg.train.per_device_batch_size)
-  confusion = np.zeros((run.num_classes,) * 2, np.int64)
-  for batch in pipeline.eval_batches(data, eval_batch * run.par.num_devices,
-                                     jax.process_index(), jax.process_count()):
-    confusion += parallel.to_host(run.eval_step(state, run.par.put_batch(batch)))
-  result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data))
-  if run.is_chief:
-    files.write_json(os.path.join(run.workdir, "eval", f"{split}_metrics.json"), result)
-  logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,
-               result["dice"] or 0.0, result["mean_iou"] or 0.0,
-               result["pixel_accuracy"] or 0.0)
-  return result
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -130,35 +116,31 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | N
                      dict(run.data_info, num_classes=run.num_classes,
                           channels=int(run.data["train"].image.shape[-1])))
   state = restore_or_place(run)
-  best = _Best()
   step = int(parallel.to_host(run.par.get_state(state).step))
   if step:
     logging.info("Resuming from checkpoint at step %d", step)
   if run.is_chief:  # lines logged after the checkpoint will be logged again
     files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)
-  state = _train_loop(run, state, step, best)
-  final_step = run.num_steps
-  run.checkpointer.save(final_step, run.par.get_state(state), force=True)
+  state = _train_loop(run, state, step)
+  run.checkpointer.save(run.num_steps, run.par.get_state(state))
+  if run.checkpointer.best_step() is None:  # e.g. resumed after the end of an older run
+    _validate(run, state, run.num_steps)
+  if run.checkpointer.best_step() is not None:
+    state = restore_or_place(run, best=True)
   run.checkpointer.close()
-  if best.state is None:  # resumed after the end: no validation seen in this process
-    best.consider(evaluate(run, state, "val", final_step), state, final_step, run.par)
-  test_state = run.par.put_state(best.state) if best.state is not None else state
-  return evaluate(run, test_state, "test", best.step if best.state is not None else final_step)
+  return evaluation.evaluate(run, state, "test", int(parallel.to_host(
+      run.par.get_state(state).step)), surface=True)
 
 
-class _Best:
-  """The state with the highest validation Dice so far, kept on the host."""
-
-  def __init__(self):
-    self.dice, self.step, self.state = -1.0, -1, None
-
-  def consider(self, result: dict | None, state, step: int, par) -> None:
-    if result is not None and (result["dice"] or 0.0) > self.dice:
-      self.dice, self.step = result["dice"] or 0.0, step
-      self.state = jax.device_get(par.get_state(state))
+def _validate(run: Run, state: TrainState, step: int) -> dict | None:
+  """Validation metrics; the state is kept as the best checkpoint when its Dice is best."""
+  result = evaluation.evaluate(run, state, "val", step)
+  if result is not None and result["dice"] is not None:
+    run.checkpointer.save_if_best(step, run.par.get_state(state), result["dice"])
+  return result
 
 
-def _train_loop(run: Run, state: TrainState, step: int, best: _Best) -> TrainState:
+def _train_loop(run: Run, state: TrainState, step: int) -> TrainState:
   cfg = run.cfg
   log_every, eval_every = cfg.monitor.log_every_steps, cfg.train.eval_every_steps
   window: dict[str, Any] = {"loss": [], "start": time.perf_counter(), "steps": 0}
@@ -178,14 +160,14 @@ def _train_loop(run: Run, state: TrainState, step: int, best: _Best) -> TrainSta
         record.update(_train_record(run, step, step_metrics, window))
       if (eval_every and step % eval_every == 0) or step == run.num_steps:
         eval_start = time.perf_counter()
-        result = evaluate(run, state, "val", step)
-        best.consider(result, state, step, run.par)
+        result = _validate(run, state, step)
         window["start"] += time.perf_counter() - eval_start  # throughput counts training only
         record.update({f"val_{k}": v for k, v in (result or {}).items()
-                       if k not in ("per_class", "step")})
+                       if k not in ("per_class", "per_volume", "step")})
       if record and run.is_chief:
         files.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), dict(record, step=step))
-      run.checkpointer.save(step, run.par.get_state(state))
+      if run.checkpointer.due(step):
+        run.checkpointer.save(step, run.par.get_state(state))
       if step >= run.num_steps:
         break
   return state
@@ -208,11 +190,14 @@ def _train_record(run: Run, step: int, step_metrics: dict, window: dict) -> dict
   return record
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=evaluate: the latest checkpoint on the validation and test splits."""
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+                        which: str = "latest") -> dict:
+  """--mode=evaluate: a checkpoint ('latest', 'best' or a step) on validation and test."""
   checkpoint.require_checkpoint(workdir)
   run = build(cfg, workdir)
-  step = run.checkpointer.latest_step()
-  state = restore_or_place(run)
+  step = None if which in ("latest", "best") else int(which)
+  state = restore_or_place(run, step, best=which == "best")
   run.checkpointer.close()
-  return {split: evaluate(run, state, split, step) for split in ("val", "test")}
+  step = int(parallel.to_host(run.par.get_state(state).step))
+  return {split: evaluation.evaluate(run, state, split, step, surface=True)
+          for split in ("val", "test")}

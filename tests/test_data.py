@@ -50,7 +50,7 @@ def test_multimodal_variant_is_4d(tmp_path):
                                              multimodal=True)
   img = nib.load(os.path.join(root, "imagesTr", "phantom_000.nii.gz"))
   assert img.shape == (16, 16, 6, 4)
-  data, _, _ = decathlon.load_nifti(os.path.join(root, "imagesTr", "phantom_000.nii.gz"))
+  data = decathlon.load_nifti(os.path.join(root, "imagesTr", "phantom_000.nii.gz")).data
   picked = preprocess.select_channels(data, ("T1gd", 0), synthetic.MODALITIES_4D, "x")
   assert picked.shape[-1] == 2
 
@@ -58,9 +58,10 @@ def test_multimodal_variant_is_4d(tmp_path):
 def test_canonical_reorientation_flips_lps_to_ras(dataset_dir):
   path = os.path.join(dataset_dir, "labelsTr", "phantom_000.nii.gz")
   raw = np.asarray(nib.load(path).dataobj)
-  data, affine, shape = decathlon.load_nifti(path)
-  assert affine[0, 0] < 0 and shape == raw.shape
-  np.testing.assert_array_equal(data, raw[::-1, ::-1, :])  # x and y flipped to RAS
+  volume = decathlon.load_nifti(path)
+  assert volume.affine[0, 0] < 0 and volume.shape == raw.shape
+  assert volume.spacing == synthetic.SPACING
+  np.testing.assert_array_equal(volume.data, raw[::-1, ::-1, :])  # x and y flipped to RAS
 
 
 def test_split_is_by_subject_and_recorded(dataset_dir, tmp_path):
@@ -77,11 +78,14 @@ def test_split_is_by_subject_and_recorded(dataset_dir, tmp_path):
   assert len(set(sets["val"].names) & set(sets["train"].names)) == 0
   # Labels resized with nearest neighbour keep only label values.
   assert set(np.unique(sets["train"].label)) <= {0, 1, 2}
+  # 32x32 voxels of 1 mm resized to 16x16 are 2 mm; slices along z stay 2 mm apart.
+  np.testing.assert_allclose(sets["val"].spacing, [[2.0, 2.0, 2.0]])
 
 
 def test_train_batches_are_a_partition_of_the_global_batch():
   data = pipeline.SliceSet(np.arange(40, dtype=np.float32).reshape(40, 1, 1, 1),
-                           np.zeros((40, 1, 1), np.int32), np.zeros(40, np.int32), ["a"])
+                           np.zeros((40, 1, 1), np.int32), np.zeros(40, np.int32), ["a"],
+                           np.ones((1, 3)))
   whole = [b["image"].ravel() for b in pipeline.train_batches(data, 8, seed=1, epoch=2)]
   parts = [[b["image"].ravel() for b in pipeline.train_batches(data, 8, 1, 2, p, 2)]
            for p in range(2)]

@@ -22,9 +22,9 @@ def dataset_dir(tmp_path_factory):
 def test_label_map_written_back_equals_the_label_file(dataset_dir, tmp_path):
   """One-hot of the canonical labels, written back, reproduces the file on disk exactly."""
   path = os.path.join(dataset_dir, "labelsTr", "phantom_000.nii.gz")
-  canonical, _, _ = decathlon.load_nifti(path)
+  canonical = decathlon.load_nifti(path).data
   out = str(tmp_path / "pred.nii.gz")
-  infer._write_label_map(path, np.asarray(jax.nn.one_hot(canonical, 3)), out)
+  infer.write_prediction(path, np.asarray(jax.nn.one_hot(canonical, 3)), out)
   written, original = nib.load(out), nib.load(path)
   assert written.get_data_dtype() == np.uint8
   np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
@@ -37,7 +37,7 @@ def test_resizing_is_undone(dataset_dir):
   cfg = base.get_config()
   cfg.data.image_size = 32
   image_path = os.path.join(dataset_dir, "imagesTr", "phantom_001.nii.gz")
-  label, _, _ = decathlon.load_nifti(os.path.join(dataset_dir, "labelsTr", "phantom_001.nii.gz"))
+  label = decathlon.load_nifti(os.path.join(dataset_dir, "labelsTr", "phantom_001.nii.gz")).data
   _, label_slices = preprocess.to_slices(label[..., None].astype(np.float32), label, 2, 0, 32)
   oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))  # a perfect model
   probs = infer._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
@@ -60,3 +60,48 @@ def test_inputs_are_checked_before_anything_is_written(dataset_dir, tmp_path):
   with pytest.raises(MedsegError, match="--overwrite"):
     infer.output_paths([os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")],
                        "in.nii.gz", str(existing), overwrite=False)
+
+
+def _oblique_affine(spacing, degrees=25.0):
+  """Voxel axes permuted and flipped, then rotated about z: far from RAS, anisotropic."""
+  t = np.deg2rad(degrees)
+  rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+  permute = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])  # i -> +y, j -> -x
+  affine = np.eye(4)
+  affine[:3, :3] = rotation @ permute @ np.diag(spacing)
+  affine[:3, 3] = [12.0, -30.0, 5.0]
+  return affine
+
+
+@pytest.mark.parametrize("shape,size,exact", [((32, 32, 10), 32, True),
+                                              ((40, 32, 10), 32, False)])
+def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, exact):
+  """A perfect model's prediction, written back, matches the label file read with nibabel."""
+  rng = np.random.default_rng(0)
+  _, label = synthetic.make_phantom(rng, shape)
+  image, _ = synthetic.make_phantom(rng, shape)
+  affine = _oblique_affine((0.8, 1.3, 3.0))
+  image_path, label_path = str(tmp_path / "img.nii.gz"), str(tmp_path / "lbl.nii.gz")
+  nib.save(nib.Nifti1Image(image[..., 0], affine), image_path)
+  nib.save(nib.Nifti1Image(label, affine), label_path)
+  cfg = base.get_config()
+  cfg.data.image_size = size
+  canonical = decathlon.load_nifti(label_path).data
+  assert canonical.shape != label.shape or not np.array_equal(canonical, label)  # reoriented
+  _, label_slices = preprocess.to_slices(canonical[..., None].astype(np.float32), canonical,
+                                         cfg.data.slice_axis, 0, size)
+  oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))
+  probs = infer._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
+  out = str(tmp_path / "pred.nii.gz")
+  infer.write_prediction(image_path, probs, out, str(tmp_path / "probs.nii.gz"))
+  written, source = nib.load(out), nib.load(label_path)
+  assert written.shape == source.shape and written.get_data_dtype() == np.uint8
+  np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
+  truth, pred = np.asarray(source.dataobj), np.asarray(written.dataobj)
+  if exact:
+    np.testing.assert_array_equal(pred, truth)
+  else:
+    assert np.mean(pred == truth) > 0.95
+  probs_img = nib.load(str(tmp_path / "probs.nii.gz"))
+  assert probs_img.shape == source.shape + (3,)
+  np.testing.assert_array_equal(np.argmax(probs_img.get_fdata(), -1), pred)

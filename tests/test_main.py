@@ -1,5 +1,6 @@
 """The entry point, end to end through real processes: outputs, resume, and flag errors."""
 
+import csv
 import json
 import os
 import shutil
@@ -44,6 +45,14 @@ def test_quickstart_writes_its_outputs(quickstart_run):
     config = json.load(f)
   assert config["train"]["num_steps"] == 3 and config["model"]["name"] == "unet"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  val_dice = {r["step"]: r["val_dice"] for r in records if "val_dice" in r}
+  best = [str(max(val_dice, key=lambda k: (val_dice[k], -k)))]
+  assert os.listdir(os.path.join(workdir, "checkpoints_best")) == best
+  montages = sorted(os.listdir(os.path.join(workdir, "eval", "montage")))
+  assert montages == [f"test_step000000{best[0]}.png", "val_step0000002.png",
+                      "val_step0000003.png"]
+  with open(os.path.join(workdir, "eval", "montage", montages[0]), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
@@ -59,6 +68,10 @@ def test_eval_files_count_every_slice_of_the_split(quickstart_run, split):
               for s in subjects)
   assert result["num_examples"] == depth
   assert sum(c["support"] for c in result["per_class"]) == depth * 32 * 32
+  with open(os.path.join(workdir, "eval", f"{split}_per_volume.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["volume"] for r in rows] == subjects
+  assert result["per_volume"]["dice_1"]["count"] <= len(subjects)
 
 
 def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run):
@@ -77,8 +90,11 @@ def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run):
   assert after["step"] == before["step"] == 3
   assert after["per_class"] == before["per_class"]  # same batches, same rng, same result
   proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=evaluate",
-                  *TINY)
+                  "--checkpoint=best", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  best = os.listdir(os.path.join(workdir, "checkpoints_best"))[0]
+  with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
+    assert json.load(f)["step"] == int(best)
 
 
 def _one_error_line(proc):

@@ -67,12 +67,18 @@ def _case(root: str, entry: dict) -> Case:
   return Case(name=name, image=image, label=_resolve(root, entry["label"]))
 
 
-def load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-  """Loads a volume in the closest canonical (RAS) orientation.
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """A volume in the closest canonical (RAS) orientation, with what is needed to go back."""
 
-  Returns (data, original affine, original shape); the last two are what a
-  prediction needs to be written back in the input's space.
-  """
+  data: np.ndarray                  # [X,Y,Z] or [X,Y,Z,M], canonical voxel order
+  affine: np.ndarray                # the file's original affine
+  shape: tuple[int, ...]            # the file's original shape
+  spacing: tuple[float, float, float]  # voxel size in mm along the canonical axes
+
+
+def load_nifti(path: str) -> Volume:
+  """Loads a NIfTI volume reoriented to the closest canonical (RAS) orientation."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: file not found")
   try:
@@ -81,4 +87,5 @@ def load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     data = np.asarray(canonical.dataobj)
   except Exception as e:  # nibabel raises many types for damaged or foreign files
     raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
-  return data, img.affine, tuple(img.shape)
+  spacing = tuple(float(z) for z in np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0)))
+  return Volume(data=data, affine=img.affine, shape=tuple(img.shape), spacing=spacing)

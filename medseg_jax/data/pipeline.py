@@ -26,8 +26,9 @@ class SliceSet:
 
   image: np.ndarray    # [N,H,W,C] float32
   label: np.ndarray    # [N,H,W] int32
-  volume: np.ndarray   # [N] index into `names`
+  volume: np.ndarray   # [N] index into `names`; a volume's slices are contiguous
   names: list[str]
+  spacing: np.ndarray  # [V,3] mm between slices, rows, columns after resizing
 
   def __len__(self) -> int:
     return len(self.label)
@@ -88,12 +89,12 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
 
 
 def _load_cases(cfg, dataset: decathlon.Dataset, cases: list) -> SliceSet:
-  images, labels, volumes = [], [], []
+  images, labels, volumes, spacings = [], [], [], []
   for index, case in enumerate(cases):
-    image, _, _ = decathlon.load_nifti(case.image)
-    label, _, _ = decathlon.load_nifti(case.label)
-    image = preprocess.select_channels(image, tuple(cfg.data.modalities), dataset.modalities,
-                                       case.image)
+    image_vol = decathlon.load_nifti(case.image)
+    label = decathlon.load_nifti(case.label).data
+    image = preprocess.select_channels(image_vol.data, tuple(cfg.data.modalities),
+                                       dataset.modalities, case.image)
     if image.shape[:3] != label.shape:
       raise DataError(f"{case.label}: shape {label.shape} differs from its image's "
                       f"{image.shape[:3]}")
@@ -104,17 +105,27 @@ def _load_cases(cfg, dataset: decathlon.Dataset, cases: list) -> SliceSet:
     images.append(img_slices)
     labels.append(lbl_slices)
     volumes.append(np.full(len(lbl_slices), index, np.int32))
+    spacings.append(preprocess.slice_spacing(image_vol.spacing, image.shape[:3],
+                                             cfg.data.slice_axis, cfg.data.image_size))
   if not cases:
     channels = len(cfg.data.modalities) or len(dataset.modalities)
     size = cfg.data.image_size
     return SliceSet(np.zeros((0, size, size, channels), np.float32),
-                    np.zeros((0, size, size), np.int32), np.zeros((0,), np.int32), [])
+                    np.zeros((0, size, size), np.int32), np.zeros((0,), np.int32), [],
+                    np.zeros((0, 3)))
   return SliceSet(np.concatenate(images), np.concatenate(labels), np.concatenate(volumes),
-                  [c.name for c in cases])
+                  [c.name for c in cases], np.array(spacings))
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
   return (max(cfg.data.label_map) + 1) if cfg.data.label_map else len(info["labels"])
+
+
+def class_names(cfg: ml_collections.ConfigDict, info: dict) -> list[str]:
+  """dataset.json's label names, or class indices when data.label_map merges labels."""
+  if not cfg.data.label_map:
+    return list(info["labels"])
+  return ["background"] + [f"class {c}" for c in range(1, num_classes(cfg, info))]
 
 
 def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,

@@ -72,3 +72,9 @@ def to_slices(image: np.ndarray, label: np.ndarray, axis: int, count: int,
     image = ndimage.zoom(image, (1,) + zoom + (1,), order=1, grid_mode=True, mode="nearest")
     label = ndimage.zoom(label, (1,) + zoom, order=0, grid_mode=True, mode="nearest")
   return image.astype(np.float32), label.astype(np.int32)
+
+
+def slice_spacing(spacing: tuple, shape: tuple, axis: int, size: int) -> tuple:
+  """Voxel size (slice, row, column) in mm of a volume's slices after resizing to `size`."""
+  in_plane = [i for i in range(3) if i != axis]
+  return (spacing[axis],) + tuple(spacing[i] * shape[i] / size for i in in_plane)

@@ -1,0 +1,94 @@
+"""Inference speed of the thesis-size U-Net and FCN: slices/s, ms per slice, s per volume.
+
+    python benchmarks/inference.py [--models=unet_brats,fcn_brats] [--repeats=5]
+
+Per slice: the compiled predict step on one batch (the config's per-device batch),
+median of `--repeats`. Per volume: the whole predict path on one synthetic
+240x240x155 BRATS-shaped NIfTI volume (read, preprocess, every slice, resize back,
+reorient, write), after a warm-up on the same volume.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medseg_jax import infer, parallel, train  # noqa: E402
+from medseg_jax.data import synthetic  # noqa: E402
+
+VOLUME_SHAPE = (240, 240, 155)
+
+
+def load_config(name: str):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def bench(name: str, repeats: int, volume_path: str) -> dict:
+  cfg = load_config(name)
+  par = parallel.make_parallel("shard_map", 1)
+  batch = cfg.train.per_device_batch_size
+  state, _ = train.build_state(cfg, par, 2, 1, batch, jax.random.key(0))
+  state = par.put_state(state)
+  predict_fn = par.predict_step()
+  size = cfg.data.image_size
+  images = np.random.default_rng(0).normal(size=(batch, size, size, 1)).astype(np.float32)
+  put = lambda: par.put_batch({"image": images})["image"]
+  start = time.perf_counter()
+  jax.block_until_ready(predict_fn(state, put()))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(predict_fn(state, put()))
+    times.append(time.perf_counter() - start)
+  per_batch = float(np.median(times))
+  run = lambda slices: infer._run_batched(par, predict_fn, state, slices, batch)
+  info = {"modalities": ["T1w"]}
+  cfg.data.modalities = ()
+  volume_times = []
+  with tempfile.TemporaryDirectory() as out:
+    for _ in range(2):  # the first pass compiles the padded last batch
+      start = time.perf_counter()
+      probs = infer._predict_volume(cfg, info, volume_path, run)
+      infer.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
+      volume_times.append(time.perf_counter() - start)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  return {"config": name, "size": size, "batch": batch, "params_m": params / 1e6,
+          "compile_s": compile_s, "ms_per_slice": 1000 * per_batch / batch,
+          "slices_per_s": batch / per_batch, "s_per_volume": volume_times[-1]}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--models", default="unet_brats,fcn_brats")
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    image, _ = synthetic.make_phantom(np.random.default_rng(0), VOLUME_SHAPE)
+    volume_path = os.path.join(tmp, "volume.nii.gz")
+    nib.save(nib.Nifti1Image(image[..., 0], np.diag([-1.0, -1.0, 1.0, 1.0])), volume_path)
+    rows = [bench(name, args.repeats, volume_path) for name in args.models.split(",")]
+  print(f"{'config':11} {'size':>4} {'batch':>5} {'params M':>8} {'compile s':>9} "
+        f"{'ms/slice':>8} {'slices/s':>8} {'s/volume':>8}")
+  for r in rows:
+    print(f"{r['config']:11} {r['size']:>4} {r['batch']:>5} {r['params_m']:>8.1f} "
+          f"{r['compile_s']:>9.1f} {r['ms_per_slice']:>8.0f} {r['slices_per_s']:>8.2f} "
+          f"{r['s_per_volume']:>8.1f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,74 @@
+"""Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage."""
+
+import csv
+import os
+import tempfile
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+from absl import logging
+
+from medseg_jax import files, metrics, overlay, parallel
+from medseg_jax.data import pipeline
+
+if TYPE_CHECKING:
+  from medseg_jax.train import Run
+
+
+def predict_split(run: "Run", state, data: pipeline.SliceSet) -> tuple[np.ndarray, np.ndarray]:
+  """(Confusion matrix summed over every device and host, predicted labels [N,H,W])."""
+  eval_batch = (run.cfg.train.eval_batch_size or run.cfg.train.per_device_batch_size)
+  global_batch = eval_batch * run.par.num_devices
+  confusion = np.zeros((run.num_classes,) * 2, np.int64)
+  preds = np.zeros(data.label.shape, np.uint8)
+  batches = pipeline.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
+  for start, batch in zip(range(0, len(data), global_batch), batches):
+    batch_confusion, batch_preds = run.eval_step(state, run.par.put_batch(batch))
+    confusion += parallel.to_host(batch_confusion)
+    count = min(global_batch, len(data) - start)
+    preds[start:start + count] = parallel.gather(batch_preds)[:count]
+  return confusion, preds
+
+
+def per_volume_rows(data: pipeline.SliceSet, preds: np.ndarray, num_classes: int,
+                    surface: bool) -> list[dict]:
+  """3D Dice (and HD95 in mm if `surface`) per volume, over the slices evaluated."""
+  rows = []
+  for v, name in enumerate(data.names):
+    members = data.volume == v
+    rows.append(dict(volume=name, **metrics.volume_metrics(
+        preds[members], data.label[members], data.spacing[v], num_classes, surface)))
+  return rows
+
+
+def evaluate(run: "Run", state, split: str, step: int, surface: bool = False) -> dict | None:
+  """Metrics of `state` on `split`, written to WORKDIR/eval/ (by process 0)."""
+  data = run.data[split]
+  if not len(data):
+    return None
+  confusion, preds = predict_split(run, state, data)
+  rows = per_volume_rows(data, preds, run.num_classes, surface)
+  result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
+                per_volume=metrics.summarize_volumes(rows))
+  if run.is_chief:
+    out = os.path.join(run.workdir, "eval")
+    files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
+    _write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
+    shown = overlay.pick_slices(data.label, data.volume)
+    overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
+                          data.image[shown], data.label[shown], preds[shown],
+                          run.class_names, f"{split}, step {step}")
+  logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,
+               result["dice"] or 0.0, result["mean_iou"] or 0.0,
+               result["pixel_accuracy"] or 0.0)
+  return result
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+  fd, tmp = tempfile.mkstemp(suffix=".csv", dir=os.path.dirname(path))
+  with os.fdopen(fd, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+  os.replace(tmp, path)

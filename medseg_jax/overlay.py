@@ -1,0 +1,59 @@
+"""PNG montages of slices: image, ground truth, and prediction overlaid with a legend."""
+
+import os
+import tempfile
+
+import numpy as np
+
+
+def pick_slices(label: np.ndarray, volume: np.ndarray, count: int = 4) -> np.ndarray:
+  """Fixed rows to show: in each of the first `count` volumes, its slice with most foreground."""
+  rows = []
+  for v in np.unique(volume)[:count]:
+    members = np.flatnonzero(volume == v)
+    foreground = (label[members] > 0).sum(axis=(1, 2))
+    rows.append(members[np.argmax(foreground)] if foreground.any()
+                else members[len(members) // 2])
+  return np.array(rows, np.int64)
+
+
+def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray,
+                  class_names: list[str], title: str) -> None:
+  """One row per slice: image, truth overlay, prediction overlay. Written atomically."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+
+  colours = plt.get_cmap("tab10")
+  rows = len(image)
+  fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows + 0.6), squeeze=False)
+  for r in range(rows):
+    gray = image[r, ..., 0]
+    for c, (name, mask) in enumerate((("image", None), ("ground truth", label[r]),
+                                      ("prediction", pred[r]))):
+      ax = axes[r, c]
+      ax.imshow(gray.T, cmap="gray", origin="lower")
+      if mask is not None:
+        ax.imshow(_colour(mask, colours).transpose(1, 0, 2), origin="lower")
+      ax.set_axis_off()
+      if r == 0:
+        ax.set_title(name)
+  legend = [Patch(color=colours(i), label=n) for i, n in enumerate(class_names) if i > 0]
+  fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)))
+  fig.suptitle(title)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+  os.close(fd)
+  fig.savefig(tmp, dpi=80)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def _colour(mask: np.ndarray, colours) -> np.ndarray:
+  """RGBA overlay: class i > 0 in colour i at 45% opacity, background transparent."""
+  rgba = np.zeros(mask.shape + (4,), np.float32)
+  for c in np.unique(mask):
+    if c > 0:
+      rgba[mask == c] = colours(int(c))[:3] + (0.45,)
+  return rgba
