@@ -22,6 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from medseg_jax import infer, parallel, train  # noqa: E402
 from medseg_jax.data import synthetic  # noqa: E402
@@ -41,7 +42,7 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
   cfg = load_config(name)
   par = parallel.make_parallel("shard_map", 1)
   batch = cfg.train.per_device_batch_size
-  state, _ = train.build_state(cfg, par, 2, 1, batch, jax.random.key(0))
+  state = train.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
   state = par.put_state(state)
   predict_fn = par.predict_step()
   size = cfg.data.image_size

@@ -38,7 +38,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
     cfg.train.per_device_batch_size = global_batch // devices
     par = parallel.make_parallel(strategy, devices)
     model = build_model(cfg.model, 2, size, par.bn_axis_name)
-    tx = optim.make_optimizer(cfg, optim.make_schedule(cfg, global_batch))
+    tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, global_batch))
     state = par.put_state(train.init_state(model, tx, jax.random.key(0), (size, size, 1)))
     rng = np.random.default_rng(0)
     batch = par.put_batch({"image": rng.normal(size=(global_batch, size, size, 1)).astype("f4"),

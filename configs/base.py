@@ -34,16 +34,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.15
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "sgd"             # sgd | adam | adamw
+  c.optim.name = "sgd"             # sgd | adam | adamw | lars
   c.optim.lr = 1e-5                # base LR for the reference batch
   c.optim.momentum = 0.9
   c.optim.nesterov = False
   c.optim.weight_decay = 0.0
   c.optim.grad_clip_norm = 0.0     # 0 = no clipping
+  c.optim.lars_trust_coefficient = 0.001
 
-  c.lr = ml_collections.ConfigDict()
+  c.lr = ml_collections.ConfigDict()  # lengths in epochs, converted with the real steps/epoch
   c.lr.scaling = "linear"          # none | linear | sqrt, by k = global / reference batch
   c.lr.reference_batch_size = 0    # 0 = the per-device batch (k = number of devices)
+  c.lr.policy = "standard"         # standard (warmup + decay below) | grescale
+  c.lr.warmup = "none"             # none | constant (base LR) | gradual (base LR -> k-scaled)
+  c.lr.warmup_epochs = 5.0
+  c.lr.decay = "none"              # none | step | cosine | poly
+  c.lr.step_epochs = (30.0, 60.0, 80.0)  # step decay: multiply by step_factor at each
+  c.lr.step_factor = 0.1
+  c.lr.poly_power = 0.9            # poly decay: (1 - t/T)^power, as nnU-Net
+  c.lr.grescale = ml_collections.ConfigDict()
+  c.lr.grescale.initial_lr = 1e-5  # the lowered LR the warmup starts from
+  c.lr.grescale.warmup_epochs = 5.0
+  c.lr.grescale.decay_epochs = 0.0  # 0 = 3/7 of the epochs after the first 5
+  c.lr.grescale.stabilisation_factor = 1.0  # held LR = factor x scaled LR
+  c.lr.grescale.decay_coefficient = 0.1     # decay: held / (1 + c x epochs into the decay)
 
   c.train = ml_collections.ConfigDict()
   c.train.per_device_batch_size = 7

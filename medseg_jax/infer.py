@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import nibabel as nib
 import numpy as np
+import optax
 from absl import logging
 from scipy import ndimage
 
@@ -83,8 +84,9 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
   for path in inputs:  # every input is checked before anything is written
     check_input(path, len(info["modalities"]))
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  state, _ = train.build_state(cfg, par, info["num_classes"], info["channels"], 1,
-                               jax.random.key(0))
+  # The optimizer is built only to give the checkpoint's tree its shape.
+  state = train.build_state(cfg, par, info["num_classes"], info["channels"],
+                            optax.constant_schedule(0.0), jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
   step = None if which in ("latest", "best") else int(which)
   state = par.put_state(ckpt.restore(state, par.replicated, step, best=which == "best"))

@@ -1,8 +1,14 @@
-"""Optimizers and learning-rate policies (optax) for large data-parallel batches."""
+"""Optimizers and learning-rate policies (optax) for large data-parallel batches.
 
+Every length in the config is in epochs; `resolve_schedule` converts them to steps
+with the real steps per epoch, which depend on the global batch.
+"""
+
+import dataclasses
 import math
 from typing import Callable
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -13,6 +19,9 @@ SCALING_RULES: dict[str, Callable[[float], float]] = {
     "linear": lambda k: k,          # Goyal et al. 2017
     "sqrt": math.sqrt,
 }
+POLICIES = ("standard", "grescale")
+WARMUPS = ("none", "constant", "gradual")
+DECAYS = ("none", "step", "cosine", "poly")
 
 
 def scaling_factor(cfg: ml_collections.ConfigDict, global_batch: int) -> float:
@@ -30,25 +39,208 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch: int) -> flo
   return cfg.optim.lr * SCALING_RULES[cfg.lr.scaling](scaling_factor(cfg, global_batch))
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, global_batch: int) -> optax.Schedule:
-  return optax.constant_schedule(peak_learning_rate(cfg, global_batch))
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  name: str
+  start: int   # first step
+  end: int     # one past the last step
+  lr_start: float
+  lr_end: float  # LR at the phase's last step
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSchedule:
+  """The schedule in steps, with its phases (for logging, plots and the manifest)."""
+
+  schedule: optax.Schedule
+  phases: tuple[Phase, ...]
+  k: float
+  peak_lr: float
+  steps_per_epoch: int
+
+  def describe(self) -> str:
+    lines = [f"k={self.k:g}, peak LR {self.peak_lr:.4g}, {self.steps_per_epoch} steps/epoch"]
+    for p in self.phases:
+      lines.append(f"  {p.name:13s} steps {p.start:>7d}-{p.end:<7d} epochs "
+                   f"{p.start / self.steps_per_epoch:7.2f}-{p.end / self.steps_per_epoch:<7.2f} "
+                   f"LR {p.lr_start:.4g} -> {p.lr_end:.4g}")
+    return "\n".join(lines)
+
+
+def resolve_schedule(cfg: ml_collections.ConfigDict, global_batch: int, steps_per_epoch: int,
+                     num_steps: int) -> ResolvedSchedule:
+  """The LR policy of `cfg` as an optax schedule over `num_steps` steps."""
+  if cfg.lr.policy not in POLICIES:
+    raise ConfigError(f"lr.policy={cfg.lr.policy!r}: choose from {list(POLICIES)}")
+  peak = peak_learning_rate(cfg, global_batch)
+  to_steps = lambda epochs: int(round(epochs * steps_per_epoch))
+  build = _grescale if cfg.lr.policy == "grescale" else _standard
+  pieces = build(cfg, peak, to_steps, num_steps, steps_per_epoch)
+  schedule = _join(pieces)
+  phases, start = [], 0
+  for name, length, fn in pieces:
+    phases.append(Phase(name, start, start + length, float(fn(0)), float(fn(max(length - 1, 0)))))
+    start += length
+  return ResolvedSchedule(schedule, tuple(phases), scaling_factor(cfg, global_batch), peak,
+                          steps_per_epoch)
+
+
+Piece = tuple[str, int, optax.Schedule]  # (phase name, length in steps, schedule from 0)
+
+
+def _join(pieces: list[Piece]) -> optax.Schedule:
+  pieces = [p for p in pieces if p[1] > 0] or pieces[-1:]
+  boundaries, total = [], 0
+  for _, length, _ in pieces[:-1]:
+    total += length
+    boundaries.append(total)
+  return optax.join_schedules([fn for _, _, fn in pieces], boundaries)
+
+
+def _ramp(start: float, end: float, steps: int) -> optax.Schedule:
+  """Linear from `start` at step 0 to `end` at `steps` (exact at step 0, unlike
+  optax.linear_schedule, which rounds a tiny start LR through `end` in float32)."""
+  return lambda step: start + (end - start) * jnp.clip(step / max(steps, 1), 0.0, 1.0)
+
+
+def _standard(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) -> list[Piece]:
+  """Warmup (`lr.warmup`) then the main schedule with `lr.decay`."""
+  lr = cfg.lr
+  if lr.warmup not in WARMUPS:
+    raise ConfigError(f"lr.warmup={lr.warmup!r}: choose from {list(WARMUPS)}")
+  if lr.decay not in DECAYS:
+    raise ConfigError(f"lr.decay={lr.decay!r}: choose from {list(DECAYS)}")
+  warm = 0 if lr.warmup == "none" else min(to_steps(lr.warmup_epochs), num_steps)
+  base = cfg.optim.lr
+  pieces = []
+  if lr.warmup == "constant":
+    pieces.append(("warmup", warm, optax.constant_schedule(base)))
+  elif lr.warmup == "gradual":
+    pieces.append(("warmup", warm, _ramp(base, peak, warm)))
+  rest = num_steps - warm
+  if lr.decay == "none":
+    main = optax.constant_schedule(peak)
+  elif lr.decay == "step":
+    bounds = {to_steps(e) - warm: lr.step_factor for e in lr.step_epochs if to_steps(e) > warm}
+    main = optax.piecewise_constant_schedule(peak, bounds)
+  elif lr.decay == "cosine":
+    main = optax.cosine_decay_schedule(peak, max(rest, 1))
+  else:
+    main = optax.polynomial_schedule(peak, 0.0, lr.poly_power, max(rest, 1))
+  return pieces + [("main", rest, main)]
+
+
+def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) -> list[Piece]:
+  """GreScale: warmup from a lowered LR, stabilisation at a high LR, then decay.
+
+  The decay phase lasts `lr.grescale.decay_epochs` (0 = 3/7 of the epochs after the
+  first 5); warmup and stabilisation share the rest, so lengthening the warmup shortens
+  the stabilisation. The decay is time-based: LR = held / (1 + c * epochs into decay).
+  """
+  g = cfg.lr.grescale
+  epochs = num_steps / steps_per_epoch
+  decay_epochs = g.decay_epochs or 3.0 / 7.0 * max(epochs - 5.0, 0.0)
+  warm = min(to_steps(g.warmup_epochs), num_steps)
+  decay = min(to_steps(decay_epochs), num_steps - warm)
+  stable = num_steps - warm - decay
+  held = peak * g.stabilisation_factor
+  coefficient = g.decay_coefficient / steps_per_epoch  # per step
+  return [
+      ("warmup", warm, _ramp(g.initial_lr, peak, warm)),
+      ("stabilisation", stable, optax.constant_schedule(held)),
+      ("decay", decay, lambda step: held / (1.0 + coefficient * jnp.maximum(step, 0))),
+  ]
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """The `optim` section as an optax chain (clipping, weight decay, optimizer)."""
   o = cfg.optim
+  decay = [optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else []
   if o.name == "sgd":
-    core = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov)
-    parts = [optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else []
-    parts.append(core)
+    parts = decay + [optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov)]
   elif o.name == "adam":
-    parts = ([optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else [])
-    parts.append(optax.adam(schedule))
+    parts = decay + [optax.adam(schedule)]
   elif o.name == "adamw":
     parts = [optax.adamw(schedule, weight_decay=o.weight_decay)]
+  elif o.name == "lars":
+    parts = [optax.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum,
+                        nesterov=o.nesterov, trust_coefficient=o.lars_trust_coefficient)]
   else:
-    raise ConfigError(f"optim.name={o.name!r}: choose from ['adam', 'adamw', 'sgd']")
+    raise ConfigError(f"optim.name={o.name!r}: choose from ['adam', 'adamw', 'lars', 'sgd']")
   if o.grad_clip_norm:
     parts.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
   return optax.chain(*parts)
+
+
+def plot(resolved: ResolvedSchedule, num_steps: int, path: str, title: str) -> None:
+  """Writes a PNG of the LR over steps with the phase boundaries marked."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  steps = np.arange(num_steps)
+  values = np.asarray(resolved.schedule(steps))
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot(steps / resolved.steps_per_epoch, values)
+  for phase in resolved.phases[1:]:
+    ax.axvline(phase.start / resolved.steps_per_epoch, color="gray", linestyle=":")
+    ax.text(phase.start / resolved.steps_per_epoch, values.max(), f" {phase.name}",
+            va="top", fontsize=8)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("learning rate")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _cli() -> None:
+  """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]."""
+  import os  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from medseg_jax import cli  # pylint: disable=import-outside-toplevel
+  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from medseg_jax.errors import MedsegError  # pylint: disable=import-outside-toplevel
+
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config.",
+                                           lock_config=True)
+  devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
+  slices = flags.DEFINE_integer("train_slices", 0,
+                                "Training slices; 0 = count them in the config's dataset.")
+  png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
+
+  def main(argv):
+    del argv
+    cli.quiet_library_logs()
+    cfg = config.value
+    try:
+      count = slices.value
+      if not count:
+        with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
+          count = pipeline.train_slice_count(cfg, tmp)
+      global_batch = cfg.train.per_device_batch_size * devices.value
+      steps_per_epoch = count // global_batch
+      if steps_per_epoch == 0:
+        raise ConfigError(f"global batch {global_batch} exceeds the {count} training slices")
+      num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+      resolved = resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
+    except MedsegError as e:
+      cli.fail(str(e), e.exit_code)
+    print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {global_batch}, "
+          f"{count} training slices, {num_steps} steps")
+    print(resolved.describe())
+    if png.value:
+      plot(resolved, num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
+      print(f"wrote {os.path.abspath(png.value)}")
+
+  app.run(main, flags_parser=cli.flags_parser())
+
+
+if __name__ == "__main__":
+  _cli()

@@ -63,17 +63,18 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
   num_classes = pipeline.num_classes(cfg, info)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
-  state, schedule = build_state(cfg, par, num_classes, data["train"].image.shape[-1],
-                                global_batch, init_rng)
-  logging.info("%d devices (%s), %d processes, global batch %d, k=%.3g, peak LR %.4g, "
-               "%d steps per epoch, %d steps", par.num_devices, cfg.parallel.strategy,
-               jax.process_count(), global_batch, optim.scaling_factor(cfg, global_batch),
-               optim.peak_learning_rate(cfg, global_batch), steps_per_epoch, num_steps)
+  lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
+  state = build_state(cfg, par, num_classes, data["train"].image.shape[-1], lr.schedule,
+                      init_rng)
+  logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch, %d steps",
+               par.num_devices, cfg.parallel.strategy, jax.process_count(), global_batch,
+               steps_per_epoch, num_steps)
+  logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
   logging.info("Data: %s", info)
   return Run(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info,
              num_classes=num_classes, state=state,
              train_step=par.train_step(losses.get_loss(cfg.train.loss)),
-             eval_step=par.eval_step(num_classes), schedule=schedule,
+             eval_step=par.eval_step(num_classes), schedule=lr.schedule,
              global_batch=global_batch, steps_per_epoch=steps_per_epoch, num_steps=num_steps,
              checkpointer=checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps,
                                                   cfg.checkpoint.max_to_keep),
@@ -81,13 +82,11 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def build_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel, num_classes: int,
-                channels: int, global_batch: int, rng: jax.Array) -> tuple[TrainState, Callable]:
-  """A fresh host-side TrainState for the model, optimizer and LR schedule of `cfg`."""
+                channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
+  """A fresh host-side TrainState for the model and optimizer of `cfg`."""
   model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
-  schedule = optim.make_schedule(cfg, global_batch)
   size = cfg.data.image_size
-  return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels)), \
-      schedule
+  return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels))
 
 
 def init_state(model, tx, rng, sample_shape) -> TrainState:

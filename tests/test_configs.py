@@ -42,7 +42,10 @@ def test_config_resolves(path):
       node = node[part]
   assert cfg.model.name in MODELS
   build_model(cfg.model, num_classes=2, image_size=cfg.data.image_size)
-  optim.make_optimizer(cfg, optim.make_schedule(cfg, global_batch=8 * cfg.train.per_device_batch_size))
+  lr = optim.resolve_schedule(cfg, 8 * cfg.train.per_device_batch_size, steps_per_epoch=50,
+                              num_steps=50 * cfg.train.num_epochs)
+  optim.make_optimizer(cfg, lr.schedule)
+  assert lr.phases[-1].end == 50 * cfg.train.num_epochs
   losses.get_loss(cfg.train.loss)
   assert cfg.parallel.strategy in parallel.STRATEGIES
 

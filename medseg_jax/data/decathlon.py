@@ -89,3 +89,16 @@ def load_nifti(path: str) -> Volume:
     raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
   spacing = tuple(float(z) for z in np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0)))
   return Volume(data=data, affine=img.affine, shape=tuple(img.shape), spacing=spacing)
+
+
+def canonical_shape(path: str) -> tuple[int, ...]:
+  """The spatial shape `load_nifti` would return, read from the header alone."""
+  try:
+    img = nib.load(path)
+  except Exception as e:  # nibabel raises many types for damaged or foreign files
+    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
+  ornt = nib.orientations.io_orientation(img.affine)
+  shape = [0, 0, 0]
+  for axis, (target, _) in enumerate(ornt):
+    shape[int(target)] = img.shape[axis]
+  return tuple(shape)

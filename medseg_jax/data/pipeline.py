@@ -88,6 +88,15 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
   return sets, info
 
 
+def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+  """Training slices the config yields, from file headers only (no volume is read)."""
+  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
+  cases = split_cases(dataset.training, cfg.data.val_fraction, cfg.data.test_fraction,
+                      cfg.seed)["train"]
+  depths = [decathlon.canonical_shape(c.image)[cfg.data.slice_axis] for c in cases]
+  return sum(len(preprocess.central_slices(d, cfg.data.slices_per_volume)) for d in depths)
+
+
 def _load_cases(cfg, dataset: decathlon.Dataset, cases: list) -> SliceSet:
   images, labels, volumes, spacings = [], [], [], []
   for index, case in enumerate(cases):

@@ -1,0 +1,66 @@
+"""Shared command-line plumbing: config flag parsing with one-line errors, quiet logs."""
+
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+from absl import flags, logging
+
+
+def fail(message: str, code: int) -> None:
+  """Prints one `error:` line and exits with `code`."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]], list[str]]:
+  """An absl `flags_parser`: any problem with the flags or the config file or its
+  overrides is one line and exit code 2. `check` validates the parsed flags further."""
+  def parse(argv: list[str]) -> list[str]:
+    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if config_arg is None:
+      fail("--config is required", 2)
+    if not os.path.isfile(config_arg.split(":", 1)[0]):
+      fail(f"--config: config file {config_arg.split(':', 1)[0]!r} not found", 2)
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(str(e).splitlines()[0], 2)
+    except (AttributeError, KeyError):  # config_flags' way of saying an override key is unknown
+      fail(_unknown_override(config_arg, argv), 2)
+    if check is not None:
+      check()
+    return rest
+  return parse
+
+
+def _unknown_override(config_arg: str, argv: list[str]) -> str:
+  """Names the first --config.KEY=VALUE whose KEY is not in the config."""
+  path, _, variant = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_medseg_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(variant) if variant else module.get_config()
+  for arg in argv:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      node = cfg
+      for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+          return f"{arg}: {path} has no config key {key!r}"
+        node = node[part]
+  return f"{path}: an override names an unknown config key"
+
+
+class _QuietLibraries:
+  """Keeps the console to medseg_jax's own lines: library INFO chatter is dropped."""
+
+  NOISY = ("/orbax/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())

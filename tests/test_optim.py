@@ -1,0 +1,154 @@
+"""LR policies at their phase boundaries (hand-computed), k, GreScale phases, optimizers."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from medseg_jax import losses, optim, step
+from medseg_jax.errors import ConfigError
+from medseg_jax.models import UNet
+from medseg_jax.state import TrainState
+
+SPE = 10  # steps per epoch
+
+
+def cfg_with(**lr):
+  cfg = base.get_config()
+  cfg.optim.lr = 0.1
+  cfg.train.per_device_batch_size = 7
+  for key, value in lr.items():
+    if key.startswith("grescale_"):
+      cfg.lr.grescale[key[len("grescale_"):]] = value
+    else:
+      cfg.lr[key] = value
+  return cfg
+
+
+def lr_at(cfg, steps, devices=4, epochs=100):
+  resolved = optim.resolve_schedule(cfg, 7 * devices, SPE, epochs * SPE)
+  return [float(resolved.schedule(s)) for s in steps], resolved
+
+
+def test_k_and_scaling_rules():
+  cfg = cfg_with()
+  assert optim.scaling_factor(cfg, 7 * 8) == 8
+  cfg.lr.reference_batch_size = 14
+  assert optim.scaling_factor(cfg, 7 * 8) == 4
+  assert optim.peak_learning_rate(cfg, 56) == pytest.approx(0.4)
+  cfg.lr.scaling = "sqrt"
+  assert optim.peak_learning_rate(cfg, 56) == pytest.approx(0.2)
+  cfg.lr.scaling = "none"
+  assert optim.peak_learning_rate(cfg, 56) == pytest.approx(0.1)
+
+
+def test_constant_warmup_holds_the_base_lr_then_jumps():
+  values, _ = lr_at(cfg_with(warmup="constant"), [0, 49, 50, 999])
+  assert values == pytest.approx([0.1, 0.1, 0.4, 0.4])
+
+
+def test_gradual_warmup_ramps_from_base_to_k_times_base():
+  values, _ = lr_at(cfg_with(warmup="gradual"), [0, 25, 50, 500])
+  assert values == pytest.approx([0.1, 0.25, 0.4, 0.4])
+
+
+def test_step_decay_at_goyals_epochs():
+  values, _ = lr_at(cfg_with(decay="step"), [299, 300, 599, 600, 800, 999])
+  assert values == pytest.approx([0.4, 0.04, 0.04, 0.004, 0.0004, 0.0004])
+
+
+def test_step_decay_counts_epochs_from_the_start_after_a_warmup():
+  values, _ = lr_at(cfg_with(warmup="gradual", decay="step"), [50, 299, 300])
+  assert values == pytest.approx([0.4, 0.4, 0.04])
+
+
+def test_cosine_and_poly_decays():
+  values, _ = lr_at(cfg_with(warmup="gradual", decay="cosine"), [50, 50 + 475, 999])
+  assert values == pytest.approx([0.4, 0.2, 0.4 * 0.5 * (1 + math.cos(math.pi * 949 / 950))],
+                                rel=1e-6, abs=1e-8)
+  values, _ = lr_at(cfg_with(decay="poly"), [0, 500, 999])
+  assert values == pytest.approx([0.4, 0.4 * 0.5**0.9, 0.4 * (1 / 1000)**0.9], rel=1e-4)
+
+
+def test_grescale_values_at_its_phase_boundaries():
+  values, resolved = lr_at(cfg_with(policy="grescale"), [0, 25, 50, 592, 593, 603, 999])
+  decay = round(3 / 7 * 95 * SPE)  # 407 steps
+  assert [p.name for p in resolved.phases] == ["warmup", "stabilisation", "decay"]
+  assert [p.end - p.start for p in resolved.phases] == [50, 1000 - 50 - decay, decay]
+  assert values[0] == pytest.approx(1e-5)
+  assert values[1] == pytest.approx(1e-5 + 0.5 * (0.4 - 1e-5))
+  assert values[2:5] == pytest.approx([0.4, 0.4, 0.4])
+  assert values[5] == pytest.approx(0.4 / 1.1)              # one epoch into the decay
+  assert values[6] == pytest.approx(0.4 / (1 + 0.1 * 406 / SPE))
+
+
+@pytest.mark.parametrize("epochs,warmup,expected", [
+    (12, 5, (5, 4, 3)), (40, 5, (5, 20, 15)), (100, 5, (5, 54.3, 40.7)),
+    (40, 8, (8, 17, 15)),   # a longer warmup takes its epochs from the stabilisation
+])
+def test_grescale_phase_lengths(epochs, warmup, expected):
+  _, resolved = lr_at(cfg_with(policy="grescale", grescale_warmup_epochs=float(warmup)), [0],
+                      epochs=epochs)
+  lengths = [(p.end - p.start) / SPE for p in resolved.phases]
+  assert lengths == pytest.approx(list(expected), abs=0.05)
+
+
+def test_grescale_parameters_from_config():
+  cfg = cfg_with(policy="grescale", grescale_initial_lr=1e-4, grescale_decay_epochs=20.0,
+                 grescale_stabilisation_factor=0.5, grescale_decay_coefficient=1.0)
+  values, resolved = lr_at(cfg, [0, 50, 800, 810])
+  assert values == pytest.approx([1e-4, 0.2, 0.2, 0.1])
+  assert resolved.phases[2].start == 800
+
+
+@pytest.mark.parametrize("key,value", [("policy", "cyclic"), ("warmup", "slow"),
+                                       ("decay", "linear"), ("scaling", "cube")])
+def test_unknown_policy_settings_are_config_errors(key, value):
+  with pytest.raises(ConfigError, match=f"lr.{key}"):
+    lr_at(cfg_with(**{key: value}), [0])
+
+
+def _tiny_state(tx):
+  model = UNet(num_classes=2, depth=2, base_features=4)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+  return TrainState.create(apply_fn=model.apply, params=params, model_state={}, tx=tx)
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  return {"image": rng.normal(size=(4, 16, 16, 1)).astype(np.float32),
+          "label": (rng.random((4, 16, 16)) > 0.7).astype(np.int32)}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "lars"])
+def test_every_optimizer_trains_a_tiny_model_one_step(name):
+  cfg = cfg_with()
+  cfg.optim.name, cfg.optim.weight_decay = name, 1e-4
+  tx = optim.make_optimizer(cfg, optim.resolve_schedule(cfg, 7, 1, 1).schedule)
+  fn = functools.partial(step.train_step, loss_fn=losses.dice_ce_loss, reduce_mean=lambda x: x)
+  state = _tiny_state(tx)
+  new_state, metrics = jax.jit(fn)(state, _batch(), jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params,
+                       state.params)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_plain_sgd_step_is_lr_times_gradient():
+  cfg = cfg_with()
+  cfg.optim.momentum = 0.0
+  tx = optim.make_optimizer(cfg, optim.resolve_schedule(cfg, 7, 1, 1).schedule)
+  state = _tiny_state(tx)
+  batch = _batch()
+  grads = jax.grad(lambda p: jnp.mean(losses.dice_ce_loss(state.apply_fn({"params": p},
+                                                                         batch["image"]),
+                                                          batch["label"])))(state.params)
+  fn = functools.partial(step.train_step, loss_fn=losses.dice_ce_loss, reduce_mean=lambda x: x)
+  new_state, _ = jax.jit(fn)(state, batch, jax.random.key(0))
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

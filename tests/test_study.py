@@ -1,0 +1,69 @@
+"""The scaling study on tiny data, and the LR-policy command, through real processes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.data.synthetic_volumes=6", "--config.data.synthetic_shape=(32, 32, 8)",
+        "--config.data.slices_per_volume=0", "--config.data.image_size=32",
+        "--config.model.depth=2", "--config.model.base_features=4",
+        "--config.train.per_device_batch_size=2", "--config.train.num_epochs=1",
+        "--config.train.eval_every_steps=0"]
+
+
+def run(module, *args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def test_two_device_counts_two_policies_study(tmp_path):
+  args = ["--config=configs/quickstart.py", "--devices=1,2", "--policies=linear,grescale",
+          "--seeds=1", f"--workdir={tmp_path}", *TINY]
+  proc = run("medseg_jax.study", *args)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  with open(tmp_path / "study.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted((r["policy"], r["devices"]) for r in rows) == [
+      ("grescale", "1"), ("grescale", "2"), ("linear", "1"), ("linear", "2")]
+  base = None
+  for r in rows:
+    with open(tmp_path / "runs" / f"{r['policy']}_dev{r['devices']}_seed0" / "eval" /
+              "test_metrics.json") as f:
+      test = json.load(f)
+    assert float(r["dice"]) == pytest.approx(test["dice"])
+    if (r["policy"], r["devices"]) == ("linear", "1"):
+      base = test["dice"]
+  for r in rows:
+    assert float(r["dice_gap"]) == pytest.approx(float(r["dice"]) - base)
+  with open(tmp_path / "runs" / "grescale_dev2_seed0" / "config.json") as f:
+    config = json.load(f)
+  assert config["lr"]["policy"] == "grescale" and config["parallel"]["num_devices"] == 2
+  assert (tmp_path / "study.md").read_text().count("\n| ") == 5  # header + 4 rows
+  assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+  again = run("medseg_jax.study", *args)  # complete runs are skipped, the table rebuilt
+  assert again.returncode == 0 and "[study] grescale" not in again.stdout
+
+
+def test_unknown_policy_is_one_line(tmp_path):
+  proc = run("medseg_jax.study", "--config=configs/quickstart.py", "--policies=linear,fancy",
+             f"--workdir={tmp_path}")
+  assert proc.returncode == 2 and "fancy" in proc.stderr.strip()
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_lr_policy_command_prints_phases_and_plots(tmp_path):
+  png = tmp_path / "lr.png"
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+             "--train_slices=5600", "--config.lr.policy=grescale", f"--plot={png}")
+  assert proc.returncode == 0, proc.stderr
+  # 5600 slices / (7 x 8) = 100 steps per epoch; 100 epochs; decay 3/7 of 95 epochs.
+  phases = {line.split()[0]: line.split()[2] for line in proc.stdout.splitlines()
+            if line.startswith("  ")}
+  assert phases == {"warmup": "0-500", "stabilisation": "500-5929", "decay": "5929-10000"}
+  assert png.read_bytes()[:4] == b"\x89PNG"
