@@ -57,6 +57,9 @@ class Checkpointer:
     """
     manager = self._best if best else self._manager
     step = (manager.best_step() if best else manager.latest_step()) if step is None else step
+    if step is None:
+      raise MedsegError(f"{manager.directory}: no checkpoint"
+                        + (" (the best is kept once a validation has run)" if best else ""))
     if step not in manager.all_steps():
       raise MedsegError(f"{manager.directory}: no checkpoint at step {step} "
                         f"(have {sorted(manager.all_steps())})")

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import tempfile
 from typing import TYPE_CHECKING
 
 import jax
@@ -66,9 +65,7 @@ def evaluate(run: "Run", state, split: str, step: int, surface: bool = False) ->
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-  fd, tmp = tempfile.mkstemp(suffix=".csv", dir=os.path.dirname(path))
-  with os.fdopen(fd, "w", newline="") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-  os.replace(tmp, path)

@@ -1,17 +1,38 @@
 """Small file helpers: outputs appear whole or not at all."""
 
+import contextlib
 import json
 import os
+import tempfile
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path` (same extension) that replaces `path` only if
+  the block succeeds; on failure nothing is left behind."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  name = os.path.basename(path)
+  suffix = name[name.index("."):] if "." in name else ""
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+  os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def write_json(path: str, obj) -> None:
-  """Writes JSON atomically (a temporary file renamed into place)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def append_jsonl(path: str, obj) -> None:
@@ -27,7 +48,5 @@ def truncate_jsonl(path: str, max_step: int) -> None:
     lines = [line for line in f if line.strip()]
   kept = [line for line in lines if json.loads(line).get("step", 0) <= max_step]
   if len(kept) != len(lines):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
       f.writelines(kept)
-    os.replace(tmp, path)

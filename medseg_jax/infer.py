@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import tempfile
 
 import jax
 import ml_collections
@@ -13,7 +12,7 @@ import optax
 from absl import logging
 from scipy import ndimage
 
-from medseg_jax import checkpoint, parallel, train
+from medseg_jax import checkpoint, files, parallel, train
 from medseg_jax.data import decathlon, preprocess
 from medseg_jax.errors import DataError, MedsegError
 
@@ -152,13 +151,5 @@ def _save(data: np.ndarray, original: nib.Nifti1Image, path: str) -> None:
   header.set_data_dtype(data.dtype)
   img = nib.Nifti1Image(data, original.affine, header)
   img.header.set_slope_inter(1, 0)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".nii.gz" if path.endswith(".gz") else ".nii", dir=directory)
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise

@@ -1,9 +1,8 @@
 """PNG montages of slices: image, ground truth, and prediction overlaid with a legend."""
 
-import os
-import tempfile
-
 import numpy as np
+
+from medseg_jax import files
 
 
 def pick_slices(label: np.ndarray, volume: np.ndarray, count: int = 4) -> np.ndarray:
@@ -42,12 +41,9 @@ def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndar
   legend = [Patch(color=colours(i), label=n) for i, n in enumerate(class_names) if i > 0]
   fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)))
   fig.suptitle(title)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-  os.close(fd)
-  fig.savefig(tmp, dpi=80)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=80)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def _colour(mask: np.ndarray, colours) -> np.ndarray:

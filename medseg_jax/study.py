@@ -124,7 +124,8 @@ def summarize(rows: list[dict], baseline_policy: str) -> list[dict]:
 
 def write_reports(study_dir: str, table: list[dict], baseline_policy: str) -> None:
   fields = list(table[0])
-  with open(os.path.join(study_dir, "study.csv"), "w", newline="") as f:
+  with files.atomic_path(os.path.join(study_dir, "study.csv")) as tmp, \
+      open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(table)
@@ -137,7 +138,7 @@ def write_reports(study_dir: str, table: list[dict], baseline_policy: str) -> No
                  f"{gap} | {e['train_seconds']:.0f} |")
   note = (f"Test-split metrics, mean ± std over seeds. Dice gap: against `{baseline_policy}` "
           "on the fewest devices.\n")
-  with open(os.path.join(study_dir, "study.md"), "w") as f:
+  with files.atomic_path(os.path.join(study_dir, "study.md")) as tmp, open(tmp, "w") as f:
     f.write("# Scaling study\n\n" + note + "\n" + "\n".join(lines) + "\n")
   _plot(study_dir, table)
 
@@ -157,7 +158,8 @@ def _plot(study_dir: str, table: list[dict]) -> None:
   ax.set_ylabel("test Dice")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(study_dir, "study.png"), dpi=90)
+  with files.atomic_path(os.path.join(study_dir, "study.png")) as tmp:
+    fig.savefig(tmp, dpi=90)
   plt.close(fig)
 
 

@@ -1,7 +1,5 @@
 """Metrics from a hand-built confusion matrix; the on-device matrix over 8 devices."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -42,13 +40,17 @@ def test_absent_class_is_null_and_left_out_of_averages():
   assert m["per_class"][2]["dice"] == 0.0 and m["per_class"][2]["accuracy"] is None
 
 
+def _tiny_state(seed):
+  model = UNet(num_classes=3, depth=2, base_features=4)
+  variables = model.init(jax.random.key(seed), np.zeros((1, 32, 32, 1), np.float32))
+  return model, variables, TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                             model_state={}, tx=optax.sgd(0.1))
+
+
 @pytest.mark.parametrize("strategy", parallel.STRATEGIES)
 def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   """Eval on 8 shards with a padded batch equals a confusion matrix counted in numpy."""
-  model = UNet(num_classes=3, depth=2, base_features=4)
-  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32))
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], model_state={},
-                            tx=optax.sgd(0.1))
+  model, variables, state = _tiny_state(0)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
            "label": rng.integers(0, 3, (16, 32, 32)).astype(np.int32),
@@ -114,10 +116,7 @@ def test_volume_metrics_follow_the_empty_class_convention():
 
 
 def test_eight_device_evaluation_equals_one_device(devices8):
-  model = UNet(num_classes=3, depth=2, base_features=4)
-  variables = model.init(jax.random.key(2), np.zeros((1, 32, 32, 1), np.float32))
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], model_state={},
-                            tx=optax.sgd(0.1))
+  _, _, state = _tiny_state(2)
   rng = np.random.default_rng(1)
   batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
            "label": rng.integers(0, 3, (16, 32, 32)).astype(np.int32),
