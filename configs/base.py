@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd
   c.parallel.num_devices = 0       # 0 = all devices of all processes
+  c.parallel.distributed_timeout_seconds = 60  # multi-process: coordinator and dead-peer bound
+  c.parallel.gpu_preallocate = True  # XLA_PYTHON_CLIENT_PREALLOCATE (JAX's default)
+  c.parallel.gpu_memory_fraction = 0.0  # XLA_PYTHON_CLIENT_MEM_FRACTION; 0 = JAX's default
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # 0 = only at the end

@@ -5,7 +5,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax import cli
+from medseg_jax import cli, distributed
 from medseg_jax.errors import MedsegError
 
 MODES = ("train", "evaluate", "predict")
@@ -22,6 +22,12 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs.")
 _PROBABILITIES = flags.DEFINE_bool("probabilities", False,
                                    "predict: also write per-class probability maps.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
+_LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
+                                   "Multi-process: the local devices this process uses.")
 
 
 def _check_flags() -> None:
@@ -33,15 +39,26 @@ def _check_flags() -> None:
     cli.fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest', 'best' or a step number", 2)
 
 
+def _start_processes(cfg) -> None:
+  """GPU memory settings, then the process group; only process 0 keeps INFO logs."""
+  distributed.configure_memory(cfg.parallel.gpu_preallocate, cfg.parallel.gpu_memory_fraction)
+  launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
+  distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  # jax and the training code are imported only after the flags are good.
-  from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
-
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    _start_processes(cfg)
+    # The training code imports jax's backend; it comes after the process group exists.
+    from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
       train.train_and_evaluate(cfg, workdir)

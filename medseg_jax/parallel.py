@@ -172,6 +172,12 @@ def make_parallel(strategy: str, num_devices: int = 0, check_vma: bool = False) 
   return Parallel(strategy=strategy, mesh=mesh, check_vma=check_vma)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier called `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def gather(x: jax.Array) -> np.ndarray:
   """A batch-sharded global array, whole, on every process."""
   if x.is_fully_addressable:

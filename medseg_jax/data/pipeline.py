@@ -9,11 +9,12 @@ import json
 import os
 from typing import Iterator
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import files
+from medseg_jax import files, parallel
 from medseg_jax.data import decathlon, preprocess, synthetic
 from medseg_jax.errors import ConfigError, DataError
 
@@ -40,14 +41,21 @@ def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   if not root:
     raise ConfigError("data.root: no dataset directory given (or set data.synthetic=True)")
   if cfg.data.synthetic and not os.path.exists(os.path.join(root, "dataset.json")):
-    if os.path.exists(root) and os.listdir(root):
-      raise DataError(f"{root}: exists without dataset.json; will not write synthetic data there")
-    if os.path.exists(root):
-      os.rmdir(root)
-    logging.info("Writing a synthetic Decathlon dataset to %s", root)
-    synthetic.write_synthetic_decathlon(root, cfg.data.synthetic_volumes, num_test=2,
-                                        shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
+    if jax.process_index() == 0:  # the others wait for it at the barrier below
+      _write_synthetic(cfg, root)
+  if cfg.data.synthetic:
+    parallel.barrier("synthetic dataset")
   return root
+
+
+def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
+  if os.path.exists(root) and os.listdir(root):
+    raise DataError(f"{root}: exists without dataset.json; will not write synthetic data there")
+  if os.path.exists(root):
+    os.rmdir(root)
+  logging.info("Writing a synthetic Decathlon dataset to %s", root)
+  synthetic.write_synthetic_decathlon(root, cfg.data.synthetic_volumes, num_test=2,
+                                      shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
 
 
 def split_cases(cases: tuple, val_fraction: float, test_fraction: float,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One medseg_jax process per host over ssh; the first host runs the coordinator.
+#   launch/ssh.sh HOSTFILE --config=configs/unet_brats.py --workdir=/shared/runs/x
+# HOSTFILE: one host name per line. The repository must be at the same path on every
+# host (a shared file system), and the workdir on storage all hosts see.
+# MEDSEG_PORT sets the coordinator port (default 12355).
+set -uo pipefail
+if [[ $# -lt 1 || ! -f "$1" ]]; then
+  echo "usage: $0 HOSTFILE ARGS..." >&2
+  exit 2
+fi
+mapfile -t hosts < <(grep -v '^[[:space:]]*\(#\|$\)' "$1")
+shift
+n=${#hosts[@]}
+if [[ ${n} -eq 0 ]]; then
+  echo "error: no hosts in the hostfile" >&2
+  exit 2
+fi
+repo=$(cd "$(dirname "$0")/.." && pwd)
+coordinator="${hosts[0]}:${MEDSEG_PORT:-12355}"
+quoted=$(printf '%q ' "$@")
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+for ((i = 0; i < n; i++)); do
+  cmd="cd $(printf '%q' "${repo}") && python3 -m medseg_jax.main --coordinator_address=${coordinator} --num_processes=${n} --process_id=${i} ${quoted}"
+  echo "launching on ${hosts[i]}: ${cmd}" >&2
+  ssh -o BatchMode=yes "${hosts[i]}" "${cmd}" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "${pid}"
+  code=$?
+  if [[ ${code} -ne 0 && ${status} -eq 0 ]]; then status=${code}; fi
+done
+exit "${status}"

@@ -1,0 +1,131 @@
+"""Real jax.distributed processes on 127.0.0.1 (gloo collectives on CPU), with timeouts."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
+        "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
+        "--config.data.image_size=32", "--config.model.depth=2",
+        "--config.model.base_features=4", "--config.model.dropout=0.1",
+        "--config.train.per_device_batch_size=2", "--config.train.eval_every_steps=0",
+        "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
+
+
+def _env(devices_per_process=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices_per_process:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _params(workdir, step):
+  """The parameters of a checkpoint, read with orbax onto this process's first device."""
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)
+  return [np.asarray(x) for x in _leaves(checkpointer.restore(path, abstract)["params"])]
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    return [leaf for key in sorted(tree) for leaf in _leaves(tree[key])]
+  return [tree]
+
+
+def _one_process(workdir, steps):
+  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={workdir}",
+                         f"--config.train.num_steps={steps}"], cwd=REPO, env=_env(4),
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A 2-process x 2-device run to step 2, resumed to step 3 by 1 process x 4 devices,
+  and an uninterrupted 1 x 4 run to step 3."""
+  two = str(tmp_path_factory.mktemp("two"))
+  env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
+  launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={two}",
+                             "--config.train.num_steps=2"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+  resumed = _one_process(two, 3)
+  single = str(tmp_path_factory.mktemp("one"))
+  reference = _one_process(single, 3)
+  return two, launched, resumed, single, reference
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+  two, launched, _, single, reference = runs
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  assert launched.stderr.count("launching process") == 2
+  for a, b in zip(_params(two, 2), _params(single, 2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Only process 0 writes the run's files: each step is logged once (step 3 by the resume).
+  with open(os.path.join(two, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_one_process_resumes_a_two_process_run(runs):
+  two, _, resumed, single, _ = runs
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from checkpoint at step 2" in resumed.stderr
+  for a, b in zip(_params(two, 3), _params(single, 3)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
+  timeout = 20
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={tmp_path}",
+           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=0",
+           f"--config.parallel.distributed_timeout_seconds={timeout}",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    deadline = time.time() + 240
+    while not os.path.exists(tmp_path / "metrics.jsonl"):  # both are training now
+      assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    code = procs[0].wait(timeout=timeout + 60)
+    elapsed = time.time() - killed_at
+  finally:
+    for p in procs:
+      p.kill()
+  assert code != 0
+  assert elapsed < timeout + 60
+
+
+def test_unreachable_coordinator_is_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={workdir}",
+                         "--config.parallel.distributed_timeout_seconds=2",
+                         f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
+                         "--process_id=1"], cwd=REPO, env=_env(2), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+  assert "cannot reach the coordinator" in proc.stderr and not workdir.exists()
