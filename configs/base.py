@@ -80,4 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.monitor = ml_collections.ConfigDict()
   c.monitor.log_every_steps = 50
+  c.monitor.enabled = True         # TensorBoard events, system sampling, progress bar
+  c.monitor.system_interval_seconds = 10.0  # 0 = no system sampling
   return c

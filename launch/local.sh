@@ -6,13 +6,15 @@
 # MEDSEG_PORT picks the coordinator port (default: a free one).
 # Exits with the first non-zero exit code of the processes (0 if all succeed).
 set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "${here}/common.sh"
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 NUM_PROCESSES ARGS..." >&2
   exit 2
 fi
 n=$1
 shift
-cd "$(dirname "$0")/.."
+cd "${here}/.."
 port=${MEDSEG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 if [[ -n "${CPU_DEVICES_PER_PROCESS:-}" ]]; then
   export JAX_PLATFORMS=cpu
@@ -26,10 +28,4 @@ for ((i = 0; i < n; i++)); do
   python3 -m medseg_jax.main "${args[@]}" &
   pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do
-  wait "${pid}"
-  code=$?
-  if [[ ${code} -ne 0 && ${status} -eq 0 ]]; then status=${code}; fi
-done
-exit "${status}"
+wait_all

@@ -5,6 +5,8 @@
 # host (a shared file system), and the workdir on storage all hosts see.
 # MEDSEG_PORT sets the coordinator port (default 12355).
 set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "${here}/common.sh"
 if [[ $# -lt 1 || ! -f "$1" ]]; then
   echo "usage: $0 HOSTFILE ARGS..." >&2
   exit 2
@@ -16,7 +18,7 @@ if [[ ${n} -eq 0 ]]; then
   echo "error: no hosts in the hostfile" >&2
   exit 2
 fi
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "${here}/.." && pwd)
 coordinator="${hosts[0]}:${MEDSEG_PORT:-12355}"
 quoted=$(printf '%q ' "$@")
 pids=()
@@ -27,10 +29,4 @@ for ((i = 0; i < n; i++)); do
   ssh -o BatchMode=yes "${hosts[i]}" "${cmd}" &
   pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do
-  wait "${pid}"
-  code=$?
-  if [[ ${code} -ne 0 && ${status} -eq 0 ]]; then status=${code}; fi
-done
-exit "${status}"
+wait_all

@@ -86,10 +86,13 @@ def initialize(launch: Launch, local_device_ids: list[int] | None,
   died: the others then fail with an error instead of hanging.
   """
   if launch.source == "single":
+    if local_device_ids:
+      raise ConfigError("--local_device_ids: only with several processes (a single process "
+                        "picks its GPUs with CUDA_VISIBLE_DEVICES)")
     return
   import jax  # pylint: disable=import-outside-toplevel
   kwargs = dict(initialization_timeout=timeout_seconds,
-                heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=30)
+                heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=timeout_seconds)
   if launch.source == "flags":
     if launch.process_id != 0:  # process 0 starts the coordinator; the others must reach it
       wait_for_coordinator(launch.coordinator_address, timeout_seconds)

@@ -41,8 +41,10 @@ def per_volume_rows(data: pipeline.SliceSet, preds: np.ndarray, num_classes: int
   return rows
 
 
-def evaluate(run: "Run", state, split: str, step: int, surface: bool = False) -> dict | None:
-  """Metrics of `state` on `split`, written to WORKDIR/eval/ (by process 0)."""
+def evaluate(run: "Run", state, split: str, step: int, surface: bool = False,
+             monitor=None) -> dict | None:
+  """Metrics of `state` on `split`, written to WORKDIR/eval/ (by process 0) and to the
+  monitor's event files when one is given."""
   data = run.data[split]
   if not len(data):
     return None
@@ -55,9 +57,11 @@ def evaluate(run: "Run", state, split: str, step: int, surface: bool = False) ->
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
     _write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
     shown = overlay.pick_slices(data.label, data.volume)
-    overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
-                          data.image[shown], data.label[shown], preds[shown],
-                          run.class_names, f"{split}, step {step}")
+    picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
+                                    data.image[shown], data.label[shown], preds[shown],
+                                    run.class_names, f"{split}, step {step}")
+    if monitor is not None:
+      monitor.evaluation(split, step, result, picture)
   logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,
                result["dice"] or 0.0, result["mean_iou"] or 0.0,
                result["pixel_accuracy"] or 0.0)

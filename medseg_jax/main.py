@@ -37,6 +37,9 @@ def _check_flags() -> None:
     cli.fail("--mode=predict needs --input and --output", 2)
   if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
     cli.fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest', 'best' or a step number", 2)
+  if _LOCAL_DEVICES.value and not all(i.isdigit() for i in _LOCAL_DEVICES.value):
+    cli.fail(f"--local_device_ids={','.join(_LOCAL_DEVICES.value)}: device numbers, "
+             "comma-separated", 2)
 
 
 def _start_processes(cfg) -> None:
@@ -58,7 +61,7 @@ def main(argv: list[str]) -> None:
   try:
     _start_processes(cfg)
     # The training code imports jax's backend; it comes after the process group exists.
-    from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
+    from medseg_jax import infer, parallel, train  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
       train.train_and_evaluate(cfg, workdir)
@@ -67,6 +70,9 @@ def main(argv: list[str]) -> None:
     else:
       infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                     _OVERWRITE.value, _PROBABILITIES.value)
+    # Process 0 writes the last files alone; the others wait here rather than in JAX's
+    # shutdown, whose timeout is shorter than a slow disk.
+    parallel.barrier("end of run")
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)

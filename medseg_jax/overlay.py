@@ -17,8 +17,9 @@ def pick_slices(label: np.ndarray, volume: np.ndarray, count: int = 4) -> np.nda
 
 
 def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray,
-                  class_names: list[str], title: str) -> None:
-  """One row per slice: image, truth overlay, prediction overlay. Written atomically."""
+                  class_names: list[str], title: str) -> np.ndarray:
+  """One row per slice: image, truth overlay, prediction overlay. Written atomically;
+  returns the picture as an RGB array [H,W,3] (for TensorBoard)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -43,7 +44,10 @@ def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndar
   fig.suptitle(title)
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=80)
+  fig.canvas.draw()
+  rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)
+  return rgb
 
 
 def _colour(mask: np.ndarray, colours) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The training loop: build, restore, iterate, log, evaluate, checkpoint."""
 
 import dataclasses
+import itertools
 import os
 import time
 from typing import Any, Callable
@@ -11,7 +12,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import checkpoint, evaluation, files, losses, optim, parallel
+from medseg_jax import (checkpoint, evaluation, files, losses, manifest, monitor, optim,
+                        parallel)
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
@@ -31,7 +33,7 @@ class Run:
   state: TrainState                 # placed on the mesh
   train_step: Callable
   eval_step: Callable
-  schedule: Callable
+  lr: optim.ResolvedSchedule
   global_batch: int
   steps_per_epoch: int
   num_steps: int
@@ -74,7 +76,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info,
              num_classes=num_classes, state=state,
              train_step=par.train_step(losses.get_loss(cfg.train.loss)),
-             eval_step=par.eval_step(num_classes), schedule=lr.schedule,
+             eval_step=par.eval_step(num_classes), lr=lr,
              global_batch=global_batch, steps_per_epoch=steps_per_epoch, num_steps=num_steps,
              checkpointer=checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps,
                                                   cfg.checkpoint.max_to_keep),
@@ -108,84 +110,110 @@ def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> T
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains, evaluates on validation periodically, then the best state on the test split."""
+  started = time.time()
   run = build(cfg, workdir)
+  state = restore_or_place(run)
+  step = int(parallel.to_host(run.par.get_state(state).step))
+  if step:
+    logging.info("Resuming from checkpoint at step %d", step)
   if run.is_chief:
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     files.write_json(os.path.join(workdir, "data_info.json"),
                      dict(run.data_info, num_classes=run.num_classes,
                           channels=int(run.data["train"].image.shape[-1])))
-  state = restore_or_place(run)
-  step = int(parallel.to_host(run.par.get_state(state).step))
-  if step:
-    logging.info("Resuming from checkpoint at step %d", step)
-  if run.is_chief:  # lines logged after the checkpoint will be logged again
-    files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)
-  state = _train_loop(run, state, step)
-  run.checkpointer.save(run.num_steps, run.par.get_state(state))
-  if run.checkpointer.best_step() is None:  # e.g. resumed after the end of an older run
-    _validate(run, state, run.num_steps)
-  if run.checkpointer.best_step() is not None:
-    state = restore_or_place(run, best=True)
-  run.checkpointer.close()
-  return evaluation.evaluate(run, state, "test", int(parallel.to_host(
-      run.par.get_state(state).step)), surface=True)
+    files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)  # logged again below
+    manifest.write(workdir, manifest.at_start(run))
+  mon = monitor.Monitor(workdir, run.is_chief and cfg.monitor.enabled,
+                        cfg.monitor.system_interval_seconds, run.num_steps, step,
+                        run.steps_per_epoch)
+  try:
+    state = _train_loop(run, state, step, mon)
+    run.checkpointer.save(run.num_steps, run.par.get_state(state))
+    if run.checkpointer.best_step() is None:  # e.g. resumed after the end of an older run
+      _validate(run, state, run.num_steps, mon)
+    if run.checkpointer.best_step() is not None:
+      state = restore_or_place(run, best=True)
+    run.checkpointer.close()
+    test_step = int(parallel.to_host(run.par.get_state(state).step))
+    result = evaluation.evaluate(run, state, "test", test_step, surface=True, monitor=mon)
+  finally:
+    mon.close()
+  if run.is_chief:
+    manifest.write(workdir, manifest.at_end(workdir, time.time() - started, result))
+  return result
 
 
-def _validate(run: Run, state: TrainState, step: int) -> dict | None:
+def _validate(run: Run, state: TrainState, step: int, mon: monitor.Monitor) -> dict | None:
   """Validation metrics; the state is kept as the best checkpoint when its Dice is best."""
-  result = evaluation.evaluate(run, state, "val", step)
+  result = evaluation.evaluate(run, state, "val", step, monitor=mon)
   if result is not None and result["dice"] is not None:
     run.checkpointer.save_if_best(step, run.par.get_state(state), result["dice"])
   return result
 
 
-def _train_loop(run: Run, state: TrainState, step: int) -> TrainState:
+def _train_loop(run: Run, state: TrainState, step: int, mon: monitor.Monitor) -> TrainState:
   cfg = run.cfg
   log_every, eval_every = cfg.monitor.log_every_steps, cfg.train.eval_every_steps
-  window: dict[str, Any] = {"loss": [], "start": time.perf_counter(), "steps": 0}
+  window = _Window(step)
   while step < run.num_steps:
     epoch, skip = divmod(step, run.steps_per_epoch)
-    batches = pipeline.train_batches(run.data["train"], run.global_batch, cfg.seed, epoch,
-                                     jax.process_index(), jax.process_count())
-    for i, batch in enumerate(batches):
-      if i < skip:
-        continue  # resuming mid-epoch: the same order, minus the batches already seen
-      state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_rng)
+    batches = itertools.islice(
+        pipeline.train_batches(run.data["train"], run.global_batch, cfg.seed, epoch,
+                               jax.process_index(), jax.process_count()),
+        skip, None)  # resuming mid-epoch: the same order, minus the batches already seen
+    while step < run.num_steps:
+      fetch_start = time.perf_counter()
+      batch = next(batches, None)
+      if batch is None:
+        break
+      batch = run.par.put_batch(batch)
+      window.data_wait += time.perf_counter() - fetch_start
+      state, step_metrics = run.train_step(state, batch, run.step_rng)
       step += 1
-      window["loss"].append(step_metrics["loss"])
-      window["steps"] += 1
+      window.losses.append(step_metrics["loss"])
       record = {}
       if step % log_every == 0 or step == run.num_steps:
-        record.update(_train_record(run, step, step_metrics, window))
+        record.update(_train_record(run, step, step_metrics, window, mon))
       if (eval_every and step % eval_every == 0) or step == run.num_steps:
         eval_start = time.perf_counter()
-        result = _validate(run, state, step)
-        window["start"] += time.perf_counter() - eval_start  # throughput counts training only
+        result = _validate(run, state, step, mon)
+        window.start += time.perf_counter() - eval_start  # throughput counts training only
         record.update({f"val_{k}": v for k, v in (result or {}).items()
                        if k not in ("per_class", "per_volume", "step")})
       if record and run.is_chief:
         files.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), dict(record, step=step))
       if run.checkpointer.due(step):
         run.checkpointer.save(step, run.par.get_state(state))
-      if step >= run.num_steps:
-        break
   return state
 
 
-def _train_record(run: Run, step: int, step_metrics: dict, window: dict) -> dict:
-  """Loss averaged since the last record, LR and throughput; resets the window."""
-  losses_ = [float(x) for x in parallel.to_host(window["loss"])]
-  elapsed = time.perf_counter() - window["start"]
-  slices_per_sec = window["steps"] * run.global_batch / elapsed
-  lr = float(run.schedule(step - 1))
+class _Window:
+  """What happened since the last logged record."""
+
+  def __init__(self, step: int):
+    self.first_step, self.losses = step + 1, []
+    self.start, self.data_wait = time.perf_counter(), 0.0
+
+
+def _train_record(run: Run, step: int, step_metrics: dict, window: _Window,
+                  mon: monitor.Monitor) -> dict:
+  """Loss averaged since the last record, LR, throughput and timing; resets the window."""
+  losses_ = [float(x) for x in parallel.to_host(window.losses)]
+  elapsed = time.perf_counter() - window.start
+  steps = len(losses_)
+  slices_per_sec = steps * run.global_batch / elapsed
+  lr = float(run.lr.schedule(step - 1))
   record = {"epoch": step / run.steps_per_epoch, "loss": float(np.mean(losses_)),
             "learning_rate": lr, "grad_norm": float(parallel.to_host(step_metrics["grad_norm"])),
             "slices_per_sec": slices_per_sec,
             "slices_per_sec_per_device": slices_per_sec / run.par.num_devices,
-            "step_time": elapsed / window["steps"]}
-  logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step, run.num_steps,
-               record["epoch"], record["loss"], lr, slices_per_sec)
-  window.update(loss=[], start=time.perf_counter(), steps=0)
+            "step_time": elapsed / steps, "data_wait_time": window.data_wait / steps,
+            "compute_time": (elapsed - window.data_wait) / steps}
+  record.update(mon.train_window(window.first_step, losses_, dict(record, step=step)))
+  if not mon.bar_active:
+    logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step, run.num_steps,
+                 record["epoch"], record["loss"], lr, slices_per_sec)
+  window.__init__(step)
   return record
 
 

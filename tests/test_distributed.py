@@ -53,3 +53,8 @@ def test_coordinator_wait_returns_once_it_listens_and_fails_clearly_otherwise():
     distributed.wait_for_coordinator(f"127.0.0.1:{port}", 1)
   with pytest.raises(ConfigError, match="HOST:PORT"):
     distributed.wait_for_coordinator("nohostport", 1)
+
+
+def test_local_devices_need_a_process_group():
+  with pytest.raises(ConfigError, match="local_device_ids"):
+    distributed.initialize(distributed.Launch("single"), [0], 10)

@@ -10,13 +10,11 @@ import sys
 import nibabel as nib
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.synthetic_volumes=6", "--config.data.synthetic_shape=(32, 32, 8)",
-        "--config.data.slices_per_volume=0", "--config.data.image_size=32",
-        "--config.model.depth=2", "--config.model.base_features=4",
-        "--config.train.per_device_batch_size=2", "--config.train.num_steps=3",
-        "--config.train.eval_every_steps=2", "--config.checkpoint.every_steps=2",
-        "--config.monitor.log_every_steps=1"]
+from helpers import REPO, TINY as TINY_RUN
+
+# Without --config: the tests name the config file themselves.
+TINY = TINY_RUN[1:] + ["--config.train.num_steps=3", "--config.train.eval_every_steps=2",
+                       "--config.checkpoint.every_steps=2", "--config.monitor.log_every_steps=1"]
 
 
 def run_main(*args, timeout=300):

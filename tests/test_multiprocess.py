@@ -13,20 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
-        "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
-        "--config.data.image_size=32", "--config.model.depth=2",
-        "--config.model.base_features=4", "--config.model.dropout=0.1",
-        "--config.train.per_device_batch_size=2", "--config.train.eval_every_steps=0",
-        "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
+from helpers import REPO, TINY as TINY_RUN, env_with_devices as _env
 
-
-def _env(devices_per_process=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if devices_per_process:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
-  return env
+TINY = TINY_RUN + ["--config.model.dropout=0.1", "--config.train.eval_every_steps=0",
+                   "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
 
 
 def _free_port():

@@ -2,24 +2,19 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.synthetic_volumes=6", "--config.data.synthetic_shape=(32, 32, 8)",
-        "--config.data.slices_per_volume=0", "--config.data.image_size=32",
-        "--config.model.depth=2", "--config.model.base_features=4",
-        "--config.train.per_device_batch_size=2", "--config.train.num_epochs=1",
-        "--config.train.eval_every_steps=0"]
+from helpers import REPO, TINY as TINY_RUN, env_with_devices
+
+TINY = TINY_RUN[1:] + ["--config.train.num_epochs=1", "--config.train.eval_every_steps=0"]
 
 
 def run(module, *args, timeout=600):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env=env)
+                        text=True, timeout=timeout, env=env_with_devices(None))
 
 
 def test_two_device_counts_two_policies_study(tmp_path):

@@ -90,7 +90,8 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
                          cfg.seed)
     files.write_json(split_path, {s: [c.name for c in cases] for s, cases in splits.items()})
   sets = {s: _load_cases(cfg, dataset, cases) for s, cases in splits.items()}
-  info = {"dataset": dataset.name, "modalities": dataset.modalities, "labels": dataset.labels,
+  info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
+          "labels": dataset.labels,
           "volumes": {s: len(c) for s, c in splits.items()},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info

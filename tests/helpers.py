@@ -1,0 +1,19 @@
+"""Shared by the tests that run `medseg_jax.main` in real processes."""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The quickstart config shrunk to seconds: 6 synthetic 32x32x8 volumes, a 2-level U-Net.
+TINY = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
+        "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
+        "--config.data.image_size=32", "--config.model.depth=2",
+        "--config.model.base_features=4", "--config.train.per_device_batch_size=2"]
+
+
+def env_with_devices(devices: int | None = None) -> dict:
+  """This environment with `devices` simulated CPU devices (none forced if None)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
