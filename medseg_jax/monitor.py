@@ -55,19 +55,19 @@ class _Sampler(threading.Thread):
   def __init__(self, interval: float):
     super().__init__(daemon=True, name="medseg-system-sampler")
     self.interval, self.latest = interval, {}
-    self._stop = threading.Event()
+    self._halt = threading.Event()
     self._devices = jax.local_devices()
 
   def run(self) -> None:
     psutil.cpu_percent(interval=None)  # the first call only starts the measurement
-    while not self._stop.wait(self.interval):
+    while not self._halt.wait(self.interval):
       try:
         self.latest = sample_system(self._devices)
       except Exception as e:  # monitoring never stops training
         logging.warning("System sampling failed: %s", e)
 
   def stop(self) -> None:
-    self._stop.set()
+    self._halt.set()
 
 
 class Monitor:
@@ -80,9 +80,6 @@ class Monitor:
     self._writer = self._sampler = self._bar = None
     if not enabled:
       return
-    import os  # pylint: disable=import-outside-toplevel
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
     if system_interval > 0:
       self._sampler = _Sampler(system_interval)
