@@ -6,12 +6,15 @@ read to judge an LR change. System resources are sampled by a background thread
 and merged into the next `metrics.jsonl` record and the event files.
 """
 
+import os
 import threading
-import time
+
 import jax
 import numpy as np
 import psutil
 from absl import logging
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 EMA_DECAYS = (0.9, 0.99, 0.999)
 

@@ -4,7 +4,7 @@ import dataclasses
 import itertools
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
