@@ -104,3 +104,17 @@ def test_non_nifti_file_is_a_data_error(tmp_path):
   bad.write_text("not a volume")
   with pytest.raises(DataError, match="x.nii.gz"):
     decathlon.load_nifti(str(bad))
+
+
+def test_slices_are_preprocessed_once_and_memory_mapped(dataset_dir, tmp_path):
+  cfg = base.get_config()
+  cfg.data.root, cfg.data.image_size, cfg.data.slices_per_volume = dataset_dir, 16, 4
+  first, _ = pipeline.load_splits(cfg, str(tmp_path))
+  assert isinstance(first["train"].image, np.memmap)  # each process pages in what it reads
+  keys = os.listdir(tmp_path / "slices")
+  again, _ = pipeline.load_splits(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / "slices") == keys
+  np.testing.assert_array_equal(again["val"].label, first["val"].label)
+  cfg.data.image_size = 8  # other settings, other slices
+  other, _ = pipeline.load_splits(cfg, str(tmp_path))
+  assert len(os.listdir(tmp_path / "slices")) == 2 and other["train"].image.shape[1] == 8

@@ -1,12 +1,16 @@
-"""An in-memory slice loader: volumes split by subject, batches sharded per host.
+"""A slice loader: volumes split by subject, preprocessed once, batches sharded per host.
 
-Every process computes the same global batch order from the seed and the
-epoch, and keeps only its own contiguous part of each global batch.
+Process 0 preprocesses the slices into WORKDIR/slices/ (keyed by the data settings
+and the split); every process memory-maps them. Every process computes the same
+global batch order from the seed and the epoch, and reads only its own contiguous
+part of each global batch.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 from typing import Iterator
 
 import jax
@@ -89,12 +93,51 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
     splits = split_cases(dataset.training, cfg.data.val_fraction, cfg.data.test_fraction,
                          cfg.seed)
     files.write_json(split_path, {s: [c.name for c in cases] for s, cases in splits.items()})
-  sets = {s: _load_cases(cfg, dataset, cases) for s, cases in splits.items()}
+  sets = _preprocessed(cfg, dataset, splits, workdir)
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
           "labels": dataset.labels,
           "volumes": {s: len(c) for s, c in splits.items()},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info
+
+
+def _preprocessed(cfg, dataset: decathlon.Dataset, splits: dict[str, list],
+                  workdir: str) -> dict[str, SliceSet]:
+  """The splits' slices, preprocessed once by process 0 into WORKDIR/slices/<key>/ and
+  memory-mapped by every process, so each reads only the slices it feeds."""
+  key = hashlib.sha256(json.dumps(
+      [cfg.data.to_dict(), {s: [c.name for c in cases] for s, cases in splits.items()}],
+      sort_keys=True, default=str).encode()).hexdigest()[:16]
+  cache = os.path.join(workdir, "slices", key)
+  if jax.process_index() == 0 and not os.path.isdir(cache):
+    tmp = f"{cache}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, cases in splits.items():
+      _save_set(os.path.join(tmp, split), _load_cases(cfg, dataset, cases))
+    os.replace(tmp, cache)  # complete or absent: an interrupted run leaves no cache
+  parallel.barrier("preprocessed slices")
+  return {split: _open_set(os.path.join(cache, split)) for split in splits}
+
+
+def _save_set(directory: str, data: SliceSet) -> None:
+  os.makedirs(directory)
+  for field in ("image", "label", "volume", "spacing"):
+    np.save(os.path.join(directory, f"{field}.npy"), getattr(data, field))
+  with open(os.path.join(directory, "names.json"), "w") as f:
+    json.dump(data.names, f)
+
+
+def _open_set(directory: str) -> SliceSet:
+  def load(field, mode=None):
+    path = os.path.join(directory, f"{field}.npy")
+    try:
+      return np.load(path, mmap_mode=mode)
+    except ValueError:  # an empty split's arrays cannot be memory-mapped
+      return np.load(path)
+  with open(os.path.join(directory, "names.json")) as f:
+    names = json.load(f)
+  return SliceSet(image=load("image", "r"), label=load("label", "r"), volume=load("volume"),
+                  names=names, spacing=load("spacing"))
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
