@@ -189,12 +189,20 @@ def class_names(cfg: ml_collections.ConfigDict, info: dict) -> list[str]:
   return ["background"] + [f"class {c}" for c in range(1, num_classes(cfg, info))]
 
 
+def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
+  """The epoch's slice order: from the seed and the epoch only, so it does not depend on
+  the global batch or the number of processes."""
+  return np.random.default_rng([seed, epoch]).permutation(num_slices)
+
+
 def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """This process's part of each full global batch of one epoch, in a seeded order."""
-  order = np.random.default_rng([seed, epoch]).permutation(len(data))
+                  process_index: int = 0, process_count: int = 1,
+                  offset: int = 0) -> Iterator[dict]:
+  """This process's part of each full global batch of one epoch, in a seeded order,
+  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps)."""
+  order = epoch_order(len(data), seed, epoch)
   local = global_batch // process_count
-  for start in range(0, len(order) - global_batch + 1, global_batch):
+  for start in range(offset, len(order) - global_batch + 1, global_batch):
     rows = order[start + process_index * local:start + (process_index + 1) * local]
     yield {"image": data.image[rows], "label": data.label[rows]}
 
