@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.loss = "dice_ce"         # dice | ce | dice_ce
   c.train.eval_every_steps = 500   # 0 = only at the end
   c.train.eval_batch_size = 0      # per device; 0 = per_device_batch_size
+  c.train.early_stopping_patience = 0  # validations with no better Dice before stopping; 0 = off
+  c.train.divergence_factor = 10.0   # stop when the loss stays above factor x its minimum ...
+  c.train.divergence_patience = 50   # ... for this many steps; factor 0 = only non-finite checks
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd

@@ -1,13 +1,26 @@
-"""Checkpoints with orbax: the train state every N steps and at the end, resumed on restart."""
+"""Checkpoints with orbax: the train state and where training stands, restored on restart.
 
+A checkpoint has two items: `state` (step, params, norm statistics, optimizer state)
+and `meta` (JSON: the loader position, the rng, the global batch and device count it
+was saved with, and the resolved config). Writing is asynchronous; orbax finalises a
+step only once every file is written, so a run killed mid-write leaves no step behind.
+"""
+
+import dataclasses
+import json
 import os
+import shutil
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax.errors import MedsegError
+from medseg_jax import parallel
+from medseg_jax.errors import ConfigError, MedsegError
+
+STATE, META = "state", "meta"
 
 
 def _to_tree(state) -> dict:
@@ -26,8 +39,49 @@ def require_checkpoint(workdir: str) -> None:
     raise MedsegError(f"{path}: no checkpoint (train first, or check --workdir)")
 
 
+def remove_all(workdir: str) -> None:
+  """Deletes the run's checkpoints (latest and best), for a run that starts over."""
+  if jax.process_index() == 0:
+    for path in (directory(workdir), directory(workdir) + "_best"):
+      shutil.rmtree(path, ignore_errors=True)
+  parallel.barrier("checkpoints removed")
+
+
+def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses a checkpoint of another model; logs every other setting that changed."""
+  if not meta or "config" not in meta:
+    return
+  saved = _flatten(meta["config"])
+  now = _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples become lists, as saved
+  changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+  for key in changed:
+    if key.startswith("model."):
+      raise ConfigError(f"{key}: {now.get(key)!r} in the config but {saved.get(key)!r} in the "
+                        f"checkpoints in {where} (use another --workdir, or --from_scratch)")
+  if changed:
+    logging.warning("Settings changed since the checkpoint: %s", ", ".join(
+        f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any   # the TrainState given to `restore`, with the checkpoint's arrays
+  meta: dict
+
+
 class Checkpointer:
-  """Saves and restores the arrays of a TrainState.
+  """Saves and restores a TrainState with its `meta` dictionary.
 
   The newest `max_to_keep` go to WORKDIR/checkpoints; the one with the best
   validation Dice so far is kept apart in WORKDIR/checkpoints_best.
@@ -50,43 +104,96 @@ class Checkpointer:
   def best_step(self) -> int | None:
     return self._best.best_step()
 
-  def restore(self, state: Any, sharding, step: int | None = None, best: bool = False) -> Any:
-    """`state` with its arrays read from the checkpoint at `step` (newest if None).
+  def restore(self, state: Any, sharding, step: int | None = None,
+              best: bool = False) -> Restored:
+    """`state` with its arrays read from the checkpoint at `step`, or the best one.
 
-    With `best`, reads the checkpoint with the best validation Dice instead.
+    Without a step, the newest readable checkpoint: one that cannot be read (truncated
+    or missing files) is skipped with a warning, and the one before it is tried.
     """
     manager = self._best if best else self._manager
-    step = (manager.best_step() if best else manager.latest_step()) if step is None else step
+    if step is None and best:
+      step = manager.best_step()
+    if step is None and not best:
+      return self._restore_newest(state, sharding)
     if step is None:
-      raise MedsegError(f"{manager.directory}: no checkpoint"
-                        + (" (the best is kept once a validation has run)" if best else ""))
+      raise MedsegError(f"{manager.directory}: no checkpoint (the best is kept once a "
+                        "validation has run)")
     if step not in manager.all_steps():
       raise MedsegError(f"{manager.directory}: no checkpoint at step {step} "
                         f"(have {sorted(manager.all_steps())})")
+    try:
+      return self._read(manager, step, state, sharding)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      raise MedsegError(f"{manager.directory}/{step}: unreadable checkpoint "
+                        f"({_first_line(e)})") from e
+
+  def _restore_newest(self, state: Any, sharding) -> Restored:
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise MedsegError(f"{self.directory}: no checkpoint (train first, or check --workdir)")
+    for step in steps:
+      try:
+        return self._read(self._manager, step, state, sharding)
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+        logging.warning("Skipping unreadable checkpoint %s/%d: %s", self.directory, step,
+                        _first_line(e))
+    raise MedsegError(f"{self.directory}: none of the checkpoints {sorted(steps)} can be read; "
+                      "pass --from_scratch to start over")
+
+  def _read(self, manager: ocp.CheckpointManager, step: int, state: Any,
+            sharding) -> Restored:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             _to_tree(state))
-    tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    tree = manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}))
     logging.info("Restored checkpoint %s/%d", manager.directory, step)
-    return state.replace(**tree)
+    return Restored(step=step, state=state.replace(**tree[STATE]), meta=dict(tree[META]))
 
-  def save_if_best(self, step: int, state: Any, dice: float) -> bool:
+  def read_meta(self, step: int | None = None) -> dict | None:
+    """The `meta` item of a checkpoint (the newest readable if None), or None."""
+    for candidate in ([step] if step is not None else
+                      sorted(self._manager.all_steps(), reverse=True)):
+      try:
+        return dict(self._manager.restore(
+            candidate, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+      except Exception:  # pylint: disable=broad-except  (the full restore reports it)
+        continue
+    return None
+
+  def save_if_best(self, step: int, state: Any, meta: dict, dice: float) -> bool:
     """Keeps `state` as the best checkpoint if `dice` beats the best so far."""
     best = self._best.best_step()
     if best is not None and (best == step or self._best.metrics(best)["dice"] >= dice):
       return False
-    return self._best.save(step, args=ocp.args.StandardSave(_to_tree(state)),
-                           metrics={"dice": float(dice)}, force=True)
+    return self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
+                           force=True)
 
   def due(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
 
-  def save(self, step: int, state: Any) -> bool:
+  def save(self, step: int, state: Any, meta: dict) -> bool:
     """Saves `state` as `step` unless that step is saved; writing continues in the background."""
     if self._manager.latest_step() == step:
       return False
-    return self._manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=True)
+    return self._manager.save(step, args=_save_args(state, meta), force=True)
 
-  def close(self) -> None:
+  def wait(self) -> None:
+    """Blocks until every checkpoint started so far is on disk."""
     for manager in (self._manager, self._best):
       manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    for manager in (self._manager, self._best):
       manager.close()
+
+
+def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
+  return ocp.args.Composite(**{STATE: ocp.args.StandardSave(_to_tree(state)),
+                               META: ocp.args.JsonSave(meta)})
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0][:300]

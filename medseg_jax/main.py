@@ -22,6 +22,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs.")
 _PROBABILITIES = flags.DEFINE_bool("probabilities", False,
                                    "predict: also write per-class probability maps.")
+_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False,
+                                  "train: delete the workdir's checkpoints and start over.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> None:
     from medseg_jax import infer, parallel, train  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      train.train_and_evaluate(cfg, workdir)
+      train.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
     elif _MODE.value == "evaluate":
       train.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
     else:

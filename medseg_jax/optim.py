@@ -8,6 +8,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -171,6 +172,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   if o.grad_clip_norm:
     parts.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
   return optax.chain(*parts)
+
+
+def with_step(opt_state: optax.OptState, step: int) -> optax.OptState:
+  """`opt_state` with every step counter (schedules, Adam's bias correction) set to `step`,
+  for a run that continues at another global batch and so another step numbering."""
+  def reset(path, leaf):
+    is_count = path and getattr(path[-1], "name", None) == "count"
+    return jnp.full_like(leaf, step) if is_count else leaf
+  return jax.tree_util.tree_map_with_path(reset, opt_state)
 
 
 def plot(resolved: ResolvedSchedule, num_steps: int, path: str, title: str) -> None:

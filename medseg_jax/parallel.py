@@ -177,6 +177,13 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def gather(x: jax.Array) -> np.ndarray:
   """A batch-sharded global array, whole, on every process."""
   if x.is_fully_addressable:

@@ -1,7 +1,6 @@
 """The training loop: build, restore, iterate, log, evaluate, checkpoint."""
 
 import dataclasses
-import itertools
 import os
 import time
 from typing import Callable
@@ -13,9 +12,10 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import (checkpoint, evaluation, files, losses, manifest, monitor, optim,
-                        parallel)
+                        parallel, preemption)
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
+from medseg_jax.guard import DivergenceGuard
 from medseg_jax.models import build_model
 from medseg_jax.state import TrainState
 
@@ -99,23 +99,70 @@ def init_state(model, tx, rng, sample_shape) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=params, model_state=variables, tx=tx)
 
 
+@dataclasses.dataclass
+class Position:
+  """Where the loader stands: `offset` slices into the order of epoch `epoch`."""
+
+  epoch: int = 0
+  offset: int = 0
+
+
 def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> TrainState:
-  """The checkpoint at `step` (newest, or best, if None) if there is one, else the fresh
-  state; placed on the mesh."""
-  state = run.state
-  if run.checkpointer.latest_step() is not None:
-    state = run.checkpointer.restore(state, run.par.replicated, step, best=best)
-  return run.par.put_state(state)
+  """The checkpoint at `step` (newest readable, or best, if None), placed on the mesh."""
+  restored = run.checkpointer.restore(run.state, run.par.replicated, step, best=best)
+  return run.par.put_state(restored.state)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Trains, evaluates on validation periodically, then the best state on the test split."""
+def resume(run: Run) -> tuple[TrainState, int, Position, bool]:
+  """(state on the mesh, step, loader position, finished early) from the newest readable
+  checkpoint, or the fresh state at step 0 if there is none.
+
+  A checkpoint saved at another global batch (another device count) continues from the
+  same loader position; the step is renumbered for the new batch, so the LR schedule,
+  resolved for the new device count, continues at the same point of training.
+  """
+  if run.checkpointer.latest_step() is None:
+    return run.par.put_state(run.state), 0, Position(), False
+  checkpoint.check_config(run.checkpointer.read_meta(), run.cfg, run.checkpointer.directory)
+  restored = run.checkpointer.restore(run.state, run.par.replicated)
+  meta, state, step = restored.meta, restored.state, restored.step
+  position = Position(meta["epoch"], meta["offset"])
+  run.step_rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+  if meta["global_batch"] == run.global_batch:
+    logging.info("Resuming from checkpoint at step %d (epoch %d, slice %d of its order)",
+                 step, position.epoch, position.offset)
+  else:
+    step = position.epoch * run.steps_per_epoch + position.offset // run.global_batch
+    state = state.replace(step=jnp.asarray(step, state.step.dtype),
+                          opt_state=optim.with_step(state.opt_state, step))
+    logging.info("Resuming from checkpoint at step %d saved on %d devices (global batch %d) "
+                 "on %d devices (global batch %d): continuing at step %d of %d, epoch %d, "
+                 "learning rate %.4g (lr.scaling=%s)", restored.step, meta["num_devices"],
+                 meta["global_batch"], run.par.num_devices, run.global_batch, step,
+                 run.num_steps, position.epoch, float(run.lr.schedule(step)), run.cfg.lr.scaling)
+  return run.par.put_state(state), step, position, bool(meta.get("early_stopped"))
+
+
+def _meta(run: Run, step: int, position: Position, early_stopped: bool = False) -> dict:
+  """What a checkpoint keeps besides the arrays: enough to continue exactly."""
+  return {"step": step, "epoch": position.epoch, "offset": position.offset,
+          "global_batch": run.global_batch, "num_devices": run.par.num_devices,
+          "process_count": jax.process_count(),
+          "rng": np.asarray(jax.random.key_data(run.step_rng)).ravel().tolist(),
+          "early_stopped": early_stopped, "config": run.cfg.to_dict()}
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       from_scratch: bool = False) -> dict | None:
+  """Trains, evaluates on validation periodically, then the best state on the test split.
+
+  Returns the test metrics, or None when a signal stopped training (after a checkpoint).
+  """
   started = time.time()
+  if from_scratch:
+    checkpoint.remove_all(workdir)
   run = build(cfg, workdir)
-  state = restore_or_place(run)
-  step = int(parallel.to_host(run.par.get_state(state).step))
-  if step:
-    logging.info("Resuming from checkpoint at step %d", step)
+  state, step, position, finished = resume(run)
   if run.is_chief:
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     files.write_json(os.path.join(workdir, "data_info.json"),
@@ -127,64 +174,125 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict | N
                         cfg.monitor.system_interval_seconds, run.num_steps, step,
                         run.steps_per_epoch)
   try:
-    state = _train_loop(run, state, step, mon)
-    run.checkpointer.save(run.num_steps, run.par.get_state(state))
-    if run.checkpointer.best_step() is None:  # e.g. resumed after the end of an older run
-      _validate(run, state, run.num_steps, mon)
-    if run.checkpointer.best_step() is not None:
-      state = restore_or_place(run, best=True)
-    run.checkpointer.close()
-    test_step = int(parallel.to_host(run.par.get_state(state).step))
-    result = evaluation.evaluate(run, state, "test", test_step, surface=True, monitor=mon)
+    stopped = "early stopping" if finished else None
+    result = _train_then_test(run, _Progress(state, step, position, stopped), mon)
   finally:
+    run.checkpointer.close()  # pending writes finish, also when training stopped on an error
     mon.close()
-  if run.is_chief:
+  if run.is_chief and result is not None:
     manifest.write(workdir, manifest.at_end(workdir, time.time() - started, result))
   return result
 
 
-def _validate(run: Run, state: TrainState, step: int, mon: monitor.Monitor) -> dict | None:
+@dataclasses.dataclass
+class _Progress:
+  """The loop's state between steps."""
+
+  state: TrainState
+  step: int
+  position: Position
+  stopped: str | None = None   # why training stopped before its last step
+
+
+def _train_then_test(run: Run, progress: _Progress, mon: monitor.Monitor) -> dict | None:
+  guard = DivergenceGuard(run.cfg.train.divergence_factor, run.cfg.train.divergence_patience,
+                          run.lr.schedule)
+  if progress.stopped is None:
+    with preemption.StopRequest(jax.process_count() > 1) as stop:
+      _train_loop(run, progress, mon, guard, stop)
+  _save(run, guard, progress, early_stopped=progress.stopped == "early stopping")
+  if progress.stopped not in (None, "early stopping"):
+    run.checkpointer.wait()
+    logging.info("Stopped by %s after step %d with a checkpoint in %s; run the same command "
+                 "to continue", progress.stopped, progress.step, run.checkpointer.directory)
+    return None
+  if run.checkpointer.best_step() is None:  # e.g. resumed after the end of an older run
+    _validate(run, progress, mon, guard)
+  state = progress.state
+  if run.checkpointer.best_step() is not None:
+    state = restore_or_place(run, best=True)
+  test_step = int(parallel.to_host(run.par.get_state(state).step))
+  return evaluation.evaluate(run, state, "test", test_step, surface=True, monitor=mon)
+
+
+def _save(run: Run, guard: DivergenceGuard, progress: _Progress, **meta) -> None:
+  """A checkpoint of the current state, once the guard has passed every step up to it."""
+  guard.check()
+  run.checkpointer.save(progress.step, run.par.get_state(progress.state),
+                        _meta(run, progress.step, progress.position, **meta))
+
+
+def _validate(run: Run, progress: _Progress, mon: monitor.Monitor,
+              guard: DivergenceGuard) -> dict | None:
   """Validation metrics; the state is kept as the best checkpoint when its Dice is best."""
-  result = evaluation.evaluate(run, state, "val", step, monitor=mon)
+  guard.check()
+  result = evaluation.evaluate(run, progress.state, "val", progress.step, monitor=mon)
   if result is not None and result["dice"] is not None:
-    run.checkpointer.save_if_best(step, run.par.get_state(state), result["dice"])
+    run.checkpointer.save_if_best(progress.step, run.par.get_state(progress.state),
+                                  _meta(run, progress.step, progress.position), result["dice"])
   return result
 
 
-def _train_loop(run: Run, state: TrainState, step: int, mon: monitor.Monitor) -> TrainState:
-  cfg = run.cfg
-  log_every, eval_every = cfg.monitor.log_every_steps, cfg.train.eval_every_steps
-  window = _Window(step)
-  while step < run.num_steps:
-    epoch, skip = divmod(step, run.steps_per_epoch)
-    batches = itertools.islice(
-        pipeline.train_batches(run.data["train"], run.global_batch, cfg.seed, epoch,
-                               jax.process_index(), jax.process_count()),
-        skip, None)  # resuming mid-epoch: the same order, minus the batches already seen
-    while step < run.num_steps:
+def _train_loop(run: Run, progress: _Progress, mon: monitor.Monitor, guard: DivergenceGuard,
+                stop: preemption.StopRequest) -> None:
+  """Steps until the last step, a stop signal or early stopping; updates `progress`."""
+  window = _Window(progress.step)
+  while progress.step < run.num_steps:
+    position = progress.position
+    batches = pipeline.train_batches(run.data["train"], run.global_batch, run.cfg.seed,
+                                     position.epoch, jax.process_index(), jax.process_count(),
+                                     position.offset)
+    while progress.step < run.num_steps:
       fetch_start = time.perf_counter()
       batch = next(batches, None)
-      if batch is None:
+      if batch is None:  # the epoch is over
+        progress.position = Position(position.epoch + 1, 0)
         break
       batch = run.par.put_batch(batch)
       window.data_wait += time.perf_counter() - fetch_start
-      state, step_metrics = run.train_step(state, batch, run.step_rng)
-      step += 1
+      progress.state, step_metrics = run.train_step(progress.state, batch, run.step_rng)
+      progress.step += 1
+      position.offset += run.global_batch
+      guard.observe(progress.step, step_metrics)
       window.losses.append(step_metrics["loss"])
-      record = {}
-      if step % log_every == 0 or step == run.num_steps:
-        record.update(_train_record(run, step, step_metrics, window, mon))
-      if (eval_every and step % eval_every == 0) or step == run.num_steps:
-        eval_start = time.perf_counter()
-        result = _validate(run, state, step, mon)
-        window.start += time.perf_counter() - eval_start  # throughput counts training only
-        record.update({f"val_{k}": v for k, v in (result or {}).items()
-                       if k not in ("per_class", "per_volume", "step")})
-      if record and run.is_chief:
-        files.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), dict(record, step=step))
-      if run.checkpointer.due(step):
-        run.checkpointer.save(step, run.par.get_state(state))
-  return state
+      _after_step(run, progress, step_metrics, window, mon, guard, stop)
+      if progress.stopped:
+        return
+
+
+def _after_step(run: Run, progress: _Progress, step_metrics: dict, window: "_Window",
+                mon: monitor.Monitor, guard: DivergenceGuard,
+                stop: preemption.StopRequest) -> None:
+  """Logging, validation, early stopping, stop requests and periodic checkpoints."""
+  cfg, step = run.cfg, progress.step
+  eval_every = cfg.train.eval_every_steps
+  record = {}
+  if step % cfg.monitor.log_every_steps == 0 or step == run.num_steps:
+    guard.check()
+    record.update(_train_record(run, step, step_metrics, window, mon))
+  if (eval_every and step % eval_every == 0) or step == run.num_steps:
+    eval_start = time.perf_counter()
+    result = _validate(run, progress, mon, guard)
+    window.start += time.perf_counter() - eval_start  # throughput counts training only
+    record.update({f"val_{k}": v for k, v in (result or {}).items()
+                   if k not in ("per_class", "per_volume", "step")})
+    if _plateaued(run, step):
+      logging.info("Early stopping at step %d: no better validation Dice since step %d",
+                   step, run.checkpointer.best_step())
+      progress.stopped = "early stopping"
+  if record and run.is_chief:
+    files.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), dict(record, step=step))
+  if stop.requested(step):
+    progress.stopped = stop.signal_name or "a stop signal to another process"
+  if run.checkpointer.due(step) and not progress.stopped:
+    _save(run, guard, progress)
+
+
+def _plateaued(run: Run, step: int) -> bool:
+  """Early stopping: `train.early_stopping_patience` validations without a better Dice."""
+  patience, best = run.cfg.train.early_stopping_patience, run.checkpointer.best_step()
+  return bool(patience and best is not None
+              and step - best >= patience * run.cfg.train.eval_every_steps)
 
 
 class _Window:
@@ -223,6 +331,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint.require_checkpoint(workdir)
   run = build(cfg, workdir)
   step = None if which in ("latest", "best") else int(which)
+  checkpoint.check_config(run.checkpointer.read_meta(step), cfg, run.checkpointer.directory)
   state = restore_or_place(run, step, best=which == "best")
   run.checkpointer.close()
   step = int(parallel.to_host(run.par.get_state(state).step))

@@ -27,7 +27,7 @@ def _free_port():
 
 def _params(workdir, step):
   """The parameters of a checkpoint, read with orbax onto this process's first device."""
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
