@@ -1,10 +1,14 @@
 # Sourced by the launch scripts: waits for the processes in the `pids` array and exits
-# with the first non-zero exit code among them (0 if all succeed).
+# with the first non-zero exit code among them (0 if all succeed). A signal the script
+# traps (and forwards) interrupts `wait`; it then waits again for the process's own exit.
 wait_all() {
   local status=0 code pid
   for pid in "${pids[@]}"; do
-    wait "${pid}"
-    code=$?
+    while true; do
+      wait "${pid}"
+      code=$?
+      kill -0 "${pid}" 2>/dev/null || break
+    done
     if [[ ${code} -ne 0 && ${status} -eq 0 ]]; then status=${code}; fi
   done
   exit "${status}"

@@ -132,12 +132,16 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise MedsegError(f"{self.directory}: no checkpoint (train first, or check --workdir)")
-    for step in steps:
+    for index, step in enumerate(steps):
       try:
-        return self._read(self._manager, step, state, sharding)
+        restored = self._read(self._manager, step, state, sharding)
       except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
         logging.warning("Skipping unreadable checkpoint %s/%d: %s", self.directory, step,
                         _first_line(e))
+        continue
+      for unreadable in steps[:index]:  # training writes these steps again
+        self._manager.delete(unreadable)
+      return restored
     raise MedsegError(f"{self.directory}: none of the checkpoints {sorted(steps)} can be read; "
                       "pass --from_scratch to start over")
 

@@ -107,22 +107,32 @@ class Position:
   offset: int = 0
 
 
+@dataclasses.dataclass
+class _Progress:
+  """The loop's state between steps."""
+
+  state: TrainState
+  step: int
+  position: Position
+  stopped: str | None = None   # why training stopped before its last step
+
+
 def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> TrainState:
   """The checkpoint at `step` (newest readable, or best, if None), placed on the mesh."""
   restored = run.checkpointer.restore(run.state, run.par.replicated, step, best=best)
   return run.par.put_state(restored.state)
 
 
-def resume(run: Run) -> tuple[TrainState, int, Position, bool]:
-  """(state on the mesh, step, loader position, finished early) from the newest readable
-  checkpoint, or the fresh state at step 0 if there is none.
+def resume(run: Run) -> tuple[_Progress, int]:
+  """The loop's starting point from the newest readable checkpoint (the fresh state at
+  step 0 if there is none), and the step as the checkpoint numbered it.
 
   A checkpoint saved at another global batch (another device count) continues from the
   same loader position; the step is renumbered for the new batch, so the LR schedule,
   resolved for the new device count, continues at the same point of training.
   """
   if run.checkpointer.latest_step() is None:
-    return run.par.put_state(run.state), 0, Position(), False
+    return _Progress(run.par.put_state(run.state), 0, Position()), 0
   checkpoint.check_config(run.checkpointer.read_meta(), run.cfg, run.checkpointer.directory)
   restored = run.checkpointer.restore(run.state, run.par.replicated)
   meta, state, step = restored.meta, restored.state, restored.step
@@ -140,7 +150,8 @@ def resume(run: Run) -> tuple[TrainState, int, Position, bool]:
                  "learning rate %.4g (lr.scaling=%s)", restored.step, meta["num_devices"],
                  meta["global_batch"], run.par.num_devices, run.global_batch, step,
                  run.num_steps, position.epoch, float(run.lr.schedule(step)), run.cfg.lr.scaling)
-  return run.par.put_state(state), step, position, bool(meta.get("early_stopped"))
+  stopped = "early stopping" if meta.get("early_stopped") else None
+  return _Progress(run.par.put_state(state), step, position, stopped), restored.step
 
 
 def _meta(run: Run, step: int, position: Position, early_stopped: bool = False) -> dict:
@@ -162,36 +173,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if from_scratch:
     checkpoint.remove_all(workdir)
   run = build(cfg, workdir)
-  state, step, position, finished = resume(run)
+  progress, saved_step = resume(run)
   if run.is_chief:
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     files.write_json(os.path.join(workdir, "data_info.json"),
                      dict(run.data_info, num_classes=run.num_classes,
                           channels=int(run.data["train"].image.shape[-1])))
-    files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)  # logged again below
+    # Steps after the checkpoint are logged again below.
+    files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), saved_step)
     manifest.write(workdir, manifest.at_start(run))
   mon = monitor.Monitor(workdir, run.is_chief and cfg.monitor.enabled,
-                        cfg.monitor.system_interval_seconds, run.num_steps, step,
+                        cfg.monitor.system_interval_seconds, run.num_steps, progress.step,
                         run.steps_per_epoch)
   try:
-    stopped = "early stopping" if finished else None
-    result = _train_then_test(run, _Progress(state, step, position, stopped), mon)
+    result = _train_then_test(run, progress, mon)
   finally:
     run.checkpointer.close()  # pending writes finish, also when training stopped on an error
     mon.close()
   if run.is_chief and result is not None:
     manifest.write(workdir, manifest.at_end(workdir, time.time() - started, result))
   return result
-
-
-@dataclasses.dataclass
-class _Progress:
-  """The loop's state between steps."""
-
-  state: TrainState
-  step: int
-  position: Position
-  stopped: str | None = None   # why training stopped before its last step
 
 
 def _train_then_test(run: Run, progress: _Progress, mon: monitor.Monitor) -> dict | None:

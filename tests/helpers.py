@@ -2,6 +2,10 @@
 
 import os
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The quickstart config shrunk to seconds: 6 synthetic 32x32x8 volumes, a 2-level U-Net.
@@ -17,3 +21,15 @@ def env_with_devices(devices: int | None = None) -> dict:
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
+
+
+def checkpoint_arrays(workdir: str, step: int, item: str | None = None) -> list[np.ndarray]:
+  """The arrays of a checkpoint's train state (or of one `item` of it, e.g. "params"),
+  read with orbax onto this process's first device, in a fixed order."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)
+  tree = checkpointer.restore(path, abstract)
+  return [np.asarray(x) for x in jax.tree.leaves(tree[item] if item else tree)]

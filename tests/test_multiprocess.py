@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, TINY as TINY_RUN, env_with_devices as _env
+from helpers import REPO, TINY as TINY_RUN, checkpoint_arrays, env_with_devices as _env
 
 TINY = TINY_RUN + ["--config.model.dropout=0.1", "--config.train.eval_every_steps=0",
                    "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
@@ -26,19 +24,7 @@ def _free_port():
 
 
 def _params(workdir, step):
-  """The parameters of a checkpoint, read with orbax onto this process's first device."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)
-  return [np.asarray(x) for x in _leaves(checkpointer.restore(path, abstract)["params"])]
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    return [leaf for key in sorted(tree) for leaf in _leaves(tree[key])]
-  return [tree]
+  return checkpoint_arrays(workdir, step, "params")
 
 
 def _one_process(workdir, steps):
@@ -107,6 +93,34 @@ def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
       p.kill()
   assert code != 0
   assert elapsed < timeout + 60
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+  """The non-chief process alone gets SIGTERM; both checkpoint the same step and exit 0."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={tmp_path}",
+           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=0",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    deadline = time.time() + 240
+    while not os.path.exists(tmp_path / "metrics.jsonl"):  # both are training now
+      assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+  steps = [int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
+  assert len(steps) == 1 and steps[0] % 10 == 0  # the request is shared every 10 steps
+  assert f"Stopped by a stop signal to another process after step {steps[0]}" in errors[0]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert json.loads(f.readlines()[-1])["step"] == steps[0]
 
 
 def test_unreachable_coordinator_is_one_line_and_writes_nothing(tmp_path):

@@ -1,0 +1,204 @@
+"""Crashes, preemption, corrupt checkpoints, divergence and device-count changes, through
+real `medseg_jax.main` processes compared with an uninterrupted run."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import REPO, checkpoint_arrays, env_with_devices
+
+# Slow enough (64x64 slices) that a signal lands mid-run; dropout makes the rng matter.
+RUN = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
+       "--config.data.synthetic_shape=(64, 64, 8)", "--config.data.slices_per_volume=0",
+       "--config.data.image_size=64", "--config.model.depth=2",
+       "--config.model.base_features=8", "--config.model.dropout=0.1",
+       "--config.train.per_device_batch_size=2", "--config.train.eval_every_steps=0",
+       "--config.checkpoint.every_steps=5", "--config.monitor.log_every_steps=1",
+       "--config.monitor.enabled=False"]
+STEPS = 20
+
+
+def _command(workdir, *extra):
+  return [sys.executable, "-m", "medseg_jax.main", *RUN, f"--config.train.num_steps={STEPS}",
+          f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, *extra, devices=2):
+  return subprocess.run(_command(workdir, *extra), cwd=REPO, env=env_with_devices(devices),
+                        capture_output=True, text=True, timeout=600)
+
+
+def _start(workdir):
+  return subprocess.Popen(_command(workdir), cwd=REPO, env=env_with_devices(2),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+  """Returns once orbax has finalised checkpoint `step` (it renames a finished write)."""
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(path):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.02)
+
+
+def _steps(workdir):
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def _assert_same_state(workdir, reference, step=STEPS):
+  """Parameters, optimizer state and step, bit for bit."""
+  ours, theirs = checkpoint_arrays(workdir, step), checkpoint_arrays(reference, step)
+  assert len(ours) == len(theirs)
+  for a, b in zip(ours, theirs):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of STEPS steps."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _steps(workdir)[-1] == STEPS
+  return workdir
+
+
+def test_sigkill_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = _start(workdir)
+  _wait_for_checkpoint(workdir, 5, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL  # killed mid-run, not after finishing
+  assert STEPS not in _steps(workdir)
+  restarted = _run(workdir)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert "Resuming from checkpoint at step" in restarted.stderr
+  _assert_same_state(workdir, reference)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  with open(os.path.join(reference, "metrics.jsonl")) as f:
+    expected = [json.loads(line) for line in f]
+  assert [r["loss"] for r in records] == [r["loss"] for r in expected]  # the same batches
+
+
+def test_sigterm_checkpoints_exits_0_and_the_restart_continues(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = _start(workdir)
+  _wait_for_checkpoint(workdir, 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "Stopped by SIGTERM after step" in stderr
+  stopped_at = _steps(workdir)[-1]
+  assert 5 <= stopped_at < STEPS
+  assert not os.path.exists(os.path.join(workdir, "eval", "test_metrics.json"))
+  restarted = _run(workdir)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert f"Resuming from checkpoint at step {stopped_at}" in restarted.stderr
+  _assert_same_state(workdir, reference)
+
+
+def _truncate(workdir, step):
+  data = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"),
+                   recursive=True)
+  assert data
+  for path in data:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  _truncate(workdir, STEPS)
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Skipping unreadable checkpoint {workdir}/checkpoints/{STEPS}" in proc.stderr
+  assert "Resuming from checkpoint at step 15" in proc.stderr
+  _assert_same_state(workdir, reference)
+
+
+def test_no_readable_checkpoint_refuses_to_start_over_without_the_flag(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  for step in _steps(workdir):
+    _truncate(workdir, step)
+  proc = _run(workdir)
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert "none of the checkpoints [10, 15, 20] can be read" in lines[0]
+  assert "--from_scratch" in lines[0]
+  proc = _run(workdir, "--from_scratch")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming" not in proc.stderr
+  _assert_same_state(workdir, reference)
+
+
+def test_divergence_stops_naming_step_and_lr_and_keeps_the_good_checkpoints(reference,
+                                                                            tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  proc = _run(workdir, "--config.optim.lr=1e8", "--config.train.num_steps=40")
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert "training diverged at step" in lines[0]
+  assert "(learning rate 2e+08)" in lines[0]  # 1e8 x 2: the linear rule at 2 devices
+  assert "not finite" in lines[0]
+  assert _steps(workdir) == [10, 15, 20]
+  _assert_same_state(workdir, reference)
+
+
+def test_an_8_device_checkpoint_continues_on_2_devices(tmp_path):
+  """Same loader position, step renumbered for the smaller global batch, LR rescaled."""
+  workdir = str(tmp_path)
+  epochs = ["--config.train.num_steps=0", "--config.train.num_epochs=2",
+            "--config.checkpoint.every_steps=1"]
+  proc = _run(workdir, *epochs, devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # 32 training slices: global batch 16 on 8 devices, 2 steps per epoch, 4 steps.
+  assert _steps(workdir) == [2, 3, 4]
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # lost in a crash after step 3
+  proc = _run(workdir, *epochs, devices=2)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Step 3 = epoch 1, 16 slices into it; with global batch 4 that is step 8 + 16 / 4.
+  assert ("at step 3 saved on 8 devices (global batch 16) on 2 devices (global batch 4): "
+          "continuing at step 12 of 16") in proc.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3, 13, 14, 15, 16]
+  # Adam at 2e-3, linear scaling by the device count.
+  assert [r["learning_rate"] for r in records] == pytest.approx([0.016] * 3 + [0.004] * 4)
+  final = checkpoint_arrays(workdir, 16)
+  counts = [a for a in final if a.shape == () and a.dtype.kind == "i"]
+  assert counts and all(int(c) == 16 for c in counts)  # step and every optimizer counter
+
+
+def test_early_stopping_ends_a_plateau_and_stays_finished(tmp_path):
+  workdir = str(tmp_path)
+  args = ["--config.optim.lr=0", "--config.train.eval_every_steps=1",
+          "--config.train.early_stopping_patience=2"]
+  proc = _run(workdir, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Nothing changes at LR 0: the best Dice is step 1's, two validations later it stops.
+  assert "Early stopping at step 3: no better validation Dice since step 1" in proc.stderr
+  assert _steps(workdir) == [3]
+  with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
+    assert json.load(f)["step"] == 1
+  again = _run(workdir, *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resuming from checkpoint at step 3" in again.stderr
+  assert _steps(workdir) == [3]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
