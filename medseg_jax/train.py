@@ -142,16 +142,25 @@ def resume(run: Run) -> tuple[_Progress, int]:
     logging.info("Resuming from checkpoint at step %d (epoch %d, slice %d of its order)",
                  step, position.epoch, position.offset)
   else:
-    step = position.epoch * run.steps_per_epoch + position.offset // run.global_batch
-    state = state.replace(step=jnp.asarray(step, state.step.dtype),
-                          opt_state=optim.with_step(state.opt_state, step))
-    logging.info("Resuming from checkpoint at step %d saved on %d devices (global batch %d) "
-                 "on %d devices (global batch %d): continuing at step %d of %d, epoch %d, "
-                 "learning rate %.4g (lr.scaling=%s)", restored.step, meta["num_devices"],
-                 meta["global_batch"], run.par.num_devices, run.global_batch, step,
-                 run.num_steps, position.epoch, float(run.lr.schedule(step)), run.cfg.lr.scaling)
+    state, step = _renumber(run, restored, position)
   stopped = "early stopping" if meta.get("early_stopped") else None
   return _Progress(run.par.put_state(state), step, position, stopped), restored.step
+
+
+def _renumber(run: Run, restored: checkpoint.Restored,
+              position: Position) -> tuple[TrainState, int]:
+  """The restored state continued at this run's global batch: the step that reaches the
+  same loader position, with every optimizer step counter set to it."""
+  meta = restored.meta
+  step = position.epoch * run.steps_per_epoch + position.offset // run.global_batch
+  state = restored.state.replace(step=jnp.asarray(step, restored.state.step.dtype),
+                                 opt_state=optim.with_step(restored.state.opt_state, step))
+  logging.info("Resuming from checkpoint at step %d saved on %d devices (global batch %d) "
+               "on %d devices (global batch %d): continuing at step %d of %d, epoch %d, "
+               "learning rate %.4g (lr.scaling=%s)", restored.step, meta["num_devices"],
+               meta["global_batch"], run.par.num_devices, run.global_batch, step,
+               run.num_steps, position.epoch, float(run.lr.schedule(step)), run.cfg.lr.scaling)
+  return state, step
 
 
 def _meta(run: Run, step: int, position: Position, early_stopped: bool = False) -> dict:
