@@ -60,11 +60,11 @@ def main():
     blocked, saves, start = 0.0, [], time.perf_counter()
     for step in range(1, args.steps + 1):
       state, m = step_fn(state, batch, jax.random.key(1))
+      jax.block_until_ready(state)  # the save below must not wait for the step's compute
       if ckpt.due(step):
         t = time.perf_counter()
         ckpt.save(step, par.get_state(state), {"step": step})
         saves.append(time.perf_counter() - t)
-    jax.block_until_ready(m)
     t = time.perf_counter()
     ckpt.wait()  # the run's end waits for the last write
     blocked += sum(saves) + time.perf_counter() - t
