@@ -68,22 +68,30 @@ def test_one_process_resumes_a_two_process_run(runs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
-  timeout = 20
+def _start_training_pair(workdir, *extra):
+  """Two processes training "forever" in `workdir`; returns once both are training."""
   port = _free_port()
   procs = []
   for i in range(2):
-    cmd = [sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={tmp_path}",
-           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=0",
-           f"--config.parallel.distributed_timeout_seconds={timeout}",
+    cmd = [sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={workdir}",
+           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=0", *extra,
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
+  deadline = time.time() + 240
+  while not os.path.exists(workdir / "metrics.jsonl"):
+    if time.time() > deadline or procs[0].poll() is not None:
+      for p in procs:
+        p.kill()
+      pytest.fail(procs[0].communicate()[1][-2000:])
+    time.sleep(0.5)
+  return procs
+
+
+def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
+  timeout = 20
+  procs = _start_training_pair(tmp_path, f"--config.parallel.distributed_timeout_seconds={timeout}")
   try:
-    deadline = time.time() + 240
-    while not os.path.exists(tmp_path / "metrics.jsonl"):  # both are training now
-      assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
-      time.sleep(0.5)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
     code = procs[0].wait(timeout=timeout + 60)
@@ -97,19 +105,8 @@ def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
 
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
   """The non-chief process alone gets SIGTERM; both checkpoint the same step and exit 0."""
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    cmd = [sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={tmp_path}",
-           "--config.train.num_steps=100000", "--config.checkpoint.every_steps=0",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
+  procs = _start_training_pair(tmp_path)
   try:
-    deadline = time.time() + 240
-    while not os.path.exists(tmp_path / "metrics.jsonl"):  # both are training now
-      assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
-      time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)
     errors = [p.communicate(timeout=240)[1] for p in procs]
   finally:
