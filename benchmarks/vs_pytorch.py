@@ -76,7 +76,8 @@ def torch_unet(depth: int, base: int):
       self.bottom = block(widths[-2], widths[-1])
       self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
                                for i in reversed(range(depth)))
-      self.up_blocks = nn.ModuleList(block(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+      self.up_blocks = nn.ModuleList(block(2 * widths[i], widths[i])
+                                     for i in reversed(range(depth)))
       self.head = nn.Conv2d(base, NUM_CLASSES, 1)
       self.pool = nn.MaxPool2d(2)
 
@@ -194,8 +195,8 @@ def main():
   for kind, label in ((0, "train"), (1, "infer")):
     times = interleave(sides, kind, args.rounds, args.block)
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    result[label] = {name: {"median_s": m, "slices_per_s": args.batch / m, "steps": len(times[name])}
-                     for name, m in medians.items()}
+    result[label] = {name: {"median_s": m, "slices_per_s": args.batch / m,
+                            "steps": len(times[name])} for name, m in medians.items()}
     result[label]["ratio_jax_over_pytorch"] = medians["medseg_jax"] / medians["pytorch"]
     print(f"\n{label}: {'framework':10} {'median s':>9} {'slices/s':>9}")
     for name, m in medians.items():
