@@ -15,6 +15,9 @@ functions in the order `train.build` does, with a timer around each:
   data open    the Decathlon index and the memory-mapped preprocessed slices
   first step   the first batch, compile and run of the train step
 
+Each config runs without and with a warm persistent compilation cache
+(JAX_COMPILATION_CACHE_DIR, filled by one untimed process), as a restarted run sees it.
+
 'config + build' is what the thesis's component engine did in its reported 139 ms
 (config parsing, building and deploying the parallel training components).
 """
@@ -99,28 +102,38 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   return dict(marks, **{f"build/{k}": v for k, v in parts.items()})
 
 
-def run_config(config: str, overrides: list[str], repeats: int) -> dict:
-  """Prepares the data once, then times `repeats` fresh processes; medians per phase."""
+def run_config(config: str, overrides: list[str], repeats: int, cache: bool) -> dict:
+  """Prepares the data once, then times `repeats` fresh processes; medians per phase.
+  With `cache`, the processes share a persistent compilation cache that one untimed
+  process fills first, as for a run restarted on the same machine."""
   argv = [f"--config={config}"] + overrides
   with tempfile.TemporaryDirectory() as workdir:
     base = [sys.executable, os.path.abspath(__file__), f"--child={workdir}"] + argv
-    subprocess.run(base + ["--prepare"], check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if cache:
+      env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    subprocess.run(base + ["--prepare"], check=True, capture_output=True, text=True, env=env)
+    if cache:
+      subprocess.run(base, check=True, capture_output=True, text=True, env=env)
     runs = []
     for _ in range(repeats):
-      env = dict(os.environ, MEDSEG_SPAWN_TIME=repr(time.time()))
+      env["MEDSEG_SPAWN_TIME"] = repr(time.time())
       out = subprocess.run(base, check=True, capture_output=True, text=True, env=env).stdout
       runs.append(json.loads(out.strip().splitlines()[-1]))
   median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
   median["ready_to_train"] = sum(median[p] for p in PHASES)
   median["engine"] = median["config"] + median["build"]
   median["cpu/engine"] = median["cpu/config"] + median["cpu/build"]
-  return {"config": config, "overrides": overrides, "repeats": repeats, "median_s": median}
+  return {"config": config, "overrides": overrides, "repeats": repeats, "cache": cache,
+          "median_s": median}
 
 
 def report(result: dict) -> None:
   m = result["median_s"]
+  cache = ", warm persistent compilation cache" if result["cache"] else ""
   print(f"\n{result['config']} {' '.join(result['overrides'])} "
-        f"(median of {result['repeats']} processes)")
+        f"(median of {result['repeats']} processes{cache})")
   print(f"  {'phase':26} {'wall ms':>9} {'CPU ms':>9}")
   for name in PHASES:
     print(f"  {name:26} {m[name] * 1e3:9.1f} {m['cpu/' + name] * 1e3:9.1f}")
@@ -140,6 +153,8 @@ def main():
                  help="comma-separated config files; overrides after a space go with each, "
                       "e.g. 'configs/unet_brats.py --config.data.synthetic=True'")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--cache", default="both", choices=("off", "on", "both"),
+                 help="a warm persistent compilation cache (JAX_COMPILATION_CACHE_DIR)")
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   p.add_argument("--child", help=argparse.SUPPRESS)
   p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -150,8 +165,9 @@ def main():
   results = []
   for spec in args.configs.split(","):
     config, *overrides = spec.split()
-    results.append(run_config(config, overrides, args.repeats))
-    report(results[-1])
+    for cache in {"off": [False], "on": [True], "both": [False, True]}[args.cache]:
+      results.append(run_config(config, overrides, args.repeats, cache))
+      report(results[-1])
   if args.json:
     print(json.dumps(results))
 
