@@ -139,8 +139,8 @@ def main():
   hours = 100 * (train_slices // unet["batch"]) * unet["compute_s"] / 3600
   print(f"check: 100 U-Net epochs of {train_slices} slices on one GPU -> {hours:.1f} h "
         f"(thesis: {THESIS_UNET_HOURS:.1f} h)")
-  result = {"unet_100_epochs_h": hours, "gpu_tflops": args.gpu_tflops, "latency_us": args.latency_us, "models": models,
-            "fits": {}}
+  result = {"unet_100_epochs_h": hours, "gpu_tflops": args.gpu_tflops,
+            "latency_us": args.latency_us, "models": models, "fits": {}}
   for label, (bandwidth, overlap, rms) in fits.items():
     rows = {k: [speedup(n, c, b, bandwidth, latency, overlap)
                 for n in range(1, args.max_gpus + 1)] for k, (c, b) in pairs.items()}
