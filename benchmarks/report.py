@@ -3,8 +3,9 @@
     python benchmarks/report.py             # all four; --only=vs_pytorch,scaling_model
 
 Each script runs as its own process with --json; its console output is echoed, and
-the figures go into BENCHMARKS.md between the `bench:begin` and `bench:end` markers
-with the date, the machine and the exact commands. The rest of the file is kept.
+its figures go into BENCHMARKS.md between its own `bench:NAME:begin` and
+`bench:NAME:end` markers, with the date, the machine and the exact command. Sections of
+benchmarks not run, and the rest of the file, are kept.
 Needs the benchmark requirements (benchmarks/requirements.txt).
 """
 
@@ -18,10 +19,10 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
-BEGIN = "<!-- bench:begin: written by `make bench` (benchmarks/report.py); edits here are lost -->"
-END = "<!-- bench:end -->"
+BEGIN = "<!-- bench:{}:begin: written by `make bench` (benchmarks/report.py) -->"
+END = "<!-- bench:{}:end -->"
 SCRIPTS = {  # name -> arguments (beyond --json); what `make bench` runs
-    "vs_pytorch": [],
+    "vs_pytorch": ["--profile"],
     "engine_overhead": [],
     "scaling_model": [],
     "memory_fit": [],
@@ -80,6 +81,9 @@ def vs_pytorch_md(r: dict) -> list[str]:
   ratios = {k: r[k]["ratio_jax_over_pytorch"] for k in ("train", "infer")}
   out += ["", f"Step time medseg_jax / PyTorch: training {ratios['train']:.2f}, "
           f"inference {ratios['infer']:.2f} (below 1: medseg_jax faster)."]
+  if "jax_train_profile" in r:
+    out += ["", "medseg_jax's train step, share of XLA op time by op kind (jax profiler): "
+            + ", ".join(f"{kind} {share:.0%}" for kind, share in r["jax_train_profile"]) + "."]
   return out
 
 
@@ -142,33 +146,34 @@ def memory_md(r: dict) -> list[str]:
 
 
 SECTIONS = {"vs_pytorch": ("medseg_jax against PyTorch and MONAI", vs_pytorch_md),
-            "engine_overhead": ("Engine overhead", engine_md),
-            "scaling_model": ("Scaling model", scaling_md),
-            "memory_fit": ("Largest batch per device memory", memory_md)}
+            "engine_overhead": ("Engine overhead: process start to ready to train",
+                                engine_md),
+            "scaling_model": ("Scaling model: data parallelism on N GPUs", scaling_md),
+            "memory_fit": ("Largest U-Net batch per device memory", memory_md)}
 
 
-def render(results: dict, commands: dict, about: str) -> str:
-  today = datetime.date.today().isoformat()
-  lines = [BEGIN, "## Comparison, overhead, scaling model, memory (`make bench`)", "",
-           f"Date: {today}. Machine: {about}.", "", "Commands (what `make bench` runs):", "",
-           "```bash"] + [commands[name] for name in results] + ["```"]
-  for name, result in results.items():
-    title, fn = SECTIONS[name]
-    lines += ["", f"### {title} (`benchmarks/{name}.py`)", ""] + fn(result)
-  return "\n".join(lines + [END]) + "\n"
+def render(name: str, result: dict, command: str, about: str) -> str:
+  """One benchmark's section, between its markers."""
+  title, fn = SECTIONS[name]
+  lines = [BEGIN.format(name), f"## {title} (`benchmarks/{name}.py`)", "",
+           f"Date: {datetime.date.today().isoformat()}. Machine: {about}. Command "
+           "(`make bench` runs it):", "", "```bash", command, "```", ""] + fn(result)
+  return "\n".join(lines + [END.format(name)])
 
 
-def rewrite(path: str, block: str) -> None:
-  """Replaces the marked block (or appends it) and writes the file atomically."""
+def rewrite(path: str, sections: dict[str, str]) -> None:
+  """Replaces each benchmark's marked section (or appends it); writes the file atomically."""
   sys.path.insert(0, REPO)
   from medseg_jax import files  # pylint: disable=import-outside-toplevel
   with open(path) as f:
     text = f.read()
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + block.rstrip("\n") + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip("\n") + "\n\n" + block
+  for name, section in sections.items():
+    begin, end = BEGIN.format(name), END.format(name)
+    if begin in text and end in text:
+      head, rest = text.split(begin, 1)
+      text = head + section + rest.split(end, 1)[1]
+    else:
+      text = text.rstrip("\n") + "\n\n" + section + "\n"
   with files.atomic_path(path) as tmp, open(tmp, "w") as f:
     f.write(text)
 
@@ -183,10 +188,11 @@ def main():
   if unknown:
     sys.exit(f"error: --only: unknown benchmark(s) {unknown}; choose from {list(SCRIPTS)}")
   about = machine()
-  results, commands = {}, {}
-  for name in names:
-    results[name], commands[name] = run(name)
-  rewrite(args.output, render(results, commands, about))
+  sections = {}
+  for name in names:  # each section is written as soon as its benchmark has run
+    result, command = run(name)
+    sections[name] = render(name, result, command, about)
+    rewrite(args.output, {name: sections[name]})
   print(f"wrote {args.output}")
 
 

@@ -142,6 +142,34 @@ def torch_side(model, images: np.ndarray, labels: np.ndarray):
   return train_once, infer_once, params
 
 
+# -- where medseg_jax's time goes ---------------------------------------------
+def profile(fn, steps: int = 3) -> list[tuple[str, float]]:
+  """(XLA op kind, share of op time) over `steps` calls of `fn`, from a jax profiler
+  trace; op names lose their numeric suffixes (fusion.12 -> fusion)."""
+  import collections
+  import glob
+  import re
+  import tempfile
+  import jax
+  from jax.profiler import ProfileData
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(steps):
+      fn()
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+  kinds = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for event in line.events:
+        if "Execute" not in event.name:  # the executor's own spans contain the ops
+          kinds[re.sub(r"[.\d]+$", "", event.name)] += event.duration_ns
+  total = sum(kinds.values())
+  return [(kind, ns / total) for kind, ns in kinds.most_common(8)]
+
+
 # -- timing ------------------------------------------------------------------
 def interleave(sides: dict, kind: int, rounds: int, block: int) -> dict[str, list[float]]:
   """Runs each side's function `kind` (0 train, 1 infer) in alternating blocks."""
@@ -167,6 +195,8 @@ def main():
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--block", type=int, default=3, help="steps per framework per round")
   p.add_argument("--no_monai", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="also print where medseg_jax's train step spends its time")
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   args = p.parse_args()
 
@@ -203,6 +233,11 @@ def main():
       print(f"{'':7}{name:10} {m:9.4f} {args.batch / m:9.2f}")
     print(f"{'':7}step time medseg_jax / PyTorch = {result[label]['ratio_jax_over_pytorch']:.3f}"
           " (below 1: medseg_jax faster)")
+  if args.profile:
+    result["jax_train_profile"] = profile(sides["medseg_jax"][0])
+    print("\nmedseg_jax train step, share of XLA op time by op kind:")
+    for kind, share in result["jax_train_profile"]:
+      print(f"  {share:6.1%}  {kind}")
   if args.json:
     print(json.dumps(result))
 
