@@ -161,10 +161,10 @@ def profile(fn, steps: int = 3) -> list[tuple[str, float]]:
   kinds = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
-      if line.name == "python":
-        continue
       for event in line.events:
-        if "Execute" not in event.name:  # the executor's own spans contain the ops
+        # Python frames ($file:line), the executor's spans and pool waits contain the ops.
+        if not event.name.startswith("$") and not any(
+            word in event.name for word in ("Execute", "Await")):
           kinds[re.sub(r"[.\d]+$", "", event.name)] += event.duration_ns
   total = sum(kinds.values())
   return [(kind, ns / total) for kind, ns in kinds.most_common(8)]
