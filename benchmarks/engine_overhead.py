@@ -102,14 +102,15 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   return dict(marks, **{f"build/{k}": v for k, v in parts.items()})
 
 
-def run_config(config: str, overrides: list[str], repeats: int, cache: bool) -> dict:
+def run_config(config: str, overrides: list[str], repeats: int, cache: bool,
+               extra_env: dict[str, str]) -> dict:
   """Prepares the data once, then times `repeats` fresh processes; medians per phase.
   With `cache`, the processes share a persistent compilation cache that one untimed
   process fills first, as for a run restarted on the same machine."""
   argv = [f"--config={config}"] + overrides
   with tempfile.TemporaryDirectory() as workdir:
     base = [sys.executable, os.path.abspath(__file__), f"--child={workdir}"] + argv
-    env = dict(os.environ)
+    env = dict(os.environ, **extra_env)
     if cache:
       env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -126,14 +127,15 @@ def run_config(config: str, overrides: list[str], repeats: int, cache: bool) -> 
   median["engine"] = median["config"] + median["build"]
   median["cpu/engine"] = median["cpu/config"] + median["cpu/build"]
   return {"config": config, "overrides": overrides, "repeats": repeats, "cache": cache,
-          "median_s": median}
+          "env": extra_env, "median_s": median}
 
 
 def report(result: dict) -> None:
   m = result["median_s"]
   cache = ", warm persistent compilation cache" if result["cache"] else ""
+  env = "".join(f", {k}={v}" for k, v in result["env"].items())
   print(f"\n{result['config']} {' '.join(result['overrides'])} "
-        f"(median of {result['repeats']} processes{cache})")
+        f"(median of {result['repeats']} processes{cache}{env})")
   print(f"  {'phase':26} {'wall ms':>9} {'CPU ms':>9}")
   for name in PHASES:
     print(f"  {name:26} {m[name] * 1e3:9.1f} {m['cpu/' + name] * 1e3:9.1f}")
@@ -155,6 +157,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--cache", default="both", choices=("off", "on", "both"),
                  help="a warm persistent compilation cache (JAX_COMPILATION_CACHE_DIR)")
+  p.add_argument("--env", action="append", default=[],
+                 help="KEY=VALUE set for the timed processes, e.g. JAX_THREEFRY_PARTITIONABLE=0")
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   p.add_argument("--child", help=argparse.SUPPRESS)
   p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -162,11 +166,15 @@ def main():
   if args.child:
     print(json.dumps(child(rest, args.child, args.prepare)))
     return
+  bad = [e for e in args.env if "=" not in e]
+  if bad:
+    sys.exit(f"error: --env={bad[0]}: expected KEY=VALUE")
+  extra_env = dict(e.split("=", 1) for e in args.env)
   results = []
   for spec in args.configs.split(","):
     config, *overrides = spec.split()
     for cache in {"off": [False], "on": [True], "both": [False, True]}[args.cache]:
-      results.append(run_config(config, overrides, args.repeats, cache))
+      results.append(run_config(config, overrides, args.repeats, cache, extra_env))
       report(results[-1])
   if args.json:
     print(json.dumps(results))
