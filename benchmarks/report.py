@@ -93,7 +93,8 @@ def engine_md(results: list) -> list[str]:
          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     m = {k: v * 1e3 for k, v in r["median_s"].items()}
-    cfg = " ".join([r["config"]] + r["overrides"])
+    cfg = " ".join([r["config"]] + r["overrides"]
+                   + [f"{k}={v}" for k, v in r.get("env", {}).items()])
     out.append(f"| {cfg} | {'warm' if r['cache'] else 'none'} | {m['interpreter']:.0f} | "
                f"{m['imports']:.0f} | {m['config']:.0f} | {m['build']:.0f} | "
                f"{m['data_open']:.0f} | {m['first_step']:.0f} | {m['ready_to_train']:.0f} | "
