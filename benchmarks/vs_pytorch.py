@@ -194,6 +194,7 @@ def main():
   p.add_argument("--depth", type=int, default=4)
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--block", type=int, default=3, help="steps per framework per round")
+  p.add_argument("--torch_threads", type=int, default=0, help="0 = the core count")
   p.add_argument("--no_monai", action="store_true")
   p.add_argument("--profile", action="store_true",
                  help="also print where medseg_jax's train step spends its time")
@@ -201,7 +202,7 @@ def main():
   args = p.parse_args()
 
   import torch
-  threads = os.cpu_count()
+  threads = args.torch_threads or os.cpu_count()
   torch.set_num_threads(threads)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
@@ -214,7 +215,8 @@ def main():
   params = {name: fns[2] for name, fns in sides.items()}
   print(f"U-Net depth {args.depth}, base {args.base_features}, {args.size}x{args.size}x1, "
         f"batch {args.batch}, {NUM_CLASSES} classes, Dice+CE, SGD momentum {MOMENTUM}; "
-        f"torch {torch.__version__} with {threads} threads (= cores), jax on 1 CPU device")
+        f"torch {torch.__version__} with {threads} threads ({os.cpu_count()} cores), "
+        "jax on 1 CPU device")
   print("parameters: " + ", ".join(f"{n} {c:,}" for n, c in params.items()))
   if params["medseg_jax"] != params["pytorch"]:
     sys.exit(f"error: parameter counts differ: {params}")
