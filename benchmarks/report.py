@@ -70,8 +70,8 @@ def vs_pytorch_md(r: dict) -> list[str]:
          f"batch {r['batch']}, 2 classes, Dice + cross-entropy, SGD (momentum 0.9). "
          f"Parameters: medseg_jax {p['medseg_jax']:,}, PyTorch {p['pytorch']:,}"
          + (f", MONAI BasicUNet {p['monai']:,}" if "monai" in p else "") + ". "
-         f"PyTorch {r['torch']} with torch.set_num_threads({r['torch_threads']}) (the core "
-         f"count); medseg_jax on one CPU device. {r['rounds']} rounds of {r['block']} steps per "
+         f"PyTorch {r['torch']} with torch.set_num_threads({r['torch_threads']}) "
+         f"({os.cpu_count()} cores); medseg_jax on one CPU device. {r['rounds']} rounds of {r['block']} steps per "
          "framework, alternating; medians over all timed steps.", "",
          "| | framework | median step s | slices/s |", "|---|---|---|---|"]
   for kind in ("train", "infer"):
