@@ -1,5 +1,6 @@
 """Model output shapes, parameter counts against hand-computed formulas, bf16 compute."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -101,3 +102,34 @@ def test_norm_variants_run(norm):
   out = model.apply(variables, x, train=True, mutable=["batch_stats"])[0] if norm == "batch" \
       else model.apply(variables, x)
   assert out.shape == (2, 32, 32, 2)
+
+
+def test_upconv_is_flax_conv_transpose_with_the_same_parameters():
+  from medseg_jax.models.unet import UpConv2x2
+  x = jax.random.normal(jax.random.key(1), (2, 5, 6, 3))
+  reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+  variables = reference.init(jax.random.key(0), x)
+  variables["params"]["bias"] = jnp.arange(4.0)
+  expected = reference.apply(variables, x)
+  got = UpConv2x2(4).apply(variables, x)
+  assert got.shape == expected.shape == (2, 10, 12, 4)
+  assert jnp.allclose(got, expected, atol=1e-5)
+
+
+def test_max_pool_matches_flax_values_and_gradients_after_relu():
+  from medseg_jax.models.unet import max_pool_2x2
+  x = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 8, 6, 3)))  # ReLU: many ties at 0
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  assert jnp.array_equal(max_pool_2x2(x), reference(x))
+  loss = lambda pool: lambda x: jnp.sum(pool(jax.nn.relu(x)) ** 2)
+  assert jnp.allclose(jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(reference))(x))
+
+
+def test_unet_parameter_names_are_unchanged():
+  model = UNet(num_classes=2, depth=2, base_features=4)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  names = set(variables["params"])
+  assert names == {"ConvBlock_0", "ConvBlock_1", "ConvBlock_2", "ConvBlock_3", "ConvBlock_4",
+                   "ConvTranspose_0", "ConvTranspose_1", "Conv_0"}
+  assert set(variables["params"]["ConvTranspose_0"]) == {"kernel", "bias"}
+  assert variables["params"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 16, 8)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medseg_jax.models.unet import make_norm
+from medseg_jax.models.unet import make_norm, max_pool_2x2
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)       # convs per block; channels x1, x2, x4, x8, x8
 VGG16_WIDTHS = (1, 2, 4, 8, 8)
@@ -39,7 +39,7 @@ class FCN(nn.Module):
         x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype)(x)
         x = make_norm(self.norm, features, self.axis_name, self.dtype, train)(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
       pools.append(x)
     pool3, pool4, x = pools[2], pools[3], pools[4]
     for name, kernel in (("fc6", (7, 7)), ("fc7", (1, 1))):

@@ -37,6 +37,34 @@ def make_norm(norm: str, features: int, axis_name: Optional[str], dtype, train: 
   raise ValueError(f"unknown norm {norm!r}")
 
 
+def max_pool_2x2(x):
+  """2x2 max-pool, stride 2, as a reshape and a max: the same values and, after a ReLU,
+  the same gradients as nn.max_pool, whose gradient XLA's CPU backend builds from a
+  scatter over index arrays."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class UpConv2x2(nn.Module):
+  """nn.ConvTranspose(features, (2, 2), strides=(2, 2)), with the same parameters, as one
+  matrix product and a reshape: the windows do not overlap, so each input pixel fills its
+  own 2x2 output block. XLA would otherwise convolve over an input dilated with zeros."""
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (2, 2, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    # nn.ConvTranspose ('SAME', kernel not flipped) puts kernel[1 - i] at output row 2r + i.
+    kernel = kernel[::-1, ::-1].astype(self.dtype)
+    y = jnp.einsum("bhwc,uvck->bhuwvk", x.astype(self.dtype), kernel)
+    b, h, _, w, _, f = y.shape
+    return y.reshape(b, 2 * h, 2 * w, f) + bias.astype(self.dtype)
+
+
 class UNet(nn.Module):
   """Encoder of `depth` pooling levels, channels doubling from `base_features`."""
 
@@ -56,12 +84,14 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = ConvBlock(self.base_features * 2**level, **block)(x, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = ConvBlock(self.base_features * 2**self.depth, **block)(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(self.depth)):
       features = self.base_features * 2**level
-      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+      # The name nn.ConvTranspose had, so existing checkpoints keep loading.
+      name = f"ConvTranspose_{self.depth - 1 - level}"
+      x = UpConv2x2(features, dtype=self.dtype, name=name)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = ConvBlock(features, **block)(x, train)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
