@@ -54,10 +54,10 @@ def _value(metrics: Metrics, key: str) -> float:
 
 def lexicographic(keys: tuple[str, ...], a: Metrics, b: Metrics, tolerance: float) -> int:
   """+1 if `a` is better than `b`, -1 if worse, 0 if a tie: the first key whose values
-  differ by more than `tolerance` decides."""
+  differ by `tolerance` or more decides (smaller differences are ties)."""
   for key in keys:
     x, y = _value(a, key), _value(b, key)
-    if abs(x - y) > tolerance:  # False for two missing values (nan)
+    if x != y and abs(x - y) >= tolerance:
       return 1 if x > y else -1
   return 0
 
