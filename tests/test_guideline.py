@@ -130,6 +130,10 @@ def test_budget_stops_the_search(tmp_path):
   fake = Fake(lambda o: 0.8)
   tuner, status = tune(make_cfg(budget=4), fake, tmp_path)
   assert status == "budget_spent" and len(fake.calls) == 4
+  more = Fake(lambda o: 0.8)  # a larger budget continues the search
+  tuner, status = tune(make_cfg(budget=6), more, tmp_path)
+  assert status == "budget_spent" and [n for n, _ in more.calls] == [
+      "04_increase_warmup", "05_increase_decay_period"]
   fake = Fake(lambda o: 0.95 if o[INITIAL] < 1e-5 else 0.8)
   tuner, status = tune(make_cfg(budget=3), fake, tmp_path / "b")
   assert status == "unconfirmed" and len(fake.calls) == 3
