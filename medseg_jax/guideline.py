@@ -308,7 +308,9 @@ class Tuner:
     """The model validation: the chosen settings again, with the next seed."""
     if len(self.history) >= self.g.budget:
       return "unconfirmed"
-    result = self._train("confirm", self._overrides(params, seed=self.cfg.seed + 1))
+    seed = self.cfg.seed + 1
+    result = self._train("confirm", self._overrides(params, seed),
+                         f"seed: {self.cfg.seed} → {seed}")
     confirmed = self._compare(result, base) >= 0
     self._decide("reaches the baseline" if confirmed else "below the baseline")
     return "confirmed" if confirmed else "not_confirmed"

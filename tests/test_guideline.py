@@ -114,6 +114,7 @@ def test_reaching_the_baseline_is_confirmed_with_the_next_seed(tmp_path):
   assert actions(tuner)[2:] == ["decrease_initial_lr", "increase_decay_coefficient", "confirm"]
   name, confirm = fake.calls[-1]
   assert name == "04_confirm" and confirm["seed"] == 1
+  assert tuner.history[-1]["changed"] == "seed: 0 → 1"
   assert {k: v for k, v in confirm.items() if k != "seed"} == {
       k: v for k, v in fake.calls[-2][1].items() if k != "seed"}
   assert tuner.chosen == "03_increase_decay_coefficient"
