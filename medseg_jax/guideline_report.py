@@ -69,7 +69,8 @@ def plot(path: str, rows: list[dict], split: str) -> None:
 def config_source(cfg: ml_collections.ConfigDict, docstring: str) -> str:
   """A config file that `medseg_jax.main --config=` accepts, holding every value of `cfg`."""
   body = pprint.pformat(cfg.to_dict(), indent=1, width=92, sort_dicts=False)
-  return (f'"""{docstring}"""\n\nimport ml_collections\n\n\ndef get_config():\n'
+  docstring = textwrap.fill(docstring, 88)
+  return (f'"""{docstring}\n"""\n\nimport ml_collections\n\n\ndef get_config():\n'
           f"  return ml_collections.ConfigDict(\n{textwrap.indent(body, '      ')})\n")
 
 
