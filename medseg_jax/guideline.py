@@ -20,7 +20,6 @@ decide nothing. Every run is a normal run in DIR/runs/<name>; the tuner's state 
 DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
 """
 
-import copy
 import functools
 import json
 import math
@@ -319,18 +318,6 @@ class Tuner:
     return next(h["overrides"] for h in self.history if h["run"] == self.chosen)
 
 
-def chosen_config(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """`cfg` with a run's overrides applied."""
-  chosen = copy.deepcopy(cfg)
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = chosen
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return chosen
-
-
 def subprocess_trainer(config_args: list[str], runs_dir: str, simulated_devices: int) -> Trainer:
   """The real trainer: `medseg_jax.main` in DIR/runs/<name>, reused once complete."""
   def train(name: str, overrides: dict) -> Result:
@@ -385,7 +372,7 @@ def _cli() -> None:
                                    runs.cpu_devices(cpu.value, devices.value))
       tuner = Tuner(cfg, devices.value, trainer, workdir.value, say)
       status = tuner.run()
-      chosen = chosen_config(cfg, tuner.chosen_overrides())
+      chosen = guideline_report.chosen_config(cfg, tuner.chosen_overrides())
       doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.guideline "
              f"(run {tuner.chosen}: {STATUS[status]}).")
       text = guideline_report.write(workdir.value, tuner.history, STATUS[status],

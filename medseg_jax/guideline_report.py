@@ -1,5 +1,6 @@
 """What the guideline tuner writes: DIR/guideline.md, .csv, .png and the chosen config."""
 
+import copy
 import os
 import pprint
 import textwrap
@@ -64,6 +65,19 @@ def plot(path: str, rows: list[dict], split: str) -> None:
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=90)
   plt.close(fig)
+
+
+def chosen_config(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """`cfg` with a run's overrides applied."""
+  chosen = copy.deepcopy(cfg)
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = chosen
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return chosen
+
 
 
 def config_source(cfg: ml_collections.ConfigDict, docstring: str) -> str:

@@ -225,7 +225,7 @@ def test_bad_guideline_settings(tmp_path, key, value):
 def test_chosen_config_file_loads_like_main(tmp_path):
   cfg = make_cfg()
   overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-6, OPT: "sgd"}
-  chosen = guideline.chosen_config(cfg, overrides)
+  chosen = guideline_report.chosen_config(cfg, overrides)
   path = tmp_path / "chosen.py"
   path.write_text(guideline_report.config_source(chosen, "test"))
   loaded = load_config(str(path))
