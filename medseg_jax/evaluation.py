@@ -1,6 +1,5 @@
 """Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage."""
 
-import csv
 import os
 from typing import TYPE_CHECKING
 
@@ -55,7 +54,7 @@ def evaluate(run: "Run", state, split: str, step: int, surface: bool = False,
   if run.is_chief:
     out = os.path.join(run.workdir, "eval")
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
-    _write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
+    files.write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
     shown = overlay.pick_slices(data.label, data.volume)
     picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
                                     data.image[shown], data.label[shown], preds[shown],
@@ -67,9 +66,3 @@ def evaluate(run: "Run", state, split: str, step: int, surface: bool = False,
                result["pixel_accuracy"] or 0.0)
   return result
 
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-  with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)

@@ -1,6 +1,7 @@
 """Small file helpers: outputs appear whole or not at all."""
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
@@ -33,6 +34,19 @@ def write_json(path: str, obj) -> None:
   with atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
+
+
+def write_text(path: str, text: str) -> None:
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    f.write(text)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  """A header from the first row's keys, then one line per row; None becomes empty."""
+  with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
 
 def append_jsonl(path: str, obj) -> None:

@@ -23,6 +23,7 @@ SCALING_RULES: dict[str, Callable[[float], float]] = {
 POLICIES = ("standard", "grescale")
 WARMUPS = ("none", "constant", "gradual")
 DECAYS = ("none", "step", "cosine", "poly")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
 
 
 def scaling_factor(cfg: ml_collections.ConfigDict, global_batch: int) -> float:
@@ -168,7 +169,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
     parts = [optax.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum,
                         nesterov=o.nesterov, trust_coefficient=o.lars_trust_coefficient)]
   else:
-    raise ConfigError(f"optim.name={o.name!r}: choose from ['adam', 'adamw', 'lars', 'sgd']")
+    raise ConfigError(f"optim.name={o.name!r}: choose from {sorted(OPTIMIZERS)}")
   if o.grad_clip_norm:
     parts.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
   return optax.chain(*parts)

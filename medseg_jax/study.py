@@ -8,17 +8,14 @@ so it resumes if interrupted and is skipped once it has its test metrics. The
 results go to DIR/study.csv, DIR/study.md and DIR/study.png.
 """
 
-import csv
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from medseg_jax import cli, files
+from medseg_jax import cli, files, runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -31,7 +28,7 @@ POLICIES = {
                        "--config.lr.warmup=gradual"],
     "grescale": ["--config.lr.scaling=linear", "--config.lr.policy=grescale"],
 }
-METRICS = ("dice", "mean_accuracy", "mean_iou", "pixel_accuracy", "fw_iou")
+METRICS = runs.METRICS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -68,39 +65,14 @@ def run_name(policy: str, devices: int, seed: int) -> str:
 def _run(config_args: list[str], workdir: str, policy: str, devices: int, seed: int,
          cpu_devices: int) -> bool:
   """Trains one combination unless it is complete; True if it has its test metrics."""
-  done = os.path.join(workdir, "eval", "test_metrics.json")
-  if os.path.exists(done):
-    logging.info("%s: complete, skipped", workdir)
-    return True
-  env = dict(os.environ)
-  if cpu_devices:
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} " \
-                       f"--xla_force_host_platform_device_count={cpu_devices}".strip()
-  cmd = [sys.executable, "-m", "medseg_jax.main", *config_args, *POLICIES[policy],
-         f"--config.parallel.num_devices={devices}", f"--config.seed={seed}",
-         f"--workdir={workdir}"]
-  print(f"[study] {os.path.basename(workdir)}: {' '.join(cmd[1:])}", flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "study_run.log"), "a") as log:
-    code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-  if code:
-    print(f"[study] {os.path.basename(workdir)} failed with exit code {code}; "
-          f"see {workdir}/study_run.log", flush=True)
-  return code == 0 and os.path.exists(done)
+  args = [*config_args, *POLICIES[policy], f"--config.parallel.num_devices={devices}",
+          f"--config.seed={seed}"]
+  return runs.train(args, workdir, cpu_devices, "study")
 
 
 def collect(workdir: str) -> dict:
   """Test metrics and training time (sum of logged step times) of one finished run."""
-  with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
-    result = json.load(f)
-  seconds, last = 0.0, 0
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "step_time" in record:
-        seconds += record["step_time"] * (record["step"] - last)
-        last = record["step"]
-  return {**{m: result[m] for m in METRICS}, "train_seconds": seconds}
+  return {**runs.metrics_on_test(workdir), "train_seconds": runs.train_seconds(workdir)}
 
 
 def summarize(rows: list[dict], baseline_policy: str) -> list[dict]:
@@ -112,10 +84,10 @@ def summarize(rows: list[dict], baseline_policy: str) -> list[dict]:
   base = groups.get((baseline_policy, fewest))
   base_dice = float(np.mean([r["dice"] for r in base])) if base else None
   table = []
-  for (policy, devices), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    entry = {"policy": policy, "devices": devices, "runs": len(runs)}
+  for (policy, devices), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    entry = {"policy": policy, "devices": devices, "runs": len(group)}
     for m in METRICS + ("train_seconds",):
-      values = np.array([r[m] for r in runs], np.float64)
+      values = np.array([r[m] for r in group], np.float64)
       entry[m], entry[f"{m}_std"] = float(values.mean()), float(values.std())
     entry["dice_gap"] = entry["dice"] - base_dice if base_dice is not None else None
     table.append(entry)
@@ -123,12 +95,7 @@ def summarize(rows: list[dict], baseline_policy: str) -> list[dict]:
 
 
 def write_reports(study_dir: str, table: list[dict], baseline_policy: str) -> None:
-  fields = list(table[0])
-  with files.atomic_path(os.path.join(study_dir, "study.csv")) as tmp, \
-      open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(table)
+  files.write_csv(os.path.join(study_dir, "study.csv"), table)
   lines = ["| policy | devices | runs | Dice | mean acc. | mean IoU | pixel acc. | fw IoU "
            "| Dice gap | train s |", "|---" * 10 + "|"]
   for e in table:
@@ -138,8 +105,8 @@ def write_reports(study_dir: str, table: list[dict], baseline_policy: str) -> No
                  f"{gap} | {e['train_seconds']:.0f} |")
   note = (f"Test-split metrics, mean ± std over seeds. Dice gap: against `{baseline_policy}` "
           "on the fewest devices.\n")
-  with files.atomic_path(os.path.join(study_dir, "study.md")) as tmp, open(tmp, "w") as f:
-    f.write("# Scaling study\n\n" + note + "\n" + "\n".join(lines) + "\n")
+  files.write_text(os.path.join(study_dir, "study.md"),
+                   "# Scaling study\n\n" + note + "\n" + "\n".join(lines) + "\n")
   _plot(study_dir, table)
 
 
@@ -166,12 +133,9 @@ def _plot(study_dir: str, table: list[dict]) -> None:
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_library_logs()
-  config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+  config_args = runs.config_args(sys.argv)
   devices = sorted(int(d) for d in _DEVICES.value)
-  cpu_devices = _CPU_DEVICES.value
-  if cpu_devices < 0:
-    import jax  # pylint: disable=import-outside-toplevel
-    cpu_devices = max(devices) if jax.devices()[0].platform == "cpu" else 0
+  cpu_devices = runs.cpu_devices(_CPU_DEVICES.value, max(devices))
   study_dir = _WORKDIR.value
   rows, failed = [], []
   for policy in _POLICIES.value:

@@ -1,0 +1,389 @@
+"""The GreScale guideline, automated: scale a config to K devices without losing accuracy.
+
+    python -m medseg_jax.guideline --config=configs/unet_brats.py --num_devices=K \\
+        --workdir=DIR [--budget=N] [--threshold=T] [--config.guideline.KEY=VALUE]
+
+1. The baseline: the config on one device at the reference batch.
+2. GreScale with the config's `lr.grescale` values (the defaults) at K devices, LR
+   scaled linearly. Below `guideline.threshold` devices that is the answer.
+3. Otherwise the ordered actions of `guideline.actions`, one fixed step per run, each
+   applied to the best settings so far: a run that beats them becomes the new best and
+   the same action is repeated; a run that does not is dropped and the next action
+   comes. It stops when a run reaches the baseline (then the same settings train once
+   more with the next seed: the model validation), when the actions are exhausted, or
+   when `guideline.budget` runs (the baseline included) are spent.
+
+Decisions compare the metrics of `guideline.split` (default `val`: the validation
+metrics of each run's tested checkpoint), by `guideline.comparison`, with differences
+below `guideline.tolerance` as ties; the test metrics are reported beside them and
+decide nothing. Every run is a normal run in DIR/runs/<name>; the tuner's state is
+DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
+"""
+
+import functools
+import json
+import math
+import os
+from typing import Callable
+
+import ml_collections
+
+from medseg_jax import files, optim, runs
+from medseg_jax.errors import ConfigError, DataError, MedsegError
+
+Metrics = dict[str, float | None]
+Result = dict[str, Metrics | None]       # {"val": ..., "test": ...}
+Trainer = Callable[[str, dict], Result]  # (run name, config overrides) -> result
+STATE = "guideline_state.json"
+SPLITS = ("val", "test")
+STATUS = {
+    "below_threshold": "fewer devices than the threshold: GreScale defaults, trained once",
+    "confirmed": "reached the baseline, confirmed by a run with another seed",
+    "not_confirmed": "reached the baseline, but the run with another seed did not",
+    "unconfirmed": "reached the baseline; no budget left for the confirming run",
+    "actions_exhausted": "actions exhausted before reaching the baseline",
+    "budget_spent": "budget spent before reaching the baseline",
+}
+
+
+def _value(metrics: Metrics, key: str) -> float:
+  value = metrics.get(key)
+  return -math.inf if value is None else float(value)
+
+
+def lexicographic(keys: tuple[str, ...], a: Metrics, b: Metrics, tolerance: float) -> int:
+  """+1 if `a` is better than `b`, -1 if worse, 0 if a tie: the first key whose values
+  differ by `tolerance` or more decides (smaller differences are ties)."""
+  for key in keys:
+    x, y = _value(a, key), _value(b, key)
+    if x != y and abs(x - y) >= tolerance:
+      return 1 if x > y else -1
+  return 0
+
+
+COMPARISONS: dict[str, Callable[[Metrics, Metrics, float], int]] = {
+    "dice_macc_miou": functools.partial(lexicographic, ("dice", "mean_accuracy", "mean_iou")),
+    "dice": functools.partial(lexicographic, ("dice",)),
+    "mean_iou": functools.partial(lexicographic, ("mean_iou",)),
+}
+
+# The settings the actions change, as config keys.
+INITIAL_LR, DECAY_COEFFICIENT = "lr.grescale.initial_lr", "lr.grescale.decay_coefficient"
+WARMUP, DECAY_EPOCHS, OPTIMIZER = ("lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
+                                   "optim.name")
+Params = dict[str, float | str]
+
+
+def _round(x: float) -> float:
+  """Keeps repeated steps readable (0.1 + 0.1 + 0.1 = 0.3, not 0.30000000000000004)."""
+  return float(f"{x:.10g}")
+
+
+def _epochs(cfg: ml_collections.ConfigDict) -> float | None:
+  """Training epochs, unless the length is given in steps (epochs unknown before a run)."""
+  return None if cfg.train.num_steps else float(cfg.train.num_epochs)
+
+
+def _decay_epochs(params: Params, cfg: ml_collections.ConfigDict) -> float:
+  """The decay length in epochs; 0 in the config means 3/7 of the epochs after 5."""
+  if params[DECAY_EPOCHS]:
+    return float(params[DECAY_EPOCHS])
+  epochs = _epochs(cfg)
+  if epochs is None:
+    raise ConfigError(f"train.num_steps={cfg.train.num_steps}: increase_decay_period needs "
+                      "lr.grescale.decay_epochs set (the epochs are unknown before a run)")
+  return 3.0 / 7.0 * max(epochs - 5.0, 0.0)
+
+
+def _fits(params: Params, cfg: ml_collections.ConfigDict) -> bool:
+  """Warmup and decay leave room in the run (the stabilisation may shrink to nothing)."""
+  epochs = _epochs(cfg)
+  return epochs is None or params[WARMUP] + _decay_epochs(params, cfg) <= epochs
+
+
+def _decrease_initial_lr(params: Params, cfg, tries: int) -> Params | None:
+  return {**params, INITIAL_LR: _round(params[INITIAL_LR] * cfg.guideline.initial_lr_factor)}
+
+
+def _increase_decay_coefficient(params: Params, cfg, tries: int) -> Params | None:
+  step = cfg.guideline.decay_coefficient_step
+  return {**params, DECAY_COEFFICIENT: _round(params[DECAY_COEFFICIENT] + step)}
+
+
+def _increase_warmup(params: Params, cfg, tries: int) -> Params | None:
+  new = {**params, WARMUP: _round(params[WARMUP] + cfg.guideline.warmup_epochs_step)}
+  return new if _fits(new, cfg) else None
+
+
+def _increase_decay_period(params: Params, cfg, tries: int) -> Params | None:
+  step = cfg.guideline.decay_epochs_step
+  new = {**params, DECAY_EPOCHS: _round(_decay_epochs(params, cfg) + step)}
+  return new if _fits(new, cfg) else None
+
+
+def _change_optimizer(params: Params, cfg, tries: int) -> Params | None:
+  """The next optimizer of `guideline.optimizers` other than the config's own."""
+  others = [name for name in cfg.guideline.optimizers if name != cfg.optim.name]
+  return {**params, OPTIMIZER: others[tries]} if tries < len(others) else None
+
+
+# An action maps the best settings so far and how often it has been applied in a row to
+# the next settings to try, or None when it has no further step.
+ACTIONS: dict[str, Callable[[Params, ml_collections.ConfigDict, int], Params | None]] = {
+    "decrease_initial_lr": _decrease_initial_lr,
+    "increase_decay_coefficient": _increase_decay_coefficient,
+    "increase_warmup": _increase_warmup,
+    "increase_decay_period": _increase_decay_period,
+    "change_optimizer": _change_optimizer,
+}
+
+
+def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError for a guideline setting that cannot be used."""
+  g = cfg.guideline
+  if num_devices < 1:
+    raise ConfigError(f"--num_devices={num_devices}: must be at least 1")
+  if g.comparison not in COMPARISONS:
+    raise ConfigError(f"guideline.comparison={g.comparison!r}: choose from {sorted(COMPARISONS)}")
+  unknown = [a for a in g.actions if a not in ACTIONS]
+  if unknown:
+    raise ConfigError(f"guideline.actions: unknown {unknown}, choose from {list(ACTIONS)}")
+  bad = [o for o in g.optimizers if o not in optim.OPTIMIZERS]
+  if bad:
+    raise ConfigError(f"guideline.optimizers: unknown {bad}, choose from {list(optim.OPTIMIZERS)}")
+  if g.split not in SPLITS:
+    raise ConfigError(f"guideline.split={g.split!r}: choose from {list(SPLITS)}")
+  checks = {"budget": g.budget >= 2, "threshold": g.threshold >= 1, "tolerance": g.tolerance >= 0,
+            "initial_lr_factor": 0 < g.initial_lr_factor < 1,
+            "decay_coefficient_step": g.decay_coefficient_step > 0,
+            "warmup_epochs_step": g.warmup_epochs_step > 0,
+            "decay_epochs_step": g.decay_epochs_step > 0}
+  limits = {"budget": "at least 2 (the baseline and the GreScale run)", "threshold": "at least 1",
+            "tolerance": "not negative", "initial_lr_factor": "between 0 and 1"}
+  for key, ok in checks.items():
+    if not ok:
+      raise ConfigError(f"guideline.{key}={g[key]}: must be {limits.get(key, 'positive')}")
+  if num_devices >= g.threshold and "increase_decay_period" in g.actions:
+    _decay_epochs(start_params(cfg), cfg)
+
+
+def start_params(cfg: ml_collections.ConfigDict) -> Params:
+  g = cfg.lr.grescale
+  return {INITIAL_LR: float(g.initial_lr), DECAY_COEFFICIENT: float(g.decay_coefficient),
+          WARMUP: float(g.warmup_epochs), DECAY_EPOCHS: float(g.decay_epochs),
+          OPTIMIZER: cfg.optim.name}
+
+
+def describe_change(old: Params, new: Params) -> str:
+  return "; ".join(f"{k}: {old[k]} → {new[k]}" for k in new if new[k] != old.get(k))
+
+
+def _settings(cfg: ml_collections.ConfigDict, num_devices: int) -> dict:
+  """What the runs depend on (the guideline section only steers decisions), as JSON."""
+  config = cfg.to_dict()
+  config.pop("guideline", None)
+  return json.loads(json.dumps({"config": config, "num_devices": num_devices}))
+
+
+def _first_difference(a, b, path: str = "") -> str:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+  return f"{path}: {b!r} there, {a!r} now"
+
+
+class Tuner:
+  """Runs the guideline with `trainer`, keeping its state in WORKDIR/guideline_state.json."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, num_devices: int, trainer: Trainer,
+               workdir: str, report: Callable[[str], None] = lambda line: None):
+    check_config(cfg, num_devices)
+    self.cfg, self.k, self.trainer, self.report = cfg, num_devices, trainer, report
+    self.g = cfg.guideline
+    self.path = os.path.join(workdir, STATE)
+    self.settings = _settings(cfg, num_devices)
+    self.done = self._load()   # run name -> {"overrides", "result"} of every finished run
+    self.history: list[dict] = []
+    self.status = self.chosen = None
+
+  def _load(self) -> dict:
+    if not os.path.exists(self.path):
+      return {}
+    try:
+      with open(self.path) as f:
+        state = json.load(f)
+      settings, done = state["settings"], state["runs"]
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f"{self.path}: not a guideline state file ({e})") from e
+    if settings != self.settings:
+      raise ConfigError(f"{self.path}: written for other settings "
+                        f"({_first_difference(self.settings, settings)}); "
+                        "use another --workdir")
+    return done
+
+  def _save(self) -> None:
+    files.write_json(self.path, {"settings": self.settings, "runs": self.done,
+                                 "history": self.history, "status": self.status,
+                                 "chosen": self.chosen})
+
+  def _train(self, action: str, overrides: dict, changed: str = "") -> Result:
+    """The result of one run, from the state file when it is there; else trained."""
+    name = f"{len(self.history):02d}_{action}"
+    overrides = json.loads(json.dumps(overrides))
+    record = self.done.get(name)
+    if record is not None and record["overrides"] != overrides:
+      raise ConfigError(f"{self.path}: run {name} was trained with other settings "
+                        f"({_first_difference(overrides, record['overrides'])}); "
+                        "use another --workdir")
+    if record is None:
+      self.report(f"{name}: training" + (f" ({changed})" if changed else ""))
+      record = {"overrides": overrides, "result": self.trainer(name, overrides)}
+      self.done[name] = record
+    if (record["result"].get(self.g.split) or {}).get("dice") is None:
+      raise DataError(f"run {name} has no {self.g.split} metrics; "
+                      "set guideline.split=test if the config has no validation split")
+    self.history.append({"run": name, "action": action, "changed": changed, "decision": "",
+                         "overrides": overrides, "result": record["result"]})
+    self._save()
+    return record["result"]
+
+  def _compare(self, a: Result, b: Result) -> int:
+    split = self.g.split
+    return COMPARISONS[self.g.comparison](a[split], b[split], self.g.tolerance)
+
+  def _decide(self, decision: str) -> None:
+    self.history[-1]["decision"] = decision
+    self.report(f"{self.history[-1]['run']}: {self.g.split} Dice "
+                f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
+
+  def _overrides(self, params: Params, seed: int | None = None) -> dict:
+    fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
+    return {**fixed, **params, "seed": self.cfg.seed if seed is None else seed}
+
+  def run(self) -> str:
+    """Runs the guideline to its end; returns the status (a key of STATUS)."""
+    reference = self.cfg.lr.reference_batch_size or self.cfg.train.per_device_batch_size
+    base = self._train("baseline", {"parallel.num_devices": 1,
+                                    "train.per_device_batch_size": reference,
+                                    "seed": self.cfg.seed})
+    self._decide("baseline")
+    params = start_params(self.cfg)
+    current = self._train("grescale", self._overrides(params))
+    self.chosen = self.history[-1]["run"]
+    if self.k < self.g.threshold:
+      self._decide("chosen")
+      self.status = "below_threshold"
+    else:
+      self._decide("start")
+      self.status = self._iterate(base, params, current)
+    self._save()
+    return self.status
+
+  def _iterate(self, base: Result, params: Params, current: Result) -> str:
+    actions, index, tries = list(self.g.actions), 0, 0
+    while self._compare(current, base) < 0:
+      if index == len(actions):
+        return "actions_exhausted"
+      trial_params = ACTIONS[actions[index]](params, self.cfg, tries)
+      if trial_params is None:
+        index, tries = index + 1, 0
+        continue
+      if len(self.history) >= self.g.budget:
+        return "budget_spent"
+      trial = self._train(actions[index], self._overrides(trial_params),
+                          describe_change(params, trial_params))
+      if self._compare(trial, base) >= 0 or self._compare(trial, current) > 0:
+        self._decide("reaches the baseline" if self._compare(trial, base) >= 0
+                     else "better: repeat the action")
+        params, current, tries = trial_params, trial, tries + 1
+        self.chosen = self.history[-1]["run"]
+      else:
+        self._decide("not better: next action")
+        index, tries = index + 1, 0
+    return self._confirm(base, params)
+
+  def _confirm(self, base: Result, params: Params) -> str:
+    """The model validation: the chosen settings again, with the next seed."""
+    if len(self.history) >= self.g.budget:
+      return "unconfirmed"
+    seed = self.cfg.seed + 1
+    result = self._train("confirm", self._overrides(params, seed),
+                         f"seed: {self.cfg.seed} → {seed}")
+    confirmed = self._compare(result, base) >= 0
+    self._decide("reaches the baseline" if confirmed else "below the baseline")
+    return "confirmed" if confirmed else "not_confirmed"
+
+  def chosen_overrides(self) -> dict:
+    return next(h["overrides"] for h in self.history if h["run"] == self.chosen)
+
+
+def subprocess_trainer(config_args: list[str], runs_dir: str, simulated_devices: int) -> Trainer:
+  """The real trainer: `medseg_jax.main` in DIR/runs/<name>, reused once complete."""
+  def train(name: str, overrides: dict) -> Result:
+    workdir = os.path.join(runs_dir, name)
+    args = config_args + runs.override_args(overrides)
+    if not runs.train(args, workdir, simulated_devices, "guideline"):
+      raise MedsegError(f"run {name} failed; see {workdir}/guideline_run.log")
+    try:
+      val = runs.metrics_on_val(workdir)
+    except DataError:
+      val = None  # no validation split; the tuner says so if it needs one
+    return {"val": val, "test": runs.metrics_on_test(workdir)}
+  return train
+
+
+def _cli() -> None:
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from medseg_jax import cli, guideline_report  # pylint: disable=import-outside-toplevel
+
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Directory of the tuner: its runs and outputs.")
+  devices = flags.DEFINE_integer("num_devices", None, "Devices (workers) K to scale to.")
+  budget = flags.DEFINE_integer("budget", None, "Training runs at most, the baseline included "
+                                "(default: guideline.budget of the config).")
+  threshold = flags.DEFINE_integer("threshold", None, "Below this many devices, train GreScale "
+                                   "defaults once (default: guideline.threshold, 12).")
+  cpu = flags.DEFINE_integer("cpu_devices", -1, "Simulated CPU devices per run: -1 = K when "
+                             "the machine has no accelerator, 0 = none (the real devices).")
+
+  def check() -> None:
+    if not workdir.value:
+      cli.fail("--workdir is required", 2)
+    if devices.value is None or devices.value < 1:
+      cli.fail(f"--num_devices={devices.value}: a positive number of devices is required", 2)
+
+  def main(argv: list[str]) -> None:
+    del argv
+    cli.quiet_library_logs()
+    cfg = config.value
+    with cfg.unlocked():
+      cfg.guideline.budget = cfg.guideline.budget if budget.value is None else budget.value
+      cfg.guideline.threshold = (cfg.guideline.threshold if threshold.value is None
+                                 else threshold.value)
+    say = lambda line: print(f"[guideline] {line}", flush=True)
+    try:
+      trainer = subprocess_trainer(runs.config_args(sys.argv), os.path.join(workdir.value, "runs"),
+                                   runs.cpu_devices(cpu.value, devices.value))
+      tuner = Tuner(cfg, devices.value, trainer, workdir.value, say)
+      status = tuner.run()
+      chosen = guideline_report.chosen_config(cfg, tuner.chosen_overrides())
+      doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.guideline "
+             f"(run {tuner.chosen}: {STATUS[status]}).")
+      text = guideline_report.write(workdir.value, tuner.history, STATUS[status],
+                                    cfg.guideline.split,
+                                    guideline_report.config_source(chosen, doc))
+    except MedsegError as e:
+      cli.fail(str(e), e.exit_code)
+    print(text)
+
+  app.run(main, flags_parser=cli.flags_parser(check))
+
+
+if __name__ == "__main__":
+  _cli()

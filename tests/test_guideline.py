@@ -1,0 +1,304 @@
+"""The GreScale guideline tuner: its decisions with a fake trainer, and one real tiny run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import quickstart
+from helpers import REPO, TINY as TINY_RUN, env_with_devices
+from medseg_jax import guideline, guideline_report
+from medseg_jax.errors import ConfigError
+
+INITIAL, COEF, WARMUP, DECAY, OPT = ("lr.grescale.initial_lr", "lr.grescale.decay_coefficient",
+                                     "lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
+                                     "optim.name")
+
+
+def make_cfg(**guideline_values):
+  """The quickstart config (adam, 16 epochs) with guideline settings for the tests."""
+  cfg = quickstart.get_config()
+  cfg.guideline.threshold = 8
+  cfg.guideline.budget = 50
+  cfg.guideline.tolerance = 0.0
+  for key, value in guideline_values.items():
+    cfg.guideline[key] = value
+  return cfg
+
+
+def metrics(dice, mean_accuracy=0.5, mean_iou=0.5):
+  m = {"dice": dice, "mean_accuracy": mean_accuracy, "mean_iou": mean_iou,
+       "pixel_accuracy": 0.99, "fw_iou": 0.98}
+  return {"val": m, "test": dict(m, dice=dice - 0.01)}
+
+
+class Fake:
+  """A deterministic trainer: val Dice from the overrides by `score`; records its calls."""
+
+  def __init__(self, score, baseline=0.9):
+    self.score, self.baseline, self.calls = score, baseline, []
+
+  def __call__(self, name, overrides):
+    self.calls.append((name, overrides))
+    if overrides["parallel.num_devices"] == 1:
+      return metrics(self.baseline)
+    return metrics(self.score(overrides))
+
+
+def tune(cfg, fake, tmp_path, k=8):
+  tuner = guideline.Tuner(cfg, k, fake, str(tmp_path))
+  status = tuner.run()
+  return tuner, status
+
+
+def actions(tuner):
+  return [h["action"] for h in tuner.history]
+
+
+def test_action_order_when_nothing_improves(tmp_path):
+  fake = Fake(lambda o: 0.8)
+  tuner, status = tune(make_cfg(), fake, tmp_path)
+  assert status == "actions_exhausted"
+  assert actions(tuner) == ["baseline", "grescale", "decrease_initial_lr",
+                            "increase_decay_coefficient", "increase_warmup",
+                            "increase_decay_period", "change_optimizer"]
+  assert [h["run"] for h in tuner.history][:3] == ["00_baseline", "01_grescale",
+                                                   "02_decrease_initial_lr"]
+  trials = [o for _, o in fake.calls[2:]]
+  # Each trial is one step from the GreScale defaults, since none was better.
+  start = {INITIAL: 1e-5, COEF: 0.1, WARMUP: 5.0, DECAY: 0.0, OPT: "adam"}
+  # 16 epochs: the default decay phase is 3/7 of (16 - 5) = 4.714285714 epochs, + 1.
+  steps = [{INITIAL: 5e-6}, {COEF: 0.2}, {WARMUP: 6.0}, {DECAY: 5.714285714}, {OPT: "sgd"}]
+  for trial, step in zip(trials, steps):
+    assert {k: trial[k] for k in start} == pytest.approx({**start, **step})
+    assert trial["parallel.num_devices"] == 8 and trial["lr.policy"] == "grescale"
+    assert trial["lr.scaling"] == "linear" and trial["seed"] == 0
+  assert fake.calls[0][1] == {"parallel.num_devices": 1, "train.per_device_batch_size": 16,
+                              "seed": 0}
+  assert [h["decision"] for h in tuner.history[2:]] == ["not better: next action"] * 5
+
+
+def test_repeat_on_improve_builds_on_the_best_run(tmp_path):
+  # Better down to an initial LR of 2.5e-6, no better below; nothing else matters.
+  fake = Fake(lambda o: 0.8 + 0.01 * min(o[INITIAL] and 1e-5 / o[INITIAL], 4.0))
+  tuner, status = tune(make_cfg(actions=("decrease_initial_lr", "increase_decay_coefficient")),
+                       fake, tmp_path)
+  assert status == "actions_exhausted"
+  assert [o[INITIAL] for _, o in fake.calls[1:]] == pytest.approx(
+      [1e-5, 5e-6, 2.5e-6, 1.25e-6, 2.5e-6])
+  assert [h["decision"] for h in tuner.history[2:]] == [
+      "better: repeat the action", "better: repeat the action", "not better: next action",
+      "not better: next action"]
+  assert fake.calls[-1][1][COEF] == pytest.approx(0.2)
+  assert tuner.chosen == "03_decrease_initial_lr"
+  assert tuner.history[-1]["changed"] == "lr.grescale.decay_coefficient: 0.1 → 0.2"
+
+
+def test_warmup_grows_until_the_run_has_no_room(tmp_path):
+  # Longer warmup is always better; 16 epochs with a 4.71-epoch decay leave room up to 11.
+  fake = Fake(lambda o: 0.5 + 0.01 * o[WARMUP])
+  tuner, status = tune(make_cfg(actions=("increase_warmup",)), fake, tmp_path)
+  assert status == "actions_exhausted"
+  assert [o[WARMUP] for _, o in fake.calls[1:]] == [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+
+
+def test_reaching_the_baseline_is_confirmed_with_the_next_seed(tmp_path):
+  fake = Fake(lambda o: 0.95 if o[COEF] > 0.15 else 0.8)
+  tuner, status = tune(make_cfg(), fake, tmp_path)
+  assert status == "confirmed"
+  assert actions(tuner)[2:] == ["decrease_initial_lr", "increase_decay_coefficient", "confirm"]
+  name, confirm = fake.calls[-1]
+  assert name == "04_confirm" and confirm["seed"] == 1
+  assert tuner.history[-1]["changed"] == "seed: 0 → 1"
+  assert {k: v for k, v in confirm.items() if k != "seed"} == {
+      k: v for k, v in fake.calls[-2][1].items() if k != "seed"}
+  assert tuner.chosen == "03_increase_decay_coefficient"
+
+
+def test_confirmation_can_fail(tmp_path):
+  fake = Fake(lambda o: 0.95 if o["seed"] == 0 else 0.8)
+  tuner, status = tune(make_cfg(), fake, tmp_path)
+  assert status == "not_confirmed" and actions(tuner) == ["baseline", "grescale", "confirm"]
+  assert tuner.chosen == "01_grescale"
+
+
+def test_budget_stops_the_search(tmp_path):
+  fake = Fake(lambda o: 0.8)
+  tuner, status = tune(make_cfg(budget=4), fake, tmp_path)
+  assert status == "budget_spent" and len(fake.calls) == 4
+  more = Fake(lambda o: 0.8)  # a larger budget continues the search
+  tuner, status = tune(make_cfg(budget=6), more, tmp_path)
+  assert status == "budget_spent" and [n for n, _ in more.calls] == [
+      "04_increase_warmup", "05_increase_decay_period"]
+  fake = Fake(lambda o: 0.95 if o[INITIAL] < 1e-5 else 0.8)
+  tuner, status = tune(make_cfg(budget=3), fake, tmp_path / "b")
+  assert status == "unconfirmed" and len(fake.calls) == 3
+  assert tuner.chosen == "02_decrease_initial_lr"
+
+
+def test_below_the_threshold_trains_once(tmp_path):
+  fake = Fake(lambda o: 0.5)
+  tuner, status = tune(make_cfg(threshold=12), fake, tmp_path, k=8)
+  assert status == "below_threshold" and actions(tuner) == ["baseline", "grescale"]
+  assert tuner.chosen == "01_grescale"
+
+
+def test_comparison_priority_and_tolerance():
+  compare = guideline.COMPARISONS["dice_macc_miou"]
+  a = {"dice": 0.801, "mean_accuracy": 0.70, "mean_iou": 0.60}
+  b = {"dice": 0.800, "mean_accuracy": 0.75, "mean_iou": 0.60}
+  assert compare(a, b, 0.0) == 1           # Dice decides
+  assert compare(a, b, 0.002) == -1        # Dice tied, mean accuracy decides
+  assert compare(a, dict(b, mean_accuracy=0.701), 0.002) == 0
+  assert compare(a, dict(b, mean_accuracy=0.701, mean_iou=0.5), 0.002) == 1
+  assert compare({"dice": None}, {"dice": 0.1}, 0.0) == -1
+  assert compare(a, a, 0.0) == 0 and compare({"dice": None}, {"dice": None}, 0.0) == 0
+  assert compare({"dice": 0.75}, {"dice": 0.5}, 0.25) == 1  # a difference at the tolerance
+  assert compare({"dice": 0.75}, {"dice": 0.5}, 0.2500001) == 0
+  assert guideline.COMPARISONS["mean_iou"](a, dict(b, mean_iou=0.65), 0.0) == -1
+
+
+@pytest.mark.parametrize("tolerance,decision", [(0.002, "not better: next action"),
+                                                (0.0005, "better: repeat the action")])
+def test_tie_tolerance_in_the_search(tmp_path, tolerance, decision):
+  fake = Fake(lambda o: 0.800 if o[INITIAL] == 1e-5 else 0.801)
+  tuner, _ = tune(make_cfg(tolerance=tolerance, budget=3), fake, tmp_path)
+  assert tuner.history[2]["decision"] == decision
+
+
+def test_comparison_comes_from_the_config(tmp_path):
+  # Dice improves while mean IoU drops: better by Dice, worse by mean IoU.
+  def score(o):
+    return metrics(0.81, mean_iou=0.4) if o[INITIAL] < 1e-5 else metrics(0.8, mean_iou=0.5)
+  def trainer(name, o):
+    return metrics(0.9, mean_iou=0.9) if o["parallel.num_devices"] == 1 else score(o)
+  for comparison, decision in (("dice", "better: repeat the action"),
+                               ("mean_iou", "not better: next action")):
+    tuner = guideline.Tuner(make_cfg(comparison=comparison, budget=3), 8, trainer,
+                            str(tmp_path / comparison))
+    tuner.run()
+    assert tuner.history[2]["decision"] == decision
+  with pytest.raises(ConfigError, match="guideline.comparison"):
+    guideline.Tuner(make_cfg(comparison="best"), 8, trainer, str(tmp_path))
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_resume_from_the_state_file(tmp_path):
+  score = lambda o: 0.8 + 0.01 * (o[WARMUP] - 5.0) + (0.002 if o[INITIAL] == 5e-6 else 0.0)
+  reference = Fake(score)
+  whole, _ = tune(make_cfg(), reference, tmp_path / "whole")
+
+  def failing(name, overrides):
+    if len(first.calls) == 5:
+      raise Interrupted(name)
+    return first(name, overrides)
+  first = Fake(score)
+  with pytest.raises(Interrupted):
+    guideline.Tuner(make_cfg(), 8, failing, str(tmp_path / "resumed")).run()
+  state = json.loads((tmp_path / "resumed" / guideline.STATE).read_text())
+  assert sorted(state["runs"]) == [name for name, _ in first.calls]
+  second = Fake(score)
+  resumed, _ = tune(make_cfg(), second, tmp_path / "resumed")
+  assert [name for name, _ in second.calls] == [name for name, _ in reference.calls[5:]]
+  assert resumed.history == whole.history and resumed.status == whole.status
+  with pytest.raises(ConfigError, match="num_devices"):
+    guideline.Tuner(make_cfg(), 16, second, str(tmp_path / "resumed"))
+
+
+@pytest.mark.parametrize("key,value", [("budget", 1), ("tolerance", -0.1), ("split", "train"),
+                                       ("actions", ("decrease_initial_lr", "shuffle")),
+                                       ("optimizers", ("sgd", "rmsprop")),
+                                       ("initial_lr_factor", 2.0), ("warmup_epochs_step", 0.0)])
+def test_bad_guideline_settings(tmp_path, key, value):
+  with pytest.raises(ConfigError, match=f"guideline.{key}"):
+    guideline.Tuner(make_cfg(**{key: value}), 8, Fake(lambda o: 0.5), str(tmp_path))
+
+
+def test_chosen_config_file_loads_like_main(tmp_path):
+  cfg = make_cfg()
+  overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-6, OPT: "sgd"}
+  chosen = guideline_report.chosen_config(cfg, overrides)
+  path = tmp_path / "chosen.py"
+  path.write_text(guideline_report.config_source(chosen, "test"))
+  loaded = load_config(str(path))
+  assert loaded.lr.grescale.initial_lr == 2.5e-6 and loaded.optim.name == "sgd"
+  assert loaded.parallel.num_devices == 8 and loaded.data.synthetic_shape == (96, 96, 48)
+  expected = quickstart.get_config().to_dict()
+  expected["lr"]["policy"], expected["lr"]["grescale"]["initial_lr"] = "grescale", 2.5e-6
+  expected["optim"]["name"], expected["parallel"]["num_devices"] = "sgd", 8
+  expected["guideline"].update(threshold=8, budget=50, tolerance=0.0)
+  assert loaded.to_dict() == expected
+
+
+def load_config(path):
+  """Loads a config file the way `medseg_jax.main` does (config_flags, locked)."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  values(["prog", f"--config={path}"])
+  return values.config
+
+
+TINY = TINY_RUN[1:] + ["--config.train.num_epochs=1", "--config.train.eval_every_steps=0"]
+
+
+def run(*args, timeout=900):
+  return subprocess.run([sys.executable, "-m", "medseg_jax.guideline", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env_with_devices(None))
+
+
+def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
+  args = ["--config=configs/quickstart.py", "--num_devices=2", "--threshold=2", "--budget=3",
+          f"--workdir={tmp_path}", *TINY]
+  proc = run(*args)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  names = sorted(os.listdir(tmp_path / "runs"))
+  assert len(names) == 3 and names[:2] == ["00_baseline", "01_grescale"]
+  with open(tmp_path / "guideline.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == names
+  for r in rows:  # the table holds what each run wrote
+    workdir = tmp_path / "runs" / r["run"]
+    test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    val = next(x for x in logged if x["step"] == test["step"] and "val_dice" in x)
+    for m in ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+      assert float(r[f"test_{m}"]) == pytest.approx(test[m])
+      assert float(r[f"val_{m}"]) == pytest.approx(val[f"val_{m}"])
+  base = json.loads((tmp_path / "runs" / "00_baseline" / "config.json").read_text())
+  scaled = json.loads((tmp_path / "runs" / "01_grescale" / "config.json").read_text())
+  assert base["parallel"]["num_devices"] == 1 and base["lr"]["policy"] == "standard"
+  assert scaled["parallel"]["num_devices"] == 2 and scaled["lr"]["policy"] == "grescale"
+  state = json.loads((tmp_path / guideline.STATE).read_text())
+  assert state["status"] in ("budget_spent", "unconfirmed", "confirmed", "not_confirmed")
+  chosen = json.loads((tmp_path / "runs" / state["chosen"] / "config.json").read_text())
+  loaded = json.loads(json.dumps(load_config(str(tmp_path / "guideline_config.py")).to_dict()))
+  assert loaded.pop("guideline")["budget"] == 3  # the tuner's flags are in its section only
+  del chosen["guideline"]
+  assert loaded == chosen
+  assert (tmp_path / "guideline.png").read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "guideline.md").read_text().count("\n| ") == 4  # header + 3 rows
+  table = (tmp_path / "guideline.csv").read_text()
+  again = run(*args)  # every run is reused from the state file; nothing trains
+  assert again.returncode == 0 and "training" not in again.stdout
+  assert (tmp_path / "guideline.csv").read_text() == table
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_devices=0"], "--num_devices=0"),
+    (["--num_devices=8", "--budget=1"], "guideline.budget=1"),
+    (["--num_devices=8", "--config.guideline.comparison=best"], "guideline.comparison"),
+])
+def test_bad_flags_are_one_line(tmp_path, args, message):
+  proc = run("--config=configs/quickstart.py", f"--workdir={tmp_path}", *args, timeout=120)
+  assert proc.returncode == 2 and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "runs").exists()
