@@ -28,13 +28,20 @@ def _apply(state: TrainState, params, images, train: bool, rng=None):
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
-               loss_fn: Callable, reduce_mean: Reduce) -> tuple[TrainState, dict]:
-  """One synchronous SGD step: local gradients, all-reduced mean, optimizer update."""
+               loss_fn: Callable, reduce_mean: Reduce,
+               augment: Callable | None = None) -> tuple[TrainState, dict]:
+  """One synchronous SGD step: local gradients, all-reduced mean, optimizer update.
+
+  `augment(key, images, labels)`, if given, transforms the batch first (data/augment.py)."""
   rng = jax.random.fold_in(rng, state.step)
+  images, labels = batch["image"], batch["label"]
+  if augment is not None:
+    rng, augment_rng = jax.random.split(rng)
+    images, labels = augment(augment_rng, images, labels)
 
   def objective(params):
-    logits, model_state = _apply(state, params, batch["image"], True, rng)
-    return jnp.mean(loss_fn(logits, batch["label"])), model_state
+    logits, model_state = _apply(state, params, images, True, rng)
+    return jnp.mean(loss_fn(logits, labels)), model_state
 
   (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   grads = reduce_mean(grads)
