@@ -7,9 +7,12 @@ The dataset imitates the thesis's BRATS setting: 4D volumes of four modalities, 
 channel kept, 70 central slices per volume, here at 256x256 in-plane. It is written
 once into --workdir (synthetic phantoms) with its slice store. Each round measures, one
 after the other, over one epoch of the training slices:
-- raw: tensorstore reads of the same batches of rows, each awaited before the next;
+- raw: tensorstore reads of the store arrays alone (as many random rows, the same batch),
+  each awaited before the next;
 - loader: `pipeline.train_batches` (reads `PREFETCH` batches ahead), and the same with no
   read-ahead;
+- data wait: how long a consumer that computes as long as a raw batch read takes (a sleep)
+  waits for each batch, with and without read-ahead;
 - augment: the jitted on-device augmentation (data.augment, thesis ranges) of one batch,
   on one CPU device;
 - naive: every volume reloaded with nibabel, the channel and central slices taken and
@@ -29,7 +32,7 @@ sys.path.insert(0, REPO)
 
 def build(args):
   from configs import base
-  from medseg_jax.data import pipeline, synthetic
+  from medseg_jax.data import pipeline, store, synthetic
   root = os.path.join(args.workdir, "Task01_Bench")
   if not os.path.exists(root):
     synthetic.write_synthetic_decathlon(root, args.volumes, 0, (256, 256, args.depth),
@@ -40,9 +43,9 @@ def build(args):
   cfg.data.val_fraction = cfg.data.test_fraction = 0.0
   cfg.data.cache_dir = os.path.join(args.workdir, "cache")
   started = time.perf_counter()
-  sets, _ = pipeline.load_splits(cfg, os.path.join(args.workdir, "run"))
+  sets, info = pipeline.load_splits(cfg, os.path.join(args.workdir, "run"))
   print(f"store ready in {time.perf_counter() - started:.1f} s: {len(sets['train'])} slices")
-  return cfg, sets["train"]
+  return cfg, sets["train"], store.Store(info["store"])
 
 
 def epoch(batches) -> float:
@@ -53,10 +56,26 @@ def epoch(batches) -> float:
   return count / (time.perf_counter() - start)
 
 
-def raw_reads(data, order, batch):
+def data_wait(batches, step_seconds: float) -> float:
+  """Median seconds per batch, after the first, that a consumer computing `step_seconds`
+  per batch (a sleep, which like a device step leaves the host's cores free) waits."""
+  import numpy as np
+  waits = []
+  while True:
+    start = time.perf_counter()
+    batch = next(batches, None)
+    waits.append(time.perf_counter() - start)
+    if batch is None:
+      return float(np.median(waits[1:-1]))
+    time.sleep(step_seconds)
+
+
+def raw_reads(opened, order, batch):
+  """Tensorstore reads of the store's arrays alone, each awaited before the next."""
   for start in range(0, len(order) - batch + 1, batch):
     rows = order[start:start + batch]
-    yield {"image": data.image[rows], "label": data.label[rows]}
+    image, label = opened.image[rows].read(), opened.label[rows].read()
+    yield {"image": image.result(), "label": label.result()}
 
 
 def naive(cfg, data, order, batch):
@@ -110,16 +129,22 @@ def main():
   args = parser.parse_args()
   import numpy as np
   from medseg_jax.data import pipeline
-  cfg, data = build(args)
+  cfg, data, opened = build(args)
   rates = {k: [] for k in ("raw", "loader", "loader_no_prefetch", "augment", "naive")}
+  waits = {"prefetch": [], "no_prefetch": []}
+  epoch(raw_reads(opened, pipeline.epoch_order(len(data), 0, 99), args.batch))  # warm the OS cache
   for r in range(args.rounds):
     order = pipeline.epoch_order(len(data), 0, r)
-    rates["raw"].append(epoch(raw_reads(data, order, args.batch)))
+    rates["raw"].append(epoch(raw_reads(opened, order, args.batch)))
     rates["loader"].append(epoch(pipeline.train_batches(data, args.batch, 0, r)))
     rates["loader_no_prefetch"].append(
         epoch(pipeline.train_batches(data, args.batch, 0, r, prefetch=0)))
     rates["naive"].append(epoch(naive(cfg, data, order, args.batch)))
     rates["augment"].append(augment_rate(cfg, data, args.batch))
+    step = args.batch / rates["raw"][-1]  # a step as long as reading its batch
+    waits["prefetch"].append(data_wait(pipeline.train_batches(data, args.batch, 0, r), step))
+    waits["no_prefetch"].append(
+        data_wait(pipeline.train_batches(data, args.batch, 0, r, prefetch=0), step))
     print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
   median = {k: float(np.median(v)) for k, v in rates.items()}
   print(f"\nslices/s at 256x256, batch {args.batch}, median of {args.rounds} rounds, "
@@ -130,6 +155,9 @@ def main():
   print(f"loader / raw = {median['loader'] / median['raw']:.2f} (needs >= 0.5); "
         f"loader / naive = {median['loader'] / median['naive']:.1f} (needs >= 10); "
         f"prefetch gain = {median['loader'] / median['loader_no_prefetch']:.2f}")
+  wait = {k: 1e3 * float(np.median(v)) for k, v in waits.items()}
+  print(f"median data wait per batch (after the first) behind a step as long as a raw batch read: with read-ahead "
+        f"{wait['prefetch']:.1f} ms, without {wait['no_prefetch']:.1f} ms")
 
 
 if __name__ == "__main__":

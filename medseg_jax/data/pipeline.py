@@ -180,7 +180,8 @@ def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
                   prefetch: int = PREFETCH) -> Iterator[dict]:
   """This process's part of each full global batch of one epoch, in a seeded order,
   starting `offset` slices into the epoch's order (the loader position a checkpoint keeps).
-  Reads run `prefetch` batches ahead."""
+  Reads run `prefetch` batches ahead. Labels keep the store's integer type (uint8), which
+  the steps widen on the device."""
   order = epoch_order(len(data), seed, epoch)
   local = global_batch // process_count
   rows = (order[start + process_index * local:start + (process_index + 1) * local]
@@ -215,7 +216,7 @@ def _read_ahead(data: SliceSet, batches: Iterator, prefetch: int) -> Iterator[di
 
 def _fetch(array, rows: np.ndarray):
   if isinstance(array, store.Rows):
-    return array.fetch(rows)
+    return array.fetch(rows, stored_dtype=True)
   return store.Pending(None, array.dtype, np.asarray(array[rows]))
 
 

@@ -228,13 +228,16 @@ class Rows:
   def __len__(self) -> int:
     return len(self._rows)
 
-  def fetch(self, index) -> "Pending":
+  def fetch(self, index, stored_dtype: bool = False) -> "Pending":
+    """Starts reading; `stored_dtype` keeps the store's dtype (uint8 labels: the device
+    widens them, the host does not have to)."""
     rows = self._rows[index]
+    dtype = self._array.dtype.numpy_dtype if stored_dtype else self.dtype
     if np.ndim(rows) == 0:
-      return Pending(self._array[int(rows)].read(), self.dtype)
+      return Pending(self._array[int(rows)].read(), dtype)
     if len(rows) == 0:
-      return Pending(None, self.dtype, np.zeros((0,) + self.shape[1:], self.dtype))
-    return Pending(self._array[np.asarray(rows)].read(), self.dtype)
+      return Pending(None, dtype, np.zeros((0,) + self.shape[1:], dtype))
+    return Pending(self._array[np.asarray(rows)].read(), dtype)
 
   def __getitem__(self, index) -> np.ndarray:
     return self.fetch(index).result()
