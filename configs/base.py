@@ -25,13 +25,33 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic = False         # write a synthetic Decathlon dataset to root if absent
   c.data.synthetic_volumes = 16
   c.data.synthetic_shape = (96, 96, 48)
+  c.data.cache_dir = ""            # slice stores (one per dataset + settings); "" = slice_cache/
+                                   # beside data.root. Multi-host: on storage every host sees
+  c.data.preprocess_workers = 0    # processes building a slice store; 0 = every CPU core
+  c.data.skip_invalid = False      # False: any bad subject stops the run (exit 2), all listed;
+                                   # True: bad subjects are left out, with a warning
   c.data.modalities = ()           # channels, by dataset.json modality name (or index); () = all
   c.data.label_map = ()            # source label i -> class label_map[i]; () keeps labels
   c.data.slice_axis = 2
-  c.data.slices_per_volume = 70    # central slices kept per volume; 0 = all
-  c.data.image_size = 240
+  c.data.slice_selection = "central"  # central: slices_per_volume central slices | all |
+                                   # foreground: slices with foreground + empty_slice_fraction
+  c.data.slices_per_volume = 70    # central: slices kept per volume; 0 = all
+  c.data.empty_slice_fraction = 0.0  # foreground: share of the empty slices kept, evenly spaced
+  c.data.image_size = 240          # in-plane size of the slices
+  c.data.resize = "resize"         # resize (linear images, nearest labels) | pad_crop (centred)
+  c.data.normalisation = "zscore_nonzero"  # per volume and channel: zscore_nonzero (z-score
+                                   # over non-zero voxels) | percentile (clip, rescale to [0, 1])
+  c.data.clip_percentiles = (0.5, 99.5)  # percentile: the clipping range
   c.data.val_fraction = 0.15       # split by volume, from `seed`
   c.data.test_fraction = 0.15
+  c.data.augment = ml_collections.ConfigDict()  # on device, per example, training only
+  c.data.augment.enabled = False
+  c.data.augment.rotation_degrees = 45.0   # uniform in [-r, r]
+  c.data.augment.zoom = (0.8, 1.2)         # uniform scale range
+  c.data.augment.translate_pixels = 25.6   # uniform shift in [-t, t] along each in-plane axis
+  c.data.augment.flip_probability = 0.0    # chance of a flip along each in-plane axis
+  c.data.augment.intensity_scale = 0.0     # image x uniform [1 - s, 1 + s]
+  c.data.augment.intensity_shift = 0.0     # image + uniform [-s, s]
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"             # sgd | adam | adamw | lars

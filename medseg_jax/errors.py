@@ -15,3 +15,9 @@ class ConfigError(MedsegError):
 
 class DataError(MedsegError):
   """A dataset file or directory that cannot be read as expected."""
+
+
+class InvalidDatasetError(DataError):
+  """The dataset failed validation; the message lists every problem found. Exit code 2."""
+
+  exit_code = 2

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import optax
 from absl import logging
-from scipy import ndimage
 
 from medseg_jax import checkpoint, files, parallel, train
 from medseg_jax.data import decathlon, preprocess
@@ -102,19 +101,18 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
 
 def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:
   """Class probabilities [X,Y,Z,C] in the canonical (RAS) voxel grid of the volume."""
+  settings = preprocess.settings_from_config(cfg.data)
   image = decathlon.load_nifti(path).data
-  image = preprocess.select_channels(image, tuple(cfg.data.modalities),
+  image = preprocess.select_channels(image, settings.modalities,
                                      tuple(info["modalities"]), path)
-  image = preprocess.zscore_nonzero(image)
-  axis, size = cfg.data.slice_axis, cfg.data.image_size
-  dummy = np.zeros(image.shape[:3], np.int32)
-  slices, _ = preprocess.to_slices(image, dummy, axis, 0, size)
+  image = preprocess.normalise(image, settings)
+  axis = settings.slice_axis
+  every = np.arange(image.shape[axis])
+  slices, _ = preprocess.to_slices(image, np.zeros(image.shape[:3], np.int32), settings,
+                                   keep=every)
   probs = run(slices)                                       # [N,size,size,C]
-  in_plane = tuple(np.delete(np.array(image.shape[:3]), axis))
-  zoom = (1, in_plane[0] / size, in_plane[1] / size, 1)
-  if zoom != (1, 1.0, 1.0, 1):
-    probs = ndimage.zoom(probs, zoom, order=1, grid_mode=True, mode="nearest")
-  return np.moveaxis(probs, 0, axis)
+  in_plane = tuple(int(n) for n in np.delete(np.array(image.shape[:3]), axis))
+  return np.moveaxis(preprocess.from_slices(probs, in_plane, settings), 0, axis)
 
 
 def _run_batched(par: parallel.Parallel, predict_fn, state, slices: np.ndarray,

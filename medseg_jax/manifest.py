@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "nibabel",
             "ml-collections", "tensorstore", "tensorboardX", "absl-py")
-NORMALISATION = "z-score over the non-zero voxels of each volume and channel"
-AUGMENTATION = "none"
+NORMALISATION = {"zscore_nonzero":
+                 "z-score over the non-zero voxels of each volume and channel",
+                 "percentile": "clipped to the {} percentiles of each volume and channel, "
+                               "rescaled to [0, 1]"}
 
 
 def at_start(run: "Run") -> dict:
@@ -129,10 +131,16 @@ def dataset(run: "Run") -> dict:
           "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
           "classes": run.class_names, "image_size": cfg.data.image_size,
           "slice_axis": cfg.data.slice_axis, "slices_per_volume": cfg.data.slices_per_volume,
+          "slice_selection": cfg.data.slice_selection,
+          "empty_slice_fraction": cfg.data.empty_slice_fraction, "resize": cfg.data.resize,
+          "skipped_invalid": info.get("skipped", []), "slice_store": info.get("store"),
           "volumes": info["volumes"], "slices": info["slices"],
           "split": {"val_fraction": cfg.data.val_fraction,
                     "test_fraction": cfg.data.test_fraction, "seed": cfg.seed},
-          "normalisation": NORMALISATION, "augmentation": AUGMENTATION,
+          "normalisation": NORMALISATION[cfg.data.normalisation].format(
+              list(cfg.data.clip_percentiles)),
+          "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
+                           else "none"),
           "synthetic": cfg.data.synthetic}
 
 

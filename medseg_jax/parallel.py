@@ -99,16 +99,35 @@ class Parallel:
   # Per-shard specs: the state (first argument) is replicated, batches are split
   # along the data axis, the rng is replicated. Under pmap the state is stacked.
 
-  def train_step(self, loss_fn: Callable) -> Callable:
-    """Compiled `(state, batch, rng) -> (state, metrics)`; the input state is donated."""
+  def train_step(self, loss_fn: Callable, augment: Callable | None = None) -> Callable:
+    """Compiled `(state, batch, rng) -> (state, metrics)`; the input state is donated.
+
+    Under gspmd the step sees the global batch, so `augment`'s per-example keys follow
+    the example's index; per shard, the shard's index is folded into the rng first."""
     if self.strategy == "gspmd":
-      fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_identity)
+      fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_identity,
+                             augment=augment)
       return jax.jit(fn, in_shardings=(self.replicated, self._sharding(P(AXIS)),
                                        self.replicated),
                      out_shardings=self.replicated, donate_argnums=0)
-    fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_pmean)
+    fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_pmean,
+                           augment=augment)
     return self._per_shard(_with_shard_rng(fn), (P(), P(AXIS), P()), (P(), P()),
                            unstack=lambda out: (out[0], _first(out[1])), donate=True)
+
+  def augment_step(self, augment: Callable) -> Callable:
+    """Compiled `(batch, rng) -> (images, labels)`: `augment` alone, keyed as in the train
+    step (per shard, the shard's index folded in), for tests and benchmarks."""
+    fn = lambda batch, rng: augment(rng, batch["image"], batch["label"])
+    if self.strategy == "gspmd":
+      return jax.jit(fn, out_shardings=self._sharding(P(AXIS)))
+    per_shard = lambda batch, rng: fn(batch, _shard_key(rng))
+    if self.strategy == "pmap":
+      local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+      pmapped = jax.pmap(per_shard, axis_name=AXIS, in_axes=(0, None), devices=local)
+      return lambda batch, rng: tuple(_merge(x) for x in pmapped(batch, rng))
+    return jax.jit(jax.shard_map(per_shard, mesh=self.mesh, in_specs=(P(AXIS), P()),
+                                 out_specs=(P(AXIS), P(AXIS)), check_vma=False))
 
   def eval_step(self, num_classes: int) -> Callable:
     """Compiled `(state, batch) -> (confusion matrix summed over the mesh, predicted labels)`."""
@@ -140,10 +159,14 @@ class Parallel:
 
 
 def _with_shard_rng(fn: Callable) -> Callable:
-  """Gives every shard its own dropout stream."""
+  """Gives every shard its own dropout and augmentation streams."""
   def wrapped(state, batch, rng):
-    return fn(state, batch, jax.random.fold_in(rng, lax.axis_index(AXIS)))
+    return fn(state, batch, _shard_key(rng))
   return wrapped
+
+
+def _shard_key(rng: jax.Array) -> jax.Array:
+  return jax.random.fold_in(rng, lax.axis_index(AXIS))
 
 
 def _first(tree: Any) -> Any:

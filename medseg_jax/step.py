@@ -28,13 +28,20 @@ def _apply(state: TrainState, params, images, train: bool, rng=None):
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
-               loss_fn: Callable, reduce_mean: Reduce) -> tuple[TrainState, dict]:
-  """One synchronous SGD step: local gradients, all-reduced mean, optimizer update."""
+               loss_fn: Callable, reduce_mean: Reduce,
+               augment: Callable | None = None) -> tuple[TrainState, dict]:
+  """One synchronous SGD step: local gradients, all-reduced mean, optimizer update.
+
+  `augment(key, images, labels)`, if given, transforms the batch first (data/augment.py)."""
   rng = jax.random.fold_in(rng, state.step)
+  images, labels = batch["image"], batch["label"].astype(jnp.int32)  # stored as uint8
+  if augment is not None:
+    rng, augment_rng = jax.random.split(rng)
+    images, labels = augment(augment_rng, images, labels)
 
   def objective(params):
-    logits, model_state = _apply(state, params, batch["image"], True, rng)
-    return jnp.mean(loss_fn(logits, batch["label"])), model_state
+    logits, model_state = _apply(state, params, images, True, rng)
+    return jnp.mean(loss_fn(logits, labels)), model_state
 
   (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   grads = reduce_mean(grads)
@@ -48,7 +55,7 @@ def eval_step(state: TrainState, batch: dict, *, num_classes: int,
   """(Confusion matrix [true, predicted] of the valid pixels summed over shards, labels)."""
   logits, _ = _apply(state, state.params, batch["image"], False)
   pred = jnp.argmax(logits, axis=-1)
-  index = batch["label"] * num_classes + pred
+  index = batch["label"].astype(jnp.int32) * num_classes + pred
   weight = jnp.broadcast_to(batch["mask"][:, None, None], index.shape).astype(jnp.int32)
   counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=num_classes**2)
   confusion = reduce_sum(counts.reshape(num_classes, num_classes).astype(jnp.int32))

@@ -13,7 +13,7 @@ from absl import logging
 
 from medseg_jax import (checkpoint, evaluation, files, losses, manifest, monitor, optim,
                         parallel, preemption)
-from medseg_jax.data import pipeline
+from medseg_jax.data import augment, pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.guard import DivergenceGuard
 from medseg_jax.models import build_model
@@ -75,7 +75,8 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   logging.info("Data: %s", info)
   return Run(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info,
              num_classes=num_classes, state=state,
-             train_step=par.train_step(losses.get_loss(cfg.train.loss)),
+             train_step=par.train_step(losses.get_loss(cfg.train.loss),
+                                       augment.from_config(cfg.data.augment)),
              eval_step=par.eval_step(num_classes), lr=lr,
              global_batch=global_batch, steps_per_epoch=steps_per_epoch, num_steps=num_steps,
              checkpointer=checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps,

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from medseg_jax import losses, optim, parallel
+from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,8 @@ def test_config_resolves(path):
   assert lr.phases[-1].end == 50 * cfg.train.num_epochs
   losses.get_loss(cfg.train.loss)
   assert cfg.parallel.strategy in parallel.STRATEGIES
+  preprocess.settings_from_config(cfg.data)
+  augment.from_config(cfg.data.augment)
 
 
 @pytest.mark.parametrize("name,batch,epochs,lr,model", [
@@ -58,3 +61,4 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert (cfg.train.per_device_batch_size, cfg.train.num_epochs) == (batch, epochs)
   assert cfg.optim.lr == lr and cfg.optim.name == "sgd" and cfg.model.name == model
   assert cfg.data.slices_per_volume == 70
+  assert cfg.data.augment.enabled == ("heart" in name)  # the thesis augmented the left atrium

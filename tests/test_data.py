@@ -1,4 +1,4 @@
-"""The synthetic Decathlon dataset on disk, read back with nibabel; splits by subject."""
+"""Decathlon datasets on disk, read back with nibabel: slices, splits, the slice store, the loader."""
 
 import json
 import os
@@ -10,6 +10,51 @@ import pytest
 from configs import base
 from medseg_jax.data import decathlon, pipeline, preprocess, synthetic
 from medseg_jax.errors import DataError
+
+
+def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
+  """A Decathlon directory from (name, image array, label array, affine) tuples."""
+  for sub in ("imagesTr", "labelsTr"):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+  training = []
+  for name, image, label, affine in subjects:
+    nib.save(nib.Nifti1Image(image, affine), os.path.join(root, "imagesTr", f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), os.path.join(root, "labelsTr", f"{name}.nii.gz"))
+    training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+  meta = {"name": "Task", "modality": {str(i): m for i, m in enumerate(modalities)},
+          "labels": {str(i): f"l{i}" for i in range(labels)}, "training": training, "test": []}
+  if tensor_size:
+    meta["tensorImageSize"] = tensor_size
+  with open(os.path.join(root, "dataset.json"), "w") as f:
+    json.dump(meta, f)
+  return root
+
+
+def config(root, tmp_path, **data):
+  cfg = base.get_config()
+  cfg.data.root, cfg.data.cache_dir = str(root), str(tmp_path / "cache")
+  cfg.data.preprocess_workers = 1
+  cfg.data.val_fraction = cfg.data.test_fraction = 0.0
+  for key, value in data.items():
+    setattr(cfg.data, key, value)
+  return cfg
+
+
+def phantom(seed, shape, modalities=("T1w",)):
+  image, label = synthetic.make_phantom(np.random.default_rng(seed), shape, modalities)
+  return (image if len(modalities) > 1 else image[..., 0]), label
+
+
+def zscore(x):
+  """Reference: z-score over the non-zero voxels, by hand."""
+  inside = x != 0
+  out = np.zeros_like(x, dtype=np.float64)
+  out[inside] = (x[inside] - x[inside].mean()) / x[inside].std()
+  return out
+
+
+def all_rows(data):
+  return np.asarray(data.image), np.asarray(data.label)
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +73,9 @@ def test_layout_and_nifti_files(dataset_dir):
   image = nib.load(os.path.join(dataset_dir, entry["image"]))
   label = nib.load(os.path.join(dataset_dir, entry["label"]))
   assert image.shape == label.shape == (32, 32, 12)
-  assert entry["image"].endswith(".nii.gz")
   np.testing.assert_allclose(np.abs(np.diag(image.affine))[:3], synthetic.SPACING)
   values = set(np.unique(np.asarray(label.dataobj)).tolist())
   assert values <= {0, 1, 2} and {1, 2} & values
-  for rel in meta["test"]:
-    assert os.path.isfile(os.path.join(dataset_dir, rel))
 
 
 def test_same_seed_same_data(tmp_path):
@@ -45,16 +87,6 @@ def test_same_seed_same_data(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_multimodal_variant_is_4d(tmp_path):
-  root = synthetic.write_synthetic_decathlon(str(tmp_path / "m"), 1, 0, (16, 16, 6),
-                                             multimodal=True)
-  img = nib.load(os.path.join(root, "imagesTr", "phantom_000.nii.gz"))
-  assert img.shape == (16, 16, 6, 4)
-  data = decathlon.load_nifti(os.path.join(root, "imagesTr", "phantom_000.nii.gz")).data
-  picked = preprocess.select_channels(data, ("T1gd", 0), synthetic.MODALITIES_4D, "x")
-  assert picked.shape[-1] == 2
-
-
 def test_canonical_reorientation_flips_lps_to_ras(dataset_dir):
   path = os.path.join(dataset_dir, "labelsTr", "phantom_000.nii.gz")
   raw = np.asarray(nib.load(path).dataobj)
@@ -64,33 +96,170 @@ def test_canonical_reorientation_flips_lps_to_ras(dataset_dir):
   np.testing.assert_array_equal(volume.data, raw[::-1, ::-1, :])  # x and y flipped to RAS
 
 
-def test_split_is_by_subject_and_recorded(dataset_dir, tmp_path):
-  cfg = base.get_config()
-  cfg.data.root, cfg.data.image_size, cfg.data.slices_per_volume = dataset_dir, 16, 4
+def test_3d_anisotropic_odd_slices_match_nibabel(tmp_path):
+  """Stored slices equal the file read with nibabel, flipped to RAS and z-scored by hand."""
+  affine = np.diag([-0.7, 1.3, 3.1, 1.0])  # x flipped (to RAS: reversed), anisotropic
+  subjects = [(f"s{i}",) + phantom(i, (21, 17, 9)) + (affine,) for i in range(3)]
+  root = write_task(str(tmp_path / "T"), subjects)
+  cfg = config(root, tmp_path, image_size=21, resize="pad_crop", slice_selection="all")
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  data = sets["train"]
+  assert info["slices"]["train"] == 27 and data.image.shape == (27, 21, 21, 1)
+  images, labels = all_rows(data)
+  for v, name in enumerate(data.names):
+    raw_image = nib.load(os.path.join(root, "imagesTr", f"{name}.nii.gz")).get_fdata()
+    raw_label = np.asarray(nib.load(os.path.join(root, "labelsTr", f"{name}.nii.gz")).dataobj)
+    ref_image = np.moveaxis(zscore(raw_image[::-1]), 2, 0)   # [9,21,17]
+    ref_label = np.moveaxis(raw_label[::-1], 2, 0)
+    rows = data.volume == v
+    # pad_crop: the 17 columns sit in the middle of 21 (2 before, 2 after), zeros around.
+    np.testing.assert_allclose(images[rows, :, 2:19, 0], ref_image, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(labels[rows, :, 2:19], ref_label)
+    assert not images[rows][:, :, :2].any() and not labels[rows][:, :, 19:].any()
+    np.testing.assert_allclose(data.spacing[v], [3.1, 0.7, 1.3], rtol=1e-6)
+
+
+def test_4d_modalities_central_slices_and_label_map(tmp_path):
+  modalities = synthetic.MODALITIES_4D
+  affine = np.diag([1.0, 1.0, 2.0, 1.0])
+  subjects = [(f"s{i}",) + phantom(i, (16, 16, 11), modalities) + (affine,) for i in range(2)]
+  root = write_task(str(tmp_path / "T"), subjects, modalities, tensor_size="4D")
+  cfg = config(root, tmp_path, image_size=16, modalities=("T2w", "FLAIR"),
+               label_map=(0, 1, 1), slices_per_volume=5)
+  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  images, labels = all_rows(sets["train"])
+  assert images.shape == (10, 16, 16, 2)
+  for v, name in enumerate(sets["train"].names):
+    raw = nib.load(os.path.join(root, "imagesTr", f"{name}.nii.gz")).get_fdata()
+    raw_label = np.asarray(nib.load(os.path.join(root, "labelsTr", f"{name}.nii.gz")).dataobj)
+    rows = sets["train"].volume == v
+    for c, m in enumerate((3, 0)):  # T2w, FLAIR; central 5 of 11 slices are 3..7
+      ref = np.moveaxis(zscore(raw[..., m]), 2, 0)[3:8]
+      np.testing.assert_allclose(images[rows, ..., c], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(labels[rows], np.moveaxis(raw_label > 0, 2, 0)[3:8])
+
+
+def test_foreground_selection_percentile_and_resize(tmp_path):
+  affine = np.eye(4)
+  label = np.zeros((12, 12, 10), np.uint8)
+  label[4:8, 4:8, 3:5] = 1                        # foreground on slices 3 and 4 only
+  image = np.random.default_rng(0).gamma(2.0, 10.0, (12, 12, 10)).astype(np.float32)
+  root = write_task(str(tmp_path / "T"), [("a", image, label, affine)], labels=2)
+  cfg = config(root, tmp_path, image_size=6, slice_selection="foreground",
+               empty_slice_fraction=0.25, normalisation="percentile",
+               clip_percentiles=(5.0, 95.0))
+  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  images, labels = all_rows(sets["train"])
+  # Empty slices 0,1,2,5..9 (8 of them); a quarter, evenly spaced: 0 and 9.
+  kept = [0, 3, 4, 9]
+  lo, hi = np.percentile(image, [5.0, 95.0])
+  ref = (np.clip(image, lo, hi) - lo) / (hi - lo)
+  # 12 -> 6 with linear interpolation on the pixel-centre grid: means of 2x2 blocks.
+  ref = ref.reshape(6, 2, 6, 2, 10).mean(axis=(1, 3))
+  np.testing.assert_allclose(images[..., 0], np.moveaxis(ref, 2, 0)[kept], atol=1e-5)
+  assert labels[1:3].sum() == 2 * 4 and labels[[0, 3]].sum() == 0  # nearest: 4x4 -> 2x2
+
+
+def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
+  cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
   cfg.data.val_fraction = cfg.data.test_fraction = 0.2
-  sets, info = pipeline.load_splits(cfg, str(tmp_path))
-  with open(tmp_path / "split.json") as f:
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "a"))
+  with open(tmp_path / "a" / "split.json") as f:
     split = json.load(f)
   names = [n for s in pipeline.SPLITS for n in split[s]]
   assert sorted(names) == [f"phantom_{i:03d}" for i in range(6)]  # each subject exactly once
   assert info["volumes"] == {"train": 4, "val": 1, "test": 1}
-  assert sets["train"].image.shape == (16, 16, 16, 1) and sets["train"].label.shape == (16, 16, 16)
-  assert len(set(sets["val"].names) & set(sets["train"].names)) == 0
-  # Labels resized with nearest neighbour keep only label values.
-  assert set(np.unique(sets["train"].label)) <= {0, 1, 2}
-  # 32x32 voxels of 1 mm resized to 16x16 are 2 mm; slices along z stay 2 mm apart.
+  assert sets["train"].image.shape == (16, 16, 16, 1)
+  for s in pipeline.SPLITS:  # each slice's subject is its split's
+    assert sets[s].names == split[s] and len(sets[s]) == 4 * len(split[s])
+  again, _ = pipeline.load_splits(cfg, str(tmp_path / "b"))  # another run, the same seed
+  assert {s: again[s].names for s in pipeline.SPLITS} == split
+  cfg.seed = 1  # a resumed run keeps its recorded split even if the seed changed
+  resumed, _ = pipeline.load_splits(cfg, str(tmp_path / "a"))
+  assert {s: resumed[s].names for s in pipeline.SPLITS} == split
   np.testing.assert_allclose(sets["val"].spacing, [[2.0, 2.0, 2.0]])
 
 
-def test_train_batches_are_a_partition_of_the_global_batch():
+def test_store_is_reused_and_invalidated(dataset_dir, tmp_path):
+  cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
+  cache = tmp_path / "cache"
+  first, _ = pipeline.load_splits(cfg, str(tmp_path / "w1"))
+  (store_dir,) = os.listdir(cache)
+  marker = os.path.getmtime(cache / store_dir / "meta.json")
+  again, _ = pipeline.load_splits(cfg, str(tmp_path / "w2"))  # another run, same settings
+  assert os.listdir(cache) == [store_dir]
+  assert os.path.getmtime(cache / store_dir / "meta.json") == marker
+  np.testing.assert_array_equal(np.asarray(again["train"].label), np.asarray(first["train"].label))
+  cfg.data.normalisation = "percentile"  # any preprocessing setting: a new store
+  pipeline.load_splits(cfg, str(tmp_path / "w3"))
+  assert len(os.listdir(cache)) == 2
+  os.utime(os.path.join(dataset_dir, "labelsTr", "phantom_002.nii.gz"))  # a changed file
+  pipeline.load_splits(cfg, str(tmp_path / "w4"))
+  assert len(os.listdir(cache)) == 3
+  assert not [n for n in os.listdir(cache) if n.startswith(".")]
+
+
+def test_store_is_built_by_several_processes(dataset_dir, tmp_path):
+  one = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
+  sets_one, _ = pipeline.load_splits(one, str(tmp_path / "w1"))
+  two = config(dataset_dir, tmp_path / "two", image_size=16, slices_per_volume=4,
+               preprocess_workers=2)
+  sets_two, _ = pipeline.load_splits(two, str(tmp_path / "w2"))
+  assert sets_two["train"].names == sets_one["train"].names
+  np.testing.assert_array_equal(np.asarray(sets_two["train"].image),
+                                np.asarray(sets_one["train"].image))
+
+
+def _store_set(dataset_dir, tmp_path):
+  cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=5)
+  return pipeline.load_splits(cfg, str(tmp_path / "w"))[0]["train"]  # 30 slices
+
+
+def test_two_processes_read_disjoint_shards_covering_the_epoch(dataset_dir, tmp_path):
+  data = _store_set(dataset_dir, tmp_path)
+  images = np.asarray(data.image)
+  ids = lambda batch: [int(np.argmin(np.abs(images - x).sum(axis=(1, 2, 3))))
+                       for x in batch["image"]]
+  whole = [ids(b) for b in pipeline.train_batches(data, 6, seed=1, epoch=3)]
+  parts = [[ids(b) for b in pipeline.train_batches(data, 6, 1, 3, p, 2)] for p in range(2)]
+  assert len(whole) == 5 and sorted(sum(whole, [])) == list(range(30))  # an epoch, once each
+  for i, batch in enumerate(whole):
+    assert not set(parts[0][i]) & set(parts[1][i])
+    assert parts[0][i] + parts[1][i] == batch
+  np.testing.assert_array_equal(sum(whole, []), pipeline.epoch_order(30, 1, 3))
+
+
+@pytest.mark.parametrize("offset", [12, 7])
+def test_resume_mid_epoch_sees_the_same_batches(dataset_dir, tmp_path, offset):
+  data = _store_set(dataset_dir, tmp_path)
+  order = pipeline.epoch_order(len(data), 4, 2)
+  full = list(pipeline.train_batches(data, 4, seed=4, epoch=2, prefetch=0))
+  resumed = list(pipeline.train_batches(data, 4, 4, 2, offset=offset))
+  starts = range(offset, len(data) - 4 + 1, 4)
+  assert len(resumed) == len(starts)
+  images, labels = all_rows(data)
+  for batch, start in zip(resumed, starts):  # the rows of the order, read independently
+    np.testing.assert_array_equal(batch["image"], images[order[start:start + 4]])
+    np.testing.assert_array_equal(batch["label"], labels[order[start:start + 4]])
+  if offset % 4 == 0:
+    for a, b in zip(full[offset // 4:], resumed):
+      np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_eval_batches_cover_the_split_with_a_mask(dataset_dir, tmp_path):
+  data = _store_set(dataset_dir, tmp_path)
+  images, _ = all_rows(data)
+  batches = list(pipeline.eval_batches(data, 8))
+  assert len(batches) == 4 and batches[-1]["mask"].sum() == 6
+  got = np.concatenate([b["image"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(got, images)
+
+
+def test_in_memory_slices_load_the_same_way():
   data = pipeline.SliceSet(np.arange(40, dtype=np.float32).reshape(40, 1, 1, 1),
                            np.zeros((40, 1, 1), np.int32), np.zeros(40, np.int32), ["a"],
                            np.ones((1, 3)))
   whole = [b["image"].ravel() for b in pipeline.train_batches(data, 8, seed=1, epoch=2)]
-  parts = [[b["image"].ravel() for b in pipeline.train_batches(data, 8, 1, 2, p, 2)]
-           for p in range(2)]
-  for i, batch in enumerate(whole):
-    np.testing.assert_array_equal(np.concatenate([parts[0][i], parts[1][i]]), batch)
   assert len(whole) == 5 and len(np.unique(np.concatenate(whole))) == 40
 
 
@@ -99,22 +268,20 @@ def test_missing_dataset_json_names_the_file(tmp_path):
     decathlon.read_dataset(str(tmp_path))
 
 
-def test_non_nifti_file_is_a_data_error(tmp_path):
-  bad = tmp_path / "x.nii.gz"
-  bad.write_text("not a volume")
-  with pytest.raises(DataError, match="x.nii.gz"):
-    decathlon.load_nifti(str(bad))
+def test_unwritable_cache_dir_is_one_clear_error(dataset_dir, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=2)
+  cfg.data.cache_dir = str(blocker / "cache")
+  with pytest.raises(DataError, match="data.cache_dir"):
+    pipeline.load_splits(cfg, str(tmp_path / "w"))
 
 
-def test_slices_are_preprocessed_once_and_memory_mapped(dataset_dir, tmp_path):
-  cfg = base.get_config()
-  cfg.data.root, cfg.data.image_size, cfg.data.slices_per_volume = dataset_dir, 16, 4
-  first, _ = pipeline.load_splits(cfg, str(tmp_path))
-  assert isinstance(first["train"].image, np.memmap)  # each process pages in what it reads
-  keys = os.listdir(tmp_path / "slices")
-  again, _ = pipeline.load_splits(cfg, str(tmp_path))
-  assert os.listdir(tmp_path / "slices") == keys
-  np.testing.assert_array_equal(again["val"].label, first["val"].label)
-  cfg.data.image_size = 8  # other settings, other slices
-  other, _ = pipeline.load_splits(cfg, str(tmp_path))
-  assert len(os.listdir(tmp_path / "slices")) == 2 and other["train"].image.shape[1] == 8
+def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
+  from medseg_jax.errors import ConfigError
+  for key, value in [("slice_selection", "middle"), ("resize", "stretch"),
+                     ("normalisation", "minmax"), ("clip_percentiles", (99.0, 1.0)),
+                     ("empty_slice_fraction", 1.5)]:
+    cfg = config(dataset_dir, tmp_path, **{key: value})
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+      preprocess.settings_from_config(cfg.data)

@@ -27,10 +27,13 @@ class Dataset:
   labels: tuple[str, ...]       # label value -> name
   training: tuple[Case, ...]
   test: tuple[str, ...]         # unlabelled images
+  tensor_size: str = ""         # "3D" or "4D" as dataset.json declares it ("" if absent)
 
 
 def read_dataset(root: str) -> Dataset:
-  """Parses `root/dataset.json`; any missing piece is a DataError naming the file."""
+  """Parses `root/dataset.json`; a missing or malformed file is a DataError naming it.
+
+  The contents (an empty training list, missing volumes) are checked by `validate`."""
   path = os.path.join(root, "dataset.json")
   if not os.path.isfile(path):
     raise DataError(f"{path}: not found (data.root must be a Decathlon task directory)")
@@ -41,12 +44,12 @@ def read_dataset(root: str) -> Dataset:
     labels = _indexed_names(meta["labels"])
     training = tuple(_case(root, entry) for entry in meta["training"])
     test = tuple(_resolve(root, p) for p in meta.get("test", []))
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    tensor_size = str(meta.get("tensorImageSize", "")).upper()
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
     raise DataError(f"{path}: not a valid Decathlon dataset.json ({type(e).__name__}: {e})")
-  if not training:
-    raise DataError(f"{path}: the 'training' list is empty")
   return Dataset(root=root, name=str(meta.get("name", os.path.basename(root))),
-                 modalities=modalities, labels=labels, training=training, test=test)
+                 modalities=modalities, labels=labels, training=training, test=test,
+                 tensor_size=tensor_size)
 
 
 def _indexed_names(mapping: dict) -> tuple[str, ...]:

@@ -1,17 +1,17 @@
-"""A slice loader: volumes split by subject, preprocessed once, batches sharded per host.
+"""The loader: subjects split by volume, slices read from the slice store, batches per host.
 
-Process 0 preprocesses the slices into WORKDIR/slices/ (keyed by the data settings
-and the split); every process memory-maps them. Every process computes the same
-global batch order from the seed and the epoch, and reads only its own contiguous
-part of each global batch.
+Process 0 builds the slice store (`store.py`) once per dataset and settings; every
+process opens it and reads only the rows it feeds. Every process computes the same
+epoch order from the seed and the epoch, and reads its own contiguous part of each
+global batch, a few batches ahead of the one being trained on (tensorstore reads run
+on its own threads while the step computes).
 """
 
+import collections
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -19,18 +19,22 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files, parallel
-from medseg_jax.data import decathlon, preprocess, synthetic
+from medseg_jax.data import decathlon, preprocess, store, synthetic
 from medseg_jax.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
+PREFETCH = 4  # global batches read ahead (tested, and measured in benchmarks/input_pipeline.py)
 
 
 @dataclasses.dataclass
 class SliceSet:
-  """Preprocessed slices of one split, with the subject each slice came from."""
+  """Slices of one split, with the subject each slice came from.
 
-  image: np.ndarray    # [N,H,W,C] float32
-  label: np.ndarray    # [N,H,W] int32
+  `image` and `label` are numpy arrays or `store.Rows` views read on demand; both index
+  like numpy along the first axis and have `shape`."""
+
+  image: Any           # [N,H,W,C] float32
+  label: Any           # [N,H,W] int32
   volume: np.ndarray   # [N] index into `names`; a volume's slices are contiguous
   names: list[str]
   spacing: np.ndarray  # [V,3] mm between slices, rows, columns after resizing
@@ -62,7 +66,7 @@ def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
                                       shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
 
 
-def split_cases(cases: tuple, val_fraction: float, test_fraction: float,
+def split_cases(cases: list, val_fraction: float, test_fraction: float,
                 seed: int) -> dict[str, list]:
   """Shuffles subjects with `seed` and splits them; a subject is in exactly one split."""
   if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -78,104 +82,80 @@ def split_cases(cases: tuple, val_fraction: float, test_fraction: float,
 
 
 def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, SliceSet], dict]:
-  """Reads, preprocesses and splits the dataset; records the split in WORKDIR/split.json."""
+  """Validates and preprocesses the dataset into its slice store (once), splits it by
+  subject and records the split in WORKDIR/split.json."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
+  opened = open_store(cfg, dataset)
+  names = [v["name"] for v in opened.volumes]
   split_path = os.path.join(workdir, "split.json")
-  by_name = {c.name: c for c in dataset.training}
   if os.path.exists(split_path):
     with open(split_path) as f:
-      names = json.load(f)
-    missing = [n for s in names.values() for n in s if n not in by_name]
+      splits = json.load(f)
+    missing = [n for s in splits.values() for n in s if n not in names]
     if missing:
-      raise DataError(f"{split_path}: subjects {missing[:3]} are not in {dataset.root}")
-    splits = {s: [by_name[n] for n in names[s]] for s in SPLITS}
+      raise DataError(f"{split_path}: subjects {missing[:3]} are not in the slice store of "
+                      f"{dataset.root} (removed, or skipped as invalid)")
   else:
-    splits = split_cases(dataset.training, cfg.data.val_fraction, cfg.data.test_fraction,
-                         cfg.seed)
-    files.write_json(split_path, {s: [c.name for c in cases] for s, cases in splits.items()})
-  sets = _preprocessed(cfg, dataset, splits, workdir)
+    splits = split_cases(names, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    if jax.process_index() == 0:
+      files.write_json(split_path, splits)
+  sets = {s: _slice_set(opened, splits[s]) for s in SPLITS}
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
-          "labels": dataset.labels,
-          "volumes": {s: len(c) for s, c in splits.items()},
+          "labels": dataset.labels, "store": opened.path,
+          "skipped": sorted(opened.meta["skipped"]),
+          "volumes": {s: len(splits[s]) for s in SPLITS},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info
 
 
-def _preprocessed(cfg, dataset: decathlon.Dataset, splits: dict[str, list],
-                  workdir: str) -> dict[str, SliceSet]:
-  """The splits' slices, preprocessed once by process 0 into WORKDIR/slices/<key>/ and
-  memory-mapped by every process, so each reads only the slices it feeds."""
-  key = hashlib.sha256(json.dumps(
-      [cfg.data.to_dict(), {s: [c.name for c in cases] for s, cases in splits.items()}],
-      sort_keys=True, default=str).encode()).hexdigest()[:16]
-  cache = os.path.join(workdir, "slices", key)
-  if jax.process_index() == 0 and not os.path.isdir(cache):
-    tmp = f"{cache}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, cases in splits.items():
-      _save_set(os.path.join(tmp, split), _load_cases(cfg, dataset, cases))
-    os.replace(tmp, cache)  # complete or absent: an interrupted run leaves no cache
-  parallel.barrier("preprocessed slices")
-  return {split: _open_set(os.path.join(cache, split)) for split in splits}
+def _slice_set(opened: store.Store, names: list[str]) -> SliceSet:
+  image, label, volume, spacing = opened.rows(names)
+  return SliceSet(image=image, label=label, volume=volume, names=list(names), spacing=spacing)
 
 
-def _save_set(directory: str, data: SliceSet) -> None:
-  os.makedirs(directory)
-  for field in ("image", "label", "volume", "spacing"):
-    np.save(os.path.join(directory, f"{field}.npy"), getattr(data, field))
-  with open(os.path.join(directory, "names.json"), "w") as f:
-    json.dump(data.names, f)
+def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
+  """`data.cache_dir`, or `slice_cache/` beside the dataset directory."""
+  if cfg.data.cache_dir:
+    return os.path.expanduser(cfg.data.cache_dir)
+  return os.path.join(os.path.dirname(os.path.abspath(root)), "slice_cache")
 
 
-def _open_set(directory: str) -> SliceSet:
-  def load(field, mode=None):
-    path = os.path.join(directory, f"{field}.npy")
-    try:
-      return np.load(path, mmap_mode=mode)
-    except ValueError:  # an empty split's arrays cannot be memory-mapped
-      return np.load(path)
-  with open(os.path.join(directory, "names.json")) as f:
-    names = json.load(f)
-  return SliceSet(image=load("image", "r"), label=load("label", "r"), volume=load("volume"),
-                  names=names, spacing=load("spacing"))
+def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset) -> store.Store:
+  """The dataset's slice store for these settings, built by process 0 if absent."""
+  settings = preprocess.settings_from_config(cfg.data)
+  path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
+                          cfg.data.skip_invalid)
+  if jax.process_index() == 0 and not os.path.isdir(path):
+    store.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
+  parallel.barrier("slice store")
+  opened = store.Store(path)
+  skipped = opened.meta["skipped"]
+  if skipped and jax.process_index() == 0:
+    logging.warning("Skipped %d invalid subjects (data.skip_invalid=True):\n  %s",
+                    len(skipped), "\n  ".join(p for ps in skipped.values() for p in ps))
+  return opened
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
-  """Training slices the config yields, from file headers only (no volume is read)."""
+  """Training slices the config yields, from file headers (and, to find the foreground
+  slices, label volumes); no slice store is built."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
-  cases = split_cases(dataset.training, cfg.data.val_fraction, cfg.data.test_fraction,
+  settings = preprocess.settings_from_config(cfg.data)
+  by_name = {c.name: c for c in dataset.training}
+  names = split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
                       cfg.seed)["train"]
-  depths = [decathlon.canonical_shape(c.image)[cfg.data.slice_axis] for c in cases]
-  return sum(len(preprocess.central_slices(d, cfg.data.slices_per_volume)) for d in depths)
-
-
-def _load_cases(cfg, dataset: decathlon.Dataset, cases: list) -> SliceSet:
-  images, labels, volumes, spacings = [], [], [], []
-  for index, case in enumerate(cases):
-    image_vol = decathlon.load_nifti(case.image)
-    label = decathlon.load_nifti(case.label).data
-    image = preprocess.select_channels(image_vol.data, tuple(cfg.data.modalities),
-                                       dataset.modalities, case.image)
-    if image.shape[:3] != label.shape:
-      raise DataError(f"{case.label}: shape {label.shape} differs from its image's "
-                      f"{image.shape[:3]}")
-    label = preprocess.map_labels(label, tuple(cfg.data.label_map), case.label)
-    img_slices, lbl_slices = preprocess.to_slices(
-        preprocess.zscore_nonzero(image), label, cfg.data.slice_axis,
-        cfg.data.slices_per_volume, cfg.data.image_size)
-    images.append(img_slices)
-    labels.append(lbl_slices)
-    volumes.append(np.full(len(lbl_slices), index, np.int32))
-    spacings.append(preprocess.slice_spacing(image_vol.spacing, image.shape[:3],
-                                             cfg.data.slice_axis, cfg.data.image_size))
-  if not cases:
-    channels = len(cfg.data.modalities) or len(dataset.modalities)
-    size = cfg.data.image_size
-    return SliceSet(np.zeros((0, size, size, channels), np.float32),
-                    np.zeros((0, size, size), np.int32), np.zeros((0,), np.int32), [],
-                    np.zeros((0, 3)))
-  return SliceSet(np.concatenate(images), np.concatenate(labels), np.concatenate(volumes),
-                  [c.name for c in cases], np.array(spacings))
+  count = 0
+  for name in names:
+    case = by_name[name]
+    if settings.slice_selection == "foreground":
+      label = preprocess.map_labels(decathlon.load_nifti(case.label).data,
+                                    settings.label_map, case.label)
+      count += len(preprocess.select_slices(label, settings))
+    else:
+      depth = decathlon.canonical_shape(case.image)[settings.slice_axis]
+      count += depth if settings.slice_selection == "all" else len(
+          preprocess.central_slices(depth, settings.slices_per_volume))
+  return count
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
@@ -196,23 +176,52 @@ def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
-                  process_index: int = 0, process_count: int = 1,
-                  offset: int = 0) -> Iterator[dict]:
+                  process_index: int = 0, process_count: int = 1, offset: int = 0,
+                  prefetch: int = PREFETCH) -> Iterator[dict]:
   """This process's part of each full global batch of one epoch, in a seeded order,
-  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps)."""
+  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps).
+  Reads run `prefetch` batches ahead. Labels keep the store's integer type (uint8), which
+  the steps widen on the device."""
   order = epoch_order(len(data), seed, epoch)
   local = global_batch // process_count
-  for start in range(offset, len(order) - global_batch + 1, global_batch):
-    rows = order[start + process_index * local:start + (process_index + 1) * local]
-    yield {"image": data.image[rows], "label": data.label[rows]}
+  rows = (order[start + process_index * local:start + (process_index + 1) * local]
+          for start in range(offset, len(order) - global_batch + 1, global_batch))
+  return _read_ahead(data, ((r, None) for r in rows), prefetch)
 
 
 def eval_batches(data: SliceSet, global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+                 process_count: int = 1, prefetch: int = PREFETCH) -> Iterator[dict]:
   """Every slice once, in order; the last batch is padded and `mask` marks real slices."""
   local = global_batch // process_count
-  for start in range(0, len(data), global_batch):
-    rows = np.arange(start + process_index * local, start + (process_index + 1) * local)
-    valid = rows < len(data)
-    rows = np.where(valid, rows, 0)
-    yield {"image": data.image[rows], "label": data.label[rows], "mask": valid}
+
+  def rows():
+    for start in range(0, len(data), global_batch):
+      index = np.arange(start + process_index * local, start + (process_index + 1) * local)
+      valid = index < len(data)
+      yield np.where(valid, index, 0), valid
+  return _read_ahead(data, rows(), prefetch)
+
+
+def _read_ahead(data: SliceSet, batches: Iterator, prefetch: int) -> Iterator[dict]:
+  """Batches of `(rows, mask or None)`, each read while up to `prefetch` later ones are
+  already being read."""
+  pending = collections.deque()
+  for rows, mask in batches:
+    pending.append((_fetch(data.image, rows), _fetch(data.label, rows), mask))
+    if len(pending) > prefetch:
+      yield _batch(*pending.popleft())
+  while pending:
+    yield _batch(*pending.popleft())
+
+
+def _fetch(array, rows: np.ndarray):
+  if isinstance(array, store.Rows):
+    return array.fetch(rows, stored_dtype=True)
+  return store.Pending(None, array.dtype, np.asarray(array[rows]))
+
+
+def _batch(image, label, mask) -> dict:
+  batch = {"image": image.result(), "label": label.result()}
+  if mask is not None:
+    batch["mask"] = mask
+  return batch

@@ -1,0 +1,109 @@
+"""On-device augmentation: identity at zero, image and label moved together, as scipy does it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import base
+from medseg_jax import losses, parallel
+from medseg_jax.data import augment
+from medseg_jax.errors import ConfigError
+
+THESIS = augment.Ranges(rotation_degrees=45.0, zoom=(0.8, 1.2), translate_pixels=6.4,
+                        flip_probability=0.5)
+SIZE = 32
+
+
+def _square_batch(n=8):
+  """A bright off-centre rectangle in the image and the same rectangle as class 1."""
+  label = np.zeros((n, SIZE, SIZE), np.int32)
+  label[:, 6:14, 9:22] = 1
+  image = label[..., None].astype(np.float32) * 2.0 + 1.0
+  return image, label
+
+
+def test_zero_ranges_are_the_identity():
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(4, SIZE, SIZE, 2)).astype(np.float32)
+  label = rng.integers(0, 3, (4, SIZE, SIZE)).astype(np.int32)
+  out_image, out_label = jax.jit(functools.partial(augment.augment_batch,
+                                                   ranges=augment.Ranges()))(
+      jax.random.key(1), image, label)
+  np.testing.assert_array_equal(out_image, image)
+  np.testing.assert_array_equal(out_label, label)
+
+
+def test_image_and_label_move_together():
+  image, label = _square_batch()
+  fn = jax.jit(functools.partial(augment.augment_batch, ranges=THESIS))
+  out_image, out_label = map(np.asarray, fn(jax.random.key(3), image, label))
+  moved = 0
+  for i in range(len(image)):
+    shape_in_image = out_image[i, ..., 0] > 2.0  # halfway between 1 (inside) and 3 (shape)
+    truth = out_label[i] == 1
+    iou = (shape_in_image & truth).sum() / (shape_in_image | truth).sum()
+    assert iou > 0.9, (i, iou)
+    moved += not np.array_equal(out_label[i], label[i])
+  assert moved == len(image)
+  assert len({out_label[i].tobytes() for i in range(len(image))}) == len(image)
+  again = fn(jax.random.key(3), image, label)  # the same key, the same batch
+  np.testing.assert_array_equal(again[0], out_image)
+
+
+def test_matches_scipy_affine_transform():
+  rng = np.random.default_rng(2)
+  image = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), 2).astype(np.float32)
+  label = (image > 0).astype(np.int32) + (image > 0.1)
+  for seed in range(4):
+    t = augment.sample(jax.random.key(seed), THESIS)
+    got_image, got_label = augment.apply(t, jnp.asarray(image[..., None]), jnp.asarray(label))
+    # Reference: output pixel o reads input M o + offset, M = F R(-angle) / zoom.
+    angle, zoom = float(t.angle), float(t.zoom)
+    flips = np.where(np.asarray(t.flip), -1.0, 1.0)
+    rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    matrix = np.diag(flips) @ rotation / zoom
+    centre = np.full(2, (SIZE - 1) / 2)
+    offset = centre - matrix @ (centre + np.asarray(t.shift))
+    ref_image = ndimage.affine_transform(image, matrix, offset, order=1, mode="grid-constant")
+    ref_label = ndimage.affine_transform(label, matrix, offset, order=0, mode="grid-constant")
+    np.testing.assert_allclose(got_image[..., 0], ref_image, atol=1e-4)
+    assert np.mean(np.asarray(got_label) != ref_label) < 0.01  # ties at .5 may round apart
+
+
+@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+def test_every_shard_augments_differently(devices8, strategy):
+  """Eight copies of one slice, one per device: eight different transforms."""
+  image, label = _square_batch(8)
+  par = parallel.make_parallel(strategy, 8)
+  fn = par.augment_step(functools.partial(augment.augment_batch, ranges=THESIS))
+  out_image, out_label = fn(par.put_batch({"image": image, "label": label}), jax.random.key(0))
+  out_label = np.asarray(out_label)
+  assert out_label.shape == label.shape and np.asarray(out_image).shape == image.shape
+  assert len({out_label[i].tobytes() for i in range(8)}) == 8
+
+
+def test_train_step_augments_only_when_asked(devices8):
+  from test_parallel import _batch, _state  # pylint: disable=import-outside-toplevel
+  batch = _batch(seed=4)
+  par = parallel.make_parallel("shard_map", 8)
+  loss = lambda aug: float(jax.device_get(par.train_step(losses.dice_ce_loss, aug)(
+      par.put_state(_state()), par.put_batch(batch), jax.random.key(0))[1]["loss"]))
+  plain = loss(None)
+  identity = functools.partial(augment.augment_batch, ranges=augment.Ranges())
+  assert loss(identity) == pytest.approx(plain, rel=1e-6)
+  assert loss(functools.partial(augment.augment_batch, ranges=THESIS)) != pytest.approx(
+      plain, rel=1e-3)
+
+
+def test_config_section():
+  cfg = base.get_config()
+  assert augment.from_config(cfg.data.augment) is None  # off by default
+  cfg.data.augment.enabled = True
+  assert callable(augment.from_config(cfg.data.augment))
+  cfg.data.augment.zoom = (1.2, 0.8)
+  with pytest.raises(ConfigError, match="data.augment.zoom"):
+    augment.from_config(cfg.data.augment)
