@@ -63,14 +63,16 @@ def main(argv: list[str]) -> None:
   try:
     _start_processes(cfg)
     # The training code imports jax's backend; it comes after the process group exists.
-    from medseg_jax import infer, parallel, train  # pylint: disable=import-outside-toplevel
+    from medseg_jax import parallel  # pylint: disable=import-outside-toplevel
+    from medseg_jax.evaluation import predict
+    from medseg_jax.training import loop
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      train.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
+      loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
     elif _MODE.value == "evaluate":
-      train.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
+      loop.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
     else:
-      infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+      predict.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                     _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medseg_jax import step as step_lib
+from medseg_jax.training import step as step_lib
 from medseg_jax.errors import ConfigError
 
 AXIS = "data"
@@ -80,7 +80,7 @@ class Parallel:
       return jax.tree.map(self._put_local, state)
     return jax.device_put(state, self.replicated)
 
-  def get_state(self, state: Any) -> Any:
+  def host_state(self, state: Any) -> Any:
     """The state as one replicated copy (undoes pmap's per-device stacking)."""
     return _first(state) if self.strategy == "pmap" else state
 

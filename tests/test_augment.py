@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 
 from configs import base
-from medseg_jax import losses, parallel
+from medseg_jax import parallel
+from medseg_jax.training import losses
 from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
 

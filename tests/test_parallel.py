@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from medseg_jax import losses, parallel, step
+from medseg_jax import parallel
+from medseg_jax.training import losses, step
 from medseg_jax.models import UNet
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 
 GLOBAL_BATCH = 16
 SIZE = 32
@@ -43,7 +44,7 @@ def _parallel_step(strategy, state, batch, check_vma=False):
   par = parallel.make_parallel(strategy, 8, check_vma=check_vma)
   new_state, metrics = par.train_step(losses.dice_ce_loss)(
       par.put_state(state), par.put_batch(batch), jax.random.key(0))
-  return jax.device_get(par.get_state(new_state)), jax.device_get(metrics)
+  return jax.device_get(par.host_state(new_state)), jax.device_get(metrics)
 
 
 def _max_rel_diff(a, b):

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from medseg_jax import checkpoint, files, parallel, train
+from medseg_jax import files, parallel
+from medseg_jax.training import checkpoint, setup
 from medseg_jax.data import decathlon, preprocess
 from medseg_jax.errors import DataError, MedsegError
 
@@ -83,7 +84,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
     check_input(path, len(info["modalities"]))
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   # The optimizer is built only to give the checkpoint's tree its shape.
-  state = train.build_state(cfg, par, info["num_classes"], info["channels"],
+  state = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                             optax.constant_schedule(0.0), jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
   step = None if which in ("latest", "best") else int(which)
