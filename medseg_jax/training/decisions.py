@@ -20,10 +20,15 @@ class Position:
   offset: int = 0
 
 
+def periodic(step: int, every: int) -> bool:
+  """Every `every` steps (0: never): the checkpoint cadence."""
+  return bool(every and step % every == 0)
+
+
 def due(step: int, every: int, last_step: int) -> bool:
   """Whether a periodic action (log, validation) runs after `step`: every `every` steps
   (0: never) and after the last step."""
-  return bool(every and step % every == 0) or step == last_step
+  return periodic(step, every) or step == last_step
 
 
 def plateaued(step: int, best_step: int | None, patience: int, eval_every: int) -> bool:

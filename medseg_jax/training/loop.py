@@ -105,7 +105,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
       if stop is not Stop.NONE:
         _log_stop(stop, step, ckpt, signals.signal_name)
         break
-      if ckpt.due(step):
+      if decisions.periodic(step, cfg.checkpoint.every_steps):
         _save(setup, ckpt, guard, state, step, position, start.rng)
       fetch_start = time.perf_counter()
   _save(setup, ckpt, guard, state, step, position, start.rng,
