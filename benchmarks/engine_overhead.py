@@ -153,7 +153,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   p.add_argument("--configs", default="configs/quickstart.py",
                  help="comma-separated config files; overrides after a space go with each, "
-                      "e.g. 'configs/unet_brats.py --config.data.synthetic=True'")
+                      "e.g. 'configs/unet_brats.py --config.data.synthetic=True "
+                      "--config.data.root='")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--cache", default="both", choices=("off", "on", "both"),
                  help="a warm persistent compilation cache (JAX_COMPILATION_CACHE_DIR)")

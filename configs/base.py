@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.root = ""                 # Decathlon task directory (dataset.json inside)
-  c.data.synthetic = False         # write a synthetic Decathlon dataset to root if absent
+  c.data.synthetic = False         # write a synthetic Decathlon dataset: to WORKDIR/data when
+                                   # root is "", or into root only if it is an existing empty
+                                   # directory (a misspelt root stays "not found")
   c.data.synthetic_volumes = 16
   c.data.synthetic_shape = (96, 96, 48)
   c.data.cache_dir = ""            # slice stores (one per dataset + settings); "" = slice_cache/

@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import (checkpoint, evaluation, files, losses, manifest, monitor, optim,
-                        parallel, preemption)
+from medseg_jax import (checkpoint, config, evaluation, files, losses, manifest, monitor,
+                        optim, parallel, preemption)
 from medseg_jax.data import augment, pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.guard import DivergenceGuard
@@ -52,10 +52,7 @@ class Run:
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  if cfg.train.per_device_batch_size <= 0:
-    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
-                      "must be positive")
-  global_batch = cfg.train.per_device_batch_size * par.num_devices
+  global_batch = config.global_batch(cfg, par.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
   steps_per_epoch = len(data["train"]) // global_batch
   if steps_per_epoch == 0:

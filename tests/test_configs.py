@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from medseg_jax import losses, optim, parallel
+from medseg_jax import config, losses, optim, parallel
 from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
 
@@ -33,8 +33,9 @@ def test_expected_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_config_resolves(path):
+def test_config_resolves(path, devices8):
   cfg = load(path)
+  config.check(cfg)  # the check main runs before any data work accepts every shipped config
   for section in SECTIONS:
     assert section in cfg
   for key in REQUIRED:

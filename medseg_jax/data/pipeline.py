@@ -43,14 +43,36 @@ class SliceSet:
     return len(self.label)
 
 
+def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
+  """The dataset directory, and whether the synthetic dataset is to be written there.
+
+  Reads no data and writes nothing. Synthetic data (`data.synthetic=True`) goes only
+  where the run owns the place, WORKDIR/data when `data.root` is empty, or into a
+  `data.root` that is an existing empty directory (the user made it for this). Any
+  other `data.root` must hold a dataset, so a misspelt path is "not found", never a
+  fresh synthetic dataset.
+  """
+  if not cfg.data.root:
+    if not cfg.data.synthetic:
+      raise ConfigError("data.root: no dataset directory given (or set data.synthetic=True)")
+    root = os.path.join(workdir, "data")
+    return root, not os.path.exists(os.path.join(root, "dataset.json"))
+  root = cfg.data.root
+  if os.path.exists(os.path.join(root, "dataset.json")):
+    return root, False
+  if cfg.data.synthetic and os.path.isdir(root) and not os.listdir(root):
+    return root, True
+  hint = (" (data.synthetic=True writes a synthetic dataset only into WORKDIR/data, with "
+          "data.root empty, or into an existing empty data.root)" if cfg.data.synthetic else "")
+  raise DataError(f"{os.path.join(root, 'dataset.json')}: not found (data.root must be a "
+                  f"Decathlon task directory){hint}")
+
+
 def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """The dataset directory; writes the synthetic dataset there first if configured."""
-  root = cfg.data.root or (os.path.join(workdir, "data") if cfg.data.synthetic else "")
-  if not root:
-    raise ConfigError("data.root: no dataset directory given (or set data.synthetic=True)")
-  if cfg.data.synthetic and not os.path.exists(os.path.join(root, "dataset.json")):
-    if jax.process_index() == 0:  # the others wait for it at the barrier below
-      _write_synthetic(cfg, root)
+  root, write = dataset_root(cfg, workdir)
+  if write and jax.process_index() == 0:  # the others wait for it at the barrier below
+    _write_synthetic(cfg, root)
   if cfg.data.synthetic:
     parallel.barrier("synthetic dataset")
   return root
@@ -59,18 +81,22 @@ def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
   if os.path.exists(root) and os.listdir(root):
     raise DataError(f"{root}: exists without dataset.json; will not write synthetic data there")
-  if os.path.exists(root):
-    os.rmdir(root)
   logging.info("Writing a synthetic Decathlon dataset to %s", root)
+  # An empty `root` stays in place until the complete dataset replaces it, so another
+  # process never sees it missing.
   synthetic.write_synthetic_decathlon(root, cfg.data.synthetic_volumes, num_test=2,
                                       shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+    raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
 
 
 def split_cases(cases: list, val_fraction: float, test_fraction: float,
                 seed: int) -> dict[str, list]:
   """Shuffles subjects with `seed` and splits them; a subject is in exactly one split."""
-  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-    raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+  check_fractions(val_fraction, test_fraction)
   order = np.random.default_rng(seed).permutation(len(cases))
   n_val = max(1, round(val_fraction * len(cases))) if val_fraction else 0
   n_test = max(1, round(test_fraction * len(cases))) if test_fraction else 0
