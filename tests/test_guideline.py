@@ -12,8 +12,8 @@ from ml_collections import config_flags
 
 from configs import quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
-from medseg_jax import guideline, guideline_report
 from medseg_jax.errors import ConfigError
+from medseg_jax.tuning import guideline, report
 
 INITIAL, COEF, WARMUP, DECAY, OPT = ("lr.grescale.initial_lr", "lr.grescale.decay_coefficient",
                                      "lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
@@ -225,9 +225,9 @@ def test_bad_guideline_settings(tmp_path, key, value):
 def test_chosen_config_file_loads_like_main(tmp_path):
   cfg = make_cfg()
   overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-6, OPT: "sgd"}
-  chosen = guideline_report.chosen_config(cfg, overrides)
+  chosen = report.chosen_config(cfg, overrides)
   path = tmp_path / "chosen.py"
-  path.write_text(guideline_report.config_source(chosen, "test"))
+  path.write_text(report.config_source(chosen, "test"))
   loaded = load_config(str(path))
   assert loaded.lr.grescale.initial_lr == 2.5e-6 and loaded.optim.name == "sgd"
   assert loaded.parallel.num_devices == 8 and loaded.data.synthetic_shape == (96, 96, 48)
@@ -250,8 +250,8 @@ TINY = TINY_RUN[1:] + ["--config.train.num_epochs=1", "--config.train.eval_every
 
 
 def run(*args, timeout=900):
-  return subprocess.run([sys.executable, "-m", "medseg_jax.guideline", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout,
+  return subprocess.run([sys.executable, "-m", "medseg_jax.tuning.guideline", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         env=env_with_devices(None))
 
 

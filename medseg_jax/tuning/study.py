@@ -1,6 +1,6 @@
 """Scaling study: train every (devices, LR policy, seed) combination and compare them.
 
-    python -m medseg_jax.study --config=configs/quickstart.py --devices=1,2,4,8 \\
+    python -m medseg_jax.tuning.study --config=configs/quickstart.py --devices=1,2,4,8 \\
         --policies=linear,linear_gradual,grescale --seeds=2 --workdir=DIR [--config.key=value]
 
 Each combination is a normal run of `medseg_jax.main` in DIR/runs/<policy>_dev<N>_seed<S>,
@@ -15,7 +15,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from medseg_jax import cli, files, runs
+from medseg_jax import cli, files
+from medseg_jax.tuning import runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],

@@ -1,6 +1,6 @@
 """The GreScale guideline, automated: scale a config to K devices without losing accuracy.
 
-    python -m medseg_jax.guideline --config=configs/unet_brats.py --num_devices=K \\
+    python -m medseg_jax.tuning.guideline --config=configs/unet_brats.py --num_devices=K \\
         --workdir=DIR [--budget=N] [--threshold=T] [--config.guideline.KEY=VALUE]
 
 1. The baseline: the config on one device at the reference batch.
@@ -28,8 +28,9 @@ from typing import Callable
 
 import ml_collections
 
-from medseg_jax import files, optim, runs
+from medseg_jax import files, optim
 from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax.tuning import runs
 
 Metrics = dict[str, float | None]
 Result = dict[str, Metrics | None]       # {"val": ..., "test": ...}
@@ -339,7 +340,8 @@ def _cli() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  from medseg_jax import cli, guideline_report  # pylint: disable=import-outside-toplevel
+  from medseg_jax import cli  # pylint: disable=import-outside-toplevel
+  from medseg_jax.tuning import report as guideline_report  # pylint: disable=import-outside-toplevel
 
   config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                            lock_config=True)
@@ -373,7 +375,7 @@ def _cli() -> None:
       tuner = Tuner(cfg, devices.value, trainer, workdir.value, say)
       status = tuner.run()
       chosen = guideline_report.chosen_config(cfg, tuner.chosen_overrides())
-      doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.guideline "
+      doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.tuning.guideline "
              f"(run {tuner.chosen}: {STATUS[status]}).")
       text = guideline_report.write(workdir.value, tuner.history, STATUS[status],
                                     cfg.guideline.split,
