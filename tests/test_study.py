@@ -52,6 +52,13 @@ def test_unknown_policy_is_one_line(tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_help_lists_the_flags():
+  proc = run("medseg_jax.tuning.study", "--help", timeout=120)
+  assert "error:" not in proc.stderr
+  for name in ("config", "workdir", "devices", "policies", "seeds", "baseline_policy"):
+    assert f"--{name}:" in proc.stdout, name
+
+
 def test_lr_policy_command_prints_phases_and_plots(tmp_path):
   png = tmp_path / "lr.png"
   proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
