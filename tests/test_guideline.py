@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from configs import quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
 from medseg_jax.errors import ConfigError
-from medseg_jax.tuning import guideline, report
+from medseg_jax.tuning import guideline, guideline_settings, report
 from medseg_jax.tuning.guideline_settings import Settings
 
 INITIAL, COEF, WARMUP, DECAY, OPT = ("lr.grescale.initial_lr", "lr.grescale.decay_coefficient",
@@ -229,6 +229,17 @@ def test_default_settings_are_the_thesis_guideline():
                "increase_decay_period", "change_optimizer"),
       initial_lr_factor=0.5, decay_coefficient_step=0.1, warmup_epochs_step=1.0,
       decay_epochs_step=1.0, optimizers=("sgd", "adam", "lars"))
+
+
+def test_settings_from_flags():
+  values = flags.FlagValues()
+  read = guideline_settings.define_flags(values)
+  values(["prog"])
+  assert read() == Settings()
+  values(["prog", "--actions=increase_warmup,change_optimizer", "--budget=3",
+           "--tolerance=0", "--optimizers=lars"])
+  assert read() == Settings(actions=("increase_warmup", "change_optimizer"), budget=3,
+                            tolerance=0.0, optimizers=("lars",))
 
 
 def test_chosen_config_file_loads_like_main(tmp_path):

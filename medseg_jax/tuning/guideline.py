@@ -20,6 +20,7 @@ settings are its own (`Settings`, each one a flag), not part of the experiment c
 Every run is a normal run in DIR/runs/<name>; the tuner's state is
 DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
 """
+
 import functools
 import json
 import math
@@ -110,7 +111,8 @@ def _decrease_initial_lr(params: Params, cfg, g: Settings, tries: int) -> Params
 
 
 def _increase_decay_coefficient(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  return {**params, DECAY_COEFFICIENT: _round(params[DECAY_COEFFICIENT] + g.decay_coefficient_step)}
+  step = g.decay_coefficient_step
+  return {**params, DECAY_COEFFICIENT: _round(params[DECAY_COEFFICIENT] + step)}
 
 
 def _increase_warmup(params: Params, cfg, g: Settings, tries: int) -> Params | None:
@@ -257,7 +259,7 @@ class Tuner:
   def _decide(self, decision: str) -> None:
     self.history[-1]["decision"] = decision
     self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
-                f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
+             f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
 
   def _overrides(self, params: Params, seed: int | None = None) -> dict:
     fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}

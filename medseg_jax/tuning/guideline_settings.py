@@ -19,10 +19,11 @@ def _setting(default, why: str):
 class Settings:
   """The tuner's own settings (not the experiment config's); each is a flag, --NAME."""
 
-  threshold: int = _setting(12, "Below this many devices, train the GreScale defaults once: "
-                            "the thesis found them enough below 12 workers.")
-  budget: int = _setting(12, "Training runs at most, the baseline included: room for the "
-                         "GreScale run, each action once, a few repeats and the confirmation.")
+  threshold: int = _setting(12, "Below this many devices, train the GreScale defaults once "
+                            "and stop: the thesis's guideline just trains below 12 workers.")
+  budget: int = _setting(12, "Training runs at most, the baseline included: 12 leaves room for "
+                         "the GreScale run, each action once, a few repeats and the confirming "
+                         "run.")
   actions: tuple[str, ...] = _setting(
       ("decrease_initial_lr", "increase_decay_coefficient", "increase_warmup",
        "increase_decay_period", "change_optimizer"),
@@ -53,10 +54,12 @@ _FLAG_TYPES = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.
                tuple: flags.DEFINE_list}
 
 
-def define_flags() -> Callable[[], Settings]:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Callable[[], Settings]:
   """Defines a flag per setting, defaulting to `Settings`; returns their reader."""
-  holders = {f.name: _FLAG_TYPES[type(f.default)](
-      f.name, list(f.default) if isinstance(f.default, tuple) else f.default, f.metadata["help"])
-             for f in dataclasses.fields(Settings)}
+  holders = {}
+  for f in dataclasses.fields(Settings):
+    default = list(f.default) if isinstance(f.default, tuple) else f.default  # lists for absl
+    holders[f.name] = _FLAG_TYPES[type(f.default)](f.name, default, f.metadata["help"],
+                                                   flag_values=flag_values)
   return lambda: Settings(**{name: tuple(h.value) if isinstance(h.value, list) else h.value
                              for name, h in holders.items()})
