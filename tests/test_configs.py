@@ -63,3 +63,9 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert cfg.optim.lr == lr and cfg.optim.name == "sgd" and cfg.model.name == model
   assert cfg.data.slices_per_volume == 70
   assert cfg.data.augment.enabled == ("heart" in name)  # the thesis augmented the left atrium
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_configs_hold_training_sections_only(path):
+  # The tools' settings (the guideline tuner's) are their own flags, not config sections.
+  assert set(load(path)) == set(SECTIONS) | {"seed"}
