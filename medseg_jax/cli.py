@@ -5,7 +5,10 @@ import os
 import sys
 from typing import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from medseg_jax.errors import MedsegError
 
 
 def fail(message: str, code: int) -> None:
@@ -64,3 +67,23 @@ class _QuietLibraries:
 
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def config_flag() -> flags.FlagHolder:
+  """Defines --config: an experiment config file, locked, with --config.KEY overrides."""
+  return config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                         lock_config=True)
+
+
+def run(main: Callable[[], None], check: Callable[[], None] | None = None) -> None:
+  """Runs `main()` as a command: flags parsed by `flags_parser(check)`, quiet library
+  logs, and a MedsegError from `main` printed as one `error:` line with its exit code."""
+  def run_main(argv: list[str]) -> None:
+    del argv
+    quiet_library_logs()
+    try:
+      main()
+    except MedsegError as e:
+      logging.flush()
+      fail(str(e), e.exit_code)
+  app.run(run_main, flags_parser=flags_parser(check))
