@@ -57,7 +57,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   import jax
   from ml_collections import config_flags
   from medseg_jax import losses, optim, parallel, train
-  from medseg_jax.data import pipeline
+  from medseg_jax.data import loader, pipeline
   now = mark("imports", now)
 
   holder = config_flags.DEFINE_config_file("config", None, "config", lock_config=True)
@@ -88,7 +88,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   par.eval_step(pipeline.num_classes(cfg, info))
   now = mark("build", now)
 
-  batches = pipeline.train_batches(data["train"], global_batch, cfg.seed, 0)
+  batches = loader.train_batches(data["train"], global_batch, cfg.seed, 0)
   state, metrics = step(state, par.put_batch(next(batches)), jax.random.key(1))
   jax.block_until_ready(metrics)
   now = mark("first_step", now)

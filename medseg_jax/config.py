@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medseg_jax import losses, optim, parallel
-from medseg_jax.data import augment, pipeline, preprocess
+from medseg_jax.data import augment, preprocess, split
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
 
@@ -66,7 +66,7 @@ def global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
 
 def _check_data(data: ml_collections.ConfigDict) -> None:
   preprocess.settings_from_config(data)
-  pipeline.check_fractions(data.val_fraction, data.test_fraction)
+  split.check_fractions(data.val_fraction, data.test_fraction)
   if data.synthetic:
     if data.synthetic_volumes < 3:
       raise ConfigError(f"data.synthetic_volumes={data.synthetic_volumes}: need at least 3 "

@@ -8,19 +8,19 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files, metrics, overlay, parallel
-from medseg_jax.data import pipeline
+from medseg_jax.data import loader
 
 if TYPE_CHECKING:
   from medseg_jax.train import Run
 
 
-def predict_split(run: "Run", state, data: pipeline.SliceSet) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(run: "Run", state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
   """(Confusion matrix summed over every device and host, predicted labels [N,H,W])."""
   eval_batch = (run.cfg.train.eval_batch_size or run.cfg.train.per_device_batch_size)
   global_batch = eval_batch * run.par.num_devices
   confusion = np.zeros((run.num_classes,) * 2, np.int64)
   preds = np.zeros(data.label.shape, np.uint8)
-  batches = pipeline.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
+  batches = loader.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
   for start, batch in zip(range(0, len(data), global_batch), batches):
     batch_confusion, batch_preds = run.eval_step(state, run.par.put_batch(batch))
     confusion += parallel.to_host(batch_confusion)
@@ -29,7 +29,7 @@ def predict_split(run: "Run", state, data: pipeline.SliceSet) -> tuple[np.ndarra
   return confusion, preds
 
 
-def per_volume_rows(data: pipeline.SliceSet, preds: np.ndarray, num_classes: int,
+def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
                     surface: bool) -> list[dict]:
   """3D Dice (and HD95 in mm if `surface`) per volume, over the slices evaluated."""
   rows = []

@@ -13,7 +13,7 @@ from absl import logging
 
 from medseg_jax import (checkpoint, config, evaluation, files, losses, manifest, monitor,
                         optim, parallel, preemption)
-from medseg_jax.data import augment, pipeline
+from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.guard import DivergenceGuard
 from medseg_jax.models import build_model
@@ -27,7 +27,7 @@ class Run:
   cfg: ml_collections.ConfigDict
   workdir: str
   par: parallel.Parallel
-  data: dict[str, pipeline.SliceSet]
+  data: dict[str, loader.SliceSet]
   data_info: dict
   num_classes: int
   state: TrainState                 # placed on the mesh
@@ -250,7 +250,7 @@ def _train_loop(run: Run, progress: _Progress, mon: monitor.Monitor, guard: Dive
   window = _Window(progress.step)
   while progress.step < run.num_steps:
     position = progress.position
-    batches = pipeline.train_batches(run.data["train"], run.global_batch, run.cfg.seed,
+    batches = loader.train_batches(run.data["train"], run.global_batch, run.cfg.seed,
                                      position.epoch, jax.process_index(), jax.process_count(),
                                      position.offset)
     while progress.step < run.num_steps:
