@@ -58,7 +58,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   from ml_collections import config_flags
   from medseg_jax import optim, parallel
   from medseg_jax.training import losses, setup
-  from medseg_jax.data import pipeline
+  from medseg_jax.data import loader, pipeline
   now = mark("imports", now)
 
   holder = config_flags.DEFINE_config_file("config", None, "config", lock_config=True)
@@ -89,7 +89,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   par.eval_step(pipeline.num_classes(cfg, info))
   now = mark("build", now)
 
-  batches = pipeline.train_batches(data["train"], global_batch, cfg.seed, 0)
+  batches = loader.train_batches(data["train"], global_batch, cfg.seed, 0)
   state, metrics = step(state, par.put_batch(next(batches)), jax.random.key(1))
   jax.block_until_ready(metrics)
   now = mark("first_step", now)
@@ -154,7 +154,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   p.add_argument("--configs", default="configs/quickstart.py",
                  help="comma-separated config files; overrides after a space go with each, "
-                      "e.g. 'configs/unet_brats.py --config.data.synthetic=True'")
+                      "e.g. 'configs/unet_brats.py --config.data.synthetic=True "
+                      "--config.data.root='")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--cache", default="both", choices=("off", "on", "both"),
                  help="a warm persistent compilation cache (JAX_COMPILATION_CACHE_DIR)")

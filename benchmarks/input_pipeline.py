@@ -9,7 +9,7 @@ once into --workdir (synthetic phantoms) with its slice store. Each round measur
 after the other, over one epoch of the training slices:
 - raw: tensorstore reads of the store arrays alone (as many random rows, the same batch),
   each awaited before the next;
-- loader: `pipeline.train_batches` (reads `PREFETCH` batches ahead), and the same with no
+- loader: `loader.train_batches` (reads `PREFETCH` batches ahead), and the same with no
   read-ahead;
 - data wait: how long a consumer that computes as long as a raw batch read takes (a sleep)
   waits for each batch, with and without read-ahead;
@@ -128,23 +128,23 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
   import numpy as np
-  from medseg_jax.data import pipeline
+  from medseg_jax.data import loader
   cfg, data, opened = build(args)
   rates = {k: [] for k in ("raw", "loader", "loader_no_prefetch", "augment", "naive")}
   waits = {"prefetch": [], "no_prefetch": []}
-  epoch(raw_reads(opened, pipeline.epoch_order(len(data), 0, 99), args.batch))  # warm the OS cache
+  epoch(raw_reads(opened, loader.epoch_order(len(data), 0, 99), args.batch))  # warm the OS cache
   for r in range(args.rounds):
-    order = pipeline.epoch_order(len(data), 0, r)
+    order = loader.epoch_order(len(data), 0, r)
     rates["raw"].append(epoch(raw_reads(opened, order, args.batch)))
-    rates["loader"].append(epoch(pipeline.train_batches(data, args.batch, 0, r)))
+    rates["loader"].append(epoch(loader.train_batches(data, args.batch, 0, r)))
     rates["loader_no_prefetch"].append(
-        epoch(pipeline.train_batches(data, args.batch, 0, r, prefetch=0)))
+        epoch(loader.train_batches(data, args.batch, 0, r, prefetch=0)))
     rates["naive"].append(epoch(naive(cfg, data, order, args.batch)))
     rates["augment"].append(augment_rate(cfg, data, args.batch))
     step = args.batch / rates["raw"][-1]  # a step as long as reading its batch
-    waits["prefetch"].append(data_wait(pipeline.train_batches(data, args.batch, 0, r), step))
+    waits["prefetch"].append(data_wait(loader.train_batches(data, args.batch, 0, r), step))
     waits["no_prefetch"].append(
-        data_wait(pipeline.train_batches(data, args.batch, 0, r, prefetch=0), step))
+        data_wait(loader.train_batches(data, args.batch, 0, r, prefetch=0), step))
     print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
   median = {k: float(np.median(v)) for k, v in rates.items()}
   print(f"\nslices/s at 256x256, batch {args.batch}, median of {args.rounds} rounds, "

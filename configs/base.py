@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.root = ""                 # Decathlon task directory (dataset.json inside)
-  c.data.synthetic = False         # write a synthetic Decathlon dataset to root if absent
+  c.data.synthetic = False         # write a synthetic Decathlon dataset: to WORKDIR/data when
+                                   # root is "", or into root only if it is an existing empty
+                                   # directory (a misspelt root stays "not found")
   c.data.synthetic_volumes = 16
   c.data.synthetic_shape = (96, 96, 48)
   c.data.cache_dir = ""            # slice stores (one per dataset + settings); "" = slice_cache/
@@ -105,18 +107,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.monitor.log_every_steps = 50
   c.monitor.enabled = True         # TensorBoard events, system sampling, progress bar
   c.monitor.system_interval_seconds = 10.0  # 0 = no system sampling
-
-  c.guideline = ml_collections.ConfigDict()  # read by medseg_jax.guideline only
-  c.guideline.threshold = 12       # below this many devices: GreScale defaults, one run
-  c.guideline.budget = 12          # training runs at most, the baseline included
-  c.guideline.actions = ("decrease_initial_lr", "increase_decay_coefficient",
-                         "increase_warmup", "increase_decay_period", "change_optimizer")
-  c.guideline.comparison = "dice_macc_miou"  # see medseg_jax/guideline.py COMPARISONS
-  c.guideline.tolerance = 0.002    # metric differences below this are ties
-  c.guideline.split = "val"        # split the decisions use; reports show val and test
-  c.guideline.initial_lr_factor = 0.5  # decrease_initial_lr: lr.grescale.initial_lr x this
-  c.guideline.decay_coefficient_step = 0.1  # increase_decay_coefficient: + this
-  c.guideline.warmup_epochs_step = 1.0      # increase_warmup: + this many epochs
-  c.guideline.decay_epochs_step = 1.0       # increase_decay_period: + this many epochs
-  c.guideline.optimizers = ("sgd", "adam", "lars")  # change_optimizer: tried in this order
   return c

@@ -5,7 +5,10 @@ import os
 import sys
 from typing import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from medseg_jax.errors import MedsegError
 
 
 def fail(message: str, code: int) -> None:
@@ -14,15 +17,19 @@ def fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
+_HELP = {"--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml"}
+
+
 def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser`: any problem with the flags or the config file or its
   overrides is one line and exit code 2. `check` validates the parsed flags further."""
   def parse(argv: list[str]) -> list[str]:
-    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-    if config_arg is None:
-      fail("--config is required", 2)
-    if not os.path.isfile(config_arg.split(":", 1)[0]):
-      fail(f"--config: config file {config_arg.split(':', 1)[0]!r} not found", 2)
+    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    if not _HELP.intersection(argv[1:]):  # absl prints the help and exits while parsing
+      if not config_arg:
+        fail("--config is required", 2)
+      if not os.path.isfile(config_arg.split(":", 1)[0]):
+        fail(f"--config: config file {config_arg.split(':', 1)[0]!r} not found", 2)
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -64,3 +71,23 @@ class _QuietLibraries:
 
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def config_flag() -> flags.FlagHolder:
+  """Defines --config: an experiment config file, locked, with --config.KEY overrides."""
+  return config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                         lock_config=True)
+
+
+def run(main: Callable[[], None], check: Callable[[], None] | None = None) -> None:
+  """Runs `main()` as a command: flags parsed by `flags_parser(check)`, quiet library
+  logs, and a MedsegError from `main` printed as one `error:` line with its exit code."""
+  def run_main(argv: list[str]) -> None:
+    del argv
+    quiet_library_logs()
+    try:
+      main()
+    except MedsegError as e:
+      logging.flush()
+      fail(str(e), e.exit_code)
+  app.run(run_main, flags_parser=flags_parser(check))

@@ -1,4 +1,4 @@
-"""Entry point: python -m medseg_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]."""
+"""Entry point: python -m medseg_jax.main --config=configs/NAME.py [--workdir=DIR] [--mode=...]."""
 
 import os
 
@@ -12,7 +12,8 @@ MODES = ("train", "evaluate", "predict")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs; "
+                                "default runs/<config file name>.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES,
                           "train (then test), evaluate a checkpoint, or predict NIfTI files.")
 _INPUT = flags.DEFINE_string("input", None, "predict: a NIfTI file or a directory of them.")
@@ -33,8 +34,6 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
 
 
 def _check_flags() -> None:
-  if not _WORKDIR.value:
-    cli.fail("--workdir is required", 2)
   if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
     cli.fail("--mode=predict needs --input and --output", 2)
   if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
@@ -55,13 +54,36 @@ def _start_processes(cfg) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def default_workdir(config_arg: str) -> str:
+  """runs/<config file name>: `configs/unet_brats.py` (or `...py:VARIANT`) -> runs/unet_brats."""
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
+def _check_before_data(cfg, workdir: str) -> None:
+  """The whole config, and the dataset directory when the mode reads it, before anything
+  reads the data or writes into the workdir."""
+  # These modules import jax's backend; they come after the process group exists.
+  from medseg_jax import config  # pylint: disable=import-outside-toplevel
+  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config.check(cfg)
+  if _MODE.value != "predict":  # predict reads the run's data_info.json, not the dataset
+    pipeline.dataset_root(cfg, workdir)
+  if not _WORKDIR.value:
+    logging.info("Workdir: %s (the default for --config=%s)", workdir,
+                 flags.FLAGS["config"].config_filename)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   try:
     _start_processes(cfg)
+    _check_before_data(cfg, workdir)
     # The training code imports jax's backend; it comes after the process group exists.
     from medseg_jax import parallel  # pylint: disable=import-outside-toplevel
     from medseg_jax.evaluation import predict

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from medseg_jax import optim, parallel
+from medseg_jax import config, optim, parallel
 from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
@@ -34,8 +34,9 @@ def test_expected_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_config_resolves(path):
+def test_config_resolves(path, devices8):
   cfg = load(path)
+  config.check(cfg)  # the check main runs before any data work accepts every shipped config
   for section in SECTIONS:
     assert section in cfg
   for key in REQUIRED:
@@ -63,3 +64,9 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert cfg.optim.lr == lr and cfg.optim.name == "sgd" and cfg.model.name == model
   assert cfg.data.slices_per_volume == 70
   assert cfg.data.augment.enabled == ("heart" in name)  # the thesis augmented the left atrium
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_configs_hold_training_sections_only(path):
+  # The tools' settings (the guideline tuner's) are their own flags, not config sections.
+  assert set(load(path)) == set(SECTIONS) | {"seed"}

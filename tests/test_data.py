@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from medseg_jax.data import decathlon, pipeline, preprocess, synthetic
+from medseg_jax.data import decathlon, loader, pipeline, preprocess, split, synthetic
 from medseg_jax.errors import DataError
 
 
@@ -165,18 +165,18 @@ def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
   cfg.data.val_fraction = cfg.data.test_fraction = 0.2
   sets, info = pipeline.load_splits(cfg, str(tmp_path / "a"))
   with open(tmp_path / "a" / "split.json") as f:
-    split = json.load(f)
-  names = [n for s in pipeline.SPLITS for n in split[s]]
+    recorded = json.load(f)
+  names = [n for s in split.SPLITS for n in recorded[s]]
   assert sorted(names) == [f"phantom_{i:03d}" for i in range(6)]  # each subject exactly once
   assert info["volumes"] == {"train": 4, "val": 1, "test": 1}
   assert sets["train"].image.shape == (16, 16, 16, 1)
-  for s in pipeline.SPLITS:  # each slice's subject is its split's
-    assert sets[s].names == split[s] and len(sets[s]) == 4 * len(split[s])
+  for s in split.SPLITS:  # each slice's subject is its split's
+    assert sets[s].names == recorded[s] and len(sets[s]) == 4 * len(recorded[s])
   again, _ = pipeline.load_splits(cfg, str(tmp_path / "b"))  # another run, the same seed
-  assert {s: again[s].names for s in pipeline.SPLITS} == split
+  assert {s: again[s].names for s in split.SPLITS} == recorded
   cfg.seed = 1  # a resumed run keeps its recorded split even if the seed changed
   resumed, _ = pipeline.load_splits(cfg, str(tmp_path / "a"))
-  assert {s: resumed[s].names for s in pipeline.SPLITS} == split
+  assert {s: resumed[s].names for s in split.SPLITS} == recorded
   np.testing.assert_allclose(sets["val"].spacing, [[2.0, 2.0, 2.0]])
 
 
@@ -220,21 +220,21 @@ def test_two_processes_read_disjoint_shards_covering_the_epoch(dataset_dir, tmp_
   images = np.asarray(data.image)
   ids = lambda batch: [int(np.argmin(np.abs(images - x).sum(axis=(1, 2, 3))))
                        for x in batch["image"]]
-  whole = [ids(b) for b in pipeline.train_batches(data, 6, seed=1, epoch=3)]
-  parts = [[ids(b) for b in pipeline.train_batches(data, 6, 1, 3, p, 2)] for p in range(2)]
+  whole = [ids(b) for b in loader.train_batches(data, 6, seed=1, epoch=3)]
+  parts = [[ids(b) for b in loader.train_batches(data, 6, 1, 3, p, 2)] for p in range(2)]
   assert len(whole) == 5 and sorted(sum(whole, [])) == list(range(30))  # an epoch, once each
   for i, batch in enumerate(whole):
     assert not set(parts[0][i]) & set(parts[1][i])
     assert parts[0][i] + parts[1][i] == batch
-  np.testing.assert_array_equal(sum(whole, []), pipeline.epoch_order(30, 1, 3))
+  np.testing.assert_array_equal(sum(whole, []), loader.epoch_order(30, 1, 3))
 
 
 @pytest.mark.parametrize("offset", [12, 7])
 def test_resume_mid_epoch_sees_the_same_batches(dataset_dir, tmp_path, offset):
   data = _store_set(dataset_dir, tmp_path)
-  order = pipeline.epoch_order(len(data), 4, 2)
-  full = list(pipeline.train_batches(data, 4, seed=4, epoch=2, prefetch=0))
-  resumed = list(pipeline.train_batches(data, 4, 4, 2, offset=offset))
+  order = loader.epoch_order(len(data), 4, 2)
+  full = list(loader.train_batches(data, 4, seed=4, epoch=2, prefetch=0))
+  resumed = list(loader.train_batches(data, 4, 4, 2, offset=offset))
   starts = range(offset, len(data) - 4 + 1, 4)
   assert len(resumed) == len(starts)
   images, labels = all_rows(data)
@@ -249,17 +249,17 @@ def test_resume_mid_epoch_sees_the_same_batches(dataset_dir, tmp_path, offset):
 def test_eval_batches_cover_the_split_with_a_mask(dataset_dir, tmp_path):
   data = _store_set(dataset_dir, tmp_path)
   images, _ = all_rows(data)
-  batches = list(pipeline.eval_batches(data, 8))
+  batches = list(loader.eval_batches(data, 8))
   assert len(batches) == 4 and batches[-1]["mask"].sum() == 6
   got = np.concatenate([b["image"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(got, images)
 
 
 def test_in_memory_slices_load_the_same_way():
-  data = pipeline.SliceSet(np.arange(40, dtype=np.float32).reshape(40, 1, 1, 1),
+  data = loader.SliceSet(np.arange(40, dtype=np.float32).reshape(40, 1, 1, 1),
                            np.zeros((40, 1, 1), np.int32), np.zeros(40, np.int32), ["a"],
                            np.ones((1, 3)))
-  whole = [b["image"].ravel() for b in pipeline.train_batches(data, 8, seed=1, epoch=2)]
+  whole = [b["image"].ravel() for b in loader.train_batches(data, 8, seed=1, epoch=2)]
   assert len(whole) == 5 and len(np.unique(np.concatenate(whole))) == 40
 
 
@@ -285,3 +285,28 @@ def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
     cfg = config(dataset_dir, tmp_path, **{key: value})
     with pytest.raises(ConfigError, match=f"data.{key}"):
       preprocess.settings_from_config(cfg.data)
+
+
+# The data path in order: a module may import only the ones listed before it.
+DATA_STAGES = ("synthetic", "augment", "decathlon", "preprocess", "pool", "validate", "store",
+               "split", "loader", "pipeline")
+
+
+def test_data_stages_import_only_the_stages_below_and_one_module_reads_nifti():
+  import ast
+  import glob
+  package = os.path.join(os.path.dirname(os.path.dirname(__file__)), "medseg_jax")
+  modules = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(package, "data", "*.py"))
+             if not p.endswith("__init__.py")}
+  assert sorted(modules) == sorted(DATA_STAGES)
+  for i, name in enumerate(DATA_STAGES):
+    with open(modules[name]) as f:
+      tree = ast.parse(f.read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "medseg_jax.data" for alias in node.names}
+    assert imported <= set(DATA_STAGES[:i]), (name, imported - set(DATA_STAGES[:i]))
+    reads = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "load"
+             and isinstance(n.value, ast.Name) and n.value.id == "nib"]
+    assert not reads or name == "decathlon", name  # the one NIfTI reader
+  sources = [open(p).read() for p in glob.glob(os.path.join(package, "**", "*.py"), recursive=True)]
+  assert sum(s.count("cannot read as NIfTI") for s in sources) == 1

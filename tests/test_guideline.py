@@ -12,23 +12,19 @@ from ml_collections import config_flags
 
 from configs import quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
-from medseg_jax import guideline, guideline_report
 from medseg_jax.errors import ConfigError
+from medseg_jax.tuning import guideline, guideline_settings, report
+from medseg_jax.tuning.guideline_settings import Settings
 
 INITIAL, COEF, WARMUP, DECAY, OPT = ("lr.grescale.initial_lr", "lr.grescale.decay_coefficient",
                                      "lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
                                      "optim.name")
 
 
-def make_cfg(**guideline_values):
-  """The quickstart config (adam, 16 epochs) with guideline settings for the tests."""
-  cfg = quickstart.get_config()
-  cfg.guideline.threshold = 8
-  cfg.guideline.budget = 50
-  cfg.guideline.tolerance = 0.0
-  for key, value in guideline_values.items():
-    cfg.guideline[key] = value
-  return cfg
+def settings(**values):
+  """The tuner's settings for the tests: today's defaults, a low threshold, a large budget,
+  no tolerance, then `values`."""
+  return Settings(**{"threshold": 8, "budget": 50, "tolerance": 0.0, **values})
 
 
 def metrics(dice, mean_accuracy=0.5, mean_iou=0.5):
@@ -50,8 +46,9 @@ class Fake:
     return metrics(self.score(overrides))
 
 
-def tune(cfg, fake, tmp_path, k=8):
-  tuner = guideline.Tuner(cfg, k, fake, str(tmp_path))
+def tune(g, fake, tmp_path, k=8):
+  """Tunes the quickstart config (adam, 16 epochs) with settings `g`."""
+  tuner = guideline.Tuner(quickstart.get_config(), k, fake, str(tmp_path), g)
   status = tuner.run()
   return tuner, status
 
@@ -62,7 +59,7 @@ def actions(tuner):
 
 def test_action_order_when_nothing_improves(tmp_path):
   fake = Fake(lambda o: 0.8)
-  tuner, status = tune(make_cfg(), fake, tmp_path)
+  tuner, status = tune(settings(), fake, tmp_path)
   assert status == "actions_exhausted"
   assert actions(tuner) == ["baseline", "grescale", "decrease_initial_lr",
                             "increase_decay_coefficient", "increase_warmup",
@@ -86,7 +83,7 @@ def test_action_order_when_nothing_improves(tmp_path):
 def test_repeat_on_improve_builds_on_the_best_run(tmp_path):
   # Better down to an initial LR of 2.5e-6, no better below; nothing else matters.
   fake = Fake(lambda o: 0.8 + 0.01 * min(o[INITIAL] and 1e-5 / o[INITIAL], 4.0))
-  tuner, status = tune(make_cfg(actions=("decrease_initial_lr", "increase_decay_coefficient")),
+  tuner, status = tune(settings(actions=("decrease_initial_lr", "increase_decay_coefficient")),
                        fake, tmp_path)
   assert status == "actions_exhausted"
   assert [o[INITIAL] for _, o in fake.calls[1:]] == pytest.approx(
@@ -102,14 +99,14 @@ def test_repeat_on_improve_builds_on_the_best_run(tmp_path):
 def test_warmup_grows_until_the_run_has_no_room(tmp_path):
   # Longer warmup is always better; 16 epochs with a 4.71-epoch decay leave room up to 11.
   fake = Fake(lambda o: 0.5 + 0.01 * o[WARMUP])
-  tuner, status = tune(make_cfg(actions=("increase_warmup",)), fake, tmp_path)
+  tuner, status = tune(settings(actions=("increase_warmup",)), fake, tmp_path)
   assert status == "actions_exhausted"
   assert [o[WARMUP] for _, o in fake.calls[1:]] == [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
 
 
 def test_reaching_the_baseline_is_confirmed_with_the_next_seed(tmp_path):
   fake = Fake(lambda o: 0.95 if o[COEF] > 0.15 else 0.8)
-  tuner, status = tune(make_cfg(), fake, tmp_path)
+  tuner, status = tune(settings(), fake, tmp_path)
   assert status == "confirmed"
   assert actions(tuner)[2:] == ["decrease_initial_lr", "increase_decay_coefficient", "confirm"]
   name, confirm = fake.calls[-1]
@@ -122,28 +119,28 @@ def test_reaching_the_baseline_is_confirmed_with_the_next_seed(tmp_path):
 
 def test_confirmation_can_fail(tmp_path):
   fake = Fake(lambda o: 0.95 if o["seed"] == 0 else 0.8)
-  tuner, status = tune(make_cfg(), fake, tmp_path)
+  tuner, status = tune(settings(), fake, tmp_path)
   assert status == "not_confirmed" and actions(tuner) == ["baseline", "grescale", "confirm"]
   assert tuner.chosen == "01_grescale"
 
 
 def test_budget_stops_the_search(tmp_path):
   fake = Fake(lambda o: 0.8)
-  tuner, status = tune(make_cfg(budget=4), fake, tmp_path)
+  tuner, status = tune(settings(budget=4), fake, tmp_path)
   assert status == "budget_spent" and len(fake.calls) == 4
   more = Fake(lambda o: 0.8)  # a larger budget continues the search
-  tuner, status = tune(make_cfg(budget=6), more, tmp_path)
+  tuner, status = tune(settings(budget=6), more, tmp_path)
   assert status == "budget_spent" and [n for n, _ in more.calls] == [
       "04_increase_warmup", "05_increase_decay_period"]
   fake = Fake(lambda o: 0.95 if o[INITIAL] < 1e-5 else 0.8)
-  tuner, status = tune(make_cfg(budget=3), fake, tmp_path / "b")
+  tuner, status = tune(settings(budget=3), fake, tmp_path / "b")
   assert status == "unconfirmed" and len(fake.calls) == 3
   assert tuner.chosen == "02_decrease_initial_lr"
 
 
 def test_below_the_threshold_trains_once(tmp_path):
   fake = Fake(lambda o: 0.5)
-  tuner, status = tune(make_cfg(threshold=12), fake, tmp_path, k=8)
+  tuner, status = tune(settings(threshold=12), fake, tmp_path, k=8)
   assert status == "below_threshold" and actions(tuner) == ["baseline", "grescale"]
   assert tuner.chosen == "01_grescale"
 
@@ -167,7 +164,7 @@ def test_comparison_priority_and_tolerance():
                                                 (0.0005, "better: repeat the action")])
 def test_tie_tolerance_in_the_search(tmp_path, tolerance, decision):
   fake = Fake(lambda o: 0.800 if o[INITIAL] == 1e-5 else 0.801)
-  tuner, _ = tune(make_cfg(tolerance=tolerance, budget=3), fake, tmp_path)
+  tuner, _ = tune(settings(tolerance=tolerance, budget=3), fake, tmp_path)
   assert tuner.history[2]["decision"] == decision
 
 
@@ -179,12 +176,13 @@ def test_comparison_comes_from_the_config(tmp_path):
     return metrics(0.9, mean_iou=0.9) if o["parallel.num_devices"] == 1 else score(o)
   for comparison, decision in (("dice", "better: repeat the action"),
                                ("mean_iou", "not better: next action")):
-    tuner = guideline.Tuner(make_cfg(comparison=comparison, budget=3), 8, trainer,
-                            str(tmp_path / comparison))
+    tuner = guideline.Tuner(quickstart.get_config(), 8, trainer, str(tmp_path / comparison),
+                            settings(comparison=comparison, budget=3))
     tuner.run()
     assert tuner.history[2]["decision"] == decision
-  with pytest.raises(ConfigError, match="guideline.comparison"):
-    guideline.Tuner(make_cfg(comparison="best"), 8, trainer, str(tmp_path))
+  with pytest.raises(ConfigError, match="--comparison"):
+    guideline.Tuner(quickstart.get_config(), 8, trainer, str(tmp_path),
+                    settings(comparison="best"))
 
 
 class Interrupted(Exception):
@@ -194,7 +192,7 @@ class Interrupted(Exception):
 def test_resume_from_the_state_file(tmp_path):
   score = lambda o: 0.8 + 0.01 * (o[WARMUP] - 5.0) + (0.002 if o[INITIAL] == 5e-6 else 0.0)
   reference = Fake(score)
-  whole, _ = tune(make_cfg(), reference, tmp_path / "whole")
+  whole, _ = tune(settings(), reference, tmp_path / "whole")
 
   def failing(name, overrides):
     if len(first.calls) == 5:
@@ -202,15 +200,16 @@ def test_resume_from_the_state_file(tmp_path):
     return first(name, overrides)
   first = Fake(score)
   with pytest.raises(Interrupted):
-    guideline.Tuner(make_cfg(), 8, failing, str(tmp_path / "resumed")).run()
+    guideline.Tuner(quickstart.get_config(), 8, failing, str(tmp_path / "resumed"),
+                    settings()).run()
   state = json.loads((tmp_path / "resumed" / guideline.STATE).read_text())
   assert sorted(state["runs"]) == [name for name, _ in first.calls]
   second = Fake(score)
-  resumed, _ = tune(make_cfg(), second, tmp_path / "resumed")
+  resumed, _ = tune(settings(), second, tmp_path / "resumed")
   assert [name for name, _ in second.calls] == [name for name, _ in reference.calls[5:]]
   assert resumed.history == whole.history and resumed.status == whole.status
   with pytest.raises(ConfigError, match="num_devices"):
-    guideline.Tuner(make_cfg(), 16, second, str(tmp_path / "resumed"))
+    guideline.Tuner(quickstart.get_config(), 16, second, str(tmp_path / "resumed"), settings())
 
 
 @pytest.mark.parametrize("key,value", [("budget", 1), ("tolerance", -0.1), ("split", "train"),
@@ -218,23 +217,43 @@ def test_resume_from_the_state_file(tmp_path):
                                        ("optimizers", ("sgd", "rmsprop")),
                                        ("initial_lr_factor", 2.0), ("warmup_epochs_step", 0.0)])
 def test_bad_guideline_settings(tmp_path, key, value):
-  with pytest.raises(ConfigError, match=f"guideline.{key}"):
-    guideline.Tuner(make_cfg(**{key: value}), 8, Fake(lambda o: 0.5), str(tmp_path))
+  with pytest.raises(ConfigError, match=f"--{key}"):
+    guideline.Tuner(quickstart.get_config(), 8, Fake(lambda o: 0.5), str(tmp_path),
+                    settings(**{key: value}))
+
+
+def test_default_settings_are_the_thesis_guideline():
+  assert Settings() == Settings(
+      threshold=12, budget=12, comparison="dice_macc_miou", tolerance=0.002, split="val",
+      actions=("decrease_initial_lr", "increase_decay_coefficient", "increase_warmup",
+               "increase_decay_period", "change_optimizer"),
+      initial_lr_factor=0.5, decay_coefficient_step=0.1, warmup_epochs_step=1.0,
+      decay_epochs_step=1.0, optimizers=("sgd", "adam", "lars"))
+
+
+def test_settings_from_flags():
+  values = flags.FlagValues()
+  read = guideline_settings.define_flags(values)
+  values(["prog"])
+  assert read() == Settings()
+  values(["prog", "--actions=increase_warmup,change_optimizer", "--budget=3",
+           "--tolerance=0", "--optimizers=lars"])
+  assert read() == Settings(actions=("increase_warmup", "change_optimizer"), budget=3,
+                            tolerance=0.0, optimizers=("lars",))
 
 
 def test_chosen_config_file_loads_like_main(tmp_path):
-  cfg = make_cfg()
+  cfg = quickstart.get_config()
   overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-6, OPT: "sgd"}
-  chosen = guideline_report.chosen_config(cfg, overrides)
+  chosen = report.chosen_config(cfg, overrides)
   path = tmp_path / "chosen.py"
-  path.write_text(guideline_report.config_source(chosen, "test"))
+  path.write_text(report.config_source(chosen, "test"))
   loaded = load_config(str(path))
   assert loaded.lr.grescale.initial_lr == 2.5e-6 and loaded.optim.name == "sgd"
   assert loaded.parallel.num_devices == 8 and loaded.data.synthetic_shape == (96, 96, 48)
   expected = quickstart.get_config().to_dict()
   expected["lr"]["policy"], expected["lr"]["grescale"]["initial_lr"] = "grescale", 2.5e-6
   expected["optim"]["name"], expected["parallel"]["num_devices"] = "sgd", 8
-  expected["guideline"].update(threshold=8, budget=50, tolerance=0.0)
   assert loaded.to_dict() == expected
 
 
@@ -250,8 +269,8 @@ TINY = TINY_RUN[1:] + ["--config.train.num_epochs=1", "--config.train.eval_every
 
 
 def run(*args, timeout=900):
-  return subprocess.run([sys.executable, "-m", "medseg_jax.guideline", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout,
+  return subprocess.run([sys.executable, "-m", "medseg_jax.tuning.guideline", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         env=env_with_devices(None))
 
 
@@ -281,8 +300,6 @@ def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
   assert state["status"] in ("budget_spent", "unconfirmed", "confirmed", "not_confirmed")
   chosen = json.loads((tmp_path / "runs" / state["chosen"] / "config.json").read_text())
   loaded = json.loads(json.dumps(load_config(str(tmp_path / "guideline_config.py")).to_dict()))
-  assert loaded.pop("guideline")["budget"] == 3  # the tuner's flags are in its section only
-  del chosen["guideline"]
   assert loaded == chosen
   assert (tmp_path / "guideline.png").read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "guideline.md").read_text().count("\n| ") == 4  # header + 3 rows
@@ -294,11 +311,20 @@ def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--num_devices=0"], "--num_devices=0"),
-    (["--num_devices=8", "--budget=1"], "guideline.budget=1"),
-    (["--num_devices=8", "--config.guideline.comparison=best"], "guideline.comparison"),
+    (["--num_devices=8", "--budget=1"], "--budget=1"),
+    (["--num_devices=8", "--comparison=best"], "--comparison=best"),
+    (["--num_devices=8", "--tolerance=small"], "--tolerance=small"),
+    (["--num_devices=8", "--config.guideline.budget=3"], "guideline"),
 ])
 def test_bad_flags_are_one_line(tmp_path, args, message):
   proc = run("--config=configs/quickstart.py", f"--workdir={tmp_path}", *args, timeout=120)
   assert proc.returncode == 2 and message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_setting():
+  proc = run("--help", timeout=120)
+  assert "error:" not in proc.stderr
+  for name in ["config", "workdir", "num_devices", *Settings.__dataclass_fields__]:
+    assert f"--{name}:" in proc.stdout, name

@@ -17,17 +17,27 @@ TINY = TINY_RUN[1:] + ["--config.train.num_steps=3", "--config.train.eval_every_
                        "--config.checkpoint.every_steps=2", "--config.monitor.log_every_steps=1"]
 
 
-def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+def run_main(*args, timeout=300, cwd=REPO):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY)
+def quickstart_dir(tmp_path_factory):
+  """A directory to run the commands from, as from the repository: configs/ is there."""
+  cwd = tmp_path_factory.mktemp("cwd")
+  os.symlink(os.path.join(REPO, "configs"), cwd / "configs")
+  return str(cwd)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(quickstart_dir):
+  """The quickstart command as the README gives it, without --workdir."""
+  proc = run_main("--config=configs/quickstart.py", *TINY, cwd=quickstart_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  assert "Workdir: runs/quickstart " in proc.stderr
+  return os.path.join(quickstart_dir, "runs", "quickstart"), proc
 
 
 def test_quickstart_writes_its_outputs(quickstart_run):
@@ -72,13 +82,14 @@ def test_eval_files_count_every_slice_of_the_split(quickstart_run, split):
   assert result["per_volume"]["dice_1"]["count"] <= len(subjects)
 
 
-def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run):
-  """Losing the last checkpoint costs one step; the rerun reproduces it exactly."""
+def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run, quickstart_dir):
+  """Losing the last checkpoint costs one step; the same command (default workdir)
+  reproduces it exactly."""
   workdir, _ = quickstart_run
   with open(os.path.join(workdir, "eval", "val_metrics.json")) as f:
     before = json.load(f)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY)
+  proc = run_main("--config=configs/quickstart.py", *TINY, cwd=quickstart_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Resuming from checkpoint at step 2" in proc.stderr
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -120,10 +131,30 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
   assert "configs/nope.py" in _one_error_line(proc)
 
 
-def test_bad_config_value_is_one_line_exit_2(tmp_path):
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", *TINY,
-                  "--config.parallel.strategy=horovod")
-  assert "parallel.strategy" in _one_error_line(proc)
+@pytest.mark.parametrize("override,existing", [("train.loss=focal", False),
+                                               ("parallel.strategy=horovod", True)])
+def test_bad_config_value_is_one_line_exit_2_before_any_data_work(tmp_path, override,
+                                                                  existing):
+  """The whole config is checked first: no dataset, slice store or workdir file appears."""
+  workdir = tmp_path / "run"
+  if existing:
+    workdir.mkdir()
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY,
+                  f"--config.{override}")
+  assert _one_error_line(proc).startswith(f"error: {override.split('=')[0]}=")
+  assert (os.listdir(workdir) == []) if existing else not workdir.exists()
+
+
+def test_misspelt_data_root_is_not_found_even_with_synthetic_data(tmp_path):
+  """The quickstart sets data.synthetic=True; a data.root that does not exist is an error,
+  not a place to write a synthetic dataset."""
+  root = tmp_path / "Task01_BrainTumor"
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}", *TINY,
+                  f"--config.data.root={root}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"error: {root}/dataset.json: not found")
+  assert os.listdir(tmp_path) == []
 
 
 def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):

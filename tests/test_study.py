@@ -20,7 +20,7 @@ def run(module, *args, timeout=600):
 def test_two_device_counts_two_policies_study(tmp_path):
   args = ["--config=configs/quickstart.py", "--devices=1,2", "--policies=linear,grescale",
           "--seeds=1", f"--workdir={tmp_path}", *TINY]
-  proc = run("medseg_jax.study", *args)
+  proc = run("medseg_jax.tuning.study", *args)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   with open(tmp_path / "study.csv") as f:
     rows = list(csv.DictReader(f))
@@ -41,15 +41,22 @@ def test_two_device_counts_two_policies_study(tmp_path):
   assert config["lr"]["policy"] == "grescale" and config["parallel"]["num_devices"] == 2
   assert (tmp_path / "study.md").read_text().count("\n| ") == 5  # header + 4 rows
   assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
-  again = run("medseg_jax.study", *args)  # complete runs are skipped, the table rebuilt
+  again = run("medseg_jax.tuning.study", *args)  # complete runs skipped, the table rebuilt
   assert again.returncode == 0 and "[study] grescale" not in again.stdout
 
 
 def test_unknown_policy_is_one_line(tmp_path):
-  proc = run("medseg_jax.study", "--config=configs/quickstart.py", "--policies=linear,fancy",
-             f"--workdir={tmp_path}")
+  proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py",
+             "--policies=linear,fancy", f"--workdir={tmp_path}")
   assert proc.returncode == 2 and "fancy" in proc.stderr.strip()
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_the_flags():
+  proc = run("medseg_jax.tuning.study", "--help", timeout=120)
+  assert "error:" not in proc.stderr
+  for name in ("config", "workdir", "devices", "policies", "seeds", "baseline_policy"):
+    assert f"--{name}:" in proc.stdout, name
 
 
 def test_lr_policy_command_prints_phases_and_plots(tmp_path):

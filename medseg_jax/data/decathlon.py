@@ -1,5 +1,7 @@
-"""Reading a Medical Segmentation Decathlon task: dataset.json and its NIfTI volumes."""
+"""Reading a Medical Segmentation Decathlon task: dataset.json, and the one NIfTI reader
+(every volume the package reads is reoriented to RAS here)."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,27 +83,38 @@ class Volume:
 
 
 def load_nifti(path: str) -> Volume:
-  """Loads a NIfTI volume reoriented to the closest canonical (RAS) orientation."""
+  """Loads a NIfTI volume reoriented to the closest canonical (RAS) orientation; its voxels
+  are read here, so a damaged or truncated file fails here."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: file not found")
-  try:
+  with _nifti_errors(path):
     img = nib.load(path)
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj)
-  except Exception as e:  # nibabel raises many types for damaged or foreign files
-    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
   spacing = tuple(float(z) for z in np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0)))
   return Volume(data=data, affine=img.affine, shape=tuple(img.shape), spacing=spacing)
 
 
+def read_header(path: str) -> nib.Nifti1Image:
+  """The file opened without reading its voxels (shape and affine from the header)."""
+  with _nifti_errors(path):
+    return nib.load(path)
+
+
 def canonical_shape(path: str) -> tuple[int, ...]:
   """The spatial shape `load_nifti` would return, read from the header alone."""
-  try:
-    img = nib.load(path)
-  except Exception as e:  # nibabel raises many types for damaged or foreign files
-    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
+  img = read_header(path)
   ornt = nib.orientations.io_orientation(img.affine)
   shape = [0, 0, 0]
   for axis, (target, _) in enumerate(ornt):
     shape[int(target)] = img.shape[axis]
   return tuple(shape)
+
+
+@contextlib.contextmanager
+def _nifti_errors(path: str):
+  """Any failure to read `path` becomes one DataError naming it."""
+  try:
+    yield
+  except Exception as e:  # nibabel, gzip and zlib raise many types for damaged files
+    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e

@@ -1,56 +1,60 @@
-"""The loader: subjects split by volume, slices read from the slice store, batches per host.
+"""The data path, run in order: read dataset.json, validate it, preprocess and write the
+slice store, split by subject, load. Each stage is one module that imports only the
+modules listed above it here, and none imports this one:
 
-Process 0 builds the slice store (`store.py`) once per dataset and settings; every
-process opens it and reads only the rows it feeds. Every process computes the same
-epoch order from the seed and the epoch, and reads its own contiguous part of each
-global batch, a few batches ahead of the one being trained on (tensorstore reads run
-on its own threads while the step computes).
+  decathlon   dataset.json and the one NIfTI reader (reorientation to RAS)
+  preprocess  the data settings, the one label mapper, volumes to slices (numpy only)
+  pool        the process-pool helper
+  validate    every problem of a dataset at once; reads a subject and checks it
+  store       the tensorstore slice store: per subject, validate.read_case then preprocess
+  split       subjects into train, validation and test
+  loader      a split's slices, and each process's part of its batches
+
+Process 0 builds the slice store once per dataset and settings; every process opens it
+and reads only the rows it feeds.
 """
 
-import collections
-import dataclasses
-import json
 import os
-from typing import Any, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from medseg_jax import files, parallel
-from medseg_jax.data import decathlon, preprocess, store, synthetic
+from medseg_jax import parallel
+from medseg_jax.data import decathlon, loader, preprocess, split, store, synthetic, validate
 from medseg_jax.errors import ConfigError, DataError
 
-SPLITS = ("train", "val", "test")
-PREFETCH = 4  # global batches read ahead (tested, and measured in benchmarks/input_pipeline.py)
 
+def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
+  """The dataset directory, and whether the synthetic dataset is to be written there.
 
-@dataclasses.dataclass
-class SliceSet:
-  """Slices of one split, with the subject each slice came from.
-
-  `image` and `label` are numpy arrays or `store.Rows` views read on demand; both index
-  like numpy along the first axis and have `shape`."""
-
-  image: Any           # [N,H,W,C] float32
-  label: Any           # [N,H,W] int32
-  volume: np.ndarray   # [N] index into `names`; a volume's slices are contiguous
-  names: list[str]
-  spacing: np.ndarray  # [V,3] mm between slices, rows, columns after resizing
-
-  def __len__(self) -> int:
-    return len(self.label)
+  Reads no data and writes nothing. Synthetic data (`data.synthetic=True`) goes only
+  where the run owns the place, WORKDIR/data when `data.root` is empty, or into a
+  `data.root` that is an existing empty directory (the user made it for this). Any
+  other `data.root` must hold a dataset, so a misspelt path is "not found", never a
+  fresh synthetic dataset.
+  """
+  if not cfg.data.root:
+    if not cfg.data.synthetic:
+      raise ConfigError("data.root: no dataset directory given (or set data.synthetic=True)")
+    root = os.path.join(workdir, "data")
+    return root, not os.path.exists(os.path.join(root, "dataset.json"))
+  root = cfg.data.root
+  if os.path.exists(os.path.join(root, "dataset.json")):
+    return root, False
+  if cfg.data.synthetic and os.path.isdir(root) and not os.listdir(root):
+    return root, True
+  hint = (" (data.synthetic=True writes a synthetic dataset only into WORKDIR/data, with "
+          "data.root empty, or into an existing empty data.root)" if cfg.data.synthetic else "")
+  raise DataError(f"{os.path.join(root, 'dataset.json')}: not found (data.root must be a "
+                  f"Decathlon task directory){hint}")
 
 
 def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """The dataset directory; writes the synthetic dataset there first if configured."""
-  root = cfg.data.root or (os.path.join(workdir, "data") if cfg.data.synthetic else "")
-  if not root:
-    raise ConfigError("data.root: no dataset directory given (or set data.synthetic=True)")
-  if cfg.data.synthetic and not os.path.exists(os.path.join(root, "dataset.json")):
-    if jax.process_index() == 0:  # the others wait for it at the barrier below
-      _write_synthetic(cfg, root)
+  root, write = dataset_root(cfg, workdir)
+  if write and jax.process_index() == 0:  # the others wait for it at the barrier below
+    _write_synthetic(cfg, root)
   if cfg.data.synthetic:
     parallel.barrier("synthetic dataset")
   return root
@@ -59,58 +63,34 @@ def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
   if os.path.exists(root) and os.listdir(root):
     raise DataError(f"{root}: exists without dataset.json; will not write synthetic data there")
-  if os.path.exists(root):
-    os.rmdir(root)
   logging.info("Writing a synthetic Decathlon dataset to %s", root)
+  # An empty `root` stays in place until the complete dataset replaces it, so another
+  # process never sees it missing.
   synthetic.write_synthetic_decathlon(root, cfg.data.synthetic_volumes, num_test=2,
                                       shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
 
 
-def split_cases(cases: list, val_fraction: float, test_fraction: float,
-                seed: int) -> dict[str, list]:
-  """Shuffles subjects with `seed` and splits them; a subject is in exactly one split."""
-  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-    raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
-  order = np.random.default_rng(seed).permutation(len(cases))
-  n_val = max(1, round(val_fraction * len(cases))) if val_fraction else 0
-  n_test = max(1, round(test_fraction * len(cases))) if test_fraction else 0
-  if n_val + n_test >= len(cases):
-    raise ConfigError(f"data: {len(cases)} subjects are too few for the val/test fractions")
-  chosen = [cases[i] for i in order]
-  return {"val": chosen[:n_val], "test": chosen[n_val:n_val + n_test],
-          "train": chosen[n_val + n_test:]}
-
-
-def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, SliceSet], dict]:
+def load_splits(cfg: ml_collections.ConfigDict,
+                workdir: str) -> tuple[dict[str, loader.SliceSet], dict]:
   """Validates and preprocesses the dataset into its slice store (once), splits it by
   subject and records the split in WORKDIR/split.json."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
-  opened = open_store(cfg, dataset)
-  names = [v["name"] for v in opened.volumes]
-  split_path = os.path.join(workdir, "split.json")
-  if os.path.exists(split_path):
-    with open(split_path) as f:
-      splits = json.load(f)
-    missing = [n for s in splits.values() for n in s if n not in names]
-    if missing:
-      raise DataError(f"{split_path}: subjects {missing[:3]} are not in the slice store of "
-                      f"{dataset.root} (removed, or skipped as invalid)")
-  else:
-    splits = split_cases(names, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    if jax.process_index() == 0:
-      files.write_json(split_path, splits)
-  sets = {s: _slice_set(opened, splits[s]) for s in SPLITS}
+  settings = preprocess.settings_from_config(cfg.data)
+  problems = validate.check_dataset(dataset, settings)
+  if problems:
+    raise validate.report(problems, dataset.root)
+  opened = open_store(cfg, dataset, settings)
+  splits = split.recorded_split(os.path.join(workdir, "split.json"),
+                                [v["name"] for v in opened.volumes], cfg.data.val_fraction,
+                                cfg.data.test_fraction, cfg.seed,
+                                record=jax.process_index() == 0, root=dataset.root)
+  sets = {s: loader.from_store(opened, splits[s]) for s in split.SPLITS}
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
           "labels": dataset.labels, "store": opened.path,
           "skipped": sorted(opened.meta["skipped"]),
-          "volumes": {s: len(splits[s]) for s in SPLITS},
+          "volumes": {s: len(splits[s]) for s in split.SPLITS},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info
-
-
-def _slice_set(opened: store.Store, names: list[str]) -> SliceSet:
-  image, label, volume, spacing = opened.rows(names)
-  return SliceSet(image=image, label=label, volume=volume, names=list(names), spacing=spacing)
 
 
 def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
@@ -120,9 +100,9 @@ def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(root)), "slice_cache")
 
 
-def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset) -> store.Store:
+def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
+               settings: preprocess.Settings) -> store.Store:
   """The dataset's slice store for these settings, built by process 0 if absent."""
-  settings = preprocess.settings_from_config(cfg.data)
   path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
                           cfg.data.skip_invalid)
   if jax.process_index() == 0 and not os.path.isdir(path):
@@ -142,8 +122,8 @@ def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
   settings = preprocess.settings_from_config(cfg.data)
   by_name = {c.name: c for c in dataset.training}
-  names = split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
-                      cfg.seed)["train"]
+  names = split.split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
+                            cfg.seed)["train"]
   count = 0
   for name in names:
     case = by_name[name]
@@ -167,61 +147,3 @@ def class_names(cfg: ml_collections.ConfigDict, info: dict) -> list[str]:
   if not cfg.data.label_map:
     return list(info["labels"])
   return ["background"] + [f"class {c}" for c in range(1, num_classes(cfg, info))]
-
-
-def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
-  """The epoch's slice order: from the seed and the epoch only, so it does not depend on
-  the global batch or the number of processes."""
-  return np.random.default_rng([seed, epoch]).permutation(num_slices)
-
-
-def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
-                  process_index: int = 0, process_count: int = 1, offset: int = 0,
-                  prefetch: int = PREFETCH) -> Iterator[dict]:
-  """This process's part of each full global batch of one epoch, in a seeded order,
-  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps).
-  Reads run `prefetch` batches ahead. Labels keep the store's integer type (uint8), which
-  the steps widen on the device."""
-  order = epoch_order(len(data), seed, epoch)
-  local = global_batch // process_count
-  rows = (order[start + process_index * local:start + (process_index + 1) * local]
-          for start in range(offset, len(order) - global_batch + 1, global_batch))
-  return _read_ahead(data, ((r, None) for r in rows), prefetch)
-
-
-def eval_batches(data: SliceSet, global_batch: int, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = PREFETCH) -> Iterator[dict]:
-  """Every slice once, in order; the last batch is padded and `mask` marks real slices."""
-  local = global_batch // process_count
-
-  def rows():
-    for start in range(0, len(data), global_batch):
-      index = np.arange(start + process_index * local, start + (process_index + 1) * local)
-      valid = index < len(data)
-      yield np.where(valid, index, 0), valid
-  return _read_ahead(data, rows(), prefetch)
-
-
-def _read_ahead(data: SliceSet, batches: Iterator, prefetch: int) -> Iterator[dict]:
-  """Batches of `(rows, mask or None)`, each read while up to `prefetch` later ones are
-  already being read."""
-  pending = collections.deque()
-  for rows, mask in batches:
-    pending.append((_fetch(data.image, rows), _fetch(data.label, rows), mask))
-    if len(pending) > prefetch:
-      yield _batch(*pending.popleft())
-  while pending:
-    yield _batch(*pending.popleft())
-
-
-def _fetch(array, rows: np.ndarray):
-  if isinstance(array, store.Rows):
-    return array.fetch(rows, stored_dtype=True)
-  return store.Pending(None, array.dtype, np.asarray(array[rows]))
-
-
-def _batch(image, label, mask) -> dict:
-  batch = {"image": image.result(), "label": label.result()}
-  if mask is not None:
-    batch["mask"] = mask
-  return batch

@@ -88,11 +88,11 @@ def modality_index(modality, available: tuple[str, ...]) -> int:
 def map_labels(label: np.ndarray, label_map: tuple[int, ...], path: str) -> np.ndarray:
   """Source label i -> class label_map[i]; an empty map keeps the labels as they are."""
   label = np.rint(label).astype(np.int64)
-  if label.min() < 0:
+  if label.size and label.min() < 0:
     raise DataError(f"{path}: negative label values")
   if not label_map:
     return label.astype(np.int32)
-  if label.max() >= len(label_map):
+  if label.size and label.max() >= len(label_map):
     raise DataError(f"{path}: label {label.max()} has no entry in data.label_map={label_map}")
   return np.asarray(label_map, np.int32)[label]
 

@@ -25,7 +25,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from medseg_jax.data import decathlon, preprocess, validate
+from medseg_jax.data import decathlon, pool, preprocess, validate
 from medseg_jax.errors import DataError
 
 FORMAT = 1
@@ -83,13 +83,11 @@ def _ingest(args) -> tuple[list[str], tuple | None]:
 
 def build(path: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
           skip_invalid: bool, processes: int) -> None:
-  """Validates and preprocesses every training subject into a new store at `path`.
+  """Validates and preprocesses every training subject of a dataset that passed
+  `validate.check_dataset` into a new store at `path`.
 
   Problems are collected over the whole dataset and raised together (InvalidDatasetError,
   exit code 2) unless `skip_invalid`, which leaves the bad subjects out with a warning."""
-  general = validate.check_dataset(dataset, settings)
-  if general:
-    raise validate.report(general, dataset.root)
   parent = os.path.dirname(path)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -114,13 +112,13 @@ def build(path: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
 
 def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
                   skip_invalid: bool, processes: int) -> dict:
-  processes = validate.worker_count(processes)
+  processes = pool.worker_count(processes)
   logging.info("Preprocessing %d subjects of %s into %s with %d processes",
                len(dataset.training), dataset.root, tmp, processes)
   started = time.time()
   arrays, row, volumes, bad = None, 0, [], {}
   jobs = [(case, dataset, settings) for case in dataset.training]
-  results = validate.pool_map(_ingest, jobs, processes)
+  results = pool.pool_map(_ingest, jobs, processes)
   for case, (problems, out) in zip(dataset.training, _progress(results, len(jobs))):
     if problems:
       bad[case.name] = problems

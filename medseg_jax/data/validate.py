@@ -3,21 +3,20 @@
 Each problem is one line naming the file (or dataset.json and the config key) and what
 is wrong. The dataset-level checks read only dataset.json; the per-subject checks read
 each image and label volume whole (damaged files, non-finite values, label values) and
-run in the same pass that preprocesses the slices (see `store.py`), so a dataset is read
-once. `python -m medseg_jax.data.validate --config=FILE` runs the checks alone.
+run in the same pass that preprocesses the slices (`store.build` calls `read_case`), so a
+dataset is read once. `python -m medseg_jax.data.validate --config=FILE` runs the checks
+alone.
 """
 
 import dataclasses
-import multiprocessing
 import os
-import sys
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
-import nibabel as nib
 import numpy as np
 
-from medseg_jax.data import decathlon, preprocess
-from medseg_jax.errors import InvalidDatasetError
+from medseg_jax import cli
+from medseg_jax.data import decathlon, pool, preprocess
+from medseg_jax.errors import ConfigError, DataError, InvalidDatasetError
 
 AFFINE_TOLERANCE = 1e-3  # mm; image and label affines that differ by more do not overlay
 
@@ -61,8 +60,7 @@ def read_case(case: decathlon.Case, dataset: decathlon.Dataset,
               if not os.path.isfile(path)]
   if problems:
     return problems, None
-  image, image_problem = _read(case.image)
-  label, label_problem = _read(case.label)
+  (image, image_problem), (label, label_problem) = _load(case.image), _load(case.label)
   problems = [p for p in (image_problem, label_problem) if p]
   if problems:
     return problems, None
@@ -70,40 +68,27 @@ def read_case(case: decathlon.Case, dataset: decathlon.Dataset,
   problems += _label_problems(case, image, label, dataset, settings)
   if problems:
     return problems, None
-  data = np.asarray(image.canonical.dataobj, np.float32)
-  channels = preprocess.select_channels(data, settings.modalities, dataset.modalities,
-                                        case.image)
+  channels = preprocess.select_channels(np.asarray(image.data, np.float32), settings.modalities,
+                                        dataset.modalities, case.image)
   if not np.isfinite(channels).all():
     bad = int((~np.isfinite(channels)).sum())
     return [f"{case.image}: {bad} non-finite intensities (NaN or inf)"], None
-  return [], CaseData(image=channels, label=label.mapped, spacing=image.spacing,
-                      affine=image.original.affine, shape=tuple(image.original.shape))
+  classes = preprocess.map_labels(label.data, settings.label_map, case.label)
+  return [], CaseData(image=channels, label=classes, spacing=image.spacing,
+                      affine=image.affine, shape=image.shape)
 
 
-@dataclasses.dataclass
-class _Read:
-  original: nib.Nifti1Image
-  canonical: nib.Nifti1Image
-  spacing: tuple
-  mapped: np.ndarray | None = None
-
-
-def _read(path: str) -> tuple[_Read | None, str | None]:
-  """The file reoriented to RAS, with its voxels read once (a truncated file fails here)."""
+def _load(path: str) -> tuple[decathlon.Volume | None, str | None]:
+  """(the volume, None), or (None, why it cannot be read)."""
   try:
-    original = nib.load(path)
-    canonical = nib.as_closest_canonical(original)
-    canonical = nib.Nifti1Image(np.asanyarray(canonical.dataobj), canonical.affine,
-                                canonical.header)
-  except Exception as e:  # nibabel, gzip and zlib raise many types for damaged files
-    return None, f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})"
-  spacing = tuple(float(z) for z in np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0)))
-  return _Read(original, canonical, spacing), None
+    return decathlon.load_nifti(path), None
+  except DataError as e:
+    return None, str(e)
 
 
-def _image_problems(path: str, image: _Read, dataset: decathlon.Dataset,
+def _image_problems(path: str, image: decathlon.Volume, dataset: decathlon.Dataset,
                     settings: preprocess.Settings) -> list[str]:
-  shape = image.original.shape
+  shape = image.shape
   declared = dataset.tensor_size
   if len(shape) not in (3, 4):
     return [f"{path}: shape {shape} is neither 3D nor 4D"]
@@ -115,22 +100,23 @@ def _image_problems(path: str, image: _Read, dataset: decathlon.Dataset,
   if channels != len(dataset.modalities):
     return [f"{path}: {channels} channels, but dataset.json lists {len(dataset.modalities)} "
             f"modalities {list(dataset.modalities)}"]
-  depth = image.canonical.shape[settings.slice_axis]
+  depth = image.data.shape[settings.slice_axis]
   if settings.slice_selection == "central" and settings.slices_per_volume > depth:
     return [f"{path}: {depth} slices along axis {settings.slice_axis}, fewer than "
             f"data.slices_per_volume={settings.slices_per_volume}"]
   return []
 
 
-def _label_problems(case: decathlon.Case, image: _Read, label: _Read,
+def _label_problems(case: decathlon.Case, image: decathlon.Volume, label: decathlon.Volume,
                     dataset: decathlon.Dataset, settings: preprocess.Settings) -> list[str]:
+  """What stops the label volume from being mapped to classes (`preprocess.map_labels`)."""
   path = case.label
-  if label.original.shape[:3] != image.original.shape[:3] or len(label.original.shape) != 3:
-    return [f"{path}: shape {label.original.shape} does not match its image's "
-            f"{image.original.shape} ({case.image})"]
-  if not np.allclose(label.original.affine, image.original.affine, atol=AFFINE_TOLERANCE):
+  if label.shape[:3] != image.shape[:3] or len(label.shape) != 3:
+    return [f"{path}: shape {label.shape} does not match its image's "
+            f"{image.shape} ({case.image})"]
+  if not np.allclose(label.affine, image.affine, atol=AFFINE_TOLERANCE):
     return [f"{path}: affine differs from its image's ({case.image}); the two do not overlay"]
-  values = np.asarray(label.canonical.dataobj)
+  values = label.data
   if not np.isfinite(values).all() or not np.array_equal(values, np.rint(values)):
     return [f"{path}: label values must be whole numbers"]
   values = values.astype(np.int64)
@@ -140,26 +126,7 @@ def _label_problems(case: decathlon.Case, image: _Read, label: _Read,
     where = (f"data.label_map ({allowed} entries)" if settings.label_map
              else f"dataset.json labels 0..{allowed - 1}")
     return [f"{path}: label values {outside[:5].tolist()} are outside {where}"]
-  label.mapped = (np.asarray(settings.label_map, np.int32)[values] if settings.label_map
-                  else values.astype(np.int32))
   return []
-
-
-def pool_map(fn: Callable, items: list, processes: int) -> Iterator:
-  """`fn` over `items` in order, on `processes` worker processes (here when 1).
-
-  Workers are spawned, not forked: the parent may already run JAX's threads."""
-  if processes <= 1 or len(items) <= 1:
-    yield from map(fn, items)
-    return
-  ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(min(processes, len(items))) as pool:
-    yield from pool.imap(fn, items)
-
-
-def worker_count(requested: int) -> int:
-  """`data.preprocess_workers`, 0 meaning every CPU core this process may use."""
-  return requested or len(os.sched_getaffinity(0))
 
 
 def report(problems: Iterable[str], root: str) -> InvalidDatasetError:
@@ -181,37 +148,28 @@ def validate(dataset: decathlon.Dataset, settings: preprocess.Settings,
   found = {"": general} if general else {}
   jobs = [(case, dataset, settings) for case in dataset.training]
   for case, problems in zip(dataset.training,
-                            pool_map(_check_one, jobs, worker_count(processes))):
+                            pool.pool_map(_check_one, jobs, pool.worker_count(processes))):
     if problems:
       found[case.name] = problems
   return found
 
 
 def _cli() -> None:
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from medseg_jax import cli  # pylint: disable=import-outside-toplevel
-  from medseg_jax.errors import MedsegError  # pylint: disable=import-outside-toplevel
+  """python -m medseg_jax.data.validate --config=FILE: the checks alone, no store built."""
+  config = cli.config_flag()
 
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config.",
-                                           lock_config=True)
-
-  def main(argv):
-    del argv
+  def main() -> None:
     cfg = config.value
-    try:
-      if not cfg.data.root:
-        cli.fail("data.root: no dataset directory given", 2)
-      dataset = decathlon.read_dataset(cfg.data.root)
-      found = validate(dataset, preprocess.settings_from_config(cfg.data),
-                       cfg.data.preprocess_workers)
-    except MedsegError as e:
-      cli.fail(str(e), e.exit_code)
+    if not cfg.data.root:
+      raise ConfigError("data.root: no dataset directory given")
+    dataset = decathlon.read_dataset(cfg.data.root)
+    found = validate(dataset, preprocess.settings_from_config(cfg.data),
+                     cfg.data.preprocess_workers)
     if found:
-      cli.fail(str(report([p for ps in found.values() for p in ps], dataset.root)), 2)
-    print(f"{dataset.root}: {len(dataset.training)} subjects, no problems", file=sys.stdout)
+      raise report([p for ps in found.values() for p in ps], dataset.root)
+    print(f"{dataset.root}: {len(dataset.training)} subjects, no problems")
 
-  app.run(main, flags_parser=cli.flags_parser())
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files, parallel
-from medseg_jax.data import pipeline
+from medseg_jax.data import loader
 from medseg_jax.evaluation import metrics, overlay
 
 
@@ -25,12 +25,12 @@ class Evaluator:
   workdir: str             # results go to WORKDIR/eval/
 
 
-def predict_split(ev: Evaluator, state, data: pipeline.SliceSet) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
   """(Confusion matrix summed over every device and host, predicted labels [N,H,W])."""
   global_batch = ev.global_batch
   confusion = np.zeros((ev.num_classes,) * 2, np.int64)
   preds = np.zeros(data.label.shape, np.uint8)
-  batches = pipeline.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
+  batches = loader.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
   for start, batch in zip(range(0, len(data), global_batch), batches):
     batch_confusion, batch_preds = ev.eval_step(state, ev.put_batch(batch))
     confusion += parallel.to_host(batch_confusion)
@@ -39,7 +39,7 @@ def predict_split(ev: Evaluator, state, data: pipeline.SliceSet) -> tuple[np.nda
   return confusion, preds
 
 
-def per_volume_rows(data: pipeline.SliceSet, preds: np.ndarray, num_classes: int,
+def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
                     surface: bool) -> list[dict]:
   """3D Dice (and HD95 in mm if `surface`) per volume, over the slices evaluated."""
   rows = []
@@ -50,7 +50,7 @@ def per_volume_rows(data: pipeline.SliceSet, preds: np.ndarray, num_classes: int
   return rows
 
 
-def evaluate(ev: Evaluator, state, data: pipeline.SliceSet, split: str, step: int,
+def evaluate(ev: Evaluator, state, data: loader.SliceSet, split: str, step: int,
              surface: bool = False, monitor=None) -> dict | None:
   """Metrics of `state` on `data` (the split named `split`), written to WORKDIR/eval/ (by
   process 0) and to the monitor's event files when one is given."""

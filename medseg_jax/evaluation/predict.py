@@ -35,10 +35,7 @@ def find_inputs(path: str) -> list[str]:
 
 def check_input(path: str, num_modalities: int) -> None:
   """Reads the header only: a readable 3D or 4D volume with the training modalities."""
-  try:
-    shape = nib.load(path).shape
-  except Exception as e:  # nibabel raises many types for damaged or foreign files
-    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})")
+  shape = decathlon.read_header(path).shape
   channels = shape[3] if len(shape) == 4 else 1
   if len(shape) not in (3, 4) or channels != num_modalities:
     raise DataError(f"{path}: shape {shape} does not have the {num_modalities} modalities "

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files, optim, parallel
-from medseg_jax.data import pipeline
+from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest
 from medseg_jax.training import checkpoint, decisions, preemption
@@ -121,7 +121,7 @@ def _batches(setup: Setup, step: int,
   while step < setup.num_steps:
     if position.offset + batch > len(data):  # the epoch has no full batch left
       position = Position(position.epoch + 1, 0)
-    for local in pipeline.train_batches(data, batch, setup.cfg.seed, position.epoch,
+    for local in loader.train_batches(data, batch, setup.cfg.seed, position.epoch,
                                         jax.process_index(), jax.process_count(),
                                         position.offset):
       step, position = step + 1, decisions.after_step(position, batch, len(data))

@@ -7,8 +7,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import optim, parallel
-from medseg_jax.data import augment, pipeline
+from medseg_jax import config, optim, parallel
+from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.evaluation import evaluate
 from medseg_jax.models import build_model
@@ -23,7 +23,7 @@ class Setup:
   cfg: ml_collections.ConfigDict
   workdir: str
   par: parallel.Parallel
-  data: dict[str, pipeline.SliceSet]
+  data: dict[str, loader.SliceSet]
   data_info: dict               # as WORKDIR/data_info.json records it
   lr: optim.ResolvedSchedule
   global_batch: int
@@ -38,7 +38,7 @@ class Setup:
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  global_batch = cfg.train.per_device_batch_size * par.num_devices
+  global_batch = config.global_batch(cfg, par.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
   steps_per_epoch = len(data["train"]) // global_batch
   if steps_per_epoch == 0:

@@ -9,10 +9,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Callable
 
 from absl import logging
 
-from medseg_jax.errors import DataError
+from medseg_jax.errors import DataError, MedsegError
 
 METRICS = ("dice", "mean_accuracy", "mean_iou", "pixel_accuracy", "fw_iou")
 
@@ -60,6 +61,22 @@ def train(args: list[str], workdir: str, simulated_devices: int, tool: str) -> b
     print(f"[{tool}] {os.path.basename(workdir)} failed with exit code {code}; see {log_path}",
           flush=True)
   return code == 0 and is_complete(workdir)
+
+
+def trainer(config_args: list[str], runs_dir: str, simulated_devices: int,
+            tool: str) -> Callable[[str, dict], dict]:
+  """A trainer for the guideline tuner: (name, config overrides) -> {"val": metrics or None,
+  "test": metrics} of the run in RUNS_DIR/<name>, trained unless complete."""
+  def train_run(name: str, overrides: dict) -> dict:
+    workdir = os.path.join(runs_dir, name)
+    if not train(config_args + override_args(overrides), workdir, simulated_devices, tool):
+      raise MedsegError(f"run {name} failed; see {workdir}/{tool}_run.log")
+    try:
+      val = metrics_on_val(workdir)
+    except DataError:
+      val = None  # no validation split; the tuner says so if it needs one
+    return {"val": val, "test": metrics_on_test(workdir)}
+  return train_run
 
 
 def _read_json(path: str) -> dict:

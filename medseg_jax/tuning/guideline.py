@@ -1,22 +1,23 @@
 """The GreScale guideline, automated: scale a config to K devices without losing accuracy.
 
-    python -m medseg_jax.guideline --config=configs/unet_brats.py --num_devices=K \\
-        --workdir=DIR [--budget=N] [--threshold=T] [--config.guideline.KEY=VALUE]
+    python -m medseg_jax.tuning.guideline --config=configs/unet_brats.py --num_devices=K \\
+        --workdir=DIR [--budget=N] [--threshold=T] [--SETTING=VALUE ...]
 
 1. The baseline: the config on one device at the reference batch.
 2. GreScale with the config's `lr.grescale` values (the defaults) at K devices, LR
-   scaled linearly. Below `guideline.threshold` devices that is the answer.
-3. Otherwise the ordered actions of `guideline.actions`, one fixed step per run, each
-   applied to the best settings so far: a run that beats them becomes the new best and
-   the same action is repeated; a run that does not is dropped and the next action
-   comes. It stops when a run reaches the baseline (then the same settings train once
-   more with the next seed: the model validation), when the actions are exhausted, or
-   when `guideline.budget` runs (the baseline included) are spent.
+   scaled linearly. Below `--threshold` devices that is the answer.
+3. Otherwise the ordered actions of `--actions`, one fixed step per run, each applied
+   to the best settings so far: a run that beats them becomes the new best and the
+   same action is repeated; a run that does not is dropped and the next action comes.
+   It stops when a run reaches the baseline (then the same settings train once more
+   with the next seed: the model validation), when the actions are exhausted, or when
+   `--budget` runs (the baseline included) are spent.
 
-Decisions compare the metrics of `guideline.split` (default `val`: the validation
-metrics of each run's tested checkpoint), by `guideline.comparison`, with differences
-below `guideline.tolerance` as ties; the test metrics are reported beside them and
-decide nothing. Every run is a normal run in DIR/runs/<name>; the tuner's state is
+Decisions compare the metrics of `--split` (default `val`: the validation metrics of
+each run's tested checkpoint), by `--comparison`, with differences below `--tolerance`
+as ties; the test metrics are reported beside them and decide nothing. The tuner's
+settings are its own (`Settings`, each one a flag), not part of the experiment config.
+Every run is a normal run in DIR/runs/<name>; the tuner's state is
 DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
 """
 
@@ -24,12 +25,16 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Callable
 
 import ml_collections
+from absl import flags
 
-from medseg_jax import files, optim, runs
-from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax import cli, files, optim
+from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.tuning import guideline_settings, report, runs
+from medseg_jax.tuning.guideline_settings import Settings
 
 Metrics = dict[str, float | None]
 Result = dict[str, Metrics | None]       # {"val": ..., "test": ...}
@@ -101,35 +106,36 @@ def _fits(params: Params, cfg: ml_collections.ConfigDict) -> bool:
   return epochs is None or params[WARMUP] + _decay_epochs(params, cfg) <= epochs
 
 
-def _decrease_initial_lr(params: Params, cfg, tries: int) -> Params | None:
-  return {**params, INITIAL_LR: _round(params[INITIAL_LR] * cfg.guideline.initial_lr_factor)}
+def _decrease_initial_lr(params: Params, cfg, g: Settings, tries: int) -> Params | None:
+  return {**params, INITIAL_LR: _round(params[INITIAL_LR] * g.initial_lr_factor)}
 
 
-def _increase_decay_coefficient(params: Params, cfg, tries: int) -> Params | None:
-  step = cfg.guideline.decay_coefficient_step
+def _increase_decay_coefficient(params: Params, cfg, g: Settings, tries: int) -> Params | None:
+  step = g.decay_coefficient_step
   return {**params, DECAY_COEFFICIENT: _round(params[DECAY_COEFFICIENT] + step)}
 
 
-def _increase_warmup(params: Params, cfg, tries: int) -> Params | None:
-  new = {**params, WARMUP: _round(params[WARMUP] + cfg.guideline.warmup_epochs_step)}
+def _increase_warmup(params: Params, cfg, g: Settings, tries: int) -> Params | None:
+  new = {**params, WARMUP: _round(params[WARMUP] + g.warmup_epochs_step)}
   return new if _fits(new, cfg) else None
 
 
-def _increase_decay_period(params: Params, cfg, tries: int) -> Params | None:
-  step = cfg.guideline.decay_epochs_step
-  new = {**params, DECAY_EPOCHS: _round(_decay_epochs(params, cfg) + step)}
+def _increase_decay_period(params: Params, cfg, g: Settings, tries: int) -> Params | None:
+  new = {**params, DECAY_EPOCHS: _round(_decay_epochs(params, cfg) + g.decay_epochs_step)}
   return new if _fits(new, cfg) else None
 
 
-def _change_optimizer(params: Params, cfg, tries: int) -> Params | None:
-  """The next optimizer of `guideline.optimizers` other than the config's own."""
-  others = [name for name in cfg.guideline.optimizers if name != cfg.optim.name]
+def _change_optimizer(params: Params, cfg, g: Settings, tries: int) -> Params | None:
+  """The next optimizer of `--optimizers` other than the config's own."""
+  others = [name for name in g.optimizers if name != cfg.optim.name]
   return {**params, OPTIMIZER: others[tries]} if tries < len(others) else None
 
 
-# An action maps the best settings so far and how often it has been applied in a row to
-# the next settings to try, or None when it has no further step.
-ACTIONS: dict[str, Callable[[Params, ml_collections.ConfigDict, int], Params | None]] = {
+# An action maps the best settings so far (with the config and the tuner's settings) and
+# how often it has been applied in a row to the next settings to try, or None when it has
+# no further step.
+Action = Callable[[Params, ml_collections.ConfigDict, Settings, int], Params | None]
+ACTIONS: dict[str, Action] = {
     "decrease_initial_lr": _decrease_initial_lr,
     "increase_decay_coefficient": _increase_decay_coefficient,
     "increase_warmup": _increase_warmup,
@@ -138,21 +144,20 @@ ACTIONS: dict[str, Callable[[Params, ml_collections.ConfigDict, int], Params | N
 }
 
 
-def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError for a guideline setting that cannot be used."""
-  g = cfg.guideline
+def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError for a setting that cannot be used with `cfg` at `num_devices`."""
   if num_devices < 1:
     raise ConfigError(f"--num_devices={num_devices}: must be at least 1")
   if g.comparison not in COMPARISONS:
-    raise ConfigError(f"guideline.comparison={g.comparison!r}: choose from {sorted(COMPARISONS)}")
+    raise ConfigError(f"--comparison={g.comparison}: choose from {sorted(COMPARISONS)}")
   unknown = [a for a in g.actions if a not in ACTIONS]
   if unknown:
-    raise ConfigError(f"guideline.actions: unknown {unknown}, choose from {list(ACTIONS)}")
+    raise ConfigError(f"--actions: unknown {unknown}, choose from {list(ACTIONS)}")
   bad = [o for o in g.optimizers if o not in optim.OPTIMIZERS]
   if bad:
-    raise ConfigError(f"guideline.optimizers: unknown {bad}, choose from {list(optim.OPTIMIZERS)}")
+    raise ConfigError(f"--optimizers: unknown {bad}, choose from {list(optim.OPTIMIZERS)}")
   if g.split not in SPLITS:
-    raise ConfigError(f"guideline.split={g.split!r}: choose from {list(SPLITS)}")
+    raise ConfigError(f"--split={g.split}: choose from {list(SPLITS)}")
   checks = {"budget": g.budget >= 2, "threshold": g.threshold >= 1, "tolerance": g.tolerance >= 0,
             "initial_lr_factor": 0 < g.initial_lr_factor < 1,
             "decay_coefficient_step": g.decay_coefficient_step > 0,
@@ -162,7 +167,7 @@ def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
             "tolerance": "not negative", "initial_lr_factor": "between 0 and 1"}
   for key, ok in checks.items():
     if not ok:
-      raise ConfigError(f"guideline.{key}={g[key]}: must be {limits.get(key, 'positive')}")
+      raise ConfigError(f"--{key}={getattr(g, key)}: must be {limits.get(key, 'positive')}")
   if num_devices >= g.threshold and "increase_decay_period" in g.actions:
     _decay_epochs(start_params(cfg), cfg)
 
@@ -179,10 +184,8 @@ def describe_change(old: Params, new: Params) -> str:
 
 
 def _settings(cfg: ml_collections.ConfigDict, num_devices: int) -> dict:
-  """What the runs depend on (the guideline section only steers decisions), as JSON."""
-  config = cfg.to_dict()
-  config.pop("guideline", None)
-  return json.loads(json.dumps({"config": config, "num_devices": num_devices}))
+  """What the runs depend on (the tuner's settings only steer decisions), as JSON."""
+  return json.loads(json.dumps({"config": cfg.to_dict(), "num_devices": num_devices}))
 
 
 def _first_difference(a, b, path: str = "") -> str:
@@ -197,10 +200,11 @@ class Tuner:
   """Runs the guideline with `trainer`, keeping its state in WORKDIR/guideline_state.json."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, num_devices: int, trainer: Trainer,
-               workdir: str, report: Callable[[str], None] = lambda line: None):
-    check_config(cfg, num_devices)
-    self.cfg, self.k, self.trainer, self.report = cfg, num_devices, trainer, report
-    self.g = cfg.guideline
+               workdir: str, settings: Settings = Settings(),
+               say: Callable[[str], None] = lambda line: None):
+    check_settings(settings, cfg, num_devices)
+    self.cfg, self.k, self.trainer, self.say = cfg, num_devices, trainer, say
+    self.g = settings
     self.path = os.path.join(workdir, STATE)
     self.settings = _settings(cfg, num_devices)
     self.done = self._load()   # run name -> {"overrides", "result"} of every finished run
@@ -237,12 +241,12 @@ class Tuner:
                         f"({_first_difference(overrides, record['overrides'])}); "
                         "use another --workdir")
     if record is None:
-      self.report(f"{name}: training" + (f" ({changed})" if changed else ""))
+      self.say(f"{name}: training" + (f" ({changed})" if changed else ""))
       record = {"overrides": overrides, "result": self.trainer(name, overrides)}
       self.done[name] = record
     if (record["result"].get(self.g.split) or {}).get("dice") is None:
       raise DataError(f"run {name} has no {self.g.split} metrics; "
-                      "set guideline.split=test if the config has no validation split")
+                      "use --split=test if the config has no validation split")
     self.history.append({"run": name, "action": action, "changed": changed, "decision": "",
                          "overrides": overrides, "result": record["result"]})
     self._save()
@@ -254,8 +258,8 @@ class Tuner:
 
   def _decide(self, decision: str) -> None:
     self.history[-1]["decision"] = decision
-    self.report(f"{self.history[-1]['run']}: {self.g.split} Dice "
-                f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
+    self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
+             f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
 
   def _overrides(self, params: Params, seed: int | None = None) -> dict:
     fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
@@ -285,7 +289,7 @@ class Tuner:
     while self._compare(current, base) < 0:
       if index == len(actions):
         return "actions_exhausted"
-      trial_params = ACTIONS[actions[index]](params, self.cfg, tries)
+      trial_params = ACTIONS[actions[index]](params, self.cfg, self.g, tries)
       if trial_params is None:
         index, tries = index + 1, 0
         continue
@@ -318,39 +322,16 @@ class Tuner:
     return next(h["overrides"] for h in self.history if h["run"] == self.chosen)
 
 
-def subprocess_trainer(config_args: list[str], runs_dir: str, simulated_devices: int) -> Trainer:
-  """The real trainer: `medseg_jax.main` in DIR/runs/<name>, reused once complete."""
-  def train(name: str, overrides: dict) -> Result:
-    workdir = os.path.join(runs_dir, name)
-    args = config_args + runs.override_args(overrides)
-    if not runs.train(args, workdir, simulated_devices, "guideline"):
-      raise MedsegError(f"run {name} failed; see {workdir}/guideline_run.log")
-    try:
-      val = runs.metrics_on_val(workdir)
-    except DataError:
-      val = None  # no validation split; the tuner says so if it needs one
-    return {"val": val, "test": runs.metrics_on_test(workdir)}
-  return train
-
-
 def _cli() -> None:
-  import sys  # pylint: disable=import-outside-toplevel
-
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  from medseg_jax import cli, guideline_report  # pylint: disable=import-outside-toplevel
-
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                           lock_config=True)
+  """The command: flags, then the tuner, then its reports; errors are one line."""
+  config = cli.config_flag()
   workdir = flags.DEFINE_string("workdir", None, "Directory of the tuner: its runs and outputs.")
   devices = flags.DEFINE_integer("num_devices", None, "Devices (workers) K to scale to.")
-  budget = flags.DEFINE_integer("budget", None, "Training runs at most, the baseline included "
-                                "(default: guideline.budget of the config).")
-  threshold = flags.DEFINE_integer("threshold", None, "Below this many devices, train GreScale "
-                                   "defaults once (default: guideline.threshold, 12).")
   cpu = flags.DEFINE_integer("cpu_devices", -1, "Simulated CPU devices per run: -1 = K when "
                              "the machine has no accelerator, 0 = none (the real devices).")
+  settings = guideline_settings.define_flags()
+  for module in (cli, guideline_settings):  # their flags are this command's: in --help
+    flags.adopt_module_key_flags(module)
 
   def check() -> None:
     if not workdir.value:
@@ -358,31 +339,19 @@ def _cli() -> None:
     if devices.value is None or devices.value < 1:
       cli.fail(f"--num_devices={devices.value}: a positive number of devices is required", 2)
 
-  def main(argv: list[str]) -> None:
-    del argv
-    cli.quiet_library_logs()
-    cfg = config.value
-    with cfg.unlocked():
-      cfg.guideline.budget = cfg.guideline.budget if budget.value is None else budget.value
-      cfg.guideline.threshold = (cfg.guideline.threshold if threshold.value is None
-                                 else threshold.value)
-    say = lambda line: print(f"[guideline] {line}", flush=True)
-    try:
-      trainer = subprocess_trainer(runs.config_args(sys.argv), os.path.join(workdir.value, "runs"),
-                                   runs.cpu_devices(cpu.value, devices.value))
-      tuner = Tuner(cfg, devices.value, trainer, workdir.value, say)
-      status = tuner.run()
-      chosen = guideline_report.chosen_config(cfg, tuner.chosen_overrides())
-      doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.guideline "
-             f"(run {tuner.chosen}: {STATUS[status]}).")
-      text = guideline_report.write(workdir.value, tuner.history, STATUS[status],
-                                    cfg.guideline.split,
-                                    guideline_report.config_source(chosen, doc))
-    except MedsegError as e:
-      cli.fail(str(e), e.exit_code)
-    print(text)
+  def main() -> None:
+    cfg, k = config.value, devices.value
+    trainer = runs.trainer(runs.config_args(sys.argv), os.path.join(workdir.value, "runs"),
+                           runs.cpu_devices(cpu.value, k), "guideline")
+    tuner = Tuner(cfg, k, trainer, workdir.value, settings(),
+                  lambda line: print(f"[guideline] {line}", flush=True))
+    status = tuner.run()
+    doc = (f"GreScale settings for {k} devices chosen by medseg_jax.tuning.guideline "
+           f"(run {tuner.chosen}: {STATUS[status]}).")
+    chosen = report.config_source(report.chosen_config(cfg, tuner.chosen_overrides()), doc)
+    print(report.write(workdir.value, tuner.history, STATUS[status], tuner.g.split, chosen))
 
-  app.run(main, flags_parser=cli.flags_parser(check))
+  cli.run(main, check)
 
 
 if __name__ == "__main__":

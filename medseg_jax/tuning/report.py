@@ -7,7 +7,8 @@ import textwrap
 
 import ml_collections
 
-from medseg_jax import files, runs
+from medseg_jax import files
+from medseg_jax.tuning import runs
 
 COLUMNS = {"dice": "Dice", "pixel_accuracy": "pixel acc.", "mean_accuracy": "mean acc.",
            "mean_iou": "mean IoU", "fw_iou": "fw IoU"}

@@ -1,6 +1,6 @@
 """Scaling study: train every (devices, LR policy, seed) combination and compare them.
 
-    python -m medseg_jax.study --config=configs/quickstart.py --devices=1,2,4,8 \\
+    python -m medseg_jax.tuning.study --config=configs/quickstart.py --devices=1,2,4,8 \\
         --policies=linear,linear_gradual,grescale --seeds=2 --workdir=DIR [--config.key=value]
 
 Each combination is a normal run of `medseg_jax.main` in DIR/runs/<policy>_dev<N>_seed<S>,
@@ -12,10 +12,11 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from medseg_jax import cli, files, runs
+from medseg_jax import cli, files
+from medseg_jax.errors import MedsegError
+from medseg_jax.tuning import runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -30,44 +31,27 @@ POLICIES = {
 }
 METRICS = runs.METRICS
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study.")
-_DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare.")
-_POLICIES = flags.DEFINE_list("policies", ["linear", "linear_gradual", "grescale"],
-                              f"LR policies, from {sorted(POLICIES)}.")
-_SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per combination (0, 1, ...).")
-_BASELINE = flags.DEFINE_string("baseline_policy", "linear",
-                                "Policy whose run on the fewest devices is the baseline.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", -1, "Simulated CPU devices per run: -1 = the largest --devices count when "
-    "the machine has no accelerator, 0 = none (use the real devices).")
-
-
-def _check_flags() -> None:
-  if not _WORKDIR.value:
-    cli.fail("--workdir is required", 2)
-  unknown = [p for p in _POLICIES.value if p not in POLICIES]
-  if unknown:
-    cli.fail(f"--policies: unknown {unknown}, choose from {sorted(POLICIES)}", 2)
-  if not all(d.isdigit() and int(d) > 0 for d in _DEVICES.value):
-    cli.fail(f"--devices={','.join(_DEVICES.value)}: positive integers, comma-separated", 2)
-  if _SEEDS.value < 1:
-    cli.fail("--seeds must be at least 1", 2)
-  if _BASELINE.value not in _POLICIES.value:
-    cli.fail(f"--baseline_policy={_BASELINE.value}: not among --policies", 2)
-
 
 def run_name(policy: str, devices: int, seed: int) -> str:
   return f"{policy}_dev{devices}_seed{seed}"
 
 
-def _run(config_args: list[str], workdir: str, policy: str, devices: int, seed: int,
-         cpu_devices: int) -> bool:
-  """Trains one combination unless it is complete; True if it has its test metrics."""
-  args = [*config_args, *POLICIES[policy], f"--config.parallel.num_devices={devices}",
-          f"--config.seed={seed}"]
-  return runs.train(args, workdir, cpu_devices, "study")
+def run_all(config_args: list[str], study_dir: str, policies: list[str], devices: list[int],
+            seeds: int, cpu_devices: int) -> tuple[list[dict], list[str]]:
+  """Trains every combination not yet complete; the metrics of those that have their test
+  metrics, and the names of those that failed."""
+  rows, failed = [], []
+  for policy in policies:
+    for n in devices:
+      for seed in range(seeds):
+        workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
+        args = [*config_args, *POLICIES[policy], f"--config.parallel.num_devices={n}",
+                f"--config.seed={seed}"]
+        if runs.train(args, workdir, cpu_devices, "study"):
+          rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
+        else:
+          failed.append(run_name(policy, n, seed))
+  return rows, failed
 
 
 def collect(workdir: str) -> dict:
@@ -130,30 +114,47 @@ def _plot(study_dir: str, table: list[dict]) -> None:
   plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  cli.quiet_library_logs()
-  config_args = runs.config_args(sys.argv)
-  devices = sorted(int(d) for d in _DEVICES.value)
-  cpu_devices = runs.cpu_devices(_CPU_DEVICES.value, max(devices))
-  study_dir = _WORKDIR.value
-  rows, failed = [], []
-  for policy in _POLICIES.value:
-    for n in devices:
-      for seed in range(_SEEDS.value):
-        workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
-        if _run(config_args, workdir, policy, n, seed, cpu_devices):
-          rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
-        else:
-          failed.append(run_name(policy, n, seed))
-  if rows:
-    table = summarize(rows, _BASELINE.value)
-    write_reports(study_dir, table, _BASELINE.value)
-    files.write_json(os.path.join(study_dir, "study_runs.json"), rows)
-    print(open(os.path.join(study_dir, "study.md")).read())
-  if failed:
-    cli.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", 1)
+def _cli() -> None:
+  """The command: flags, then every run, then the comparison; errors are one line."""
+  cli.config_flag()
+  flags.adopt_module_key_flags(cli)  # --config is this command's: in --help
+  workdir = flags.DEFINE_string("workdir", None, "Directory of the study.")
+  devices = flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare.")
+  policies = flags.DEFINE_list("policies", ["linear", "linear_gradual", "grescale"],
+                               f"LR policies, from {sorted(POLICIES)}.")
+  seeds = flags.DEFINE_integer("seeds", 2, "Seeds per combination (0, 1, ...).")
+  baseline = flags.DEFINE_string("baseline_policy", "linear",
+                                 "Policy whose run on the fewest devices is the baseline.")
+  cpu = flags.DEFINE_integer(
+      "cpu_devices", -1, "Simulated CPU devices per run: -1 = the largest --devices count when "
+      "the machine has no accelerator, 0 = none (use the real devices).")
+
+  def check() -> None:
+    if not workdir.value:
+      cli.fail("--workdir is required", 2)
+    unknown = [p for p in policies.value if p not in POLICIES]
+    if unknown:
+      cli.fail(f"--policies: unknown {unknown}, choose from {sorted(POLICIES)}", 2)
+    if not all(d.isdigit() and int(d) > 0 for d in devices.value):
+      cli.fail(f"--devices={','.join(devices.value)}: positive integers, comma-separated", 2)
+    if seeds.value < 1:
+      cli.fail("--seeds must be at least 1", 2)
+    if baseline.value not in policies.value:
+      cli.fail(f"--baseline_policy={baseline.value}: not among --policies", 2)
+
+  def main() -> None:
+    counts = sorted(int(d) for d in devices.value)
+    rows, failed = run_all(runs.config_args(sys.argv), workdir.value, policies.value, counts,
+                           seeds.value, runs.cpu_devices(cpu.value, max(counts)))
+    if rows:
+      write_reports(workdir.value, summarize(rows, baseline.value), baseline.value)
+      files.write_json(os.path.join(workdir.value, "study_runs.json"), rows)
+      print(open(os.path.join(workdir.value, "study.md")).read())
+    if failed:
+      raise MedsegError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+  cli.run(main, check)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(_check_flags))
+  _cli()

@@ -1,0 +1,97 @@
+"""Checks a whole config before any data work, so a mistake costs a second, not a
+preprocessing pass (fail fast).
+
+The checks reuse the builders that will consume each section (the model registry,
+losses, optimizers, LR policies, augmentation, the parallel strategies, the
+preprocessing settings) on the config itself, so the lists of valid values live in one
+place. Nothing here reads the dataset or writes a file.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from medseg_jax import optim, parallel
+from medseg_jax.training import losses
+from medseg_jax.data import augment, preprocess, split
+from medseg_jax.errors import ConfigError
+from medseg_jax.models import build_model
+
+# Counts and periods the loop divides by or counts down: (key, lowest valid value).
+_AT_LEAST = (
+    ("train.num_epochs", 0), ("train.num_steps", 0), ("train.eval_every_steps", 0),
+    ("train.eval_batch_size", 0), ("train.early_stopping_patience", 0),
+    ("train.divergence_factor", 0), ("train.divergence_patience", 1),
+    ("checkpoint.every_steps", 0), ("checkpoint.max_to_keep", 1),
+    ("monitor.log_every_steps", 1), ("monitor.system_interval_seconds", 0),
+    ("model.depth", 1), ("model.base_features", 1), ("model.fc_features", 1),
+    ("data.preprocess_workers", 0),
+)
+
+
+def check(cfg: ml_collections.ConfigDict) -> parallel.Parallel:
+  """Raises ConfigError naming the first key of `cfg` that cannot be used; returns the
+  device mesh the config asks for (the device count is part of the check)."""
+  for key, lowest in _AT_LEAST:
+    value = _get(cfg, key)
+    if value < lowest:
+      raise ConfigError(f"{key}={value}: must be at least {lowest}")
+  if not cfg.train.num_steps and not cfg.train.num_epochs:
+    raise ConfigError("train.num_epochs=0 and train.num_steps=0: nothing to train")
+  if not 0 <= cfg.model.dropout < 1:
+    raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+  _check_data(cfg.data)
+  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  batch = global_batch(cfg, par.num_devices)
+  losses.get_loss(cfg.train.loss)
+  augment.from_config(cfg.data.augment)
+  # Lengths are in epochs; any steps per epoch exercises every policy setting.
+  steps_per_epoch = 10
+  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
+  tx = optim.make_optimizer(cfg, schedule)
+  params = _abstract_params(cfg, par)
+  jax.eval_shape(tx.init, params)
+  return par
+
+
+def global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+  """`train.per_device_batch_size` times the devices; the size must be positive."""
+  if cfg.train.per_device_batch_size <= 0:
+    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
+                      "must be positive")
+  return cfg.train.per_device_batch_size * num_devices
+
+
+def _check_data(data: ml_collections.ConfigDict) -> None:
+  preprocess.settings_from_config(data)
+  split.check_fractions(data.val_fraction, data.test_fraction)
+  if data.synthetic:
+    if data.synthetic_volumes < 3:
+      raise ConfigError(f"data.synthetic_volumes={data.synthetic_volumes}: need at least 3 "
+                        "(train, validation and test)")
+    shape = tuple(data.synthetic_shape)
+    if len(shape) != 3 or min(shape) < 1:
+      raise ConfigError(f"data.synthetic_shape={shape}: need three positive sizes")
+
+
+def _abstract_params(cfg: ml_collections.ConfigDict, par: parallel.Parallel):
+  """The model's parameter shapes, traced without computing (no real initialisation)."""
+  # The class count and channels come from the dataset; any values build the same layers.
+  num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
+  channels = len(cfg.data.modalities) or 1
+  size = cfg.data.image_size
+  model = build_model(cfg.model, num_classes, size, par.bn_axis_name)
+  init = functools.partial(model.init, train=False)
+  sample = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return jax.eval_shape(init, key, sample)["params"]
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str):
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  return node

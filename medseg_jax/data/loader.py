@@ -1,0 +1,100 @@
+"""The loader: the slices of a split, and each process's part of its global batches.
+
+Every process computes the same epoch order from the seed and the epoch, and reads its
+own contiguous part of each global batch, a few batches ahead of the one being trained
+on (tensorstore reads run on its own threads while the step computes).
+"""
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from medseg_jax.data import store
+
+PREFETCH = 4  # global batches read ahead (tested, and measured in benchmarks/input_pipeline.py)
+
+
+@dataclasses.dataclass
+class SliceSet:
+  """Slices of one split, with the subject each slice came from.
+
+  `image` and `label` are numpy arrays or `store.Rows` views read on demand; both index
+  like numpy along the first axis and have `shape`."""
+
+  image: Any           # [N,H,W,C] float32
+  label: Any           # [N,H,W] int32
+  volume: np.ndarray   # [N] index into `names`; a volume's slices are contiguous
+  names: list[str]
+  spacing: np.ndarray  # [V,3] mm between slices, rows, columns after resizing
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+
+def from_store(opened: store.Store, names: list[str]) -> SliceSet:
+  """The slices of the subjects `names`, in that order, read from the store on demand."""
+  image, label, volume, spacing = opened.rows(names)
+  return SliceSet(image=image, label=label, volume=volume, names=list(names), spacing=spacing)
+
+
+def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
+  """The epoch's slice order: from the seed and the epoch only, so it does not depend on
+  the global batch or the number of processes."""
+  return np.random.default_rng([seed, epoch]).permutation(num_slices)
+
+
+def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
+                  process_index: int = 0, process_count: int = 1, offset: int = 0,
+                  prefetch: int = PREFETCH) -> Iterator[dict]:
+  """This process's part of each full global batch of one epoch, in a seeded order,
+  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps).
+  Reads run `prefetch` batches ahead. Labels keep the store's integer type (uint8), which
+  the steps widen on the device."""
+  order = epoch_order(len(data), seed, epoch)
+  local = global_batch // process_count
+  rows = (order[start + process_index * local:start + (process_index + 1) * local]
+          for start in range(offset, len(order) - global_batch + 1, global_batch))
+  return _read_ahead(data, ((r, None) for r in rows), prefetch)
+
+
+def eval_batches(data: SliceSet, global_batch: int, process_index: int = 0,
+                 process_count: int = 1, prefetch: int = PREFETCH) -> Iterator[dict]:
+  """Every slice once, in order; the last batch is padded and `mask` marks real slices."""
+  local = global_batch // process_count
+
+  def rows():
+    for start in range(0, len(data), global_batch):
+      index = np.arange(start + process_index * local, start + (process_index + 1) * local)
+      valid = index < len(data)
+      yield np.where(valid, index, 0), valid
+  return _read_ahead(data, rows(), prefetch)
+
+
+def _read_ahead(data: SliceSet, batches: Iterator, prefetch: int) -> Iterator[dict]:
+  """Batches of `(rows, mask or None)`, each read while up to `prefetch` later ones are
+  already being read."""
+  pending = collections.deque()
+  for rows, mask in batches:
+    pending.append((_fetch(data.image, rows), _fetch(data.label, rows), mask))
+    if len(pending) > prefetch:
+      yield _batch(*pending.popleft())
+  while pending:
+    yield _batch(*pending.popleft())
+
+
+def _fetch(array, rows: np.ndarray) -> Callable[[], np.ndarray]:
+  """Starts reading `rows`; the returned function waits for them. In-memory arrays are
+  read at once."""
+  if isinstance(array, store.Rows):
+    return array.fetch(rows, stored_dtype=True).result
+  value = np.asarray(array[rows])
+  return lambda: value
+
+
+def _batch(image: Callable, label: Callable, mask) -> dict:
+  batch = {"image": image(), "label": label()}
+  if mask is not None:
+    batch["mask"] = mask
+  return batch

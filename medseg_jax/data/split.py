@@ -1,0 +1,50 @@
+"""Splitting subjects into train, validation and test, and keeping a run's split."""
+
+import json
+import os
+
+import numpy as np
+
+from medseg_jax import files
+from medseg_jax.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+    raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+
+
+def split_cases(cases: list, val_fraction: float, test_fraction: float,
+                seed: int) -> dict[str, list]:
+  """Shuffles subjects with `seed` and splits them; a subject is in exactly one split."""
+  check_fractions(val_fraction, test_fraction)
+  order = np.random.default_rng(seed).permutation(len(cases))
+  n_val = max(1, round(val_fraction * len(cases))) if val_fraction else 0
+  n_test = max(1, round(test_fraction * len(cases))) if test_fraction else 0
+  if n_val + n_test >= len(cases):
+    raise ConfigError(f"data: {len(cases)} subjects are too few for the val/test fractions")
+  chosen = [cases[i] for i in order]
+  return {"val": chosen[:n_val], "test": chosen[n_val:n_val + n_test],
+          "train": chosen[n_val + n_test:]}
+
+
+def recorded_split(path: str, names: list[str], val_fraction: float, test_fraction: float,
+                   seed: int, record: bool, root: str) -> dict[str, list[str]]:
+  """The split recorded at `path` (a resumed run keeps its split even if the seed changed),
+  else a new one of the subjects `names`, written to `path` when `record`.
+
+  `root` is the dataset the subjects come from, named when a recorded one is gone."""
+  if not os.path.exists(path):
+    splits = split_cases(names, val_fraction, test_fraction, seed)
+    if record:
+      files.write_json(path, splits)
+    return splits
+  with open(path) as f:
+    splits = json.load(f)
+  missing = [n for s in splits.values() for n in s if n not in names]
+  if missing:
+    raise DataError(f"{path}: subjects {missing[:3]} are not in the slice store of "
+                    f"{root} (removed, or skipped as invalid)")
+  return splits

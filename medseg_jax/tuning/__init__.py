@@ -1,0 +1,1 @@
+"""Tools built on training: the scaling study and the GreScale guideline tuner."""

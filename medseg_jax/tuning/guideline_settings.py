@@ -1,0 +1,65 @@
+"""The guideline tuner's own settings, with their defaults and why; each is also a flag.
+
+They steer the tuner's decisions only, so they live here and not in the experiment
+config: a run trained by the tuner depends on the config alone.
+"""
+
+import dataclasses
+from typing import Callable
+
+from absl import flags
+
+
+def _setting(default, why: str):
+  """A setting's default and why it is that; `why` is also the help of its flag."""
+  return dataclasses.field(default=default, metadata={"help": why})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The tuner's own settings (not the experiment config's); each is a flag, --NAME."""
+
+  threshold: int = _setting(12, "Below this many devices, train the GreScale defaults once "
+                            "and stop: the thesis's guideline just trains below 12 workers.")
+  budget: int = _setting(12, "Training runs at most, the baseline included: 12 leaves room for "
+                         "the GreScale run, each action once, a few repeats and the confirming "
+                         "run.")
+  actions: tuple[str, ...] = _setting(
+      ("decrease_initial_lr", "increase_decay_coefficient", "increase_warmup",
+       "increase_decay_period", "change_optimizer"),
+      "The actions, in the order they are tried: the thesis's order.")
+  comparison: str = _setting(
+      "dice_macc_miou", "How runs are compared (dice_macc_miou, dice or mean_iou): Dice, then "
+      "mean accuracy, then mean IoU is the thesis's priority; pixel accuracy and fw IoU are "
+      "dominated by the background.")
+  tolerance: float = _setting(0.002, "Metric differences below this are ties, so noise alone "
+                              "does not pick a run.")
+  split: str = _setting("val", "The split whose metrics decide (val or test): validation, so "
+                        "the reported test metrics are not selected on.")
+  # One fixed step per action and run ("small fixed steps" in the thesis, which gives none).
+  initial_lr_factor: float = _setting(0.5, "decrease_initial_lr: lr.grescale.initial_lr x "
+                                      "this per step (halved).")
+  decay_coefficient_step: float = _setting(0.1, "increase_decay_coefficient: + this per step "
+                                           "(the size of the default coefficient).")
+  warmup_epochs_step: float = _setting(1.0, "increase_warmup: + this many epochs per step "
+                                       "(a fifth of the default 5-epoch warmup).")
+  decay_epochs_step: float = _setting(1.0, "increase_decay_period: + this many epochs per "
+                                      "step.")
+  optimizers: tuple[str, ...] = _setting(
+      ("sgd", "adam", "lars"), "change_optimizer: tried in this order, the config's own "
+      "skipped: SGD (the thesis's recommendation), Adam, then LARS (made for large batches).")
+
+
+_FLAG_TYPES = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+               tuple: flags.DEFINE_list}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Callable[[], Settings]:
+  """Defines a flag per setting, defaulting to `Settings`; returns their reader."""
+  holders = {}
+  for f in dataclasses.fields(Settings):
+    default = list(f.default) if isinstance(f.default, tuple) else f.default  # lists for absl
+    holders[f.name] = _FLAG_TYPES[type(f.default)](f.name, default, f.metadata["help"],
+                                                   flag_values=flag_values)
+  return lambda: Settings(**{name: tuple(h.value) if isinstance(h.value, list) else h.value
+                             for name, h in holders.items()})
