@@ -86,9 +86,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
   state = train.build_state(cfg, par, info["num_classes"], info["channels"],
                             optax.constant_schedule(0.0), jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
-  step = None if which in ("latest", "best") else int(which)
-  checkpoint.check_config(ckpt.read_meta(step), cfg, ckpt.directory)
-  state = par.put_state(ckpt.restore(state, par.replicated, step, best=which == "best").state)
+  state = train.restore_state(cfg, par, ckpt, state, which)
   ckpt.close()
   predict_fn = par.predict_step()
   batch = (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * par.num_devices
