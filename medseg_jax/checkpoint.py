@@ -154,12 +154,15 @@ class Checkpointer:
     logging.info("Restored checkpoint %s/%d", manager.directory, step)
     return Restored(step=step, state=state.replace(**tree[STATE]), meta=dict(tree[META]))
 
-  def read_meta(self, step: int | None = None) -> dict | None:
-    """The `meta` item of a checkpoint (the newest readable if None), or None."""
+  def read_meta(self, step: int | None = None, best: bool = False) -> dict | None:
+    """The `meta` item of a checkpoint (the newest readable, or the best, if None), or None."""
+    manager = self._best if best else self._manager
+    if step is None and best:
+      step = manager.best_step()
     for candidate in ([step] if step is not None else
-                      sorted(self._manager.all_steps(), reverse=True)):
+                      sorted(manager.all_steps(), reverse=True)):
       try:
-        return dict(self._manager.restore(
+        return dict(manager.restore(
             candidate, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
       except Exception:  # pylint: disable=broad-except  (the full restore reports it)
         continue

@@ -124,6 +124,26 @@ def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> T
   return run.par.put_state(restored.state)
 
 
+def restore_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel,
+                  checkpointer: checkpoint.Checkpointer, template: TrainState,
+                  which: str = "latest") -> TrainState:
+  """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) placed
+  on the mesh, after checking `cfg` against that checkpoint's own config.
+
+  The check comes before the restore: a checkpoint of another model would otherwise fail
+  as unreadable (and a 'latest' one be deleted as corrupt).
+  """
+  best = which == "best"
+  step = None if which in ("latest", "best") else int(which)
+  where = checkpointer.directory + ("_best" if best else "")
+  meta = checkpointer.read_meta(step, best=best)
+  checkpoint.check_config(meta, cfg, where)
+  restored = checkpointer.restore(template, par.replicated, step, best=best)
+  if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
+    checkpoint.check_config(restored.meta, cfg, where)
+  return par.put_state(restored.state)
+
+
 def resume(run: Run) -> tuple[_Progress, int]:
   """The loop's starting point from the newest readable checkpoint (the fresh state at
   step 0 if there is none), and the step as the checkpoint numbered it.
@@ -341,9 +361,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   """--mode=evaluate: a checkpoint ('latest', 'best' or a step) on validation and test."""
   checkpoint.require_checkpoint(workdir)
   run = build(cfg, workdir)
-  step = None if which in ("latest", "best") else int(which)
-  checkpoint.check_config(run.checkpointer.read_meta(step), cfg, run.checkpointer.directory)
-  state = restore_or_place(run, step, best=which == "best")
+  state = restore_state(cfg, run.par, run.checkpointer, run.state, which)
   run.checkpointer.close()
   step = int(parallel.to_host(run.par.get_state(state).step))
   return {split: evaluation.evaluate(run, state, split, step, surface=True)
