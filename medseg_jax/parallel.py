@@ -92,6 +92,14 @@ class Parallel:
                      for k, v in local_batch.items()}
     return {k: self._put_local(v) for k, v in local_batch.items()}
 
+  def local_rows(self, global_batch: int) -> slice:
+    """The rows of a global batch that this process feeds: those of its devices' shards,
+    which `put_batch` places by the devices' positions in the mesh."""
+    per_device = global_batch // self.num_devices
+    mine = [i for i, d in enumerate(self.mesh.devices.flat)
+            if d.process_index == jax.process_index()]
+    return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
+
   def _put_local(self, x: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self._sharding(P(AXIS)), np.asarray(x))
 

@@ -1,16 +1,20 @@
 """Predictions land in the input's voxel grid: checked against label files read back with nibabel."""
 
+import json
 import os
 
 import jax
 import nibabel as nib
 import numpy as np
+import optax
 import pytest
 
 from configs import base
+from medseg_jax import parallel
 from medseg_jax.evaluation import predict
+from medseg_jax.training import checkpoint, setup
 from medseg_jax.data import decathlon, preprocess, synthetic
-from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.errors import ConfigError, DataError, MedsegError
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +116,51 @@ def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, resize, e
   probs_img = nib.load(str(tmp_path / "probs.nii.gz"))
   assert probs_img.shape == source.shape + (3,)
   np.testing.assert_array_equal(np.argmax(probs_img.get_fdata(), -1), pred)
+
+
+def _tiny_config(features: int):
+  cfg = base.get_config()
+  cfg.data.image_size, cfg.model.depth, cfg.model.base_features = 32, 2, features
+  cfg.parallel.num_devices = 1  # compiles in a fraction of the time of 8
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def mixed_workdir(tmp_path_factory):
+  """Checkpoints of two models: step 1 (4 features) is the best, step 2 (8 features) the
+  latest, each with its own config in its meta."""
+  workdir = str(tmp_path_factory.mktemp("mixed"))
+  with open(os.path.join(workdir, "data_info.json"), "w") as f:
+    json.dump({"modalities": ["T1w"], "num_classes": 3, "channels": 1}, f)
+  par = parallel.make_parallel("shard_map", 1)
+  ckpt = checkpoint.Checkpointer(workdir, 0, 5)
+  for step, features in ((1, 4), (2, 8)):
+    cfg = _tiny_config(features)
+    state = setup.build_state(cfg, par, 3, 1, optax.constant_schedule(0.0),
+                              jax.random.key(step))
+    meta = {"step": step, "config": cfg.to_dict()}
+    ckpt.save(step, state, meta)
+    if step == 1:
+      ckpt.save_if_best(step, state, meta, dice=0.9)
+  ckpt.close()
+  return workdir
+
+
+@pytest.mark.parametrize("which", ["best", "1"])
+def test_the_checkpoint_loaded_is_checked_against_its_own_config(dataset_dir, mixed_workdir,
+                                                                 tmp_path, which):
+  """Evaluate and predict restore through one function that reads the chosen checkpoint's
+  meta: the best and step 1 (4 features) load with their own model although the latest
+  has 8, and the latest's model is refused for them."""
+  features, other = 4, 8
+  source = os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")
+  out = str(tmp_path / "pred.nii.gz")
+  predict.predict(_tiny_config(features), mixed_workdir, source, out, which)
+  written = nib.load(out)
+  assert written.shape == nib.load(source).shape and written.get_data_dtype() == np.uint8
+  where = "checkpoints_best" if which == "best" else "checkpoints"
+  with pytest.raises(ConfigError, match=rf"^model.base_features: {other} in the config but "
+                                        rf"{features} in the checkpoints in \S*/{where} "):
+    predict.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
+                  which)
+  assert not os.path.exists(tmp_path / "x.nii.gz")

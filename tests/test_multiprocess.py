@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -66,6 +67,53 @@ def test_one_process_resumes_a_two_process_run(runs):
   assert "Resuming from checkpoint at step 2" in resumed.stderr
   for a, b in zip(_params(two, 3), _params(single, 3)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# Three slices per device: every global batch of the 8-slice volumes differs with the
+# device count, and the last is padded.
+PREDICT = TINY_RUN + ["--config.train.eval_batch_size=3"]
+
+
+def _predict(workdir, output, *launcher, env):
+  return subprocess.run([*launcher, *PREDICT, f"--workdir={workdir}", "--mode=predict",
+                         f"--input={workdir}/data/imagesTs", f"--output={output}",
+                         "--probabilities"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory):
+  """A tiny run trained for a few steps, and its test volumes predicted by one process on
+  one device: the reference."""
+  workdir = tmp_path_factory.mktemp("predict")
+  trained = subprocess.run([sys.executable, "-m", "medseg_jax.main", *PREDICT,
+                            f"--workdir={workdir}", "--config.train.num_steps=3"], cwd=REPO,
+                           env=_env(2), capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  reference = _predict(workdir, workdir / "one", sys.executable, "-m", "medseg_jax.main",
+                       env=_env(1))
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_two_processes_predict_what_one_process_predicts(predicted, tmp_path, devices):
+  """Each process feeds its own rows of each batch; process 0 writes the gathered result."""
+  output = tmp_path / "two"
+  launched = _predict(predicted, output, "bash", "launch/local.sh", "2",
+                      env=dict(_env(), CPU_DEVICES_PER_PROCESS=str(devices)))
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  names = sorted(os.listdir(predicted / "one"))
+  assert names == sorted(os.listdir(output)) and len(names) == 4  # 2 volumes, labels + probs
+  for name in names:
+    reference, written = nib.load(predicted / "one" / name), nib.load(output / name)
+    if name.endswith("_probs.nii.gz"):
+      np.testing.assert_allclose(written.get_fdata(), reference.get_fdata(), atol=1e-6)
+      continue
+    labels = np.asarray(reference.dataobj)
+    assert len(np.unique(labels)) > 1  # slices told apart, so misplaced rows would show
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
+    assert (output / name).read_bytes() == (predicted / "one" / name).read_bytes()
 
 
 def _start_training_pair(workdir, *extra):

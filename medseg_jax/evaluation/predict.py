@@ -83,17 +83,15 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
   # The optimizer is built only to give the checkpoint's tree its shape.
   state = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                             optax.constant_schedule(0.0), jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
-  step = None if which in ("latest", "best") else int(which)
-  checkpoint.check_config(ckpt.read_meta(step), cfg, ckpt.directory)
-  state = par.put_state(ckpt.restore(state, par.replicated, step, best=which == "best").state)
-  ckpt.close()
+  state = checkpoint.restore_state(cfg, workdir, which, par, state)
   predict_fn = par.predict_step()
   batch = (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * par.num_devices
   run = lambda slices: _run_batched(par, predict_fn, state, slices, batch)
   for src, (labels_dst, probs_dst) in zip(inputs, outputs):
-    write_prediction(src, _predict_volume(cfg, info, src, run), labels_dst, probs_dst)
-    logging.info("Wrote %s", labels_dst)
+    probs = _predict_volume(cfg, info, src, run)  # every process takes part
+    if jax.process_index() == 0:  # and one writes
+      write_prediction(src, probs, labels_dst, probs_dst)
+      logging.info("Wrote %s", labels_dst)
   return outputs
 
 
@@ -115,14 +113,18 @@ def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:
 
 def _run_batched(par: parallel.Parallel, predict_fn, state, slices: np.ndarray,
                  batch: int) -> np.ndarray:
-  """Runs `predict_fn` over `slices` in padded global batches sharded across the mesh."""
+  """Runs `predict_fn` over `slices` in padded global batches sharded across the mesh.
+
+  Every process holds all the slices, feeds its own rows of each global batch and gets
+  the probabilities of the whole batch back."""
+  rows = par.local_rows(batch)
   out = []
   for start in range(0, len(slices), batch):
     chunk = slices[start:start + batch]
     padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
                                               chunk.dtype)])
-    probs = predict_fn(state, par.put_batch({"image": padded})["image"])
-    out.append(np.asarray(jax.device_get(probs))[:len(chunk)])
+    probs = predict_fn(state, par.put_batch({"image": padded[rows]})["image"])
+    out.append(parallel.gather(probs)[:len(chunk)])
   return np.concatenate(out)
 
 

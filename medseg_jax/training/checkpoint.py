@@ -154,12 +154,15 @@ class Checkpointer:
     logging.info("Restored checkpoint %s/%d", manager.directory, step)
     return Restored(step=step, state=state.replace(**tree[STATE]), meta=dict(tree[META]))
 
-  def read_meta(self, step: int | None = None) -> dict | None:
-    """The `meta` item of a checkpoint (the newest readable if None), or None."""
+  def read_meta(self, step: int | None = None, best: bool = False) -> dict | None:
+    """The `meta` item of a checkpoint (the newest readable, or the best, if None), or None."""
+    manager = self._best if best else self._manager
+    if step is None and best:
+      step = manager.best_step()
     for candidate in ([step] if step is not None else
-                      sorted(self._manager.all_steps(), reverse=True)):
+                      sorted(manager.all_steps(), reverse=True)):
       try:
-        return dict(self._manager.restore(
+        return dict(manager.restore(
             candidate, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
       except Exception:  # pylint: disable=broad-except  (the full restore reports it)
         continue
@@ -196,6 +199,31 @@ class Checkpointer:
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
   return ocp.args.Composite(**{STATE: ocp.args.StandardSave(_to_tree(state)),
                                META: ocp.args.JsonSave(meta)})
+
+
+def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
+                  par: parallel.Parallel, template: Any) -> Any:
+  """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) of the
+  run in `workdir`, read into the shape of `template` and placed on the mesh, after
+  checking `cfg` against that checkpoint's own config.
+
+  The check comes before the restore: a checkpoint of another model would otherwise fail
+  as unreadable (and a 'latest' one be deleted as corrupt).
+  """
+  require_checkpoint(workdir)
+  checkpointer = Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
+  try:
+    best = which == "best"
+    step = None if which in ("latest", "best") else int(which)
+    where = checkpointer.directory + ("_best" if best else "")
+    meta = checkpointer.read_meta(step, best=best)
+    check_config(meta, cfg, where)
+    restored = checkpointer.restore(template, par.replicated, step, best=best)
+    if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
+      check_config(restored.meta, cfg, where)
+  finally:
+    checkpointer.close()
+  return par.put_state(restored.state)
 
 
 def _first_line(error: Exception) -> str:

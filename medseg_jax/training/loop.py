@@ -261,12 +261,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   """--mode=evaluate: a checkpoint ('latest', 'best' or a step) on validation and test."""
   checkpoint.require_checkpoint(workdir)
   setup = build(cfg, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
-  step = None if which in ("latest", "best") else int(which)
-  checkpoint.check_config(ckpt.read_meta(step), cfg, ckpt.directory)
-  state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated, step,
-                                           best=which == "best").state)
-  ckpt.close()
+  state = checkpoint.restore_state(cfg, workdir, which, setup.par, setup.init_state)
   step = int(parallel.to_host(setup.par.host_state(state).step))
   return {split: evaluate.evaluate(setup.evaluator, state, setup.data[split], split, step,
                                    surface=True)
