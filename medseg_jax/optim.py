@@ -91,12 +91,15 @@ Piece = tuple[str, int, optax.Schedule]  # (phase name, length in steps, schedul
 
 
 def _join(pieces: list[Piece]) -> optax.Schedule:
+  """The pieces one after the other; the LR has the shape of `step`, also where a piece is
+  constant (optax's constant schedules return a scalar for an array of steps)."""
   pieces = [p for p in pieces if p[1] > 0] or pieces[-1:]
   boundaries, total = [], 0
   for _, length, _ in pieces[:-1]:
     total += length
     boundaries.append(total)
-  return optax.join_schedules([fn for _, _, fn in pieces], boundaries)
+  joined = optax.join_schedules([fn for _, _, fn in pieces], boundaries)
+  return lambda step: jnp.broadcast_to(joined(step), jnp.shape(step))
 
 
 def _ramp(start: float, end: float, steps: int) -> optax.Schedule:
