@@ -55,14 +55,10 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   if cfg.train.per_device_batch_size <= 0:
     raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
                       "must be positive")
-  global_batch = cfg.train.per_device_batch_size * par.num_devices
   data, info = pipeline.load_splits(cfg, workdir)
-  steps_per_epoch = len(data["train"]) // global_batch
-  if steps_per_epoch == 0:
-    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: the "
-                      f"global batch {global_batch} exceeds the {len(data['train'])} "
-                      "training slices")
-  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
+  global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
+                                              plan.num_steps)
   num_classes = pipeline.num_classes(cfg, info)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)

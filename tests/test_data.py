@@ -9,7 +9,7 @@ import pytest
 
 from configs import base
 from medseg_jax.data import decathlon, pipeline, preprocess, synthetic
-from medseg_jax.errors import DataError
+from medseg_jax.errors import ConfigError, DataError
 
 
 def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
@@ -285,3 +285,39 @@ def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
     cfg = config(dataset_dir, tmp_path, **{key: value})
     with pytest.raises(ConfigError, match=f"data.{key}"):
       preprocess.settings_from_config(cfg.data)
+
+
+def _four_subjects_one_without_label(tmp_path):
+  subjects = [(f"s{i}",) + phantom(i, (16, 16, 6)) + (np.eye(4),) for i in range(4)]
+  root = write_task(str(tmp_path / "T"), subjects)
+  os.remove(os.path.join(root, "labelsTr", "s2.nii.gz"))
+  return root
+
+
+def test_plan_counts_the_slices_training_uses_when_invalid_subjects_are_skipped(tmp_path):
+  root = _four_subjects_one_without_label(tmp_path)
+  cfg = config(root, tmp_path, image_size=16, slices_per_volume=0, skip_invalid=True)
+  cfg.data.val_fraction = 0.25
+  planned = pipeline.train_slice_count(cfg, str(tmp_path / "plan"))
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "train"))
+  # By hand: s2 is left out; of the 3 others one is validation, so 2 x 6 slices train.
+  assert "s2" not in sets["train"].names and info["skipped"] == ["s2"]
+  assert len(sets["train"]) == 12
+  assert planned == 12
+  cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
+  plan = pipeline.epoch_plan(cfg, planned, num_devices=3)
+  assert (plan.global_batch, plan.steps_per_epoch, plan.num_steps) == (6, 2, 20)
+  with pytest.raises(ConfigError, match="global batch 14 exceeds the 12 training slices"):
+    pipeline.epoch_plan(cfg, planned, num_devices=7)
+
+
+def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_dir, tmp_path):
+  for selection, extra in (("central", {"slices_per_volume": 4}), ("all", {}),
+                           ("foreground", {"empty_slice_fraction": 0.5})):
+    cfg = config(dataset_dir, tmp_path / selection, image_size=8, slice_selection=selection,
+                 **extra)
+    cfg.data.val_fraction = cfg.data.test_fraction = 0.2
+    planned = pipeline.train_slice_count(cfg, str(tmp_path / selection / "plan"))
+    assert not os.path.exists(tmp_path / selection / "cache")  # from headers: no store built
+    sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"))
+    assert planned == len(sets["train"]), selection

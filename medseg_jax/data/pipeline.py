@@ -86,19 +86,9 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
   subject and records the split in WORKDIR/split.json."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
   opened = open_store(cfg, dataset)
-  names = [v["name"] for v in opened.volumes]
-  split_path = os.path.join(workdir, "split.json")
-  if os.path.exists(split_path):
-    with open(split_path) as f:
-      splits = json.load(f)
-    missing = [n for s in splits.values() for n in s if n not in names]
-    if missing:
-      raise DataError(f"{split_path}: subjects {missing[:3]} are not in the slice store of "
-                      f"{dataset.root} (removed, or skipped as invalid)")
-  else:
-    splits = split_cases(names, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    if jax.process_index() == 0:
-      files.write_json(split_path, splits)
+  splits = subject_splits(cfg, opened, workdir)
+  if not os.path.exists(os.path.join(workdir, "split.json")) and jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "split.json"), splits)
   sets = {s: _slice_set(opened, splits[s]) for s in SPLITS}
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
           "labels": dataset.labels, "store": opened.path,
@@ -106,6 +96,23 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str,
           "volumes": {s: len(splits[s]) for s in SPLITS},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info
+
+
+def subject_splits(cfg: ml_collections.ConfigDict, opened: store.Store,
+                   workdir: str) -> dict[str, list[str]]:
+  """The subjects of each split: WORKDIR/split.json if there is one, else the store's
+  subjects (those that passed validation) split by `seed`."""
+  names = [v["name"] for v in opened.volumes]
+  split_path = os.path.join(workdir, "split.json")
+  if not os.path.exists(split_path):
+    return split_cases(names, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+  with open(split_path) as f:
+    splits = json.load(f)
+  missing = [n for s in splits.values() for n in s if n not in names]
+  if missing:
+    raise DataError(f"{split_path}: subjects {missing[:3]} are not in the slice store of "
+                    f"{opened.meta['root']} (removed, or skipped as invalid)")
+  return splits
 
 
 def _slice_set(opened: store.Store, names: list[str]) -> SliceSet:
@@ -137,25 +144,59 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset) -> st
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
-  """Training slices the config yields, from file headers (and, to find the foreground
-  slices, label volumes); no slice store is built."""
+  """The training slices a run of `cfg` in WORKDIR trains on, without training.
+
+  With `data.skip_invalid=True`, or when the slice store for these settings exists, the
+  count comes from the store (built if absent: only validation, which reads every volume,
+  knows the subjects a run leaves out), split as `load_splits` splits it. Otherwise it
+  comes from the file headers (and, to find foreground slices, the label volumes)."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
   settings = preprocess.settings_from_config(cfg.data)
+  path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
+                          cfg.data.skip_invalid)
+  if cfg.data.skip_invalid or os.path.isdir(path):
+    opened = open_store(cfg, dataset)
+    rows = {v["name"]: v["stop"] - v["start"] for v in opened.volumes}
+    return sum(rows[name] for name in subject_splits(cfg, opened, workdir)["train"])
   by_name = {c.name: c for c in dataset.training}
   names = split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
                       cfg.seed)["train"]
-  count = 0
-  for name in names:
-    case = by_name[name]
-    if settings.slice_selection == "foreground":
-      label = preprocess.map_labels(decathlon.load_nifti(case.label).data,
-                                    settings.label_map, case.label)
-      count += len(preprocess.select_slices(label, settings))
-    else:
-      depth = decathlon.canonical_shape(case.image)[settings.slice_axis]
-      count += depth if settings.slice_selection == "all" else len(
-          preprocess.central_slices(depth, settings.slices_per_volume))
-  return count
+  return sum(_header_slice_count(by_name[name], settings) for name in names)
+
+
+def _header_slice_count(case: decathlon.Case, settings: preprocess.Settings) -> int:
+  if settings.slice_selection == "foreground":
+    label = preprocess.map_labels(decathlon.load_nifti(case.label).data,
+                                  settings.label_map, case.label)
+    return len(preprocess.select_slices(label, settings))
+  depth = decathlon.canonical_shape(case.image)[settings.slice_axis]
+  if settings.slice_selection == "all":
+    return depth
+  return len(preprocess.central_slices(depth, settings.slices_per_volume))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  """How many training slices, and the steps they make at a device count."""
+
+  train_slices: int
+  global_batch: int
+  steps_per_epoch: int
+  num_steps: int
+
+
+def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: int) -> EpochPlan:
+  """Global batch, steps per epoch and the run's steps, for training and the LR plan alike."""
+  per_device = cfg.train.per_device_batch_size
+  if per_device <= 0:
+    raise ConfigError(f"train.per_device_batch_size={per_device}: must be positive")
+  global_batch = per_device * num_devices
+  steps_per_epoch = train_slices // global_batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"train.per_device_batch_size={per_device}: the global batch "
+                      f"{global_batch} exceeds the {train_slices} training slices")
+  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  return EpochPlan(train_slices, global_batch, steps_per_epoch, num_steps)
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
