@@ -333,6 +333,21 @@ def subprocess_trainer(config_args: list[str], runs_dir: str, simulated_devices:
   return train
 
 
+def record_repeats(history: list[dict], runs_dir: str) -> None:
+  """Records in each run's manifest how often the tuner trained its settings (the chosen
+  settings twice when the model validation ran), with which seeds."""
+  from medseg_jax import manifest  # pylint: disable=import-outside-toplevel
+
+  def settings(h: dict) -> str:
+    return json.dumps({k: v for k, v in h["overrides"].items() if k != "seed"}, sort_keys=True)
+  seeds: dict[str, list[int]] = {}
+  for h in history:
+    seeds.setdefault(settings(h), []).append(h["overrides"]["seed"])
+  for h in history:
+    manifest.record_repeats(os.path.join(runs_dir, h["run"]), seeds[settings(h)],
+                            "medseg_jax.guideline", h["run"])
+
+
 def _cli() -> None:
   import sys  # pylint: disable=import-outside-toplevel
 
@@ -372,6 +387,7 @@ def _cli() -> None:
                                    runs.cpu_devices(cpu.value, devices.value))
       tuner = Tuner(cfg, devices.value, trainer, workdir.value, say)
       status = tuner.run()
+      record_repeats(tuner.history, os.path.join(workdir.value, "runs"))
       chosen = guideline_report.chosen_config(cfg, tuner.chosen_overrides())
       doc = (f"GreScale settings for {devices.value} devices chosen by medseg_jax.guideline "
              f"(run {tuner.chosen}: {STATUS[status]}).")

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from medseg_jax import cli, files, runs
+from medseg_jax import cli, files, manifest, runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -144,6 +144,8 @@ def main(argv: list[str]) -> None:
         workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
         if _run(config_args, workdir, policy, n, seed, cpu_devices):
           rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
+          manifest.record_repeats(workdir, list(range(_SEEDS.value)), "medseg_jax.study",
+                                  f"{policy} on {n} devices")
         else:
           failed.append(run_name(policy, n, seed))
   if rows:

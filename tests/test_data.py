@@ -321,3 +321,16 @@ def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_
     assert not os.path.exists(tmp_path / selection / "cache")  # from headers: no store built
     sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"))
     assert planned == len(sets["train"]), selection
+
+
+def test_classes_merged_by_label_map_are_named_after_their_labels():
+  cfg = base.get_config()
+  info = {"labels": ("background", "oedema", "non-enhancing", "enhancing")}
+  assert pipeline.class_names(cfg, info) == list(info["labels"])
+  cfg.data.label_map = (0, 1, 1, 1)
+  assert pipeline.class_names(cfg, info) == ["background", "oedema+non-enhancing+enhancing"]
+  cfg.data.label_map = (0, 2, 2, 1)
+  assert pipeline.class_names(cfg, info) == ["background", "enhancing", "oedema+non-enhancing"]
+  cfg.data.label_map = (0, 3, 3, 3)  # classes 1 and 2 have no source label
+  assert pipeline.class_names(cfg, info) == ["background", "class 1", "class 2",
+                                             "oedema+non-enhancing+enhancing"]

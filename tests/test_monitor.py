@@ -88,7 +88,10 @@ def test_manifest_covers_the_reproducibility_checklist(run):
   for section, keys in required.items():
     for key in keys:
       assert key in m[section], (section, key)
-  assert m["runs"] == 1 and m["wall_time_seconds"] > 0 and m["hardware"]["devices"] == 2
+  assert m["runs"] == {"count": 1, "seeds": [0]}  # a run on its own: once, with its seed
+  assert m["wall_time_seconds"] > 0 and m["hardware"]["devices"] == 2
+  # quickstart's label_map (0, 1, 1) merges the synthetic labels oedema and tumour.
+  assert m["dataset"]["classes"] == ["background", "oedema+tumour"]
   assert m["software"]["packages"]["jax"] and m["code"]["commit"]
   assert {"dice", "mean_accuracy", "mean_iou"} <= m["final_metrics"]["test"].keys()
   assert m["model"]["parameters"] == 7402  # U-Net depth 2, base 4, 1 in, 2 out: see test_models

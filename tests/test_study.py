@@ -36,6 +36,10 @@ def test_two_device_counts_two_policies_study(tmp_path):
       base = test["dice"]
   for r in rows:
     assert float(r["dice_gap"]) == pytest.approx(float(r["dice"]) - base)
+    name = f"{r['policy']}_dev{r['devices']}_seed0"
+    with open(tmp_path / "runs" / name / "manifest.json") as f:
+      assert json.load(f)["runs"] == {"count": 1, "seeds": [0], "tool": "medseg_jax.study",
+                                      "group": f"{r['policy']} on {r['devices']} devices"}
   with open(tmp_path / "runs" / "grescale_dev2_seed0" / "config.json") as f:
     config = json.load(f)
   assert config["lr"]["policy"] == "grescale" and config["parallel"]["num_devices"] == 2

@@ -204,10 +204,16 @@ def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
 
 
 def class_names(cfg: ml_collections.ConfigDict, info: dict) -> list[str]:
-  """dataset.json's label names, or class indices when data.label_map merges labels."""
+  """dataset.json's label names; a class `data.label_map` builds from several labels is
+  named after them ("oedema+tumour"), one with no source label by its index."""
+  labels = list(info["labels"])
   if not cfg.data.label_map:
-    return list(info["labels"])
-  return ["background"] + [f"class {c}" for c in range(1, num_classes(cfg, info))]
+    return labels
+  sources: dict[int, list[str]] = {}
+  for label, target in zip(labels, cfg.data.label_map):
+    sources.setdefault(target, []).append(label)
+  return ["+".join(sources[c]) if c in sources else f"class {c}"
+          for c in range(num_classes(cfg, info))]
 
 
 def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
