@@ -191,7 +191,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     # Steps after the checkpoint are logged again below.
     files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), saved_step)
     manifest.write(workdir, manifest.at_start(run))
-  mon = monitor.Monitor(workdir, run.is_chief and cfg.monitor.enabled,
+  mon = monitor.Monitor(workdir, cfg.monitor.enabled,
                         cfg.monitor.system_interval_seconds, run.num_steps, progress.step,
                         run.steps_per_epoch)
   try:
