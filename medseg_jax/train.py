@@ -52,14 +52,10 @@ class Run:
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  global_batch = config.global_batch(cfg, par.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
-  steps_per_epoch = len(data["train"]) // global_batch
-  if steps_per_epoch == 0:
-    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: the "
-                      f"global batch {global_batch} exceeds the {len(data['train'])} "
-                      "training slices")
-  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
+  global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
+                                              plan.num_steps)
   num_classes = pipeline.num_classes(cfg, info)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
@@ -212,7 +208,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     # Steps after the checkpoint are logged again below.
     files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), saved_step)
     manifest.write(workdir, manifest.at_start(run))
-  mon = monitor.Monitor(workdir, run.is_chief and cfg.monitor.enabled,
+  mon = monitor.Monitor(workdir, cfg.monitor.enabled,
                         cfg.monitor.system_interval_seconds, run.num_steps, progress.step,
                         run.steps_per_epoch)
   try:
