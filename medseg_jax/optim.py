@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medseg_jax.errors import ConfigError
+from medseg_jax.errors import ConfigError, MedsegError
 
 SCALING_RULES: dict[str, Callable[[float], float]] = {
     "none": lambda k: 1.0,
@@ -91,12 +91,15 @@ Piece = tuple[str, int, optax.Schedule]  # (phase name, length in steps, schedul
 
 
 def _join(pieces: list[Piece]) -> optax.Schedule:
+  """The pieces one after the other; the LR has the shape of `step`, also where a piece is
+  constant (optax's constant schedules return a scalar for an array of steps)."""
   pieces = [p for p in pieces if p[1] > 0] or pieces[-1:]
   boundaries, total = [], 0
   for _, length, _ in pieces[:-1]:
     total += length
     boundaries.append(total)
-  return optax.join_schedules([fn for _, _, fn in pieces], boundaries)
+  joined = optax.join_schedules([fn for _, _, fn in pieces], boundaries)
+  return lambda step: jnp.broadcast_to(joined(step), jnp.shape(step))
 
 
 def _ramp(start: float, end: float, steps: int) -> optax.Schedule:
@@ -207,17 +210,29 @@ def plot(resolved: ResolvedSchedule, num_steps: int, path: str, title: str) -> N
   plt.close(fig)
 
 
+def _count_train_slices(cfg: ml_collections.ConfigDict) -> int:
+  """The training slices of the config's dataset, as a run counts them; an error that
+  stops the count also names --train_slices, which skips it."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  try:
+    with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
+      return pipeline.train_slice_count(cfg, tmp)
+  except MedsegError as e:
+    raise type(e)(f"{e}; or give the count with --train_slices=N") from e
+
+
 def _cli() -> None:
   """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]."""
   import os  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
 
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from medseg_jax import cli  # pylint: disable=import-outside-toplevel
   from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from medseg_jax.errors import MedsegError  # pylint: disable=import-outside-toplevel
 
   config = config_flags.DEFINE_config_file("config", None, "Experiment config.",
                                            lock_config=True)
@@ -231,23 +246,16 @@ def _cli() -> None:
     cli.quiet_library_logs()
     cfg = config.value
     try:
-      count = slices.value
-      if not count:
-        with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
-          count = pipeline.train_slice_count(cfg, tmp)
-      global_batch = cfg.train.per_device_batch_size * devices.value
-      steps_per_epoch = count // global_batch
-      if steps_per_epoch == 0:
-        raise ConfigError(f"global batch {global_batch} exceeds the {count} training slices")
-      num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
-      resolved = resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
+      count = slices.value or _count_train_slices(cfg)
+      plan = pipeline.epoch_plan(cfg, count, devices.value)
+      resolved = resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
     except MedsegError as e:
       cli.fail(str(e), e.exit_code)
-    print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {global_batch}, "
-          f"{count} training slices, {num_steps} steps")
+    print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {plan.global_batch}, "
+          f"{count} training slices, {plan.num_steps} steps")
     print(resolved.describe())
     if png.value:
-      plot(resolved, num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
+      plot(resolved, plan.num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
       print(f"wrote {os.path.abspath(png.value)}")
 
   app.run(main, flags_parser=cli.flags_parser())

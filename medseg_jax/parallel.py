@@ -215,6 +215,15 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+def all_processes(values: np.ndarray) -> np.ndarray:
+  """`values` of every process stacked along a new first axis (process order); each
+  process passes the same shape and dtype. A collective: every process calls it at the
+  same point of its program, which orders it among the others."""
+  if jax.process_count() == 1:
+    return np.asarray(values)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
 def gather(x: jax.Array) -> np.ndarray:
   """A batch-sharded global array, whole, on every process."""
   if x.is_fully_addressable:

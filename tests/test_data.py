@@ -9,7 +9,7 @@ import pytest
 
 from configs import base
 from medseg_jax.data import decathlon, loader, pipeline, preprocess, split, synthetic
-from medseg_jax.errors import DataError
+from medseg_jax.errors import ConfigError, DataError
 
 
 def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
@@ -310,3 +310,52 @@ def test_data_stages_import_only_the_stages_below_and_one_module_reads_nifti():
     assert not reads or name == "decathlon", name  # the one NIfTI reader
   sources = [open(p).read() for p in glob.glob(os.path.join(package, "**", "*.py"), recursive=True)]
   assert sum(s.count("cannot read as NIfTI") for s in sources) == 1
+
+
+def _four_subjects_one_without_label(tmp_path):
+  subjects = [(f"s{i}",) + phantom(i, (16, 16, 6)) + (np.eye(4),) for i in range(4)]
+  root = write_task(str(tmp_path / "T"), subjects)
+  os.remove(os.path.join(root, "labelsTr", "s2.nii.gz"))
+  return root
+
+
+def test_plan_counts_the_slices_training_uses_when_invalid_subjects_are_skipped(tmp_path):
+  root = _four_subjects_one_without_label(tmp_path)
+  cfg = config(root, tmp_path, image_size=16, slices_per_volume=0, skip_invalid=True)
+  cfg.data.val_fraction = 0.25
+  planned = pipeline.train_slice_count(cfg, str(tmp_path / "plan"))
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "train"))
+  # By hand: s2 is left out; of the 3 others one is validation, so 2 x 6 slices train.
+  assert "s2" not in sets["train"].names and info["skipped"] == ["s2"]
+  assert len(sets["train"]) == 12
+  assert planned == 12
+  cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
+  plan = pipeline.epoch_plan(cfg, planned, num_devices=3)
+  assert (plan.global_batch, plan.steps_per_epoch, plan.num_steps) == (6, 2, 20)
+  with pytest.raises(ConfigError, match="global batch 14 exceeds the 12 training slices"):
+    pipeline.epoch_plan(cfg, planned, num_devices=7)
+
+
+def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_dir, tmp_path):
+  for selection, extra in (("central", {"slices_per_volume": 4}), ("all", {}),
+                           ("foreground", {"empty_slice_fraction": 0.5})):
+    cfg = config(dataset_dir, tmp_path / selection, image_size=8, slice_selection=selection,
+                 **extra)
+    cfg.data.val_fraction = cfg.data.test_fraction = 0.2
+    planned = pipeline.train_slice_count(cfg, str(tmp_path / selection / "plan"))
+    assert not os.path.exists(tmp_path / selection / "cache")  # from headers: no store built
+    sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"))
+    assert planned == len(sets["train"]), selection
+
+
+def test_classes_merged_by_label_map_are_named_after_their_labels():
+  cfg = base.get_config()
+  info = {"labels": ("background", "oedema", "non-enhancing", "enhancing")}
+  assert pipeline.class_names(cfg, info) == list(info["labels"])
+  cfg.data.label_map = (0, 1, 1, 1)
+  assert pipeline.class_names(cfg, info) == ["background", "oedema+non-enhancing+enhancing"]
+  cfg.data.label_map = (0, 2, 2, 1)
+  assert pipeline.class_names(cfg, info) == ["background", "enhancing", "oedema+non-enhancing"]
+  cfg.data.label_map = (0, 3, 3, 3)  # classes 1 and 2 have no source label
+  assert pipeline.class_names(cfg, info) == ["background", "class 1", "class 2",
+                                             "oedema+non-enhancing+enhancing"]

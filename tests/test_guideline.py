@@ -303,10 +303,36 @@ def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
   assert loaded == chosen
   assert (tmp_path / "guideline.png").read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "guideline.md").read_text().count("\n| ") == 4  # header + 3 rows
+  for h in state["history"]:  # each run's manifest: the seeds of the runs of its settings
+    same = [g["overrides"]["seed"] for g in state["history"]
+            if {**g["overrides"], "seed": 0} == {**h["overrides"], "seed": 0}]
+    manifest = json.loads((tmp_path / "runs" / h["run"] / "manifest.json").read_text())
+    assert manifest["runs"]["seeds"] == same and manifest["runs"]["count"] == len(same)
   table = (tmp_path / "guideline.csv").read_text()
   again = run(*args)  # every run is reused from the state file; nothing trains
   assert again.returncode == 0 and "training" not in again.stdout
   assert (tmp_path / "guideline.csv").read_text() == table
+
+
+def test_manifests_record_how_often_the_tuner_trained_each_setting(tmp_path):
+  fixed = {"parallel.num_devices": 8, "lr.policy": "grescale"}
+  history = [{"run": "00_baseline", "overrides": {"parallel.num_devices": 1, "seed": 0}},
+             {"run": "01_grescale", "overrides": {**fixed, "seed": 0}},
+             {"run": "02_decrease_initial_lr",
+              "overrides": {**fixed, "lr.grescale.initial_lr": 5e-6, "seed": 0}},
+             {"run": "03_confirm",
+              "overrides": {**fixed, "lr.grescale.initial_lr": 5e-6, "seed": 1}}]
+  for h in history:
+    os.makedirs(tmp_path / h["run"])
+    (tmp_path / h["run"] / "manifest.json").write_text(json.dumps({"runs": {"count": 1}}))
+  guideline.record_repeats(history, str(tmp_path))
+  counts = {h["run"]: json.loads((tmp_path / h["run"] / "manifest.json").read_text())["runs"]
+            for h in history}
+  assert {n: (r["count"], r["seeds"]) for n, r in counts.items()} == {
+      "00_baseline": (1, [0]), "01_grescale": (1, [0]),
+      "02_decrease_initial_lr": (2, [0, 1]), "03_confirm": (2, [0, 1])}
+  assert counts["03_confirm"]["tool"] == "medseg_jax.tuning.guideline"
+  assert "seeds" in (tmp_path / "03_confirm" / "MANIFEST.md").read_text()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
 
+HOST = socket.gethostname()  # the test's processes all run on this host
 TINY = TINY_RUN + ["--config.model.dropout=0.2", "--config.train.num_steps=6",
                    "--config.train.eval_every_steps=3", "--config.monitor.log_every_steps=2",
                    "--config.monitor.system_interval_seconds=0.2"]
@@ -41,7 +43,7 @@ def test_event_files_hold_the_training_and_evaluation_tags(run):
               "train/learning_rate", "train/grad_norm", "train/slices_per_sec",
               "train/slices_per_sec_per_device", "train/step_time", "train/data_wait_time",
               "train/compute_time", "val/dice", "val/mean_iou", "test/dice",
-              "system/cpu_percent", "system/host_memory_used_gib"):
+              f"system/{HOST}/cpu_percent", f"system/{HOST}/host_memory_used_gib"):
     assert tag in scalars, tag
   assert {"val/overlay", "test/overlay"} <= set(acc.Tags()["images"])
   losses = acc.Scalars("train/loss")
@@ -61,7 +63,7 @@ def test_event_files_hold_the_training_and_evaluation_tags(run):
 
 def test_system_samples_reach_metrics_jsonl(run):
   _, records = run
-  assert any("system/cpu_percent" in r for r in records)
+  assert any(f"system/{HOST}/cpu_percent" in r for r in records)
   timed = [r for r in records if "step_time" in r]
   for r in timed:
     assert r["data_wait_time"] + r["compute_time"] == pytest.approx(r["step_time"])
@@ -88,7 +90,10 @@ def test_manifest_covers_the_reproducibility_checklist(run):
   for section, keys in required.items():
     for key in keys:
       assert key in m[section], (section, key)
-  assert m["runs"] == 1 and m["wall_time_seconds"] > 0 and m["hardware"]["devices"] == 2
+  assert m["runs"] == {"count": 1, "seeds": [0]}  # a run on its own: once, with its seed
+  assert m["wall_time_seconds"] > 0 and m["hardware"]["devices"] == 2
+  # quickstart's label_map (0, 1, 1) merges the synthetic labels oedema and tumour.
+  assert m["dataset"]["classes"] == ["background", "oedema+tumour"]
   assert m["software"]["packages"]["jax"] and m["code"]["commit"]
   assert {"dice", "mean_accuracy", "mean_iou"} <= m["final_metrics"]["test"].keys()
   assert m["model"]["parameters"] == 7402  # U-Net depth 2, base 4, 1 in, 2 out: see test_models
@@ -104,3 +109,29 @@ def test_same_seed_same_losses_other_seed_other_losses(run, tmp_path):
   losses = lambda records: [r["loss"] for r in records if "loss" in r]
   assert losses(train(str(tmp_path / "again"))) == losses(first)
   assert losses(train(str(tmp_path / "seed1"), "--config.seed=1")) != losses(first)
+
+
+def test_two_processes_record_a_sample_of_each_host(tmp_path):
+  """Each process samples its own host; process 0 records both, named by host and process
+  (the two share this machine's hostname)."""
+  env = dict(env_with_devices(None), CPU_DEVICES_PER_PROCESS="1")
+  proc = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={tmp_path}",
+                         "--config.train.eval_every_steps=0"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
+                                           size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  for host in (f"{HOST}-p0", f"{HOST}-p1"):
+    for quantity in ("cpu_percent", "host_memory_used_gib", "host_memory_percent"):
+      key = f"system/{host}/{quantity}"
+      logged = {r["step"]: r[key] for r in records if key in r}
+      assert logged, key
+      events = {e.step: e.value for e in acc.Scalars(key)}
+      assert events.keys() == logged.keys()
+      for step, value in logged.items():
+        assert events[step] == pytest.approx(value, rel=1e-6)
+  assert not [k for r in records for k in r if k.startswith("system/") and
+              k.split("/")[1] not in (f"{HOST}-p0", f"{HOST}-p1")]

@@ -113,6 +113,29 @@ def test_unknown_policy_settings_are_config_errors(key, value):
     lr_at(cfg_with(**{key: value}), [0])
 
 
+SCHEDULES = ([("standard", warmup, decay) for warmup in optim.WARMUPS for decay in optim.DECAYS]
+             + [("grescale", "none", "none")])
+
+
+@pytest.mark.parametrize("policy,warmup,decay", SCHEDULES)
+def test_every_policy_evaluates_over_an_array_of_steps_and_plots(policy, warmup, decay,
+                                                                 tmp_path):
+  cfg = cfg_with(policy=policy, warmup=warmup, decay=decay, warmup_epochs=2.0,
+                 step_epochs=(4.0, 8.0))
+  resolved = optim.resolve_schedule(cfg, 7 * 4, SPE, 10 * SPE)
+  steps = np.arange(10 * SPE)
+  values = np.asarray(resolved.schedule(steps))
+  # The reference: the schedule one step at a time, as the optimizer calls it, around
+  # every phase boundary (warmup ends at 20, step decays at 40 and 80).
+  assert values.shape == steps.shape
+  probe = [0, 1, 19, 20, 21, 39, 40, 41, 57, 79, 80, 99]
+  np.testing.assert_allclose(values[probe], [float(resolved.schedule(s)) for s in probe],
+                             rtol=1e-5, atol=1e-9)
+  path = tmp_path / "lr.png"
+  optim.plot(resolved, len(steps), str(path), policy)
+  assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def _tiny_state(tx):
   model = UNet(num_classes=2, depth=2, base_features=4)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]

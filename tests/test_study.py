@@ -36,6 +36,10 @@ def test_two_device_counts_two_policies_study(tmp_path):
       base = test["dice"]
   for r in rows:
     assert float(r["dice_gap"]) == pytest.approx(float(r["dice"]) - base)
+    name = f"{r['policy']}_dev{r['devices']}_seed0"
+    with open(tmp_path / "runs" / name / "manifest.json") as f:
+      assert json.load(f)["runs"] == {"count": 1, "seeds": [0], "tool": "medseg_jax.tuning.study",
+                                      "group": f"{r['policy']} on {r['devices']} devices"}
   with open(tmp_path / "runs" / "grescale_dev2_seed0" / "config.json") as f:
     config = json.load(f)
   assert config["lr"]["policy"] == "grescale" and config["parallel"]["num_devices"] == 2
@@ -69,3 +73,34 @@ def test_lr_policy_command_prints_phases_and_plots(tmp_path):
             if line.startswith("  ")}
   assert phases == {"warmup": "0-500", "stabilisation": "500-5929", "decay": "5929-10000"}
   assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_plot_of_a_constant_schedule(tmp_path):
+  png = tmp_path / "lr.png"
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+             "--train_slices=33880", f"--plot={png}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "605 steps/epoch" in proc.stdout  # 33880 / (7 x 8)
+  assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_plan_without_the_dataset_names_train_slices(tmp_path):
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+             f"--config.data.root={tmp_path / 'absent'}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+  assert "dataset.json: not found" in lines[0] and "--train_slices" in lines[0]
+
+
+def test_lr_plan_counts_the_slices_training_uses(tmp_path):
+  from test_data import _four_subjects_one_without_label  # pylint: disable=import-outside-toplevel
+  root = _four_subjects_one_without_label(tmp_path)
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=1",
+             f"--config.data.root={root}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+             "--config.data.skip_invalid=True", "--config.data.label_map=(0, 1, 1)",
+             "--config.data.slices_per_volume=0", "--config.data.image_size=16",
+             "--config.data.val_fraction=0.25", "--config.data.test_fraction=0.0",
+             "--config.data.preprocess_workers=1", "--config.train.per_device_batch_size=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # By hand: s2 has no label and is skipped; one of the other three is validation.
+  assert "12 training slices" in proc.stdout and "6 steps/epoch" in proc.stdout

@@ -14,6 +14,7 @@ Process 0 builds the slice store once per dataset and settings; every process op
 and reads only the rows it feeds.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -75,15 +76,8 @@ def load_splits(cfg: ml_collections.ConfigDict,
   """Validates and preprocesses the dataset into its slice store (once), splits it by
   subject and records the split in WORKDIR/split.json."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
-  settings = preprocess.settings_from_config(cfg.data)
-  problems = validate.check_dataset(dataset, settings)
-  if problems:
-    raise validate.report(problems, dataset.root)
-  opened = open_store(cfg, dataset, settings)
-  splits = split.recorded_split(os.path.join(workdir, "split.json"),
-                                [v["name"] for v in opened.volumes], cfg.data.val_fraction,
-                                cfg.data.test_fraction, cfg.seed,
-                                record=jax.process_index() == 0, root=dataset.root)
+  opened = open_store(cfg, dataset, preprocess.settings_from_config(cfg.data))
+  splits = _splits(cfg, workdir, opened, dataset, record=jax.process_index() == 0)
   sets = {s: loader.from_store(opened, splits[s]) for s in split.SPLITS}
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
           "labels": dataset.labels, "store": opened.path,
@@ -91,6 +85,16 @@ def load_splits(cfg: ml_collections.ConfigDict,
           "volumes": {s: len(splits[s]) for s in split.SPLITS},
           "slices": {s: len(v) for s, v in sets.items()}}
   return sets, info
+
+
+def _splits(cfg: ml_collections.ConfigDict, workdir: str, opened: store.Store,
+            dataset: decathlon.Dataset, record: bool) -> dict[str, list[str]]:
+  """WORKDIR/split.json if there is one, else the store's subjects (those that passed
+  validation) split by `seed`, recorded there when `record`."""
+  return split.recorded_split(os.path.join(workdir, "split.json"),
+                              [v["name"] for v in opened.volumes], cfg.data.val_fraction,
+                              cfg.data.test_fraction, cfg.seed, record=record,
+                              root=dataset.root)
 
 
 def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
@@ -102,7 +106,11 @@ def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
 
 def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
                settings: preprocess.Settings) -> store.Store:
-  """The dataset's slice store for these settings, built by process 0 if absent."""
+  """The dataset's slice store for these settings, built by process 0 if absent, once
+  dataset.json agrees with the settings."""
+  problems = validate.check_dataset(dataset, settings)
+  if problems:
+    raise validate.report(problems, dataset.root)
   path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
                           cfg.data.skip_invalid)
   if jax.process_index() == 0 and not os.path.isdir(path):
@@ -117,25 +125,59 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
-  """Training slices the config yields, from file headers (and, to find the foreground
-  slices, label volumes); no slice store is built."""
+  """The training slices a run of `cfg` in WORKDIR trains on, without training.
+
+  With `data.skip_invalid=True`, or when the slice store for these settings exists, the
+  count comes from the store (built if absent: only validation, which reads every volume,
+  knows the subjects a run leaves out), split as `load_splits` splits it. Otherwise it
+  comes from the file headers (and, to find foreground slices, the label volumes)."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
   settings = preprocess.settings_from_config(cfg.data)
+  path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
+                          cfg.data.skip_invalid)
+  if cfg.data.skip_invalid or os.path.isdir(path):
+    opened = open_store(cfg, dataset, settings)
+    rows = {v["name"]: v["stop"] - v["start"] for v in opened.volumes}
+    return sum(rows[name] for name in _splits(cfg, workdir, opened, dataset, False)["train"])
   by_name = {c.name: c for c in dataset.training}
   names = split.split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
                             cfg.seed)["train"]
-  count = 0
-  for name in names:
-    case = by_name[name]
-    if settings.slice_selection == "foreground":
-      label = preprocess.map_labels(decathlon.load_nifti(case.label).data,
-                                    settings.label_map, case.label)
-      count += len(preprocess.select_slices(label, settings))
-    else:
-      depth = decathlon.canonical_shape(case.image)[settings.slice_axis]
-      count += depth if settings.slice_selection == "all" else len(
-          preprocess.central_slices(depth, settings.slices_per_volume))
-  return count
+  return sum(_header_slice_count(by_name[name], settings) for name in names)
+
+
+def _header_slice_count(case: decathlon.Case, settings: preprocess.Settings) -> int:
+  if settings.slice_selection == "foreground":
+    label = preprocess.map_labels(decathlon.load_nifti(case.label).data,
+                                  settings.label_map, case.label)
+    return len(preprocess.select_slices(label, settings))
+  depth = decathlon.canonical_shape(case.image)[settings.slice_axis]
+  if settings.slice_selection == "all":
+    return depth
+  return len(preprocess.central_slices(depth, settings.slices_per_volume))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  """How many training slices, and the steps they make at a device count."""
+
+  train_slices: int
+  global_batch: int
+  steps_per_epoch: int
+  num_steps: int
+
+
+def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: int) -> EpochPlan:
+  """Global batch, steps per epoch and the run's steps, for training and the LR plan alike."""
+  per_device = cfg.train.per_device_batch_size
+  if per_device <= 0:
+    raise ConfigError(f"train.per_device_batch_size={per_device}: must be positive")
+  global_batch = per_device * num_devices
+  steps_per_epoch = train_slices // global_batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"train.per_device_batch_size={per_device}: the global batch "
+                      f"{global_batch} exceeds the {train_slices} training slices")
+  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  return EpochPlan(train_slices, global_batch, steps_per_epoch, num_steps)
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
@@ -143,7 +185,13 @@ def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:
 
 
 def class_names(cfg: ml_collections.ConfigDict, info: dict) -> list[str]:
-  """dataset.json's label names, or class indices when data.label_map merges labels."""
+  """dataset.json's label names; a class `data.label_map` builds from several labels is
+  named after them ("oedema+tumour"), one with no source label by its index."""
+  labels = list(info["labels"])
   if not cfg.data.label_map:
-    return list(info["labels"])
-  return ["background"] + [f"class {c}" for c in range(1, num_classes(cfg, info))]
+    return labels
+  sources: dict[int, list[str]] = {}
+  for label, target in zip(labels, cfg.data.label_map):
+    sources.setdefault(target, []).append(label)
+  return ["+".join(sources[c]) if c in sources else f"class {c}"
+          for c in range(num_classes(cfg, info))]

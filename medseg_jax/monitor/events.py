@@ -1,12 +1,16 @@
-"""Live monitoring on process 0: TensorBoard events, system resources, a progress bar.
+"""Live monitoring: TensorBoard events, system resources of every host, a progress bar.
 
-Scalars go to WORKDIR/tensorboard (tensorboardX). The loss is also written
-smoothed with exponential moving averages (0.9, 0.99, 0.999), the curves people
-read to judge an LR change. System resources are sampled by a background thread
-and merged into the next `metrics.jsonl` record and the event files.
+Process 0 writes scalars to WORKDIR/tensorboard (tensorboardX). The loss is also
+written smoothed with exponential moving averages (0.9, 0.99, 0.999), the curves
+people read to judge an LR change. Every process samples its own host in a
+background thread; at each logged step the newest samples of all processes reach
+process 0 in one small gather, and are merged into that `metrics.jsonl` record and
+the event files as `system/<host>/<quantity>`.
 """
 
+import json
 import os
+import socket
 import threading
 
 import jax
@@ -16,21 +20,23 @@ from absl import logging
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from medseg_jax import parallel
+
 EMA_DECAYS = (0.9, 0.99, 0.999)
 
 
 def sample_system(devices) -> dict[str, float]:
   """CPU, host RAM, disk and network counters, device memory and GPU use where known."""
   memory, disk, net = psutil.virtual_memory(), psutil.disk_io_counters(), psutil.net_io_counters()
-  out = {"system/cpu_percent": psutil.cpu_percent(interval=None),
-         "system/host_memory_used_gib": (memory.total - memory.available) / 2**30,
-         "system/host_memory_percent": memory.percent}
+  out = {"cpu_percent": psutil.cpu_percent(interval=None),
+         "host_memory_used_gib": (memory.total - memory.available) / 2**30,
+         "host_memory_percent": memory.percent}
   if disk is not None:
-    out.update({"system/disk_read_mib": disk.read_bytes / 2**20,
-                "system/disk_write_mib": disk.write_bytes / 2**20})
+    out.update({"disk_read_mib": disk.read_bytes / 2**20,
+                "disk_write_mib": disk.write_bytes / 2**20})
   if net is not None:
-    out.update({"system/net_sent_mib": net.bytes_sent / 2**20,
-                "system/net_recv_mib": net.bytes_recv / 2**20})
+    out.update({"net_sent_mib": net.bytes_sent / 2**20,
+                "net_recv_mib": net.bytes_recv / 2**20})
   for d in devices:
     stats = d.memory_stats() or {}  # None on backends without stats (CPU)
     if "bytes_in_use" in stats:
@@ -38,6 +44,22 @@ def sample_system(devices) -> dict[str, float]:
       out[f"device{d.id}/memory_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
   out.update(_gpu_utilisation())
   return out
+
+
+def host_names(hostnames: list[str]) -> list[str]:
+  """The name each process's samples go under: its hostname, with `-p<process>` added
+  where several processes share a host."""
+  return [h if hostnames.count(h) == 1 else f"{h}-p{i}" for i, h in enumerate(hostnames)]
+
+
+def _all_processes_json(value) -> list:
+  """`value` (JSON) of every process; two collectives that every process calls."""
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  longest = int(parallel.all_processes(np.array([data.size], np.int32)).max())
+  padded = np.zeros(longest, np.uint8)
+  padded[:data.size] = data
+  return [json.loads(bytes(row).rstrip(b"\0").decode())
+          for row in parallel.all_processes(padded)]
 
 
 def _gpu_utilisation() -> dict[str, float]:
@@ -59,13 +81,13 @@ class _Sampler(threading.Thread):
     super().__init__(daemon=True, name="medseg-system-sampler")
     self.interval, self.latest = interval, {}
     self._halt = threading.Event()
-    self._devices = jax.local_devices()
+    self.devices = jax.local_devices()
 
   def run(self) -> None:
     psutil.cpu_percent(interval=None)  # the first call only starts the measurement
     while not self._halt.wait(self.interval):
       try:
-        self.latest = sample_system(self._devices)
+        self.latest = sample_system(self.devices)
       except Exception as e:  # monitoring never stops training
         logging.warning("System sampling failed: %s", e)
 
@@ -73,20 +95,52 @@ class _Sampler(threading.Thread):
     self._halt.set()
 
 
+class _ClusterSampler:
+  """Every process's newest system sample, gathered to every process at the same steps.
+
+  The quantities of each process are fixed when it starts (exchanged once with the
+  hostnames), so each gather moves one float vector of a fixed length per process."""
+
+  def __init__(self, interval: float):
+    self._sampler = _Sampler(interval)
+    local = {"host": socket.gethostname(),
+             "keys": sorted(sample_system(self._sampler.devices))}
+    self._keys = local["keys"]
+    everyone = _all_processes_json(local) if jax.process_count() > 1 else [local]
+    self._hosts = host_names([p["host"] for p in everyone])
+    self._all_keys = [p["keys"] for p in everyone]
+    self._width = max(len(k) for k in self._all_keys)
+    self._sampler.start()
+
+  def gather(self) -> dict[str, float]:
+    """{"system/<host>/<quantity>": value} of every process (a collective when there are
+    several: every process calls it at the same steps)."""
+    latest = self._sampler.latest
+    vector = np.full(self._width, np.nan, np.float64)
+    vector[:len(self._keys)] = [latest.get(k, np.nan) for k in self._keys]
+    # Sent as the float64 bits: JAX without x64 would round the values to float32.
+    rows = parallel.all_processes(vector.view(np.uint32)).view(np.float64)
+    return {f"system/{host}/{key}": float(value)
+            for host, keys, row in zip(self._hosts, self._all_keys, rows)
+            for key, value in zip(keys, row) if not np.isnan(value)}
+
+  def stop(self) -> None:
+    self._sampler.stop()
+
+
 class Monitor:
-  """Writes what the training loop reports; does nothing on processes other than 0."""
+  """Writes what the training loop reports on process 0; every process samples its host."""
 
   def __init__(self, workdir: str, enabled: bool, system_interval: float, num_steps: int,
                start_step: int, steps_per_epoch: int):
-    self.enabled = enabled
+    self.enabled = enabled and jax.process_index() == 0   # writes events, shows the bar
     self._ema: dict[float, float] = {}
-    self._writer = self._sampler = self._bar = None
-    if not enabled:
+    self._writer = self._bar = None
+    # Built on every process alike (its start-up and gathers are collectives).
+    self._system = _ClusterSampler(system_interval) if enabled and system_interval > 0 else None
+    if not self.enabled:
       return
     self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
-    if system_interval > 0:
-      self._sampler = _Sampler(system_interval)
-      self._sampler.start()
     # A bar on a terminal; elsewhere (files, CI) the loop's log lines say the same.
     self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                      disable=None, leave=False)
@@ -98,7 +152,9 @@ class Monitor:
 
   def train_window(self, first_step: int, losses: list[float], record: dict) -> dict:
     """Writes per-step losses and their EMAs, then `record` (the window's summary) at its
-    step; returns the newest system sample to merge into the record."""
+    step; returns the newest system samples of every host to merge into the record.
+    Every process calls it at the same steps."""
+    system = self._system.gather() if self._system else {}
     if not self.enabled:
       return {}
     for i, loss in enumerate(losses):
@@ -113,7 +169,6 @@ class Monitor:
                 "step_time", "data_wait_time", "compute_time"):
       if key in record:
         self._writer.add_scalar(f"train/{key}", record[key], step)
-    system = dict(self._sampler.latest) if self._sampler else {}
     for key, value in system.items():
       self._writer.add_scalar(key, value, step)
     if self._bar is not None:
@@ -134,9 +189,9 @@ class Monitor:
     self._writer.flush()
 
   def close(self) -> None:
+    if self._system:
+      self._system.stop()
     if not self.enabled:
       return
-    if self._sampler:
-      self._sampler.stop()
     self._bar.close()
     self._writer.close()

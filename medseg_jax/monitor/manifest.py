@@ -56,8 +56,23 @@ def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, 
                                for p in lr.phases]},
       "seeds": {"seed": cfg.seed,
                 "derived": "split, batch order, initialisation and dropout all follow `seed`"},
-      "runs": 1,
+      "runs": repeats([cfg.seed]),
   }
+
+
+def repeats(seeds: list[int], tool: str | None = None, group: str | None = None) -> dict:
+  """The manifest's `runs`: how often the settings were trained, with which seeds, and by
+  which tool (a run on its own: once, with its seed)."""
+  out = {"count": len(seeds), "seeds": list(seeds)}
+  if tool:
+    out.update(tool=tool, group=group)
+  return out
+
+
+def record_repeats(workdir: str, seeds: list[int], tool: str, group: str) -> None:
+  """Records in a finished run's manifest that `tool` trained its settings with `seeds`."""
+  if os.path.exists(os.path.join(workdir, "manifest.json")):
+    write(workdir, {"runs": repeats(seeds, tool, group)})
 
 
 def at_end(workdir: str, wall_seconds: float, test: dict | None) -> dict:

@@ -53,7 +53,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   start = resume(setup, ckpt)
   if jax.process_index() == 0:
     _write_run_files(setup, start)
-  mon = events.Monitor(workdir, jax.process_index() == 0 and cfg.monitor.enabled,
+  mon = events.Monitor(workdir, cfg.monitor.enabled,
                        cfg.monitor.system_interval_seconds, setup.num_steps, start.step,
                        setup.steps_per_epoch)
   try:

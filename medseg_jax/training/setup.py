@@ -7,9 +7,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import config, optim, parallel
+from medseg_jax import optim, parallel
 from medseg_jax.data import augment, loader, pipeline
-from medseg_jax.errors import ConfigError
 from medseg_jax.evaluation import evaluate
 from medseg_jax.models import build_model
 from medseg_jax.training import losses
@@ -38,14 +37,10 @@ class Setup:
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
   par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  global_batch = config.global_batch(cfg, par.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
-  steps_per_epoch = len(data["train"]) // global_batch
-  if steps_per_epoch == 0:
-    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: the "
-                      f"global batch {global_batch} exceeds the {len(data['train'])} "
-                      "training slices")
-  num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
+  plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
+  global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
+                                              plan.num_steps)
   num_classes = pipeline.num_classes(cfg, info)
   channels = int(data["train"].image.shape[-1])
   info = dict(info, num_classes=num_classes, channels=channels)

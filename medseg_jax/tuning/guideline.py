@@ -32,6 +32,7 @@ import ml_collections
 from absl import flags
 
 from medseg_jax import cli, files, optim
+from medseg_jax.monitor import manifest
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.tuning import guideline_settings, report, runs
 from medseg_jax.tuning.guideline_settings import Settings
@@ -322,6 +323,19 @@ class Tuner:
     return next(h["overrides"] for h in self.history if h["run"] == self.chosen)
 
 
+def record_repeats(history: list[dict], runs_dir: str) -> None:
+  """Records in each run's manifest how often the tuner trained its settings (the chosen
+  settings twice when the model validation ran), with which seeds."""
+  def settings(h: dict) -> str:
+    return json.dumps({k: v for k, v in h["overrides"].items() if k != "seed"}, sort_keys=True)
+  seeds: dict[str, list[int]] = {}
+  for h in history:
+    seeds.setdefault(settings(h), []).append(h["overrides"]["seed"])
+  for h in history:
+    manifest.record_repeats(os.path.join(runs_dir, h["run"]), seeds[settings(h)],
+                            "medseg_jax.tuning.guideline", h["run"])
+
+
 def _cli() -> None:
   """The command: flags, then the tuner, then its reports; errors are one line."""
   config = cli.config_flag()
@@ -346,6 +360,7 @@ def _cli() -> None:
     tuner = Tuner(cfg, k, trainer, workdir.value, settings(),
                   lambda line: print(f"[guideline] {line}", flush=True))
     status = tuner.run()
+    record_repeats(tuner.history, os.path.join(workdir.value, "runs"))
     doc = (f"GreScale settings for {k} devices chosen by medseg_jax.tuning.guideline "
            f"(run {tuner.chosen}: {STATUS[status]}).")
     chosen = report.config_source(report.chosen_config(cfg, tuner.chosen_overrides()), doc)

@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
+from medseg_jax.monitor import manifest
 from medseg_jax.errors import MedsegError
 from medseg_jax.tuning import runs
 
@@ -49,6 +50,8 @@ def run_all(config_args: list[str], study_dir: str, policies: list[str], devices
                 f"--config.seed={seed}"]
         if runs.train(args, workdir, cpu_devices, "study"):
           rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
+          manifest.record_repeats(workdir, list(range(seeds)), "medseg_jax.tuning.study",
+                                  f"{policy} on {n} devices")
         else:
           failed.append(run_name(policy, n, seed))
   return rows, failed
