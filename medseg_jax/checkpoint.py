@@ -97,6 +97,11 @@ class Checkpointer:
         self.directory + "_best",
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["dice"],
                                              best_mode="max", create=True))
+    # The best Dice is kept here, not read back with `metrics()`: that reads the file of
+    # a save that may still be in flight (None until it is written), and a decision read
+    # from disk could differ between processes, which must all save or all skip.
+    best = self._best.best_step()
+    self._best_dice = None if best is None else float(self._best.metrics(best)["dice"])
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -167,11 +172,14 @@ class Checkpointer:
 
   def save_if_best(self, step: int, state: Any, meta: dict, dice: float) -> bool:
     """Keeps `state` as the best checkpoint if `dice` beats the best so far."""
-    best = self._best.best_step()
-    if best is not None and (best == step or self._best.metrics(best)["dice"] >= dice):
+    if self._best.best_step() == step or (self._best_dice is not None
+                                          and self._best_dice >= dice):
       return False
-    return self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
-                           force=True)
+    saved = self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
+                            force=True)
+    if saved:
+      self._best_dice = float(dice)
+    return saved
 
   def due(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
