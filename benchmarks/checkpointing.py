@@ -33,19 +33,20 @@ def main():
   import jax
   import numpy as np
   from configs import base
-  from medseg_jax import checkpoint, losses, optim, parallel, train
+  from medseg_jax import checkpoint, losses, optim, train
   from medseg_jax.models import build_model
+  from medseg_jax.parallel import strategies
 
   cfg = base.get_config()
   cfg.model.update({"name": "unet", "depth": 4, "base_features": args.base_features})
   cfg.optim.name = "adam"
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   model = build_model(cfg.model, 2, args.size, par.bn_axis_name)
   tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, args.batch))
   state = par.put_state(train.init_state(model, tx, jax.random.key(0),
                                          (args.size, args.size, 1)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(par.get_state(state)))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(par.host_state(state)))
   rng = np.random.default_rng(0)
   batch = par.put_batch({
       "image": rng.normal(size=(args.batch, args.size, args.size, 1)).astype("f4"),
@@ -63,7 +64,7 @@ def main():
       jax.block_until_ready(state)  # the save below must not wait for the step's compute
       if ckpt.due(step):
         t = time.perf_counter()
-        ckpt.save(step, par.get_state(state), {"step": step})
+        ckpt.save(step, par.host_state(state), {"step": step})
         saves.append(time.perf_counter() - t)
     t = time.perf_counter()
     ckpt.wait()  # the run's end waits for the last write
@@ -71,11 +72,11 @@ def main():
     total = time.perf_counter() - start
 
     t = time.perf_counter()
-    ckpt.save(args.steps + 1, par.get_state(state), {"step": args.steps + 1})
+    ckpt.save(args.steps + 1, par.host_state(state), {"step": args.steps + 1})
     ckpt.wait()
     sync_save = time.perf_counter() - t
     t = time.perf_counter()
-    restored = ckpt.restore(par.get_state(state), par.replicated)
+    restored = ckpt.restore(par.host_state(state), par.replicated)
     jax.block_until_ready(restored.state.params)
     restore = time.perf_counter() - t
     ckpt.close()

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax import parallel
+from medseg_jax.parallel import multihost
 from medseg_jax.errors import ConfigError, MedsegError
 
 STATE, META = "state", "meta"
@@ -44,7 +44,7 @@ def remove_all(workdir: str) -> None:
   if jax.process_index() == 0:
     for path in (directory(workdir), directory(workdir) + "_best"):
       shutil.rmtree(path, ignore_errors=True)
-  parallel.barrier("checkpoints removed")
+  multihost.barrier("checkpoints removed")
 
 
 def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:

@@ -5,7 +5,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax import cli, distributed
+from medseg_jax import cli
+from medseg_jax.parallel import distributed
 from medseg_jax.errors import MedsegError
 
 MODES = ("train", "evaluate", "predict")
@@ -84,7 +85,8 @@ def main(argv: list[str]) -> None:
   try:
     _start_processes(cfg)
     _check_before_data(cfg, workdir)
-    from medseg_jax import infer, parallel, train  # pylint: disable=import-outside-toplevel
+    from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
+    from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
       train.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> None:
                     _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.
-    parallel.barrier("end of run")
+    multihost.barrier("end of run")
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)

@@ -12,11 +12,12 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import (checkpoint, config, evaluation, files, losses, manifest, monitor,
-                        optim, parallel, preemption)
+                        optim, preemption)
 from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.errors import ConfigError
 from medseg_jax.guard import DivergenceGuard
 from medseg_jax.models import build_model
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.state import TrainState
 
 
@@ -26,7 +27,7 @@ class Run:
 
   cfg: ml_collections.ConfigDict
   workdir: str
-  par: parallel.Parallel
+  par: strategies.Parallel
   data: dict[str, loader.SliceSet]
   data_info: dict
   num_classes: int
@@ -51,7 +52,7 @@ class Run:
 
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
-  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
   plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
   global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
@@ -77,7 +78,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
              step_rng=step_rng)
 
 
-def build_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel, num_classes: int,
+def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_classes: int,
                 channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
   """A fresh host-side TrainState for the model and optimizer of `cfg`."""
   model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
@@ -120,7 +121,7 @@ def restore_or_place(run: Run, step: int | None = None, best: bool = False) -> T
   return run.par.put_state(restored.state)
 
 
-def restore_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel,
+def restore_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel,
                   checkpointer: checkpoint.Checkpointer, template: TrainState,
                   which: str = "latest") -> TrainState:
   """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) placed
@@ -238,14 +239,14 @@ def _train_then_test(run: Run, progress: _Progress, mon: monitor.Monitor) -> dic
   state = progress.state
   if run.checkpointer.best_step() is not None:
     state = restore_or_place(run, best=True)
-  test_step = int(parallel.to_host(run.par.get_state(state).step))
+  test_step = int(multihost.to_host(run.par.host_state(state).step))
   return evaluation.evaluate(run, state, "test", test_step, surface=True, monitor=mon)
 
 
 def _save(run: Run, guard: DivergenceGuard, progress: _Progress, **meta) -> None:
   """A checkpoint of the current state, once the guard has passed every step up to it."""
   guard.check()
-  run.checkpointer.save(progress.step, run.par.get_state(progress.state),
+  run.checkpointer.save(progress.step, run.par.host_state(progress.state),
                         _meta(run, progress.step, progress.position, **meta))
 
 
@@ -255,7 +256,7 @@ def _validate(run: Run, progress: _Progress, mon: monitor.Monitor,
   guard.check()
   result = evaluation.evaluate(run, progress.state, "val", progress.step, monitor=mon)
   if result is not None and result["dice"] is not None:
-    run.checkpointer.save_if_best(progress.step, run.par.get_state(progress.state),
+    run.checkpointer.save_if_best(progress.step, run.par.host_state(progress.state),
                                   _meta(run, progress.step, progress.position), result["dice"])
   return result
 
@@ -333,13 +334,13 @@ class _Window:
 def _train_record(run: Run, step: int, step_metrics: dict, window: _Window,
                   mon: monitor.Monitor) -> dict:
   """Loss averaged since the last record, LR, throughput and timing; resets the window."""
-  losses_ = [float(x) for x in parallel.to_host(window.losses)]
+  losses_ = [float(x) for x in multihost.to_host(window.losses)]
   elapsed = time.perf_counter() - window.start
   steps = len(losses_)
   slices_per_sec = steps * run.global_batch / elapsed
   lr = float(run.lr.schedule(step - 1))
   record = {"epoch": step / run.steps_per_epoch, "loss": float(np.mean(losses_)),
-            "learning_rate": lr, "grad_norm": float(parallel.to_host(step_metrics["grad_norm"])),
+            "learning_rate": lr, "grad_norm": float(multihost.to_host(step_metrics["grad_norm"])),
             "slices_per_sec": slices_per_sec,
             "slices_per_sec_per_device": slices_per_sec / run.par.num_devices,
             "step_time": elapsed / steps, "data_wait_time": window.data_wait / steps,
@@ -359,6 +360,6 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   run = build(cfg, workdir)
   state = restore_state(cfg, run.par, run.checkpointer, run.state, which)
   run.checkpointer.close()
-  step = int(parallel.to_host(run.par.get_state(state).step))
+  step = int(multihost.to_host(run.par.host_state(state).step))
   return {split: evaluation.evaluate(run, state, split, step, surface=True)
           for split in ("val", "test")}

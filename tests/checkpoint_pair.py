@@ -20,14 +20,15 @@ import jax  # noqa: E402  (after the environment is set)
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from medseg_jax import checkpoint, distributed, parallel  # noqa: E402
+from medseg_jax import checkpoint  # noqa: E402
+from medseg_jax.parallel import distributed, multihost, strategies  # noqa: E402
 from medseg_jax.state import TrainState  # noqa: E402
 
 
 def main(port: str, process_id: str, workdir: str, steps: str) -> None:
   launch = distributed.Launch("flags", f"127.0.0.1:{port}", 2, int(process_id))
   distributed.initialize(launch, None, timeout_seconds=60)
-  par = parallel.make_parallel("shard_map")
+  par = strategies.make_parallel("shard_map")
   state = TrainState.create(apply_fn=None, params={"w": jnp.zeros((256,), jnp.float32)},
                             model_state={}, tx=optax.sgd(0.1))
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, max_to_keep=3)
@@ -38,7 +39,7 @@ def main(port: str, process_id: str, workdir: str, steps: str) -> None:
     checkpointer.save_if_best(step, state, meta, dice=step / 100)
     checkpointer.save(step, state, meta)
   checkpointer.close()
-  parallel.barrier("checkpoint pair done")
+  multihost.barrier("checkpoint pair done")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import optax
 import pytest
 
 from configs import base
-from medseg_jax import checkpoint, infer, parallel, train
+from medseg_jax import checkpoint, infer, train
 from medseg_jax.data import decathlon, preprocess, synthetic
 from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax.parallel import strategies
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def mixed_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mixed"))
   with open(os.path.join(workdir, "data_info.json"), "w") as f:
     json.dump({"modalities": ["T1w"], "num_classes": 3, "channels": 1}, f)
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   ckpt = checkpoint.Checkpointer(workdir, 0, 5)
   for step, features in ((1, 4), (2, 8)):
     cfg = _tiny_config(features)

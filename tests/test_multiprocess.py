@@ -101,6 +101,20 @@ def test_one_process_resumes_a_two_process_run(runs):
 PREDICT = TINY_RUN + ["--config.train.eval_batch_size=3"]
 
 
+def test_pmap_trains_two_processes_like_one(runs, tmp_path):
+  """pmap over 2 processes x 2 devices (checkpoints every step) equals the 1 x 4 run, whose
+  shard_map step keys dropout per device the same way."""
+  _, _, _, single, reference = runs
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
+  launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={tmp_path}",
+                             "--config.train.num_steps=2", "--config.parallel.strategy=pmap"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  for a, b in zip(_params(tmp_path, 2), _params(single, 2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _predict(workdir, output, *launcher, env):
   return subprocess.run([*launcher, *PREDICT, f"--workdir={workdir}", "--mode=predict",
                          f"--input={workdir}/data/imagesTs", f"--output={output}",
