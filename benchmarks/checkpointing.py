@@ -33,14 +33,15 @@ def main():
   import jax
   import numpy as np
   from configs import base
-  from medseg_jax import optim, parallel
+  from medseg_jax import optim
   from medseg_jax.training import checkpoint, losses, state as state_lib
   from medseg_jax.models import build_model
+  from medseg_jax.parallel import strategies
 
   cfg = base.get_config()
   cfg.model.update({"name": "unet", "depth": 4, "base_features": args.base_features})
   cfg.optim.name = "adam"
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   model = build_model(cfg.model, 2, args.size, par.bn_axis_name)
   tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, args.batch))
   state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0),

@@ -56,9 +56,10 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   from absl import flags
   import jax
   from ml_collections import config_flags
-  from medseg_jax import optim, parallel
+  from medseg_jax import optim
   from medseg_jax.training import losses, setup
   from medseg_jax.data import loader, pipeline
+  from medseg_jax.parallel import strategies
   now = mark("imports", now)
 
   holder = config_flags.DEFINE_config_file("config", None, "config", lock_config=True)
@@ -66,7 +67,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   cfg = holder.value
   now = mark("config", now)
 
-  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   parts = {"mesh": time.perf_counter() - now}
   now = mark("build", now)
   data, info = pipeline.load_splits(cfg, workdir)

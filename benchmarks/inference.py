@@ -24,10 +24,10 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from medseg_jax import parallel  # noqa: E402
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.training import setup  # noqa: E402
 from medseg_jax.data import synthetic  # noqa: E402
+from medseg_jax.parallel import strategies  # noqa: E402
 
 VOLUME_SHAPE = (240, 240, 155)
 
@@ -42,7 +42,7 @@ def load_config(name: str):
 
 def bench(name: str, repeats: int, volume_path: str) -> dict:
   cfg = load_config(name)
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   batch = cfg.train.per_device_batch_size
   state = setup.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
   state = par.put_state(state)

@@ -28,16 +28,17 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
   import jax
   import numpy as np
   from configs import base
-  from medseg_jax import optim, parallel
+  from medseg_jax import optim
   from medseg_jax.training import losses, state as state_lib
   from medseg_jax.models import build_model
+  from medseg_jax.parallel import strategies
 
   results = []
   for name, overrides in MODELS.items():
     cfg = base.get_config()
     cfg.model.update(overrides)
     cfg.train.per_device_batch_size = global_batch // devices
-    par = parallel.make_parallel(strategy, devices)
+    par = strategies.make_parallel(strategy, devices)
     model = build_model(cfg.model, 2, size, par.bn_axis_name)
     tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, global_batch))
     state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0), (size, size, 1)))

@@ -31,15 +31,16 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   sys.path.insert(0, REPO)
   import jax
   from configs import base as base_config
-  from medseg_jax import optim, parallel
+  from medseg_jax import optim
   from medseg_jax.training import losses, state as state_lib
   from medseg_jax.models import build_model
+  from medseg_jax.parallel import strategies
 
   cfg = base_config.get_config()
   cfg.model.update({"name": "unet", "depth": depth, "base_features": base})
   cfg.optim.update({"name": "sgd", "momentum": MOMENTUM})
   size = images.shape[1]
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   model = build_model(cfg.model, NUM_CLASSES, size, par.bn_axis_name)
   tx = optim.make_optimizer(cfg, LR)
   state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0), (size, size, 1)))

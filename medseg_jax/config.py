@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medseg_jax import optim, parallel
+from medseg_jax import optim
 from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess, split
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
+from medseg_jax.parallel import strategies
 
 # Counts and periods the loop divides by or counts down: (key, lowest valid value).
 _AT_LEAST = (
@@ -31,7 +32,7 @@ _AT_LEAST = (
 )
 
 
-def check(cfg: ml_collections.ConfigDict) -> parallel.Parallel:
+def check(cfg: ml_collections.ConfigDict) -> strategies.Parallel:
   """Raises ConfigError naming the first key of `cfg` that cannot be used; returns the
   device mesh the config asks for (the device count is part of the check)."""
   for key, lowest in _AT_LEAST:
@@ -43,7 +44,7 @@ def check(cfg: ml_collections.ConfigDict) -> parallel.Parallel:
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
-  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)
   augment.from_config(cfg.data.augment)
@@ -77,7 +78,7 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"data.synthetic_shape={shape}: need three positive sizes")
 
 
-def _abstract_params(cfg: ml_collections.ConfigDict, par: parallel.Parallel):
+def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
   """The model's parameter shapes, traced without computing (no real initialisation)."""
   # The class count and channels come from the dataset; any values build the same layers.
   num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2

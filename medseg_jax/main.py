@@ -5,7 +5,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax import cli, distributed
+from medseg_jax import cli
+from medseg_jax.parallel import distributed
 from medseg_jax.errors import MedsegError
 
 MODES = ("train", "evaluate", "predict")
@@ -85,9 +86,9 @@ def main(argv: list[str]) -> None:
     _start_processes(cfg)
     _check_before_data(cfg, workdir)
     # The training code imports jax's backend; it comes after the process group exists.
-    from medseg_jax import parallel  # pylint: disable=import-outside-toplevel
-    from medseg_jax.evaluation import predict
-    from medseg_jax.training import loop
+    from medseg_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
+    from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
+    from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
       loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> None:
                     _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.
-    parallel.barrier("end of run")
+    multihost.barrier("end of run")
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)

@@ -9,10 +9,10 @@ import pytest
 from scipy import ndimage
 
 from configs import base
-from medseg_jax import parallel
 from medseg_jax.training import losses
 from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
+from medseg_jax.parallel import strategies
 
 THESIS = augment.Ranges(rotation_degrees=45.0, zoom=(0.8, 1.2), translate_pixels=6.4,
                         flip_probability=0.5)
@@ -75,22 +75,40 @@ def test_matches_scipy_affine_transform():
     assert np.mean(np.asarray(got_label) != ref_label) < 0.01  # ties at .5 may round apart
 
 
-@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+def _augmented_as_promised(strategy, fn, image, label, rng):
+  """The batch a first train step augments, from the keys it documents: the step (0) folded
+  into the rng, then split once; per shard, the shard's index folded in before that (under
+  gspmd the step sees the whole batch, so each example's key follows its index)."""
+  keyed = jax.jit(lambda key, images, labels: fn(
+      jax.random.split(jax.random.fold_in(key, 0))[1], images, labels))
+  if strategy == "gspmd":
+    return keyed(rng, image, label)
+  shards = zip(np.split(image, 8), np.split(label, 8))
+  parts = [keyed(jax.random.fold_in(rng, i), *shard) for i, shard in enumerate(shards)]
+  return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
 def test_every_shard_augments_differently(devices8, strategy):
-  """Eight copies of one slice, one per device: eight different transforms."""
+  """Eight copies of one slice, one per device: the train step's loss is that of one device
+  on eight different transforms, the ones its keys promise."""
+  from test_parallel import _reference_step, _state  # pylint: disable=import-outside-toplevel
   image, label = _square_batch(8)
-  par = parallel.make_parallel(strategy, 8)
-  fn = par.augment_step(functools.partial(augment.augment_batch, ranges=THESIS))
-  out_image, out_label = fn(par.put_batch({"image": image, "label": label}), jax.random.key(0))
-  out_label = np.asarray(out_label)
-  assert out_label.shape == label.shape and np.asarray(out_image).shape == image.shape
-  assert len({out_label[i].tobytes() for i in range(8)}) == 8
+  fn = functools.partial(augment.augment_batch, ranges=THESIS)
+  ref_image, ref_label = _augmented_as_promised(strategy, fn, image, label, jax.random.key(0))
+  assert len({np.asarray(ref_label[i]).tobytes() for i in range(8)}) == 8
+  _, ref_metrics = _reference_step(_state(), {"image": ref_image, "label": ref_label})
+  par = strategies.make_parallel(strategy, 8)
+  _, metrics = par.train_step(losses.dice_ce_loss, fn)(
+      par.put_state(_state()), par.put_batch({"image": image, "label": label}),
+      jax.random.key(0))
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
 
 
 def test_train_step_augments_only_when_asked(devices8):
   from test_parallel import _batch, _state  # pylint: disable=import-outside-toplevel
   batch = _batch(seed=4)
-  par = parallel.make_parallel("shard_map", 8)
+  par = strategies.make_parallel("shard_map", 8)
   loss = lambda aug: float(jax.device_get(par.train_step(losses.dice_ce_loss, aug)(
       par.put_state(_state()), par.put_batch(batch), jax.random.key(0))[1]["loss"]))
   plain = loss(None)

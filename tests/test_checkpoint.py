@@ -46,6 +46,22 @@ def test_restore_reads_arrays_and_meta(tmp_path):
   ckpt.close()
 
 
+def test_the_best_follows_the_dice_while_its_saves_are_in_flight(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 1, 5)
+  dices = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.8}  # saved back to back, without waiting
+  assert [ckpt.save_if_best(s, _state(s), {"step": s}, d) for s, d in dices.items()] == [
+      True, True, False, True]
+  ckpt.close()
+  reopened = checkpoint.Checkpointer(str(tmp_path), 1, 5)  # the best Dice read back: 0.8
+  assert reopened.best_step() == 4
+  assert not reopened.save_if_best(5, _state(5), {"step": 5}, 0.75)
+  restored = reopened.restore(_state(0), None, best=True)
+  np.testing.assert_array_equal(restored.state.params["w"], np.full((64, 64), 4.0))
+  assert reopened.save_if_best(6, _state(6), {"step": 6}, 0.9)
+  reopened.close()
+  assert os.listdir(tmp_path / "checkpoints_best") == ["6"]
+
+
 def test_an_unreadable_newest_checkpoint_is_skipped_and_removed(tmp_path, caplog):
   ckpt = _saved(tmp_path)
   _corrupt(tmp_path, 3)

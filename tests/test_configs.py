@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from medseg_jax import config, optim, parallel
+from medseg_jax import config, optim
 from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
+from medseg_jax.parallel import strategies
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -50,7 +51,7 @@ def test_config_resolves(path, devices8):
   optim.make_optimizer(cfg, lr.schedule)
   assert lr.phases[-1].end == 50 * cfg.train.num_epochs
   losses.get_loss(cfg.train.loss)
-  assert cfg.parallel.strategy in parallel.STRATEGIES
+  assert cfg.parallel.strategy in strategies.STRATEGIES
   preprocess.settings_from_config(cfg.data)
   augment.from_config(cfg.data.augment)
 

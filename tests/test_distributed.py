@@ -2,7 +2,7 @@
 
 import pytest
 
-from medseg_jax import distributed
+from medseg_jax.parallel import distributed
 from medseg_jax.errors import ConfigError
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}

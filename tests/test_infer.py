@@ -10,11 +10,11 @@ import optax
 import pytest
 
 from configs import base
-from medseg_jax import parallel
-from medseg_jax.evaluation import predict
 from medseg_jax.training import checkpoint, setup
+from medseg_jax.evaluation import predict
 from medseg_jax.data import decathlon, preprocess, synthetic
 from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax.parallel import strategies
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def mixed_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mixed"))
   with open(os.path.join(workdir, "data_info.json"), "w") as f:
     json.dump({"modalities": ["T1w"], "num_classes": 3, "channels": 1}, f)
-  par = parallel.make_parallel("shard_map", 1)
+  par = strategies.make_parallel("shard_map", 1)
   ckpt = checkpoint.Checkpointer(workdir, 0, 5)
   for step, features in ((1, 4), (2, 8)):
     cfg = _tiny_config(features)

@@ -48,9 +48,9 @@ def test_loss_is_invariant_to_the_number_of_shards(devices8, name):
 
 
 def test_loss_value_on_8_devices_equals_one_device(devices8):
-  from medseg_jax import parallel
+  from medseg_jax.parallel import strategies
   logits, labels = _data(batch=16)
-  par = parallel.make_parallel("shard_map", 8)
+  par = strategies.make_parallel("shard_map", 8)
   sharded = jax.shard_map(lambda l, y: jax.lax.pmean(jnp.mean(losses.dice_ce_loss(l, y)), "data"),
                           mesh=par.mesh, in_specs=(jax.P("data"), jax.P("data")),
                           out_specs=jax.P())

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from medseg_jax import parallel
 from medseg_jax.evaluation import metrics
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.models import UNet
 from medseg_jax.training.state import TrainState
 import optax
@@ -48,7 +48,7 @@ def _tiny_state(seed):
                                              model_state={}, tx=optax.sgd(0.1))
 
 
-@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
 def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   """Eval on 8 shards with a padded batch equals a confusion matrix counted in numpy."""
   model, variables, state = _tiny_state(0)
@@ -59,10 +59,10 @@ def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   pred = np.argmax(np.asarray(model.apply(variables, batch["image"])), -1)
   expected = np.zeros((3, 3), np.int64)
   np.add.at(expected, (batch["label"][:11].ravel(), pred[:11].ravel()), 1)
-  par = parallel.make_parallel(strategy, 8)
+  par = strategies.make_parallel(strategy, 8)
   confusion, labels = par.eval_step(3)(par.put_state(state), par.put_batch(batch))
-  np.testing.assert_array_equal(parallel.to_host(confusion), expected)
-  np.testing.assert_array_equal(parallel.gather(labels)[:11], pred[:11])
+  np.testing.assert_array_equal(multihost.to_host(confusion), expected)
+  np.testing.assert_array_equal(multihost.gather(labels)[:11], pred[:11])
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])
@@ -124,8 +124,8 @@ def test_eight_device_evaluation_equals_one_device(devices8):
            "mask": np.ones(16, bool)}
   results = []
   for n in (1, 8):
-    par = parallel.make_parallel("shard_map", n)
+    par = strategies.make_parallel("shard_map", n)
     confusion, labels = par.eval_step(3)(par.put_state(state), par.put_batch(batch))
-    results.append((parallel.to_host(confusion), parallel.gather(labels)))
+    results.append((multihost.to_host(confusion), multihost.gather(labels)))
   np.testing.assert_array_equal(results[0][0], results[1][0])
   np.testing.assert_array_equal(results[0][1], results[1][1])

@@ -58,7 +58,34 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Only process 0 writes the run's files: each step is logged once (step 3 by the resume).
   with open(os.path.join(two, "metrics.jsonl")) as f:
-    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  # Step 2 was checkpointed and validated (the first validation is always the best so
+  # far): the latest and the best checkpoint of step 2 were written at the same time.
+  assert "val_dice" in records[1]
+
+
+def test_latest_and_best_checkpoints_of_the_same_steps_in_two_processes(tmp_path):
+  """Both checkpoint managers save each of 8 steps at once, as when a validation and a
+  checkpoint land on one step (they shared orbax's barrier names: runs aborted or hung)."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "tests/checkpoint_pair.py", str(port), str(i),
+                             str(tmp_path), "8"], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+  assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [6, 7, 8]
+  assert os.listdir(tmp_path / "checkpoints_best") == ["8"]
+  # The pair writes parameters all equal to the step.
+  for step in (6, 7, 8):
+    np.testing.assert_array_equal(_params(tmp_path, step)[0], np.full(256, step, np.float32))
+  best = checkpoint_arrays(tmp_path, 8, "params", directory="checkpoints_best")
+  np.testing.assert_array_equal(best[0], np.full(256, 8, np.float32))
 
 
 def test_one_process_resumes_a_two_process_run(runs):
@@ -72,6 +99,20 @@ def test_one_process_resumes_a_two_process_run(runs):
 # Three slices per device: every global batch of the 8-slice volumes differs with the
 # device count, and the last is padded.
 PREDICT = TINY_RUN + ["--config.train.eval_batch_size=3"]
+
+
+def test_pmap_trains_two_processes_like_one(runs, tmp_path):
+  """pmap over 2 processes x 2 devices (checkpoints every step) equals the 1 x 4 run, whose
+  shard_map step keys dropout per device the same way."""
+  _, _, _, single, reference = runs
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
+  launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={tmp_path}",
+                             "--config.train.num_steps=2", "--config.parallel.strategy=pmap"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  for a, b in zip(_params(tmp_path, 2), _params(single, 2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _predict(workdir, output, *launcher, env):

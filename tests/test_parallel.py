@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from medseg_jax import parallel
 from medseg_jax.training import losses, step
 from medseg_jax.models import UNet
+from medseg_jax.parallel import strategies
 from medseg_jax.training.state import TrainState
 
 GLOBAL_BATCH = 16
@@ -40,8 +42,8 @@ def _reference_step(state, batch):
   return jax.jit(fn)(state, batch, jax.random.key(0))
 
 
-def _parallel_step(strategy, state, batch, check_vma=False):
-  par = parallel.make_parallel(strategy, 8, check_vma=check_vma)
+def _parallel_step(strategy, state, batch):
+  par = strategies.make_parallel(strategy, 8)
   new_state, metrics = par.train_step(losses.dice_ce_loss)(
       par.put_state(state), par.put_batch(batch), jax.random.key(0))
   return jax.device_get(par.host_state(new_state)), jax.device_get(metrics)
@@ -58,7 +60,7 @@ def _max_rel_diff(a, b):
   return diff / scale
 
 
-@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
 def test_eight_devices_equal_one(devices8, strategy):
   batch = _batch()
   ref_state, ref_metrics = _reference_step(_state(), batch)
@@ -71,12 +73,41 @@ def test_eight_devices_equal_one(devices8, strategy):
   assert int(new_state.step) == 1
 
 
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
+def test_steps_continue_from_a_saved_state(devices8, strategy):
+  """Two steps, the state taken off the devices and placed again between them (as a
+  checkpoint restore does), equal two steps on one device."""
+  batches = [_batch(seed=1), _batch(seed=2)]
+  ref_state = _state()
+  for batch in batches:
+    ref_state, ref_metrics = _reference_step(ref_state, batch)
+  par = strategies.make_parallel(strategy, 8)
+  step_fn = par.train_step(losses.dice_ce_loss)
+  state, _ = step_fn(par.put_state(_state()), par.put_batch(batches[0]), jax.random.key(0))
+  saved = jax.device_get(par.host_state(state))
+  assert jax.tree.map(np.shape, saved.params) == jax.tree.map(np.shape, _state().params)
+  state, metrics = step_fn(par.put_state(saved), par.put_batch(batches[1]), jax.random.key(0))
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  new_state = jax.device_get(par.host_state(state))
+  assert int(new_state.step) == 2
+  assert _max_rel_diff(new_state.params, ref_state.params) < 1e-4
+
+
 def test_check_vma_trap_is_caught(devices8):
-  """With check_vma=True the replicated-parameter gradients come back summed: 8x too large."""
+  """Under jax.shard_map with check_vma=True, the replicated-parameter gradients come back
+  summed before the step's pmean: 8x too large. The strategies avoid it (check_vma=False)."""
   batch = _batch()
   _, ref_metrics = _reference_step(_state(), batch)
-  _, metrics = _parallel_step("shard_map", _state(), batch, check_vma=True)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  fn = functools.partial(step.train_step, loss_fn=losses.dice_ce_loss,
+                         reduce_mean=lambda x: jax.lax.pmean(x, "data"))
+  trap = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=(P(), P()), check_vma=True))
+  placed = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  _, metrics = trap(_state(), placed, jax.random.key(0))
   np.testing.assert_allclose(metrics["grad_norm"], 8 * ref_metrics["grad_norm"], rtol=1e-4)
+  _, metrics = _parallel_step("shard_map", _state(), batch)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["shard_map", "pmap"])

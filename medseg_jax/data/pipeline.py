@@ -21,9 +21,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import parallel
 from medseg_jax.data import decathlon, loader, preprocess, split, store, synthetic, validate
 from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.parallel import multihost
 
 
 def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
@@ -57,7 +57,7 @@ def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   if write and jax.process_index() == 0:  # the others wait for it at the barrier below
     _write_synthetic(cfg, root)
   if cfg.data.synthetic:
-    parallel.barrier("synthetic dataset")
+    multihost.barrier("synthetic dataset")
   return root
 
 
@@ -115,7 +115,7 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
                           cfg.data.skip_invalid)
   if jax.process_index() == 0 and not os.path.isdir(path):
     store.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
-  parallel.barrier("slice store")
+  multihost.barrier("slice store")
   opened = store.Store(path)
   skipped = opened.meta["skipped"]
   if skipped and jax.process_index() == 0:

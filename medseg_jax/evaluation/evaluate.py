@@ -8,7 +8,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from medseg_jax import files, parallel
+from medseg_jax import files
+from medseg_jax.parallel import multihost
 from medseg_jax.data import loader
 from medseg_jax.evaluation import metrics, overlay
 
@@ -33,9 +34,9 @@ def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarr
   batches = loader.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
   for start, batch in zip(range(0, len(data), global_batch), batches):
     batch_confusion, batch_preds = ev.eval_step(state, ev.put_batch(batch))
-    confusion += parallel.to_host(batch_confusion)
+    confusion += multihost.to_host(batch_confusion)
     count = min(global_batch, len(data) - start)
-    preds[start:start + count] = parallel.gather(batch_preds)[:count]
+    preds[start:start + count] = multihost.gather(batch_preds)[:count]
   return confusion, preds
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from medseg_jax import files, parallel
+from medseg_jax import files
 from medseg_jax.training import checkpoint, setup
 from medseg_jax.data import decathlon, preprocess
 from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.parallel import multihost, strategies
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -79,7 +80,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
     info = json.load(f)
   for path in inputs:  # every input is checked before anything is written
     check_input(path, len(info["modalities"]))
-  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   # The optimizer is built only to give the checkpoint's tree its shape.
   state = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                             optax.constant_schedule(0.0), jax.random.key(0))
@@ -111,7 +112,7 @@ def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:
   return np.moveaxis(preprocess.from_slices(probs, in_plane, settings), 0, axis)
 
 
-def _run_batched(par: parallel.Parallel, predict_fn, state, slices: np.ndarray,
+def _run_batched(par: strategies.Parallel, predict_fn, state, slices: np.ndarray,
                  batch: int) -> np.ndarray:
   """Runs `predict_fn` over `slices` in padded global batches sharded across the mesh.
 
@@ -124,7 +125,7 @@ def _run_batched(par: parallel.Parallel, predict_fn, state, slices: np.ndarray,
     padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
                                               chunk.dtype)])
     probs = predict_fn(state, par.put_batch({"image": padded[rows]})["image"])
-    out.append(parallel.gather(probs)[:len(chunk)])
+    out.append(multihost.gather(probs)[:len(chunk)])
   return np.concatenate(out)
 
 

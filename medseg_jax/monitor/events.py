@@ -20,7 +20,7 @@ from absl import logging
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from medseg_jax import parallel
+from medseg_jax.parallel import multihost
 
 EMA_DECAYS = (0.9, 0.99, 0.999)
 
@@ -55,11 +55,11 @@ def host_names(hostnames: list[str]) -> list[str]:
 def _all_processes_json(value) -> list:
   """`value` (JSON) of every process; two collectives that every process calls."""
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  longest = int(parallel.all_processes(np.array([data.size], np.int32)).max())
+  longest = int(multihost.all_processes(np.array([data.size], np.int32)).max())
   padded = np.zeros(longest, np.uint8)
   padded[:data.size] = data
   return [json.loads(bytes(row).rstrip(b"\0").decode())
-          for row in parallel.all_processes(padded)]
+          for row in multihost.all_processes(padded)]
 
 
 def _gpu_utilisation() -> dict[str, float]:
@@ -119,7 +119,7 @@ class _ClusterSampler:
     vector = np.full(self._width, np.nan, np.float64)
     vector[:len(self._keys)] = [latest.get(k, np.nan) for k in self._keys]
     # Sent as the float64 bits: JAX without x64 would round the values to float32.
-    rows = parallel.all_processes(vector.view(np.uint32)).view(np.float64)
+    rows = multihost.all_processes(vector.view(np.uint32)).view(np.float64)
     return {f"system/{host}/{key}": float(value)
             for host, keys, row in zip(self._hosts, self._all_keys, rows)
             for key, value in zip(keys, row) if not np.isnan(value)}

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax import parallel
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.errors import ConfigError, MedsegError
 
 STATE, META = "state", "meta"
@@ -44,7 +44,7 @@ def remove_all(workdir: str) -> None:
   if jax.process_index() == 0:
     for path in (directory(workdir), directory(workdir) + "_best"):
       shutil.rmtree(path, ignore_errors=True)
-  parallel.barrier("checkpoints removed")
+  multihost.barrier("checkpoints removed")
 
 
 def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:
@@ -90,13 +90,27 @@ class Checkpointer:
   def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
     self.every_steps = every_steps
     self.directory = directory(workdir)
+    # Both managers may save the same step at once (a validation and a checkpoint on one
+    # step). With several processes, orbax names its barriers after the operation and at
+    # most the step (async_write_complete.<step>, set_value_start, ...), and waits on some
+    # in background threads: two managers sharing those names aborted or hung the run
+    # ("Barrier ... is already ongoing"). A prefix per manager makes every name unique
+    # and keeps the two saves concurrent; one manager's saves never overlap (each waits
+    # for the one before), and the main-thread barriers run in the same order everywhere.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                             create=True))
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             multiprocessing_options=_barrier_prefix("latest")))
     self._best = ocp.CheckpointManager(
         self.directory + "_best",
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["dice"],
-                                             best_mode="max", create=True))
+                                             best_mode="max", create=True,
+                                             multiprocessing_options=_barrier_prefix("best")))
+    # The best Dice is kept here, not read back with `metrics()`: that reads the file of
+    # a save that may still be in flight (None until it is written), and a decision read
+    # from disk could differ between processes, which must all save or all skip.
+    best = self._best.best_step()
+    self._best_dice = None if best is None else float(self._best.metrics(best)["dice"])
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -170,11 +184,14 @@ class Checkpointer:
 
   def save_if_best(self, step: int, state: Any, meta: dict, dice: float) -> bool:
     """Keeps `state` as the best checkpoint if `dice` beats the best so far."""
-    best = self._best.best_step()
-    if best is not None and (best == step or self._best.metrics(best)["dice"] >= dice):
+    if self._best.best_step() == step or (self._best_dice is not None
+                                          and self._best_dice >= dice):
       return False
-    return self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
-                           force=True)
+    saved = self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
+                            force=True)
+    if saved:
+      self._best_dice = float(dice)
+    return saved
 
   def due(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
@@ -196,13 +213,17 @@ class Checkpointer:
       manager.close()
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"checkpoints_{name}")
+
+
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
   return ocp.args.Composite(**{STATE: ocp.args.StandardSave(_to_tree(state)),
                                META: ocp.args.JsonSave(meta)})
 
 
 def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
-                  par: parallel.Parallel, template: Any) -> Any:
+                  par: strategies.Parallel, template: Any) -> Any:
   """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) of the
   run in `workdir`, read into the shape of `template` and placed on the mesh, after
   checking `cfg` against that checkpoint's own config.

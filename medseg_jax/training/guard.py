@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from medseg_jax import parallel
+from medseg_jax.parallel import multihost
 from medseg_jax.errors import MedsegError
 
 
@@ -36,7 +36,7 @@ class DivergenceGuard:
     if not self._pending:
       return
     steps = [s for s, _, _ in self._pending]
-    values = np.asarray(parallel.to_host([[loss, norm] for _, loss, norm in self._pending]),
+    values = np.asarray(multihost.to_host([[loss, norm] for _, loss, norm in self._pending]),
                         np.float64)
     self._pending = []
     for step, (loss, norm) in zip(steps, values):

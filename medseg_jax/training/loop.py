@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import files, optim, parallel
+from medseg_jax import files, optim
+from medseg_jax.parallel import multihost
 from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest
@@ -134,12 +135,12 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
          state: TrainState, position: Position) -> dict | None:
   """Test metrics of the checkpoint with the best validation Dice (of `state` if none)."""
   if ckpt.best_step() is None:  # e.g. resumed after the end of an older run
-    step = int(parallel.to_host(setup.par.host_state(state).step))
+    step = int(multihost.to_host(setup.par.host_state(state).step))
     _validate(setup, ckpt, mon, None, state, step, position, start.rng)
   if ckpt.best_step() is not None:
     state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
                                              best=True).state)
-  step = int(parallel.to_host(setup.par.host_state(state).step))
+  step = int(multihost.to_host(setup.par.host_state(state).step))
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)
 
@@ -239,12 +240,12 @@ def _write_run_files(setup: Setup, start: Start) -> None:
 def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,
                   losses: list, elapsed: float, data_wait: float) -> dict:
   """Loss averaged over the window since the last record, LR, throughput and timing."""
-  losses = [float(x) for x in parallel.to_host(losses)]
+  losses = [float(x) for x in multihost.to_host(losses)]
   steps = len(losses)
   slices_per_sec = steps * setup.global_batch / elapsed
   lr = float(setup.lr.schedule(step - 1))
   record = {"epoch": step / setup.steps_per_epoch, "loss": float(np.mean(losses)),
-            "learning_rate": lr, "grad_norm": float(parallel.to_host(step_metrics["grad_norm"])),
+            "learning_rate": lr, "grad_norm": float(multihost.to_host(step_metrics["grad_norm"])),
             "slices_per_sec": slices_per_sec,
             "slices_per_sec_per_device": slices_per_sec / setup.par.num_devices,
             "step_time": elapsed / steps, "data_wait_time": data_wait / steps,
@@ -262,7 +263,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint.require_checkpoint(workdir)
   setup = build(cfg, workdir)
   state = checkpoint.restore_state(cfg, workdir, which, setup.par, setup.init_state)
-  step = int(parallel.to_host(setup.par.host_state(state).step))
+  step = int(multihost.to_host(setup.par.host_state(state).step))
   return {split: evaluate.evaluate(setup.evaluator, state, setup.data[split], split, step,
                                    surface=True)
           for split in ("val", "test")}

@@ -10,7 +10,7 @@ import threading
 
 from absl import logging
 
-from medseg_jax import parallel
+from medseg_jax.parallel import multihost
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -46,4 +46,4 @@ class StopRequest:
       return self.signal_name is not None
     if step % self.sync_every:
       return False
-    return parallel.any_process(self.signal_name is not None)
+    return multihost.any_process(self.signal_name is not None)

@@ -7,7 +7,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import optim, parallel
+from medseg_jax import optim
+from medseg_jax.parallel import strategies
 from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.evaluation import evaluate
 from medseg_jax.models import build_model
@@ -21,7 +22,7 @@ class Setup:
 
   cfg: ml_collections.ConfigDict
   workdir: str
-  par: parallel.Parallel
+  par: strategies.Parallel
   data: dict[str, loader.SliceSet]
   data_info: dict               # as WORKDIR/data_info.json records it
   lr: optim.ResolvedSchedule
@@ -36,7 +37,7 @@ class Setup:
 
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Devices, data, model, optimizer and compiled steps for `cfg`."""
-  par = parallel.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   data, info = pipeline.load_splits(cfg, workdir)
   plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
   global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
@@ -61,7 +62,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
                                         pipeline.class_names(cfg, info)))
 
 
-def build_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel, num_classes: int,
+def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_classes: int,
                 channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
   """A fresh host-side TrainState for the model and optimizer of `cfg`."""
   model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
@@ -69,7 +70,7 @@ def build_state(cfg: ml_collections.ConfigDict, par: parallel.Parallel, num_clas
   return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels))
 
 
-def make_evaluator(cfg: ml_collections.ConfigDict, workdir: str, par: parallel.Parallel,
+def make_evaluator(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel,
                    num_classes: int, class_names: list[str]) -> evaluate.Evaluator:
   """The compiled eval step with what evaluation needs to batch and report."""
   per_device = cfg.train.eval_batch_size or cfg.train.per_device_batch_size

@@ -2,7 +2,7 @@
 
 Both run on one shard of the global batch. How shards are combined is injected:
 `reduce_mean` / `reduce_sum` are the all-reduce (or the identity when XLA
-partitions a global computation) chosen in `parallel.py`. Hyperparameters and
+partitions a global computation) chosen in `parallel/strategies.py`. Hyperparameters and
 the loss are bound with functools.partial at build time.
 """
 
