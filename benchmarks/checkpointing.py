@@ -33,7 +33,8 @@ def main():
   import jax
   import numpy as np
   from configs import base
-  from medseg_jax import checkpoint, losses, optim, train
+  from medseg_jax import optim
+  from medseg_jax.training import checkpoint, losses, state as state_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -43,7 +44,7 @@ def main():
   par = strategies.make_parallel("shard_map", 1)
   model = build_model(cfg.model, 2, args.size, par.bn_axis_name)
   tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, args.batch))
-  state = par.put_state(train.init_state(model, tx, jax.random.key(0),
+  state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0),
                                          (args.size, args.size, 1)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(par.host_state(state)))

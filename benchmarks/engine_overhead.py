@@ -5,7 +5,7 @@
 For each config: one process writes the dataset and preprocesses its slices (a first run
 does that once), then --repeats fresh processes each go from start to the end of their
 first train step, the way a run that restarts does. Each phase calls medseg_jax's public
-functions in the order `train.build` does, with a timer around each:
+functions in the order `training.setup.build` does, with a timer around each:
 
   interpreter  process spawn -> first line of this file
   imports      jax, flax, optax, orbax and medseg_jax's training modules
@@ -56,7 +56,8 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   from absl import flags
   import jax
   from ml_collections import config_flags
-  from medseg_jax import losses, optim, train
+  from medseg_jax import optim
+  from medseg_jax.training import losses, setup
   from medseg_jax.data import loader, pipeline
   from medseg_jax.parallel import strategies
   now = mark("imports", now)
@@ -78,7 +79,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch,
                               cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch)
   start = time.perf_counter()
-  state = train.build_state(cfg, par, pipeline.num_classes(cfg, info),
+  state = setup.build_state(cfg, par, pipeline.num_classes(cfg, info),
                             data["train"].image.shape[-1], lr.schedule,
                             jax.random.key(cfg.seed))
   parts["model_init_and_optimizer"] = time.perf_counter() - start

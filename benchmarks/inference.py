@@ -24,7 +24,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from medseg_jax import infer, train  # noqa: E402
+from medseg_jax.evaluation import predict  # noqa: E402
+from medseg_jax.training import setup  # noqa: E402
 from medseg_jax.data import synthetic  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 
@@ -43,7 +44,7 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
   cfg = load_config(name)
   par = strategies.make_parallel("shard_map", 1)
   batch = cfg.train.per_device_batch_size
-  state = train.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
+  state = setup.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
   state = par.put_state(state)
   predict_fn = par.predict_step()
   size = cfg.data.image_size
@@ -58,15 +59,15 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
     jax.block_until_ready(predict_fn(state, put()))
     times.append(time.perf_counter() - start)
   per_batch = float(np.median(times))
-  run = lambda slices: infer._run_batched(par, predict_fn, state, slices, batch)
+  run = lambda slices: predict._run_batched(par, predict_fn, state, slices, batch)
   info = {"modalities": ["T1w"]}
   cfg.data.modalities = ()
   volume_times = []
   with tempfile.TemporaryDirectory() as out:
     for _ in range(2):  # the first pass compiles the padded last batch
       start = time.perf_counter()
-      probs = infer._predict_volume(cfg, info, volume_path, run)
-      infer.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
+      probs = predict._predict_volume(cfg, info, volume_path, run)
+      predict.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
       volume_times.append(time.perf_counter() - start)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   return {"config": name, "size": size, "batch": batch, "params_m": params / 1e6,

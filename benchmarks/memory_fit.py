@@ -27,7 +27,8 @@ def step_memory(batch: int, size: int, dtype: str, base: int, depth: int) -> dic
   import jax
   import jax.numpy as jnp
   from configs import base as base_config
-  from medseg_jax import losses, optim, state, step
+  from medseg_jax import optim
+  from medseg_jax.training import losses, state, step
   from medseg_jax.models import build_model
 
   cfg = base_config.get_config()

@@ -84,7 +84,8 @@ def thesis_models() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from configs import base  # pylint: disable=import-outside-toplevel
-  from medseg_jax import losses, optim, state, step  # pylint: disable=import-outside-toplevel
+  from medseg_jax import optim  # pylint: disable=import-outside-toplevel
+  from medseg_jax.training import losses, state, step
   from medseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
 
   out = {}

@@ -28,7 +28,8 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
   import jax
   import numpy as np
   from configs import base
-  from medseg_jax import losses, optim, train
+  from medseg_jax import optim
+  from medseg_jax.training import losses, state as state_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -40,7 +41,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
     par = strategies.make_parallel(strategy, devices)
     model = build_model(cfg.model, 2, size, par.bn_axis_name)
     tx = optim.make_optimizer(cfg, optim.peak_learning_rate(cfg, global_batch))
-    state = par.put_state(train.init_state(model, tx, jax.random.key(0), (size, size, 1)))
+    state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0), (size, size, 1)))
     rng = np.random.default_rng(0)
     batch = par.put_batch({"image": rng.normal(size=(global_batch, size, size, 1)).astype("f4"),
                            "label": rng.integers(0, 2, (global_batch, size, size)).astype("i4")})

@@ -31,7 +31,8 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   sys.path.insert(0, REPO)
   import jax
   from configs import base as base_config
-  from medseg_jax import losses, optim, train
+  from medseg_jax import optim
+  from medseg_jax.training import losses, state as state_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -42,7 +43,7 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   par = strategies.make_parallel("shard_map", 1)
   model = build_model(cfg.model, NUM_CLASSES, size, par.bn_axis_name)
   tx = optim.make_optimizer(cfg, LR)
-  state = par.put_state(train.init_state(model, tx, jax.random.key(0), (size, size, 1)))
+  state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0), (size, size, 1)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = par.put_batch({"image": images, "label": labels})
   step, predict = par.train_step(losses.dice_ce_loss), par.predict_step()

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medseg_jax import losses, optim
+from medseg_jax import optim
+from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess, split
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model

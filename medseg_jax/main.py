@@ -85,15 +85,17 @@ def main(argv: list[str]) -> None:
   try:
     _start_processes(cfg)
     _check_before_data(cfg, workdir)
-    from medseg_jax import infer, train  # pylint: disable=import-outside-toplevel
+    # The training code imports jax's backend; it comes after the process group exists.
+    from medseg_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
     from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
+    from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      train.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
+      loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
     elif _MODE.value == "evaluate":
-      train.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
+      loop.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
     else:
-      infer.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+      predict.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                     _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.

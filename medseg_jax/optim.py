@@ -228,29 +228,22 @@ def _cli() -> None:
   """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]."""
   import os  # pylint: disable=import-outside-toplevel
 
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
 
   from medseg_jax import cli  # pylint: disable=import-outside-toplevel
   from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config.",
-                                           lock_config=True)
+  config = cli.config_flag()
   devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
   slices = flags.DEFINE_integer("train_slices", 0,
                                 "Training slices; 0 = count them in the config's dataset.")
   png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
 
-  def main(argv):
-    del argv
-    cli.quiet_library_logs()
+  def main() -> None:
     cfg = config.value
-    try:
-      count = slices.value or _count_train_slices(cfg)
-      plan = pipeline.epoch_plan(cfg, count, devices.value)
-      resolved = resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
-    except MedsegError as e:
-      cli.fail(str(e), e.exit_code)
+    count = slices.value or _count_train_slices(cfg)
+    plan = pipeline.epoch_plan(cfg, count, devices.value)
+    resolved = resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
     print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {plan.global_batch}, "
           f"{count} training slices, {plan.num_steps} steps")
     print(resolved.describe())
@@ -258,7 +251,7 @@ def _cli() -> None:
       plot(resolved, plan.num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
       print(f"wrote {os.path.abspath(png.value)}")
 
-  app.run(main, flags_parser=cli.flags_parser())
+  cli.run(main)
 
 
 if __name__ == "__main__":

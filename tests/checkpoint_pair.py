@@ -20,9 +20,9 @@ import jax  # noqa: E402  (after the environment is set)
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from medseg_jax import checkpoint  # noqa: E402
+from medseg_jax.training import checkpoint  # noqa: E402
 from medseg_jax.parallel import distributed, multihost, strategies  # noqa: E402
-from medseg_jax.state import TrainState  # noqa: E402
+from medseg_jax.training.state import TrainState  # noqa: E402
 
 
 def main(port: str, process_id: str, workdir: str, steps: str) -> None:

@@ -1,11 +1,18 @@
-"""Forces 8 CPU devices before jax is imported anywhere in the test session."""
+"""Forces 8 CPU devices before jax is imported anywhere in the test session, and shares
+one compilation cache between the session and the processes it starts."""
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Many tests compile the same tiny steps, in this process and in the `medseg_jax.main`
+# processes they start (which inherit the environment): a persistent cache compiles each
+# once. Cached executables are the ones XLA would build, so results stay bit for bit.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="medseg-jax-xla-"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  (after the environment is set)

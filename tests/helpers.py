@@ -1,5 +1,7 @@
-"""Shared by the tests that run `medseg_jax.main` in real processes."""
+"""Shared by the tests that train: tiny configs, in this process or in real processes."""
 
+import ast
+import importlib.util
 import os
 
 import jax
@@ -13,6 +15,28 @@ TINY = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
         "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
         "--config.data.image_size=32", "--config.model.depth=2",
         "--config.model.base_features=4", "--config.train.per_device_batch_size=2"]
+
+
+def config(*overrides: str, path: str = "configs/quickstart.py"):
+  """The config file at `path` with `--config.KEY=VALUE` overrides, as `medseg_jax.main`
+  would build it (values are Python literals, or strings), locked."""
+  spec = importlib.util.spec_from_file_location("_test_config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for override in overrides:
+    key, value = override[len("--config."):].split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  cfg.lock()
+  return cfg
 
 
 def env_with_devices(devices: int | None = None) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from configs import base
-from medseg_jax import losses
+from medseg_jax.training import losses
 from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
 from medseg_jax.parallel import strategies

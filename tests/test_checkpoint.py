@@ -10,9 +10,10 @@ import optax
 import pytest
 
 from configs import base
-from medseg_jax import checkpoint, optim
+from medseg_jax import optim
+from medseg_jax.training import checkpoint
 from medseg_jax.errors import ConfigError, MedsegError
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 
 
 def _state(value: float) -> TrainState:

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from medseg_jax import config, losses, optim
+from medseg_jax import config, optim
+from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
 from medseg_jax.parallel import strategies

@@ -1,5 +1,6 @@
-"""Crashes, preemption, corrupt checkpoints, divergence and device-count changes, through
-real `medseg_jax.main` processes compared with an uninterrupted run."""
+"""Crashes and preemption through real `medseg_jax.main` processes compared with an
+uninterrupted run; corrupt checkpoints, divergence, device-count changes and early
+stopping through the training loop in this process."""
 
 import glob
 import json
@@ -13,7 +14,10 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from helpers import REPO, checkpoint_arrays, env_with_devices
+from medseg_jax.errors import MedsegError
+from medseg_jax.training import loop
 
 # Slow enough (64x64 slices) that a signal lands mid-run; dropout makes the rng matter.
 RUN = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
@@ -119,62 +123,87 @@ def _truncate(workdir, step):
       f.truncate(os.path.getsize(path) // 2)
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+
+
+def _train(workdir, *extra, devices=2, from_scratch=False):
+  """The loop in this process, as `medseg_jax.main` runs it with RUN and `extra`."""
+  cfg = helpers.config(*RUN[1:], f"--config.train.num_steps={STEPS}",
+                       f"--config.parallel.num_devices={devices}", *extra)
+  return loop.train_and_evaluate(cfg, workdir, from_scratch)
+
+
+@pytest.fixture(scope="module")
+def in_process_reference(tmp_path_factory):
+  """An uninterrupted run of STEPS steps in this process."""
+  workdir = str(tmp_path_factory.mktemp("in_process_reference"))
+  _train(workdir)
+  assert _steps(workdir)[-1] == STEPS
+  return workdir
+
+
+@pytest.fixture
+def logs(caplog):
+  caplog.set_level("INFO")
+  return caplog
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(in_process_reference,
+                                                                   tmp_path, logs):
   workdir = str(tmp_path / "run")
-  shutil.copytree(reference, workdir)
+  shutil.copytree(in_process_reference, workdir)
   _truncate(workdir, STEPS)
-  proc = _run(workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"Skipping unreadable checkpoint {workdir}/checkpoints/{STEPS}" in proc.stderr
-  assert "Resuming from checkpoint at step 15" in proc.stderr
-  _assert_same_state(workdir, reference)
+  _train(workdir)
+  assert f"Skipping unreadable checkpoint {workdir}/checkpoints/{STEPS}" in logs.text
+  assert "Resuming from checkpoint at step 15" in logs.text
+  _assert_same_state(workdir, in_process_reference)
 
 
-def test_no_readable_checkpoint_refuses_to_start_over_without_the_flag(reference, tmp_path):
+def test_no_readable_checkpoint_refuses_to_start_over_without_the_flag(in_process_reference,
+                                                                      tmp_path, logs):
   workdir = str(tmp_path / "run")
-  shutil.copytree(reference, workdir)
+  shutil.copytree(in_process_reference, workdir)
   for step in _steps(workdir):
     _truncate(workdir, step)
-  proc = _run(workdir)
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
-  assert "none of the checkpoints [10, 15, 20] can be read" in lines[0]
-  assert "--from_scratch" in lines[0]
-  proc = _run(workdir, "--from_scratch")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Resuming" not in proc.stderr
-  _assert_same_state(workdir, reference)
+  with pytest.raises(MedsegError) as error:
+    _train(workdir)
+  message = str(error.value)
+  assert error.value.exit_code == 1 and len(message.splitlines()) == 1
+  assert "none of the checkpoints [10, 15, 20] can be read" in message
+  assert "--from_scratch" in message
+  logs.clear()
+  _train(workdir, from_scratch=True)
+  assert "Resuming" not in logs.text
+  _assert_same_state(workdir, in_process_reference)
 
 
-def test_divergence_stops_naming_step_and_lr_and_keeps_the_good_checkpoints(reference,
-                                                                            tmp_path):
+def test_divergence_stops_naming_step_and_lr_and_keeps_the_good_checkpoints(
+    in_process_reference, tmp_path):
   workdir = str(tmp_path / "run")
-  shutil.copytree(reference, workdir)
-  proc = _run(workdir, "--config.optim.lr=1e8", "--config.train.num_steps=40")
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
-  assert "training diverged at step" in lines[0]
-  assert "(learning rate 2e+08)" in lines[0]  # 1e8 x 2: the linear rule at 2 devices
-  assert "not finite" in lines[0]
+  shutil.copytree(in_process_reference, workdir)
+  with pytest.raises(MedsegError) as error:
+    _train(workdir, "--config.optim.lr=1e8", "--config.train.num_steps=40")
+  message = str(error.value)
+  assert error.value.exit_code == 1 and len(message.splitlines()) == 1
+  assert "training diverged at step" in message
+  assert "(learning rate 2e+08)" in message  # 1e8 x 2: the linear rule at 2 devices
+  assert "not finite" in message
   assert _steps(workdir) == [10, 15, 20]
-  _assert_same_state(workdir, reference)
+  _assert_same_state(workdir, in_process_reference)
 
 
-def test_an_8_device_checkpoint_continues_on_2_devices(tmp_path):
+def test_an_8_device_checkpoint_continues_on_2_devices(tmp_path, logs):
   """Same loader position, step renumbered for the smaller global batch, LR rescaled."""
   workdir = str(tmp_path)
   epochs = ["--config.train.num_steps=0", "--config.train.num_epochs=2",
             "--config.checkpoint.every_steps=1"]
-  proc = _run(workdir, *epochs, devices=8)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _train(workdir, *epochs, devices=8)
   # 32 training slices: global batch 16 on 8 devices, 2 steps per epoch, 4 steps.
   assert _steps(workdir) == [2, 3, 4]
   shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # lost in a crash after step 3
-  proc = _run(workdir, *epochs, devices=2)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _train(workdir, *epochs, devices=2)
   # Step 3 = epoch 1, 16 slices into it; with global batch 4 that is step 8 + 16 / 4.
   assert ("at step 3 saved on 8 devices (global batch 16) on 2 devices (global batch 4): "
-          "continuing at step 12 of 16") in proc.stderr
+          "continuing at step 12 of 16") in logs.text
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == [1, 2, 3, 13, 14, 15, 16]
@@ -185,20 +214,19 @@ def test_an_8_device_checkpoint_continues_on_2_devices(tmp_path):
   assert counts and all(int(c) == 16 for c in counts)  # step and every optimizer counter
 
 
-def test_early_stopping_ends_a_plateau_and_stays_finished(tmp_path):
+def test_early_stopping_ends_a_plateau_and_stays_finished(tmp_path, logs):
   workdir = str(tmp_path)
   args = ["--config.optim.lr=0", "--config.train.eval_every_steps=1",
           "--config.train.early_stopping_patience=2"]
-  proc = _run(workdir, *args)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _train(workdir, *args)
   # Nothing changes at LR 0: the best Dice is step 1's, two validations later it stops.
-  assert "Early stopping at step 3: no better validation Dice since step 1" in proc.stderr
+  assert "Early stopping at step 3: no better validation Dice since step 1" in logs.text
   assert _steps(workdir) == [3]
   with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
     assert json.load(f)["step"] == 1
-  again = _run(workdir, *args)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "Resuming from checkpoint at step 3" in again.stderr
+  logs.clear()
+  _train(workdir, *args)
+  assert "Resuming from checkpoint at step 3" in logs.text
   assert _steps(workdir) == [3]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medseg_jax.guard import Diverged, DivergenceGuard
+from medseg_jax.training.guard import Diverged, DivergenceGuard
 
 
 def _guard(factor=0.0, patience=0):

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from configs import base
-from medseg_jax import checkpoint, infer, train
+from medseg_jax.training import checkpoint, setup
+from medseg_jax.evaluation import predict
 from medseg_jax.data import decathlon, preprocess, synthetic
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.parallel import strategies
@@ -27,7 +28,7 @@ def test_label_map_written_back_equals_the_label_file(dataset_dir, tmp_path):
   path = os.path.join(dataset_dir, "labelsTr", "phantom_000.nii.gz")
   canonical = decathlon.load_nifti(path).data
   out = str(tmp_path / "pred.nii.gz")
-  infer.write_prediction(path, np.asarray(jax.nn.one_hot(canonical, 3)), out)
+  predict.write_prediction(path, np.asarray(jax.nn.one_hot(canonical, 3)), out)
   written, original = nib.load(out), nib.load(path)
   assert written.get_data_dtype() == np.uint8
   np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
@@ -45,25 +46,25 @@ def test_resizing_is_undone(dataset_dir):
                                         preprocess.settings_from_config(cfg.data),
                                         keep=np.arange(label.shape[2]))
   oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))  # a perfect model
-  probs = infer._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
+  probs = predict._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
   assert probs.shape[:3] == label.shape
   assert np.mean(np.argmax(probs, -1) == label) > 0.97
 
 
 def test_inputs_are_checked_before_anything_is_written(dataset_dir, tmp_path):
   with pytest.raises(DataError, match="no .nii"):
-    infer.find_inputs(str(tmp_path))
+    predict.find_inputs(str(tmp_path))
   (tmp_path / "notes.txt").write_text("x")
   with pytest.raises(DataError, match="notes.txt: not a NIfTI"):
-    infer.find_inputs(str(tmp_path / "notes.txt"))
+    predict.find_inputs(str(tmp_path / "notes.txt"))
   four_d = synthetic.write_synthetic_decathlon(str(tmp_path / "m"), 1, 0, (16, 16, 4),
                                                multimodal=True)
   with pytest.raises(DataError, match="modalities"):
-    infer.check_input(os.path.join(four_d, "imagesTr", "phantom_000.nii.gz"), 1)
+    predict.check_input(os.path.join(four_d, "imagesTr", "phantom_000.nii.gz"), 1)
   existing = tmp_path / "out.nii.gz"
   existing.write_bytes(b"")
   with pytest.raises(MedsegError, match="--overwrite"):
-    infer.output_paths([os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")],
+    predict.output_paths([os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")],
                        "in.nii.gz", str(existing), overwrite=False)
 
 
@@ -98,9 +99,9 @@ def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, resize, e
                                          preprocess.settings_from_config(cfg.data),
                                          keep=np.arange(canonical.shape[2]))
   oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))
-  probs = infer._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
+  probs = predict._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
   out = str(tmp_path / "pred.nii.gz")
-  infer.write_prediction(image_path, probs, out, str(tmp_path / "probs.nii.gz"))
+  predict.write_prediction(image_path, probs, out, str(tmp_path / "probs.nii.gz"))
   written, source = nib.load(out), nib.load(label_path)
   assert written.shape == source.shape and written.get_data_dtype() == np.uint8
   np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
@@ -135,7 +136,7 @@ def mixed_workdir(tmp_path_factory):
   ckpt = checkpoint.Checkpointer(workdir, 0, 5)
   for step, features in ((1, 4), (2, 8)):
     cfg = _tiny_config(features)
-    state = train.build_state(cfg, par, 3, 1, optax.constant_schedule(0.0),
+    state = setup.build_state(cfg, par, 3, 1, optax.constant_schedule(0.0),
                               jax.random.key(step))
     meta = {"step": step, "config": cfg.to_dict()}
     ckpt.save(step, state, meta)
@@ -154,12 +155,12 @@ def test_the_checkpoint_loaded_is_checked_against_its_own_config(dataset_dir, mi
   features, other = 4, 8
   source = os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")
   out = str(tmp_path / "pred.nii.gz")
-  infer.predict(_tiny_config(features), mixed_workdir, source, out, which)
+  predict.predict(_tiny_config(features), mixed_workdir, source, out, which)
   written = nib.load(out)
   assert written.shape == nib.load(source).shape and written.get_data_dtype() == np.uint8
   where = "checkpoints_best" if which == "best" else "checkpoints"
   with pytest.raises(ConfigError, match=rf"^model.base_features: {other} in the config but "
                                         rf"{features} in the checkpoints in \S*/{where} "):
-    infer.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
+    predict.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
                   which)
   assert not os.path.exists(tmp_path / "x.nii.gz")

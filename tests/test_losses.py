@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medseg_jax import losses
+from medseg_jax.training import losses
 
 
 def _data(seed=0, batch=8, classes=3, size=16):

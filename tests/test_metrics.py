@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from medseg_jax import metrics
+from medseg_jax.evaluation import metrics
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.models import UNet
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 import optax
 
 # Hand-built: rows = truth, columns = prediction.

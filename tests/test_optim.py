@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from medseg_jax import losses, optim, step
+from medseg_jax import optim
+from medseg_jax.training import losses, step
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import UNet
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 
 SPE = 10  # steps per epoch
 

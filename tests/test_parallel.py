@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medseg_jax import losses, step
+from medseg_jax.training import losses, step
 from medseg_jax.models import UNet
 from medseg_jax.parallel import strategies
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 
 GLOBAL_BATCH = 16
 SIZE = 32

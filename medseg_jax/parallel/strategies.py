@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medseg_jax import step as step_lib
+from medseg_jax.training import step as step_lib
 from medseg_jax.errors import ConfigError
 
 AXIS = "data"

@@ -31,7 +31,8 @@ from typing import Callable
 import ml_collections
 from absl import flags
 
-from medseg_jax import cli, files, manifest, optim
+from medseg_jax import cli, files, optim
+from medseg_jax.monitor import manifest
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.tuning import guideline_settings, report, runs
 from medseg_jax.tuning.guideline_settings import Settings

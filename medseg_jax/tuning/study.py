@@ -14,7 +14,8 @@ import sys
 import numpy as np
 from absl import flags
 
-from medseg_jax import cli, files, manifest
+from medseg_jax import cli, files
+from medseg_jax.monitor import manifest
 from medseg_jax.errors import MedsegError
 from medseg_jax.tuning import runs
 

@@ -25,3 +25,16 @@ class TrainState(flax.struct.PyTreeNode):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         model_state=model_state, opt_state=opt_state)
+
+
+def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+               sample_shape: tuple) -> TrainState:
+  """A fresh host-side state: `model` initialised on one example of `sample_shape`."""
+  # Initialisation runs once on one device, where the partitionable threefry only adds
+  # compile time (seconds per model on a CPU); the classic one is as deterministic.
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(model.init, static_argnames="train")(
+        rng, jax.numpy.zeros((1,) + tuple(sample_shape), jax.numpy.float32), train=False)
+  variables = dict(variables)
+  params = variables.pop("params")
+  return TrainState.create(apply_fn=model.apply, params=params, model_state=variables, tx=tx)

@@ -1,29 +1,39 @@
 """Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage."""
 
+import dataclasses
 import os
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import jax
 import numpy as np
 from absl import logging
 
-from medseg_jax import files, metrics, overlay
+from medseg_jax import files
 from medseg_jax.parallel import multihost
 from medseg_jax.data import loader
-
-if TYPE_CHECKING:
-  from medseg_jax.train import Run
+from medseg_jax.evaluation import metrics, overlay
 
 
-def predict_split(run: "Run", state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """The compiled eval step and what evaluating with it needs: built once per run."""
+
+  eval_step: Callable      # (placed state, placed batch) -> (confusion, predicted labels)
+  put_batch: Callable      # this process's part of a batch -> global arrays
+  global_batch: int
+  num_classes: int
+  class_names: list[str]
+  workdir: str             # results go to WORKDIR/eval/
+
+
+def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
   """(Confusion matrix summed over every device and host, predicted labels [N,H,W])."""
-  eval_batch = (run.cfg.train.eval_batch_size or run.cfg.train.per_device_batch_size)
-  global_batch = eval_batch * run.par.num_devices
-  confusion = np.zeros((run.num_classes,) * 2, np.int64)
+  global_batch = ev.global_batch
+  confusion = np.zeros((ev.num_classes,) * 2, np.int64)
   preds = np.zeros(data.label.shape, np.uint8)
   batches = loader.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
   for start, batch in zip(range(0, len(data), global_batch), batches):
-    batch_confusion, batch_preds = run.eval_step(state, run.par.put_batch(batch))
+    batch_confusion, batch_preds = ev.eval_step(state, ev.put_batch(batch))
     confusion += multihost.to_host(batch_confusion)
     count = min(global_batch, len(data) - start)
     preds[start:start + count] = multihost.gather(batch_preds)[:count]
@@ -41,25 +51,24 @@ def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
   return rows
 
 
-def evaluate(run: "Run", state, split: str, step: int, surface: bool = False,
-             monitor=None) -> dict | None:
-  """Metrics of `state` on `split`, written to WORKDIR/eval/ (by process 0) and to the
-  monitor's event files when one is given."""
-  data = run.data[split]
+def evaluate(ev: Evaluator, state, data: loader.SliceSet, split: str, step: int,
+             surface: bool = False, monitor=None) -> dict | None:
+  """Metrics of `state` on `data` (the split named `split`), written to WORKDIR/eval/ (by
+  process 0) and to the monitor's event files when one is given."""
   if not len(data):
     return None
-  confusion, preds = predict_split(run, state, data)
-  rows = per_volume_rows(data, preds, run.num_classes, surface)
+  confusion, preds = predict_split(ev, state, data)
+  rows = per_volume_rows(data, preds, ev.num_classes, surface)
   result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
                 per_volume=metrics.summarize_volumes(rows))
-  if run.is_chief:
-    out = os.path.join(run.workdir, "eval")
+  if jax.process_index() == 0:
+    out = os.path.join(ev.workdir, "eval")
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
     files.write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
     shown = overlay.pick_slices(data.label, data.volume)
     picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
                                     data.image[shown], data.label[shown], preds[shown],
-                                    run.class_names, f"{split}, step {step}")
+                                    ev.class_names, f"{split}, step {step}")
     if monitor is not None:
       monitor.evaluation(split, step, result, picture)
   logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from medseg_jax import checkpoint, files, train
+from medseg_jax import files
+from medseg_jax.training import checkpoint, setup
 from medseg_jax.data import decathlon, preprocess
 from medseg_jax.errors import DataError, MedsegError
 from medseg_jax.parallel import multihost, strategies
@@ -81,11 +82,9 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, outpu
     check_input(path, len(info["modalities"]))
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   # The optimizer is built only to give the checkpoint's tree its shape.
-  state = train.build_state(cfg, par, info["num_classes"], info["channels"],
+  state = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                             optax.constant_schedule(0.0), jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
-  state = train.restore_state(cfg, par, ckpt, state, which)
-  ckpt.close()
+  state = checkpoint.restore_state(cfg, workdir, which, par, state)
   predict_fn = par.predict_step()
   batch = (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * par.num_devices
   run = lambda slices: _run_batched(par, predict_fn, state, slices, batch)

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax.parallel import multihost
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.errors import ConfigError, MedsegError
 
 STATE, META = "state", "meta"
@@ -220,6 +220,31 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
   return ocp.args.Composite(**{STATE: ocp.args.StandardSave(_to_tree(state)),
                                META: ocp.args.JsonSave(meta)})
+
+
+def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
+                  par: strategies.Parallel, template: Any) -> Any:
+  """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) of the
+  run in `workdir`, read into the shape of `template` and placed on the mesh, after
+  checking `cfg` against that checkpoint's own config.
+
+  The check comes before the restore: a checkpoint of another model would otherwise fail
+  as unreadable (and a 'latest' one be deleted as corrupt).
+  """
+  require_checkpoint(workdir)
+  checkpointer = Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
+  try:
+    best = which == "best"
+    step = None if which in ("latest", "best") else int(which)
+    where = checkpointer.directory + ("_best" if best else "")
+    meta = checkpointer.read_meta(step, best=best)
+    check_config(meta, cfg, where)
+    restored = checkpointer.restore(template, par.replicated, step, best=best)
+    if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
+      check_config(restored.meta, cfg, where)
+  finally:
+    checkpointer.close()
+  return par.put_state(restored.state)
 
 
 def _first_line(error: Exception) -> str:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medseg_jax.state import TrainState
+from medseg_jax.training.state import TrainState
 
 Reduce = Callable[[jax.Array], jax.Array]
 

@@ -15,15 +15,10 @@ import os
 import platform
 import subprocess
 import sys
-from typing import TYPE_CHECKING
-
 import jax
 import psutil
 
 from medseg_jax import files
-
-if TYPE_CHECKING:
-  from medseg_jax.train import Run
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "nibabel",
             "ml-collections", "tensorstore", "tensorboardX", "absl-py")
@@ -33,31 +28,32 @@ NORMALISATION = {"zscore_nonzero":
                                "rescaled to [0, 1]"}
 
 
-def at_start(run: "Run") -> dict:
-  cfg = run.cfg
+def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, *,
+             devices: int, global_batch: int, steps_per_epoch: int, num_steps: int) -> dict:
+  """The manifest's record of a run as it starts; `lr` is the resolved LR schedule
+  (`optim.ResolvedSchedule`)."""
   return {
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "config": cfg.to_dict(),
       "code": code_version(),
       "software": software(),
       "hardware": hardware(),
-      "dataset": dataset(run),
-      "model": {"name": cfg.model.name, "parameters": int(sum(
-          x.size for x in jax.tree.leaves(run.state.params))),
+      "dataset": dataset(cfg, data_info, class_names),
+      "model": {"name": cfg.model.name, "parameters": parameters,
                 "compute_dtype": cfg.model.compute_dtype},
-      "training": {"strategy": cfg.parallel.strategy, "devices": run.par.num_devices,
+      "training": {"strategy": cfg.parallel.strategy, "devices": devices,
                    "processes": jax.process_count(),
                    "per_device_batch": cfg.train.per_device_batch_size,
-                   "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch,
-                   "steps": run.num_steps, "epochs": run.num_steps / run.steps_per_epoch,
+                   "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+                   "steps": num_steps, "epochs": num_steps / steps_per_epoch,
                    "optimizer": dict(cfg.optim.to_dict()), "loss": cfg.train.loss},
-      "lr_policy": {"policy": cfg.lr.policy, "scaling": cfg.lr.scaling, "k": run.lr.k,
-                    "peak_lr": run.lr.peak_lr,
+      "lr_policy": {"policy": cfg.lr.policy, "scaling": cfg.lr.scaling, "k": lr.k,
+                    "peak_lr": lr.peak_lr,
                     "phases": [{"name": p.name, "start_step": p.start, "end_step": p.end,
-                                "start_epoch": p.start / run.steps_per_epoch,
-                                "end_epoch": p.end / run.steps_per_epoch,
+                                "start_epoch": p.start / steps_per_epoch,
+                                "end_epoch": p.end / steps_per_epoch,
                                 "lr_start": p.lr_start, "lr_end": p.lr_end}
-                               for p in run.lr.phases]},
+                               for p in lr.phases]},
       "seeds": {"seed": cfg.seed,
                 "derived": "split, batch order, initialisation and dropout all follow `seed`"},
       "runs": repeats([cfg.seed]),
@@ -89,7 +85,7 @@ def at_end(workdir: str, wall_seconds: float, test: dict | None) -> dict:
 
 def code_version() -> dict:
   """Git commit and dirty flag of the code that runs, where git knows it."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   def git(*args):
     return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
                           timeout=10, check=True).stdout.strip()
@@ -137,14 +133,13 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def dataset(run: "Run") -> dict:
-  cfg, info = run.cfg, run.data_info
+def dataset(cfg, info: dict, class_names: list[str]) -> dict:
   return {"name": info["dataset"], "root": os.path.abspath(info["root"]),
           "fingerprint": fingerprint(info["root"]),
           "modalities_available": list(info["modalities"]),
           "modalities_used": list(cfg.data.modalities) or list(info["modalities"]),
           "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
-          "classes": run.class_names, "image_size": cfg.data.image_size,
+          "classes": class_names, "image_size": cfg.data.image_size,
           "slice_axis": cfg.data.slice_axis, "slices_per_volume": cfg.data.slices_per_volume,
           "slice_selection": cfg.data.slice_selection,
           "empty_slice_fraction": cfg.data.empty_slice_fraction, "resize": cfg.data.resize,

@@ -1,0 +1,269 @@
+"""The training loop: build, resume, then one loop of steps and periodic actions, then test.
+
+Read `train` top to bottom: every step is followed by the periodic actions (log,
+validate, stop, checkpoint), each decided by a pure function of `decisions.py`. Nothing
+built before the loop changes inside it except the train state and the loop's counters.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from medseg_jax import files, optim
+from medseg_jax.parallel import multihost
+from medseg_jax.data import loader
+from medseg_jax.evaluation import evaluate
+from medseg_jax.monitor import events, manifest
+from medseg_jax.training import checkpoint, decisions, preemption
+from medseg_jax.training.decisions import Position, Stop
+from medseg_jax.training.guard import DivergenceGuard
+from medseg_jax.training.setup import Setup, build
+from medseg_jax.training.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Where training starts: a fresh state at step 0, or a checkpoint."""
+
+  state: TrainState        # placed on the mesh
+  step: int
+  position: Position
+  rng: jax.Array
+  early_stopped: bool = False
+  saved_step: int = 0      # the step as the checkpoint numbered it (another device count)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       from_scratch: bool = False) -> dict | None:
+  """Trains, validating periodically, then tests the best state.
+
+  Returns the test metrics, or None when a signal stopped training (after a checkpoint).
+  """
+  started = time.time()
+  if from_scratch:
+    checkpoint.remove_all(workdir)
+  setup = build(cfg, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep)
+  start = resume(setup, ckpt)
+  if jax.process_index() == 0:
+    _write_run_files(setup, start)
+  mon = events.Monitor(workdir, cfg.monitor.enabled,
+                       cfg.monitor.system_interval_seconds, setup.num_steps, start.step,
+                       setup.steps_per_epoch)
+  try:
+    end = (start.state, start.position, Stop.EARLY_STOPPING)
+    if not start.early_stopped:
+      end = train(setup, ckpt, mon, start)
+    result = None if end[2] is Stop.SIGNAL else test(setup, ckpt, mon, start, *end[:2])
+  finally:
+    ckpt.close()  # pending writes finish, also when training stopped on an error
+    mon.close()
+  if jax.process_index() == 0 and result is not None:
+    manifest.write(workdir, manifest.at_end(workdir, time.time() - started, result))
+  return result
+
+
+def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
+          start: Start) -> tuple[TrainState, Position, Stop]:
+  """Steps from `start` to the last step, a stop signal or early stopping; the state at
+  the end is checkpointed. Returns it, its loader position and why training stopped."""
+  cfg, par = setup.cfg, setup.par
+  guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience,
+                          setup.lr.schedule)
+  state, step, position, stop = start.state, start.step, start.position, Stop.NONE
+  losses, window_start, data_wait = [], time.perf_counter(), 0.0   # since the last record
+  with preemption.StopRequest(jax.process_count() > 1) as signals:
+    fetch_start = time.perf_counter()
+    for step, position, batch in _batches(setup, start.step, start.position):
+      batch = par.put_batch(batch)
+      data_wait += time.perf_counter() - fetch_start
+      state, step_metrics = setup.train_step(state, batch, start.rng)
+      guard.observe(step, step_metrics)
+      losses.append(step_metrics["loss"])
+      record = {}
+      if decisions.due(step, cfg.monitor.log_every_steps, setup.num_steps):
+        guard.check()
+        record = _train_record(setup, mon, step, step_metrics, losses,
+                               time.perf_counter() - window_start, data_wait)
+        losses, window_start, data_wait = [], time.perf_counter(), 0.0
+      validated = decisions.due(step, cfg.train.eval_every_steps, setup.num_steps)
+      if validated:
+        eval_start = time.perf_counter()
+        record.update(_validate(setup, ckpt, mon, guard, state, step, position, start.rng))
+        window_start += time.perf_counter() - eval_start  # throughput counts training only
+      if record and jax.process_index() == 0:
+        files.append_jsonl(os.path.join(setup.workdir, "metrics.jsonl"), dict(record, step=step))
+      stop = decisions.stop_reason(signals.requested(step), step, ckpt.best_step(),
+                                   cfg.train.early_stopping_patience,
+                                   cfg.train.eval_every_steps, validated)
+      if stop is not Stop.NONE:
+        _log_stop(stop, step, ckpt, signals.signal_name)
+        break
+      if decisions.periodic(step, cfg.checkpoint.every_steps):
+        _save(setup, ckpt, guard, state, step, position, start.rng)
+      fetch_start = time.perf_counter()
+  _save(setup, ckpt, guard, state, step, position, start.rng,
+        early_stopped=stop is Stop.EARLY_STOPPING)
+  return state, position, stop
+
+
+def _batches(setup: Setup, step: int,
+             position: Position) -> Iterator[tuple[int, Position, dict]]:
+  """(step, loader position after it, this process's part of its batch) for every step
+  after `step` up to the last, across epochs."""
+  data, batch = setup.data["train"], setup.global_batch
+  while step < setup.num_steps:
+    if position.offset + batch > len(data):  # the epoch has no full batch left
+      position = Position(position.epoch + 1, 0)
+    for local in loader.train_batches(data, batch, setup.cfg.seed, position.epoch,
+                                        jax.process_index(), jax.process_count(),
+                                        position.offset):
+      step, position = step + 1, decisions.after_step(position, batch, len(data))
+      yield step, position, local
+      if step == setup.num_steps:
+        return
+
+
+def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start: Start,
+         state: TrainState, position: Position) -> dict | None:
+  """Test metrics of the checkpoint with the best validation Dice (of `state` if none)."""
+  if ckpt.best_step() is None:  # e.g. resumed after the end of an older run
+    step = int(multihost.to_host(setup.par.host_state(state).step))
+    _validate(setup, ckpt, mon, None, state, step, position, start.rng)
+  if ckpt.best_step() is not None:
+    state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
+                                             best=True).state)
+  step = int(multihost.to_host(setup.par.host_state(state).step))
+  return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
+                           surface=True, monitor=mon)
+
+
+def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
+              guard: DivergenceGuard | None, state: TrainState, step: int,
+              position: Position, rng: jax.Array) -> dict:
+  """`val_*` metrics for the record; the state is kept as the best checkpoint when its
+  Dice is the best so far."""
+  if guard is not None:
+    guard.check()
+  result = evaluate.evaluate(setup.evaluator, state, setup.data["val"], "val", step,
+                             monitor=mon)
+  if result is None or result["dice"] is None:
+    return {}
+  ckpt.save_if_best(step, setup.par.host_state(state), _meta(setup, step, position, rng),
+                    result["dice"])
+  return {f"val_{k}": v for k, v in result.items()
+          if k not in ("per_class", "per_volume", "step")}
+
+
+def _save(setup: Setup, ckpt: checkpoint.Checkpointer, guard: DivergenceGuard,
+          state: TrainState, step: int, position: Position, rng: jax.Array,
+          early_stopped: bool = False) -> None:
+  """A checkpoint of `state`, once the guard has passed every step up to it."""
+  guard.check()
+  ckpt.save(step, setup.par.host_state(state),
+            _meta(setup, step, position, rng, early_stopped))
+
+
+def _meta(setup: Setup, step: int, position: Position, rng: jax.Array,
+          early_stopped: bool = False) -> dict:
+  """What a checkpoint keeps besides the arrays: enough to continue exactly."""
+  return {"step": step, "epoch": position.epoch, "offset": position.offset,
+          "global_batch": setup.global_batch, "num_devices": setup.par.num_devices,
+          "process_count": jax.process_count(),
+          "rng": np.asarray(jax.random.key_data(rng)).ravel().tolist(),
+          "early_stopped": early_stopped, "config": setup.cfg.to_dict()}
+
+
+def _log_stop(stop: Stop, step: int, ckpt: checkpoint.Checkpointer,
+              signal_name: str | None) -> None:
+  if stop is Stop.EARLY_STOPPING:
+    logging.info("Early stopping at step %d: no better validation Dice since step %d",
+                 step, ckpt.best_step())
+  else:
+    logging.info("Stopped by %s after step %d with a checkpoint in %s; run the same command "
+                 "to continue", signal_name or "a stop signal to another process", step,
+                 ckpt.directory)
+
+
+def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
+  """The newest readable checkpoint placed on the mesh, or the fresh state at step 0.
+
+  A checkpoint saved at another global batch (another device count) continues from the
+  same loader position; the step is renumbered for the new batch, so the LR schedule,
+  resolved for the new device count, continues at the same point of training.
+  """
+  if ckpt.latest_step() is None:
+    return Start(setup.par.put_state(setup.init_state), 0, Position(), setup.init_rng)
+  checkpoint.check_config(ckpt.read_meta(), setup.cfg, ckpt.directory)
+  restored = ckpt.restore(setup.init_state, setup.par.replicated)
+  meta, state, step = restored.meta, restored.state, restored.step
+  position = Position(meta["epoch"], meta["offset"])
+  if meta["global_batch"] == setup.global_batch:
+    logging.info("Resuming from checkpoint at step %d (epoch %d, slice %d of its order)",
+                 step, position.epoch, position.offset)
+  else:
+    step = decisions.renumbered_step(position, setup.steps_per_epoch, setup.global_batch)
+    state = state.replace(step=jnp.asarray(step, state.step.dtype),
+                          opt_state=optim.with_step(state.opt_state, step))
+    logging.info("Resuming from checkpoint at step %d saved on %d devices (global batch %d) "
+                 "on %d devices (global batch %d): continuing at step %d of %d, epoch %d, "
+                 "learning rate %.4g (lr.scaling=%s)", restored.step, meta["num_devices"],
+                 meta["global_batch"], setup.par.num_devices, setup.global_batch, step,
+                 setup.num_steps, position.epoch, float(setup.lr.schedule(step)),
+                 setup.cfg.lr.scaling)
+  return Start(setup.par.put_state(state), step, position,
+               jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)),
+               bool(meta.get("early_stopped")), restored.step)
+
+
+def _write_run_files(setup: Setup, start: Start) -> None:
+  """config.json, data_info.json, the manifest; metrics logged after the checkpoint that
+  training resumes from are dropped (they are logged again)."""
+  workdir = setup.workdir
+  files.write_json(os.path.join(workdir, "config.json"), setup.cfg.to_dict())
+  files.write_json(os.path.join(workdir, "data_info.json"), setup.data_info)
+  files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start.saved_step)
+  parameters = int(sum(x.size for x in jax.tree.leaves(setup.init_state.params)))
+  manifest.write(workdir, manifest.at_start(
+      setup.cfg, setup.data_info, setup.evaluator.class_names, parameters, setup.lr,
+      devices=setup.par.num_devices, global_batch=setup.global_batch,
+      steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps))
+
+
+def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,
+                  losses: list, elapsed: float, data_wait: float) -> dict:
+  """Loss averaged over the window since the last record, LR, throughput and timing."""
+  losses = [float(x) for x in multihost.to_host(losses)]
+  steps = len(losses)
+  slices_per_sec = steps * setup.global_batch / elapsed
+  lr = float(setup.lr.schedule(step - 1))
+  record = {"epoch": step / setup.steps_per_epoch, "loss": float(np.mean(losses)),
+            "learning_rate": lr, "grad_norm": float(multihost.to_host(step_metrics["grad_norm"])),
+            "slices_per_sec": slices_per_sec,
+            "slices_per_sec_per_device": slices_per_sec / setup.par.num_devices,
+            "step_time": elapsed / steps, "data_wait_time": data_wait / steps,
+            "compute_time": (elapsed - data_wait) / steps}
+  record.update(mon.train_window(step - steps + 1, losses, dict(record, step=step)))
+  if not mon.bar_active:
+    logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step,
+                 setup.num_steps, record["epoch"], record["loss"], lr, slices_per_sec)
+  return record
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+                        which: str = "latest") -> dict:
+  """--mode=evaluate: a checkpoint ('latest', 'best' or a step) on validation and test."""
+  checkpoint.require_checkpoint(workdir)
+  setup = build(cfg, workdir)
+  state = checkpoint.restore_state(cfg, workdir, which, setup.par, setup.init_state)
+  step = int(multihost.to_host(setup.par.host_state(state).step))
+  return {split: evaluate.evaluate(setup.evaluator, state, setup.data[split], split, step,
+                                   surface=True)
+          for split in ("val", "test")}

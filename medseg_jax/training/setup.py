@@ -1,0 +1,80 @@
+"""What a training run builds from its config before the first step, once."""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+from medseg_jax import optim
+from medseg_jax.parallel import strategies
+from medseg_jax.data import augment, loader, pipeline
+from medseg_jax.evaluation import evaluate
+from medseg_jax.models import build_model
+from medseg_jax.training import losses
+from medseg_jax.training.state import TrainState, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Devices, data, model, optimizer and compiled steps of one run; never changed."""
+
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  par: strategies.Parallel
+  data: dict[str, loader.SliceSet]
+  data_info: dict               # as WORKDIR/data_info.json records it
+  lr: optim.ResolvedSchedule
+  global_batch: int
+  steps_per_epoch: int
+  num_steps: int
+  init_state: TrainState        # fresh, on the host
+  init_rng: jax.Array           # the step rng of a run that starts from scratch
+  train_step: Callable
+  evaluator: evaluate.Evaluator
+
+
+def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Devices, data, model, optimizer and compiled steps for `cfg`."""
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  data, info = pipeline.load_splits(cfg, workdir)
+  plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
+  global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
+                                              plan.num_steps)
+  num_classes = pipeline.num_classes(cfg, info)
+  channels = int(data["train"].image.shape[-1])
+  info = dict(info, num_classes=num_classes, channels=channels)
+  init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
+  lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
+  state = build_state(cfg, par, num_classes, channels, lr.schedule, init_rng)
+  logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch, %d steps",
+               par.num_devices, cfg.parallel.strategy, jax.process_count(), global_batch,
+               steps_per_epoch, num_steps)
+  logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
+  logging.info("Data: %s", info)
+  return Setup(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info, lr=lr,
+               global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+               num_steps=num_steps, init_state=state, init_rng=step_rng,
+               train_step=par.train_step(losses.get_loss(cfg.train.loss),
+                                         augment.from_config(cfg.data.augment)),
+               evaluator=make_evaluator(cfg, workdir, par, num_classes,
+                                        pipeline.class_names(cfg, info)))
+
+
+def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_classes: int,
+                channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
+  """A fresh host-side TrainState for the model and optimizer of `cfg`."""
+  model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
+  size = cfg.data.image_size
+  return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels))
+
+
+def make_evaluator(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel,
+                   num_classes: int, class_names: list[str]) -> evaluate.Evaluator:
+  """The compiled eval step with what evaluation needs to batch and report."""
+  per_device = cfg.train.eval_batch_size or cfg.train.per_device_batch_size
+  return evaluate.Evaluator(eval_step=par.eval_step(num_classes), put_batch=par.put_batch,
+                            global_batch=per_device * par.num_devices,
+                            num_classes=num_classes, class_names=class_names,
+                            workdir=workdir)

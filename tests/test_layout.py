@@ -1,0 +1,96 @@
+"""The package's shape, read from its source: no import circle, short modules and functions,
+and collectives only in the parallel package."""
+
+import ast
+import os
+
+import pytest
+
+from helpers import REPO
+
+PACKAGE = os.path.join(REPO, "medseg_jax")
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, str]:
+  """Dotted module name -> path, for every module of the package."""
+  found = {}
+  for dirpath, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+        found[dotted.removesuffix(".__init__")] = path
+  return found
+
+
+def _imports(path: str, modules: dict[str, str]) -> set[str]:
+  """The package's modules that the module at `path` imports (at any level)."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names if a.name in modules)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        full = f"{node.module}.{alias.name}"
+        if full in modules:
+          found.add(full)
+        elif node.module in modules:
+          found.add(node.module)
+  return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import circle of `graph`, or None."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state and (found := visit(nxt)):
+        return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node)):
+      return found
+  return None
+
+
+def test_the_cycle_finder_finds_a_circle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_itself_in_a_circle():
+  modules = _modules()
+  # A package's __init__ importing its own modules is how packages work, not a circle.
+  graph = {m: {i for i in _imports(p, modules) if not m.startswith(i + ".")}
+           for m, p in modules.items()}
+  assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_modules_and_functions_are_short(module):
+  path = _modules()[module]
+  source = open(path).read()
+  assert source.count("\n") <= MAX_MODULE_LINES, f"{path}: over {MAX_MODULE_LINES} lines"
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      length = node.end_lineno - node.lineno + 1
+      assert length <= MAX_FUNCTION_LINES, f"{path}:{node.lineno} {node.name}: {length} lines"
+
+
+def test_collectives_and_meshes_live_in_the_parallel_package():
+  words = ("jax.pmap", "shard_map", "lax.pmean", "lax.psum", "Mesh(")
+  for module, path in _modules().items():
+    if module.startswith("medseg_jax.parallel"):
+      continue
+    source = open(path).read()
+    assert not [w for w in words if w in source], f"{path} uses {[w for w in words if w in source]}"
