@@ -34,7 +34,7 @@ def main():
   import numpy as np
   from configs import base
   from medseg_jax import optim
-  from medseg_jax.training import checkpoint, losses, state as state_lib
+  from medseg_jax.training import checkpoint, decisions, losses, state as state_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -58,12 +58,12 @@ def main():
 
   workdir = tempfile.mkdtemp(prefix="ckpt_bench_")
   try:
-    ckpt = checkpoint.Checkpointer(workdir, args.every, max_to_keep=3)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3)
     blocked, saves, start = 0.0, [], time.perf_counter()
     for step in range(1, args.steps + 1):
       state, m = step_fn(state, batch, jax.random.key(1))
       jax.block_until_ready(state)  # the save below must not wait for the step's compute
-      if ckpt.due(step):
+      if decisions.periodic(step, args.every):
         t = time.perf_counter()
         ckpt.save(step, par.host_state(state), {"step": step})
         saves.append(time.perf_counter() - t)

@@ -31,7 +31,7 @@ def main(port: str, process_id: str, workdir: str, steps: str) -> None:
   par = strategies.make_parallel("shard_map")
   state = TrainState.create(apply_fn=None, params={"w": jnp.zeros((256,), jnp.float32)},
                             model_state={}, tx=optax.sgd(0.1))
-  checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, max_to_keep=3)
+  checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=3)
   for step in range(1, int(steps) + 1):
     state = par.put_state(state.replace(step=jnp.asarray(step, jnp.int32),
                                         params={"w": jnp.full((256,), step, jnp.float32)}))

@@ -23,7 +23,7 @@ def _state(value: float) -> TrainState:
 
 
 def _saved(tmp_path, steps=(1, 2, 3)):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), 1, 5)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 5)
   for step in steps:
     ckpt.save(step, _state(step), {"step": step})
   ckpt.wait()
@@ -47,12 +47,12 @@ def test_restore_reads_arrays_and_meta(tmp_path):
 
 
 def test_the_best_follows_the_dice_while_its_saves_are_in_flight(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), 1, 5)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 5)
   dices = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.8}  # saved back to back, without waiting
   assert [ckpt.save_if_best(s, _state(s), {"step": s}, d) for s, d in dices.items()] == [
       True, True, False, True]
   ckpt.close()
-  reopened = checkpoint.Checkpointer(str(tmp_path), 1, 5)  # the best Dice read back: 0.8
+  reopened = checkpoint.Checkpointer(str(tmp_path), 5)  # the best Dice read back: 0.8
   assert reopened.best_step() == 4
   assert not reopened.save_if_best(5, _state(5), {"step": 5}, 0.75)
   restored = reopened.restore(_state(0), None, best=True)

@@ -133,7 +133,7 @@ def mixed_workdir(tmp_path_factory):
   with open(os.path.join(workdir, "data_info.json"), "w") as f:
     json.dump({"modalities": ["T1w"], "num_classes": 3, "channels": 1}, f)
   par = strategies.make_parallel("shard_map", 1)
-  ckpt = checkpoint.Checkpointer(workdir, 0, 5)
+  ckpt = checkpoint.Checkpointer(workdir, 5)
   for step, features in ((1, 4), (2, 8)):
     cfg = _tiny_config(features)
     state = setup.build_state(cfg, par, 3, 1, optax.constant_schedule(0.0),

@@ -87,8 +87,7 @@ class Checkpointer:
   validation Dice so far is kept apart in WORKDIR/checkpoints_best.
   """
 
-  def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
-    self.every_steps = every_steps
+  def __init__(self, workdir: str, max_to_keep: int):
     self.directory = directory(workdir)
     # Both managers may save the same step at once (a validation and a checkpoint on one
     # step). With several processes, orbax names its barriers after the operation and at
@@ -193,9 +192,6 @@ class Checkpointer:
       self._best_dice = float(dice)
     return saved
 
-  def due(self, step: int) -> bool:
-    return self.every_steps > 0 and step % self.every_steps == 0
-
   def save(self, step: int, state: Any, meta: dict) -> bool:
     """Saves `state` as `step` unless that step is saved; writing continues in the background."""
     if self._manager.latest_step() == step:
@@ -232,7 +228,7 @@ def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
   as unreadable (and a 'latest' one be deleted as corrupt).
   """
   require_checkpoint(workdir)
-  checkpointer = Checkpointer(workdir, 0, cfg.checkpoint.max_to_keep)
+  checkpointer = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   try:
     best = which == "best"
     step = None if which in ("latest", "best") else int(which)

@@ -50,7 +50,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if from_scratch:
     checkpoint.remove_all(workdir)
   setup = build(cfg, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   start = resume(setup, ckpt)
   if jax.process_index() == 0:
     _write_run_files(setup, start)
