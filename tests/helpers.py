@@ -39,6 +39,13 @@ def config(*overrides: str, path: str = "configs/quickstart.py"):
   return cfg
 
 
+def init_variables(model, x, seed: int = 0) -> dict:
+  """`model.init` on the batch `x`, compiled, with the classic threefry as training's
+  `init_state` uses it: with the partitionable one a U-Net's init compiles for seconds."""
+  with jax.threefry_partitionable(False):
+    return jax.jit(model.init)(jax.random.key(seed), x)
+
+
 def env_with_devices(devices: int | None = None) -> dict:
   """This environment with `devices` simulated CPU devices (none forced if None)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

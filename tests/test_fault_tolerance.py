@@ -125,9 +125,14 @@ def _truncate(workdir, step):
 
 
 
+# In this process no signal has to land mid-run: 32x32 slices and a narrower model.
+SMALL = ["--config.data.synthetic_shape=(32, 32, 8)", "--config.data.image_size=32",
+         "--config.model.base_features=4"]
+
+
 def _train(workdir, *extra, devices=2, from_scratch=False):
-  """The loop in this process, as `medseg_jax.main` runs it with RUN and `extra`."""
-  cfg = helpers.config(*RUN[1:], f"--config.train.num_steps={STEPS}",
+  """The loop in this process, as `medseg_jax.main` runs it with RUN, SMALL and `extra`."""
+  cfg = helpers.config(*RUN[1:], *SMALL, f"--config.train.num_steps={STEPS}",
                        f"--config.parallel.num_devices={devices}", *extra)
   return loop.train_and_evaluate(cfg, workdir, from_scratch)
 

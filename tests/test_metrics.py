@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from medseg_jax.evaluation import metrics
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.models import UNet
@@ -43,7 +44,7 @@ def test_absent_class_is_null_and_left_out_of_averages():
 
 def _tiny_state(seed):
   model = UNet(num_classes=3, depth=2, base_features=4)
-  variables = model.init(jax.random.key(seed), np.zeros((1, 32, 32, 1), np.float32))
+  variables = helpers.init_variables(model, np.zeros((1, 32, 32, 1), np.float32), seed)
   return model, variables, TrainState.create(apply_fn=model.apply, params=variables["params"],
                                              model_state={}, tx=optax.sgd(0.1))
 
@@ -56,7 +57,7 @@ def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
            "label": rng.integers(0, 3, (16, 32, 32)).astype(np.int32),
            "mask": np.arange(16) < 11}  # the last 5 rows are padding
-  pred = np.argmax(np.asarray(model.apply(variables, batch["image"])), -1)
+  pred = np.argmax(np.asarray(jax.jit(model.apply)(variables, batch["image"])), -1)
   expected = np.zeros((3, 3), np.int64)
   np.add.at(expected, (batch["label"][:11].ravel(), pred[:11].ravel()), 1)
   par = strategies.make_parallel(strategy, 8)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
+import helpers
 from configs import base
 from medseg_jax.models import FCN, UNet, build_model
 from medseg_jax.errors import ConfigError
@@ -77,9 +78,9 @@ def test_bfloat16_compute_keeps_float32_params(name):
   cfg.compute_dtype = "bfloat16"
   model = build_model(cfg, num_classes=3, image_size=32)
   x = jnp.ones((2, 32, 32, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = helpers.init_variables(model, x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  logits = model.apply(variables, x)
+  logits = jax.jit(model.apply)(variables, x)
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
   hlo = jax.jit(model.apply).lower(variables, x).as_text()
   assert "bf16" in hlo  # the convolutions really run in bfloat16
@@ -98,9 +99,10 @@ def test_bad_model_settings_are_config_errors(key, value, size):
 def test_norm_variants_run(norm):
   model = UNet(num_classes=2, depth=2, base_features=4, norm=norm)
   x = jnp.ones((2, 32, 32, 1))
-  variables = model.init(jax.random.key(0), x)
-  out = model.apply(variables, x, train=True, mutable=["batch_stats"])[0] if norm == "batch" \
-      else model.apply(variables, x)
+  variables = helpers.init_variables(model, x)
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  out = apply(variables, x, train=True, mutable=("batch_stats",))[0] if norm == "batch" \
+      else apply(variables, x)
   assert out.shape == (2, 32, 32, 2)
 
 

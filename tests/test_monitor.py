@@ -1,15 +1,18 @@
-"""TensorBoard events read back with TensorBoard's reader, the manifest, and determinism."""
+"""TensorBoard events read back with TensorBoard's reader, the manifest, and determinism:
+runs of the training loop in this process, and one run of two real processes."""
 
 import json
 import os
 import socket
 import subprocess
-import sys
 
+import jax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+import helpers
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
+from medseg_jax.training import loop
 
 HOST = socket.gethostname()  # the test's processes all run on this host
 TINY = TINY_RUN + ["--config.model.dropout=0.2", "--config.train.num_steps=6",
@@ -18,10 +21,10 @@ TINY = TINY_RUN + ["--config.model.dropout=0.2", "--config.train.num_steps=6",
 
 
 def train(workdir, *extra):
-  proc = subprocess.run([sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={workdir}",
-                         *extra], cwd=REPO, env=env_with_devices(2), capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  """The loop in this process on 2 devices, as `medseg_jax.main` runs it; the records of
+  metrics.jsonl."""
+  cfg = helpers.config(*TINY[1:], "--config.parallel.num_devices=2", *extra)
+  loop.train_and_evaluate(cfg, workdir, False)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 
@@ -91,7 +94,8 @@ def test_manifest_covers_the_reproducibility_checklist(run):
     for key in keys:
       assert key in m[section], (section, key)
   assert m["runs"] == {"count": 1, "seeds": [0]}  # a run on its own: once, with its seed
-  assert m["wall_time_seconds"] > 0 and m["hardware"]["devices"] == 2
+  assert m["wall_time_seconds"] > 0 and m["training"]["devices"] == 2
+  assert m["hardware"]["devices"] == jax.device_count()  # the machine's, not the run's
   # quickstart's label_map (0, 1, 1) merges the synthetic labels oedema and tumour.
   assert m["dataset"]["classes"] == ["background", "oedema+tumour"]
   assert m["software"]["packages"]["jax"] and m["code"]["commit"]

@@ -1,7 +1,9 @@
-"""Real jax.distributed processes on 127.0.0.1 (gloo collectives on CPU), with timeouts."""
+"""Real jax.distributed processes on 127.0.0.1 (gloo collectives on CPU), with timeouts,
+against references trained in this process or in one process."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import helpers
 from helpers import REPO, TINY as TINY_RUN, checkpoint_arrays, env_with_devices as _env
+from medseg_jax.evaluation import predict
+from medseg_jax.training import loop
 
 TINY = TINY_RUN + ["--config.model.dropout=0.1", "--config.train.eval_every_steps=0",
                    "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
@@ -29,37 +34,36 @@ def _params(workdir, step):
 
 
 def _one_process(workdir, steps):
-  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *TINY, f"--workdir={workdir}",
-                         f"--config.train.num_steps={steps}"], cwd=REPO, env=_env(4),
-                        capture_output=True, text=True, timeout=300)
+  """The loop in this process on 4 devices, as `medseg_jax.main` runs it with TINY."""
+  cfg = helpers.config(*TINY[1:], "--config.parallel.num_devices=4",
+                       f"--config.train.num_steps={steps}")
+  loop.train_and_evaluate(cfg, workdir, False)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A 2-process x 2-device run to step 2, resumed to step 3 by 1 process x 4 devices,
-  and an uninterrupted 1 x 4 run to step 3."""
+  """A 2-process x 2-device run to step 2, and an uninterrupted 1 x 4 run to step 3 in
+  this process: the reference."""
   two = str(tmp_path_factory.mktemp("two"))
   env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
   launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={two}",
                              "--config.train.num_steps=2"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
-  resumed = _one_process(two, 3)
   single = str(tmp_path_factory.mktemp("one"))
-  reference = _one_process(single, 3)
-  return two, launched, resumed, single, reference
+  _one_process(single, 3)
+  return two, launched, single
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
-  two, launched, _, single, reference = runs
+  two, launched, single = runs
   assert launched.returncode == 0, launched.stderr[-3000:]
-  assert reference.returncode == 0, reference.stderr[-3000:]
   assert launched.stderr.count("launching process") == 2
   for a, b in zip(_params(two, 2), _params(single, 2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # Only process 0 writes the run's files: each step is logged once (step 3 by the resume).
+  # Only process 0 writes the run's files: each step is logged once.
   with open(os.path.join(two, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == [1, 2, 3]
+  assert [r["step"] for r in records] == [1, 2]
   # Step 2 was checkpointed and validated (the first validation is always the best so
   # far): the latest and the best checkpoint of step 2 were written at the same time.
   assert "val_dice" in records[1]
@@ -88,10 +92,16 @@ def test_latest_and_best_checkpoints_of_the_same_steps_in_two_processes(tmp_path
   np.testing.assert_array_equal(best[0], np.full(256, 8, np.float32))
 
 
-def test_one_process_resumes_a_two_process_run(runs):
-  two, _, resumed, single, _ = runs
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resuming from checkpoint at step 2" in resumed.stderr
+def test_one_process_resumes_a_two_process_run(runs, tmp_path, caplog):
+  two, launched, single = runs
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  shutil.copytree(two, tmp_path / "two")
+  two = str(tmp_path / "two")
+  caplog.set_level("INFO")
+  _one_process(two, 3)
+  assert "Resuming from checkpoint at step 2" in caplog.text
+  with open(os.path.join(two, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # nothing logged twice
   for a, b in zip(_params(two, 3), _params(single, 3)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -104,8 +114,7 @@ PREDICT = TINY_RUN + ["--config.train.eval_batch_size=3"]
 def test_pmap_trains_two_processes_like_one(runs, tmp_path):
   """pmap over 2 processes x 2 devices (checkpoints every step) equals the 1 x 4 run, whose
   shard_map step keys dropout per device the same way."""
-  _, _, _, single, reference = runs
-  assert reference.returncode == 0, reference.stderr[-3000:]
+  _, _, single = runs
   env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
   launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={tmp_path}",
                              "--config.train.num_steps=2", "--config.parallel.strategy=pmap"],
@@ -124,16 +133,13 @@ def _predict(workdir, output, *launcher, env):
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
-  """A tiny run trained for a few steps, and its test volumes predicted by one process on
-  one device: the reference."""
+  """A tiny run trained for a few steps, and its test volumes predicted on one device: the
+  reference (both in this process)."""
   workdir = tmp_path_factory.mktemp("predict")
-  trained = subprocess.run([sys.executable, "-m", "medseg_jax.main", *PREDICT,
-                            f"--workdir={workdir}", "--config.train.num_steps=3"], cwd=REPO,
-                           env=_env(2), capture_output=True, text=True, timeout=300)
-  assert trained.returncode == 0, trained.stderr[-3000:]
-  reference = _predict(workdir, workdir / "one", sys.executable, "-m", "medseg_jax.main",
-                       env=_env(1))
-  assert reference.returncode == 0, reference.stderr[-3000:]
+  loop.train_and_evaluate(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=2",
+                                         "--config.train.num_steps=3"), str(workdir), False)
+  predict.predict(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=1"), str(workdir),
+                  f"{workdir}/data/imagesTs", str(workdir / "one"), probabilities=True)
   return workdir
 
 

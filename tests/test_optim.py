@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import base
 from medseg_jax import optim
 from medseg_jax.training import losses, step
@@ -138,7 +139,7 @@ def test_every_policy_evaluates_over_an_array_of_steps_and_plots(policy, warmup,
 
 def _tiny_state(tx):
   model = UNet(num_classes=2, depth=2, base_features=4)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+  params = helpers.init_variables(model, jnp.zeros((1, 16, 16, 1)))["params"]
   return TrainState.create(apply_fn=model.apply, params=params, model_state={}, tx=tx)
 
 
@@ -168,9 +169,9 @@ def test_plain_sgd_step_is_lr_times_gradient():
   tx = optim.make_optimizer(cfg, optim.resolve_schedule(cfg, 7, 1, 1).schedule)
   state = _tiny_state(tx)
   batch = _batch()
-  grads = jax.grad(lambda p: jnp.mean(losses.dice_ce_loss(state.apply_fn({"params": p},
-                                                                         batch["image"]),
-                                                          batch["label"])))(state.params)
+  loss = lambda p: jnp.mean(losses.dice_ce_loss(state.apply_fn({"params": p}, batch["image"]),
+                                                batch["label"]))
+  grads = jax.jit(jax.grad(loss))(state.params)
   fn = functools.partial(step.train_step, loss_fn=losses.dice_ce_loss, reduce_mean=lambda x: x)
   new_state, _ = jax.jit(fn)(state, batch, jax.random.key(0))
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)

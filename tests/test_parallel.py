@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from medseg_jax.training import losses, step
 from medseg_jax.models import UNet
 from medseg_jax.parallel import strategies
@@ -28,7 +29,7 @@ def _batch(seed=0, num_classes=3):
 
 def _state(norm="none", axis_name=None, lr=0.5):
   model = UNet(num_classes=3, depth=2, base_features=4, norm=norm, axis_name=axis_name)
-  variables = model.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 1)))
+  variables = helpers.init_variables(model, jnp.zeros((1, SIZE, SIZE, 1)), 1)
   params = variables.pop("params")
   # Plain SGD: an optimizer that normalises the update (Adam) would hide an N-times gradient.
   return TrainState.create(apply_fn=model.apply, params=params, model_state=dict(variables),
