@@ -1,4 +1,5 @@
-"""The entry point, end to end through real processes: outputs, resume, and flag errors."""
+"""The entry point, end to end through real processes: outputs, resume, and flag errors;
+evaluation and prediction of its run in this process."""
 
 import csv
 import json
@@ -10,7 +11,11 @@ import sys
 import nibabel as nib
 import pytest
 
+import helpers
 from helpers import REPO, TINY as TINY_RUN
+from medseg_jax.errors import MedsegError
+from medseg_jax.evaluation import predict
+from medseg_jax.training import loop
 
 # Without --config: the tests name the config file themselves.
 TINY = TINY_RUN[1:] + ["--config.train.num_steps=3", "--config.train.eval_every_steps=2",
@@ -98,9 +103,7 @@ def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run, quickstar
     after = json.load(f)
   assert after["step"] == before["step"] == 3
   assert after["per_class"] == before["per_class"]  # same batches, same rng, same result
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=evaluate",
-                  "--checkpoint=best", *TINY)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  loop.evaluate_checkpoint(helpers.config(*TINY), workdir, "best")
   best = os.listdir(os.path.join(workdir, "checkpoints_best"))[0]
   with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
     assert json.load(f)["step"] == int(best)
@@ -161,9 +164,7 @@ def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):
   workdir, _ = quickstart_run
   images = os.path.join(workdir, "data", "imagesTs")
   out = str(tmp_path / "pred")
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY,
-                  "--mode=predict", f"--input={images}", f"--output={out}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  predict.predict(helpers.config(*TINY), workdir, images, out)
   names = sorted(os.listdir(images))
   assert sorted(os.listdir(out)) == names
   for name in names:
@@ -171,9 +172,9 @@ def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):
     assert dst.shape == src.shape and dst.get_data_dtype() == "uint8"
     assert (dst.affine == src.affine).all()
     assert set(map(int, dst.get_fdata().ravel())) <= {0, 1}
-  again = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY,
-                   "--mode=predict", f"--input={images}", f"--output={out}")
-  assert again.returncode == 1 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+  with pytest.raises(MedsegError, match="--overwrite") as error:
+    predict.predict(helpers.config(*TINY), workdir, images, out)
+  assert error.value.exit_code == 1
 
 
 def test_predict_without_a_checkpoint_is_one_line(tmp_path):
