@@ -27,7 +27,7 @@ def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndar
 
   colours = plt.get_cmap("tab10")
   rows = len(image)
-  fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows + 0.6), squeeze=False)
+  fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows + 0.6), dpi=80, squeeze=False)
   for r in range(rows):
     gray = image[r, ..., 0]
     for c, (name, mask) in enumerate((("image", None), ("ground truth", label[r]),
@@ -42,11 +42,11 @@ def write_montage(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndar
   legend = [Patch(color=colours(i), label=n) for i, n in enumerate(class_names) if i > 0]
   fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)))
   fig.suptitle(title)
-  with files.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=80)
-  fig.canvas.draw()
+  fig.canvas.draw()  # drawn once: the same picture goes to the file and to TensorBoard
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)
+  with files.atomic_path(path) as tmp:
+    plt.imsave(tmp, rgb, format="png")
   return rgb
 
 
