@@ -40,8 +40,9 @@ class Settings:
   initial_lr_factor: float = _setting(
       0.5, "decrease_initial_lr: optim.lr (the base LR eta, so the whole GreScale schedule) x "
       "this per step: halving undoes the linear rule's x8 at 8 devices in three steps.")
-  decay_coefficient_step: float = _setting(0.1, "increase_decay_coefficient: + this per step "
-                                           "(the default coefficient's size: the first step doubles it).")
+  decay_coefficient_step: float = _setting(
+      0.1, "increase_decay_coefficient: + this per step (the default coefficient's size: the "
+      "first step doubles it).")
   warmup_epochs_step: float = _setting(1.0, "increase_warmup: + this many epochs per step "
                                        "(a fifth of the default 5-epoch warmup).")
   decay_epochs_step: float = _setting(1.0, "increase_decay_period: + this many epochs per "
