@@ -74,12 +74,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr.step_epochs = (30.0, 60.0, 80.0)  # step decay: multiply by step_factor at each
   c.lr.step_factor = 0.1
   c.lr.poly_power = 0.9            # poly decay: (1 - t/T)^power, as nnU-Net
-  c.lr.grescale = ml_collections.ConfigDict()
-  c.lr.grescale.initial_lr = 1e-5  # the lowered LR the warmup starts from
-  c.lr.grescale.warmup_epochs = 5.0
+  c.lr.grescale = ml_collections.ConfigDict()  # GreScale's "initial LR" is optim.lr (eta)
+  c.lr.grescale.warmup_epochs = 5.0  # linear warmup: eta -> scaled LR (k x eta if linear)
   c.lr.grescale.decay_epochs = 0.0  # 0 = 3/7 of the epochs after the first 5
-  c.lr.grescale.stabilisation_factor = 1.0  # held LR = factor x scaled LR
-  c.lr.grescale.decay_coefficient = 0.1     # decay: held / (1 + c x epochs into the decay)
+  # Stabilisation holds factor x scaled LR, factor in (0, 1]. The thesis says "smaller" than
+  # the warmup's target and gives no value: halving is clearly smaller yet stays above eta
+  # from k = 3 devices on, so the larger batch still gets a larger LR.
+  c.lr.grescale.stabilisation_factor = 0.5
+  # Decay, time-based from the held LR: held / (1 + c x epochs into the decay); a larger
+  # c decays faster (at 0.1 the LR is halved after 10 epochs of decay).
+  c.lr.grescale.decay_coefficient = 0.1
 
   c.train = ml_collections.ConfigDict()
   c.train.per_device_batch_size = 7

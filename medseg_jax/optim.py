@@ -74,6 +74,9 @@ def resolve_schedule(cfg: ml_collections.ConfigDict, global_batch: int, steps_pe
   """The LR policy of `cfg` as an optax schedule over `num_steps` steps."""
   if cfg.lr.policy not in POLICIES:
     raise ConfigError(f"lr.policy={cfg.lr.policy!r}: choose from {list(POLICIES)}")
+  # Checked under every policy: the guideline tuner switches a standard config to
+  # GreScale after its baseline has trained, too late to find a bad value.
+  check_grescale(cfg.lr.grescale)
   peak = peak_learning_rate(cfg, global_batch)
   to_steps = lambda epochs: int(round(epochs * steps_per_epoch))
   build = _grescale if cfg.lr.policy == "grescale" else _standard
@@ -135,9 +138,21 @@ def _standard(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) 
   return pieces + [("main", rest, main)]
 
 
-def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) -> list[Piece]:
-  """GreScale: warmup from a lowered LR, stabilisation at a high LR, then decay.
+def check_grescale(g: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first `lr.grescale` key that cannot be used."""
+  if not 0 < g.stabilisation_factor <= 1:
+    raise ConfigError(f"lr.grescale.stabilisation_factor={g.stabilisation_factor}: must be in "
+                      "(0, 1] (the stabilisation holds at most the warmup's target)")
+  for key in ("warmup_epochs", "decay_epochs", "decay_coefficient"):
+    if g[key] < 0:
+      raise ConfigError(f"lr.grescale.{key}={g[key]}: must not be negative")
 
+
+def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) -> list[Piece]:
+  """GreScale: warmup from the base LR eta (`optim.lr`, the thesis's "initial LR") to the
+  scaled `peak` (k * eta), stabilisation at `stabilisation_factor` * peak, then decay.
+
+  Every value is proportional to eta, so lowering `optim.lr` lowers the whole schedule.
   The decay phase lasts `lr.grescale.decay_epochs` (0 = 3/7 of the epochs after the
   first 5); warmup and stabilisation share the rest, so lengthening the warmup shortens
   the stabilisation. The decay is time-based: LR = held / (1 + c * epochs into decay).
@@ -151,7 +166,9 @@ def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) 
   held = peak * g.stabilisation_factor
   coefficient = g.decay_coefficient / steps_per_epoch  # per step
   return [
-      ("warmup", warm, _ramp(g.initial_lr, peak, warm)),
+      # The ramp reaches the peak at the warmup's last step, so the peak is trained with
+      # even though the stabilisation holds less.
+      ("warmup", warm, _ramp(cfg.optim.lr, peak, warm - 1)),
       ("stabilisation", stable, optax.constant_schedule(held)),
       ("decay", decay, lambda step: held / (1.0 + coefficient * jnp.maximum(step, 0))),
   ]
@@ -187,24 +204,30 @@ def with_step(opt_state: optax.OptState, step: int) -> optax.OptState:
   return jax.tree_util.tree_map_with_path(reset, opt_state)
 
 
-def plot(resolved: ResolvedSchedule, num_steps: int, path: str, title: str) -> None:
-  """Writes a PNG of the LR over steps with the phase boundaries marked."""
+def plot(curves: dict[str, ResolvedSchedule], num_steps: int, path: str, title: str) -> None:
+  """Writes a PNG of the LR over steps of each labelled schedule, phase starts marked."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   steps = np.arange(num_steps)
-  values = np.asarray(resolved.schedule(steps))
   fig, ax = plt.subplots(figsize=(7, 3.5))
-  ax.plot(steps / resolved.steps_per_epoch, values)
-  for phase in resolved.phases[1:]:
-    ax.axvline(phase.start / resolved.steps_per_epoch, color="gray", linestyle=":")
-    ax.text(phase.start / resolved.steps_per_epoch, values.max(), f" {phase.name}",
-            va="top", fontsize=8)
+  marked = set()  # a boundary two schedules share is labelled once
+  for (label, resolved), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
+    values = np.asarray(resolved.schedule(steps))
+    ax.plot(steps / resolved.steps_per_epoch, values, color=colour, label=label)
+    for phase in resolved.phases[1:]:
+      epoch = phase.start / resolved.steps_per_epoch
+      ax.axvline(epoch, color=colour, linestyle=":")
+      if (epoch, phase.name) not in marked:
+        ax.text(epoch, values.max(), f" {phase.name}", va="top", fontsize=8)
+        marked.add((epoch, phase.name))
   ax.set_xlabel("epoch")
   ax.set_ylabel("learning rate")
   ax.set_title(title)
+  if len(curves) > 1:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -225,30 +248,45 @@ def _count_train_slices(cfg: ml_collections.ConfigDict) -> int:
 
 
 def _cli() -> None:
-  """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]."""
+  """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]
+  [--after_action=ACTION]."""
   import os  # pylint: disable=import-outside-toplevel
 
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   from medseg_jax import cli  # pylint: disable=import-outside-toplevel
   from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  # A command on top of both: the guideline's actions say what an action does.
+  from medseg_jax.tuning import guideline  # pylint: disable=import-outside-toplevel
 
   config = cli.config_flag()
   devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
   slices = flags.DEFINE_integer("train_slices", 0,
                                 "Training slices; 0 = count them in the config's dataset.")
   png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
+  action = flags.DEFINE_enum(
+      "after_action", None, guideline.SCHEDULE_ACTIONS,
+      "Also the GreScale schedule after one step of this guideline action (default step "
+      "sizes), printed and plotted beside the config's.")
 
   def main() -> None:
     cfg = config.value
+    after = guideline.after_action(cfg, action.value) if action.value else None
     count = slices.value or _count_train_slices(cfg)
     plan = pipeline.epoch_plan(cfg, count, devices.value)
-    resolved = resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
+    resolve = lambda c: resolve_schedule(c, plan.global_batch, plan.steps_per_epoch,
+                                         plan.num_steps)
+    resolved = resolve(cfg)
     print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {plan.global_batch}, "
           f"{count} training slices, {plan.num_steps} steps")
     print(resolved.describe())
+    curves = {"config": resolved}
+    if after:
+      curves[f"after {action.value}"] = resolve(after[0])
+      print(f"after {action.value} ({after[1]}):")
+      print(curves[f"after {action.value}"].describe())
     if png.value:
-      plot(resolved, plan.num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
+      plot(curves, plan.num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
       print(f"wrote {os.path.abspath(png.value)}")
 
   cli.run(main)

@@ -54,6 +54,9 @@ BAD = [
     ({"lr__warmup": "slow"}, "lr.warmup"),
     ({"lr__decay": "exponential"}, "lr.decay"),
     ({"lr__reference_batch_size": -4}, "lr.reference_batch_size"),
+    # GreScale's values, checked while the quickstart's policy is still standard.
+    ({"lr__grescale__stabilisation_factor": 1.5}, "lr.grescale.stabilisation_factor"),
+    ({"lr__grescale__decay_coefficient": -0.1}, "lr.grescale.decay_coefficient"),
     ({"train__loss": "focal"}, "train.loss"),
     ({"train__per_device_batch_size": 0}, "train.per_device_batch_size"),
     ({"train__num_steps": -1}, "train.num_steps"),

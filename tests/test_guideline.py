@@ -10,13 +10,14 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import quickstart
+from configs import base, quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
+from medseg_jax import optim
 from medseg_jax.errors import ConfigError
 from medseg_jax.tuning import guideline, guideline_settings, report
 from medseg_jax.tuning.guideline_settings import Settings
 
-INITIAL, COEF, WARMUP, DECAY, OPT = ("lr.grescale.initial_lr", "lr.grescale.decay_coefficient",
+INITIAL, COEF, WARMUP, DECAY, OPT = ("optim.lr", "lr.grescale.decay_coefficient",
                                      "lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
                                      "optim.name")
 
@@ -57,6 +58,79 @@ def actions(tuner):
   return [h["action"] for h in tuner.history]
 
 
+# -- what one step of each action does to the GreScale schedule, by hand -----------------
+
+# eta = optim.lr = 0.01, k = 8 (8 devices x 7), 10 steps per epoch, 40 epochs = 400 steps.
+# Defaults: warmup 5 epochs (steps 0-49, eta -> 8 eta = 0.08 at step 49), decay 3/7 of
+# (40 - 5) = 15 epochs (steps 250-399), stabilisation between at 0.5 x 0.08 = 0.04, decay
+# time-based: 0.04 / (1 + 0.1 x (step - 250) / 10).
+PROBE = [0, 24, 49, 50, 59, 60, 150, 239, 240, 249, 250, 260, 399]
+HELD = 0.04
+BEFORE = [0.01, 0.01 + 0.07 * 24 / 49, 0.08, *[HELD] * 8, HELD / 1.1, HELD / 2.49]
+AFTER = {
+    # optim.lr x 0.5: every value halves, the peak is 0.5 x 8 x 0.01 = 0.04.
+    "decrease_initial_lr": [0.005, 0.005 + 0.035 * 24 / 49, 0.04, *[0.02] * 8, 0.02 / 1.1,
+                            0.02 / 2.49],
+    # c 0.1 -> 0.2: equal up to the decay's first step, then 0.04 / (1 + 0.2 x epochs).
+    "increase_decay_coefficient": [*BEFORE[:11], HELD / 1.2, HELD / (1 + 0.2 * 14.9)],
+    # warmup 5 -> 6 epochs: the ramp ends at step 59, the stabilisation starts at 60.
+    "increase_warmup": [0.01, 0.01 + 0.07 * 24 / 59, 0.01 + 0.07 * 49 / 59,
+                        0.01 + 0.07 * 50 / 59, 0.08, *[HELD] * 6, HELD / 1.1, HELD / 2.49],
+    # decay 15 -> 16 epochs: it starts at step 240, 10 steps earlier.
+    "increase_decay_period": [*BEFORE[:8], HELD, HELD / 1.09, HELD / 1.1, HELD / 1.2,
+                              HELD / (1 + 0.1 * 15.9)],
+}
+PHASES = {"warmup": (0, 50), "stabilisation": (50, 250), "decay": (250, 400)}
+AFTER_PHASES = {
+    "increase_warmup": {"warmup": (0, 60), "stabilisation": (60, 250), "decay": (250, 400)},
+    "increase_decay_period": {"warmup": (0, 50), "stabilisation": (50, 240),
+                              "decay": (240, 400)},
+}
+
+
+def grescale_cfg():
+  cfg = base.get_config()
+  cfg.lr.policy, cfg.optim.lr, cfg.train.num_epochs = "grescale", 0.01, 40
+  return cfg
+
+
+def schedule_at(cfg):
+  resolved = optim.resolve_schedule(cfg, 7 * 8, 10, 400)
+  phases = {p.name: (p.start, p.end) for p in resolved.phases}
+  return [float(resolved.schedule(s)) for s in PROBE], phases, resolved
+
+
+def test_grescale_schedule_before_any_action():
+  values, phases, resolved = schedule_at(grescale_cfg())
+  assert values == pytest.approx(BEFORE, rel=1e-5)
+  assert phases == PHASES and resolved.phases[0].lr_end == pytest.approx(0.08)
+
+
+@pytest.mark.parametrize("action", list(AFTER))
+def test_one_step_of_each_action_by_hand(action):
+  cfg, changed = guideline.after_action(grescale_cfg(), action)
+  values, phases, resolved = schedule_at(cfg)
+  assert values == pytest.approx(AFTER[action], rel=1e-5), changed
+  assert phases == AFTER_PHASES.get(action, PHASES)
+  if action == "decrease_initial_lr":
+    assert changed == "optim.lr: 0.01 → 0.005"
+    assert resolved.phases[0].lr_end == pytest.approx(0.5 * 8 * 0.01)  # the peak
+
+
+def test_after_action_needs_grescale_and_room():
+  cfg = grescale_cfg()
+  cfg.lr.policy = "standard"
+  with pytest.raises(ConfigError, match="^lr.policy='standard'"):
+    guideline.after_action(cfg, "increase_warmup")
+  cfg = grescale_cfg()
+  cfg.lr.grescale.warmup_epochs = 25.0  # 25 + 15 epochs of decay fill the 40
+  with pytest.raises(ConfigError, match="^increase_warmup: no step left"):
+    guideline.after_action(cfg, "increase_warmup")
+
+
+# -- the tuner's decisions with a scripted trainer ----------------------------------------
+
+
 def test_action_order_when_nothing_improves(tmp_path):
   fake = Fake(lambda o: 0.8)
   tuner, status = tune(settings(), fake, tmp_path)
@@ -68,9 +142,10 @@ def test_action_order_when_nothing_improves(tmp_path):
                                                    "02_decrease_initial_lr"]
   trials = [o for _, o in fake.calls[2:]]
   # Each trial is one step from the GreScale defaults, since none was better.
-  start = {INITIAL: 1e-5, COEF: 0.1, WARMUP: 5.0, DECAY: 0.0, OPT: "adam"}
+  # The search starts from the config's optim.lr (quickstart: 2e-3), the thesis's eta.
+  start = {INITIAL: 2e-3, COEF: 0.1, WARMUP: 5.0, DECAY: 0.0, OPT: "adam"}
   # 16 epochs: the default decay phase is 3/7 of (16 - 5) = 4.714285714 epochs, + 1.
-  steps = [{INITIAL: 5e-6}, {COEF: 0.2}, {WARMUP: 6.0}, {DECAY: 5.714285714}, {OPT: "sgd"}]
+  steps = [{INITIAL: 1e-3}, {COEF: 0.2}, {WARMUP: 6.0}, {DECAY: 5.714285714}, {OPT: "sgd"}]
   for trial, step in zip(trials, steps):
     assert {k: trial[k] for k in start} == pytest.approx({**start, **step})
     assert trial["parallel.num_devices"] == 8 and trial["lr.policy"] == "grescale"
@@ -81,13 +156,13 @@ def test_action_order_when_nothing_improves(tmp_path):
 
 
 def test_repeat_on_improve_builds_on_the_best_run(tmp_path):
-  # Better down to an initial LR of 2.5e-6, no better below; nothing else matters.
-  fake = Fake(lambda o: 0.8 + 0.01 * min(o[INITIAL] and 1e-5 / o[INITIAL], 4.0))
+  # Better down to an initial LR of 5e-4, no better below; nothing else matters.
+  fake = Fake(lambda o: 0.8 + 0.01 * min(o[INITIAL] and 2e-3 / o[INITIAL], 4.0))
   tuner, status = tune(settings(actions=("decrease_initial_lr", "increase_decay_coefficient")),
                        fake, tmp_path)
   assert status == "actions_exhausted"
   assert [o[INITIAL] for _, o in fake.calls[1:]] == pytest.approx(
-      [1e-5, 5e-6, 2.5e-6, 1.25e-6, 2.5e-6])
+      [2e-3, 1e-3, 5e-4, 2.5e-4, 5e-4])
   assert [h["decision"] for h in tuner.history[2:]] == [
       "better: repeat the action", "better: repeat the action", "not better: next action",
       "not better: next action"]
@@ -132,7 +207,7 @@ def test_budget_stops_the_search(tmp_path):
   tuner, status = tune(settings(budget=6), more, tmp_path)
   assert status == "budget_spent" and [n for n, _ in more.calls] == [
       "04_increase_warmup", "05_increase_decay_period"]
-  fake = Fake(lambda o: 0.95 if o[INITIAL] < 1e-5 else 0.8)
+  fake = Fake(lambda o: 0.95 if o[INITIAL] < 2e-3 else 0.8)
   tuner, status = tune(settings(budget=3), fake, tmp_path / "b")
   assert status == "unconfirmed" and len(fake.calls) == 3
   assert tuner.chosen == "02_decrease_initial_lr"
@@ -163,7 +238,7 @@ def test_comparison_priority_and_tolerance():
 @pytest.mark.parametrize("tolerance,decision", [(0.002, "not better: next action"),
                                                 (0.0005, "better: repeat the action")])
 def test_tie_tolerance_in_the_search(tmp_path, tolerance, decision):
-  fake = Fake(lambda o: 0.800 if o[INITIAL] == 1e-5 else 0.801)
+  fake = Fake(lambda o: 0.800 if o[INITIAL] == 2e-3 else 0.801)
   tuner, _ = tune(settings(tolerance=tolerance, budget=3), fake, tmp_path)
   assert tuner.history[2]["decision"] == decision
 
@@ -171,7 +246,7 @@ def test_tie_tolerance_in_the_search(tmp_path, tolerance, decision):
 def test_comparison_comes_from_the_config(tmp_path):
   # Dice improves while mean IoU drops: better by Dice, worse by mean IoU.
   def score(o):
-    return metrics(0.81, mean_iou=0.4) if o[INITIAL] < 1e-5 else metrics(0.8, mean_iou=0.5)
+    return metrics(0.81, mean_iou=0.4) if o[INITIAL] < 2e-3 else metrics(0.8, mean_iou=0.5)
   def trainer(name, o):
     return metrics(0.9, mean_iou=0.9) if o["parallel.num_devices"] == 1 else score(o)
   for comparison, decision in (("dice", "better: repeat the action"),
@@ -190,7 +265,7 @@ class Interrupted(Exception):
 
 
 def test_resume_from_the_state_file(tmp_path):
-  score = lambda o: 0.8 + 0.01 * (o[WARMUP] - 5.0) + (0.002 if o[INITIAL] == 5e-6 else 0.0)
+  score = lambda o: 0.8 + 0.01 * (o[WARMUP] - 5.0) + (0.002 if o[INITIAL] == 1e-3 else 0.0)
   reference = Fake(score)
   whole, _ = tune(settings(), reference, tmp_path / "whole")
 
@@ -244,15 +319,15 @@ def test_settings_from_flags():
 
 def test_chosen_config_file_loads_like_main(tmp_path):
   cfg = quickstart.get_config()
-  overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-6, OPT: "sgd"}
+  overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-4, OPT: "sgd"}
   chosen = report.chosen_config(cfg, overrides)
   path = tmp_path / "chosen.py"
   path.write_text(report.config_source(chosen, "test"))
   loaded = load_config(str(path))
-  assert loaded.lr.grescale.initial_lr == 2.5e-6 and loaded.optim.name == "sgd"
+  assert loaded.optim.lr == 2.5e-4 and loaded.optim.name == "sgd"
   assert loaded.parallel.num_devices == 8 and loaded.data.synthetic_shape == (96, 96, 48)
   expected = quickstart.get_config().to_dict()
-  expected["lr"]["policy"], expected["lr"]["grescale"]["initial_lr"] = "grescale", 2.5e-6
+  expected["lr"]["policy"], expected["optim"]["lr"] = "grescale", 2.5e-4
   expected["optim"]["name"], expected["parallel"]["num_devices"] = "sgd", 8
   assert loaded.to_dict() == expected
 
@@ -319,9 +394,9 @@ def test_manifests_record_how_often_the_tuner_trained_each_setting(tmp_path):
   history = [{"run": "00_baseline", "overrides": {"parallel.num_devices": 1, "seed": 0}},
              {"run": "01_grescale", "overrides": {**fixed, "seed": 0}},
              {"run": "02_decrease_initial_lr",
-              "overrides": {**fixed, "lr.grescale.initial_lr": 5e-6, "seed": 0}},
+              "overrides": {**fixed, "optim.lr": 5e-6, "seed": 0}},
              {"run": "03_confirm",
-              "overrides": {**fixed, "lr.grescale.initial_lr": 5e-6, "seed": 1}}]
+              "overrides": {**fixed, "optim.lr": 5e-6, "seed": 1}}]
   for h in history:
     os.makedirs(tmp_path / h["run"])
     (tmp_path / h["run"] / "manifest.json").write_text(json.dumps({"runs": {"count": 1}}))

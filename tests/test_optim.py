@@ -77,15 +77,31 @@ def test_cosine_and_poly_decays():
 
 
 def test_grescale_values_at_its_phase_boundaries():
-  values, resolved = lr_at(cfg_with(policy="grescale"), [0, 25, 50, 592, 593, 603, 999])
+  # eta = optim.lr = 0.1, k = 4: the warmup ramps 0.1 -> 0.4 over steps 0..49 and reaches
+  # 0.4 at its last step; the stabilisation holds 0.5 x 0.4; the decay starts from it.
+  values, resolved = lr_at(cfg_with(policy="grescale"), [0, 24, 49, 50, 592, 593, 603, 999])
   decay = round(3 / 7 * 95 * SPE)  # 407 steps
   assert [p.name for p in resolved.phases] == ["warmup", "stabilisation", "decay"]
   assert [p.end - p.start for p in resolved.phases] == [50, 1000 - 50 - decay, decay]
-  assert values[0] == pytest.approx(1e-5)
-  assert values[1] == pytest.approx(1e-5 + 0.5 * (0.4 - 1e-5))
-  assert values[2:5] == pytest.approx([0.4, 0.4, 0.4])
-  assert values[5] == pytest.approx(0.4 / 1.1)              # one epoch into the decay
-  assert values[6] == pytest.approx(0.4 / (1 + 0.1 * 406 / SPE))
+  assert values[0] == pytest.approx(0.1)
+  assert values[1] == pytest.approx(0.1 + 0.3 * 24 / 49)
+  assert values[2] == pytest.approx(0.4)
+  assert values[3:6] == pytest.approx([0.2, 0.2, 0.2])
+  assert values[6] == pytest.approx(0.2 / 1.1)              # one epoch into the decay
+  assert values[7] == pytest.approx(0.2 / (1 + 0.1 * 406 / SPE))
+
+
+def test_a_larger_decay_coefficient_decays_faster_from_the_same_start():
+  steps = np.arange(1000)
+  slow = np.asarray(lr_at(cfg_with(policy="grescale"), steps)[1].schedule(steps))
+  fast = np.asarray(lr_at(cfg_with(policy="grescale", grescale_decay_coefficient=0.3),
+                          steps)[1].schedule(steps))
+  start = 593  # the decay's first step (see above): both at the held LR 0.2
+  np.testing.assert_array_equal(fast[:start + 1], slow[:start + 1])
+  assert fast[start] == pytest.approx(0.2)
+  assert np.all(fast[start + 1:] < slow[start + 1:])
+  # Time-based, by hand: held / (1 + c x epochs into the decay), 40.6 epochs at the end.
+  assert fast[-1] == pytest.approx(0.2 / (1 + 0.3 * 40.6))
 
 
 @pytest.mark.parametrize("epochs,warmup,expected", [
@@ -100,11 +116,27 @@ def test_grescale_phase_lengths(epochs, warmup, expected):
 
 
 def test_grescale_parameters_from_config():
-  cfg = cfg_with(policy="grescale", grescale_initial_lr=1e-4, grescale_decay_epochs=20.0,
-                 grescale_stabilisation_factor=0.5, grescale_decay_coefficient=1.0)
-  values, resolved = lr_at(cfg, [0, 50, 800, 810])
-  assert values == pytest.approx([1e-4, 0.2, 0.2, 0.1])
+  cfg = cfg_with(policy="grescale", grescale_decay_epochs=20.0,
+                 grescale_stabilisation_factor=0.25, grescale_decay_coefficient=1.0)
+  cfg.optim.lr = 1e-4  # k = 4: peak 4e-4, held 1e-4
+  values, resolved = lr_at(cfg, [0, 49, 50, 800, 810])
+  assert values == pytest.approx([1e-4, 4e-4, 1e-4, 1e-4, 5e-5])
   assert resolved.phases[2].start == 800
+
+
+@pytest.mark.parametrize("key,value", [("stabilisation_factor", 0.0),
+                                       ("stabilisation_factor", 1.5),
+                                       ("decay_coefficient", -0.1), ("warmup_epochs", -1.0),
+                                       ("decay_epochs", -2.0)])
+def test_bad_grescale_values_are_config_errors_under_any_policy(key, value):
+  for policy in ("grescale", "standard"):  # the tuner switches a standard config later
+    with pytest.raises(ConfigError, match=f"^lr.grescale.{key}={value}: must"):
+      lr_at(cfg_with(policy=policy, **{f"grescale_{key}": value}), [0])
+
+
+def test_grescale_has_no_initial_lr_of_its_own():
+  # The thesis's initial LR is optim.lr; a second key would be a second, diverging eta.
+  assert "initial_lr" not in base.get_config().lr.grescale
 
 
 @pytest.mark.parametrize("key,value", [("policy", "cyclic"), ("warmup", "slow"),
@@ -133,7 +165,7 @@ def test_every_policy_evaluates_over_an_array_of_steps_and_plots(policy, warmup,
   np.testing.assert_allclose(values[probe], [float(resolved.schedule(s)) for s in probe],
                              rtol=1e-5, atol=1e-9)
   path = tmp_path / "lr.png"
-  optim.plot(resolved, len(steps), str(path), policy)
+  optim.plot({policy: resolved}, len(steps), str(path), policy)
   assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -75,6 +75,38 @@ def test_lr_policy_command_prints_phases_and_plots(tmp_path):
   assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("action,after", [
+    # 100 steps/epoch as above; one more warmup epoch takes 100 steps from the stabilisation;
+    # 8e-5 held at half, decay to 4e-5 / (1 + 0.1 x 40.7 epochs).
+    ("increase_warmup", {"warmup": ("0-600", "1e-05", "8e-05"),
+                         "stabilisation": ("600-5929", "4e-05", "4e-05"),
+                         "decay": ("5929-10000", "4e-05", "7.89e-06")}),
+    # optim.lr 1e-5 -> 5e-6: the same phases at half the LR (decay end 2e-5 / (1 + 0.1 x 40.7)).
+    ("decrease_initial_lr", {"warmup": ("0-500", "5e-06", "4e-05"),
+                             "stabilisation": ("500-5929", "2e-05", "2e-05"),
+                             "decay": ("5929-10000", "2e-05", "3.945e-06")}),
+])
+def test_lr_plot_before_and_after_a_guideline_action(tmp_path, action, after):
+  png = tmp_path / "lr.png"
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+             "--train_slices=5600", "--config.lr.policy=grescale", f"--plot={png}",
+             f"--after_action={action}")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"after {action} ("))
+  phases = {line.split()[0]: (line.split()[2], line.split()[6], line.split()[8])
+            for line in lines[start:] if line.startswith("  ")}
+  assert phases == after
+  assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_plot_after_an_action_needs_grescale(tmp_path):
+  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+             "--train_slices=5600", "--after_action=increase_warmup", f"--plot={tmp_path}/a.png")
+  assert proc.returncode == 2 and "lr.policy" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()
+
+
 def test_lr_plot_of_a_constant_schedule(tmp_path):
   png = tmp_path / "lr.png"
   proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",

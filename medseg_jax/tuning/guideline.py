@@ -4,8 +4,9 @@
         --workdir=DIR [--budget=N] [--threshold=T] [--SETTING=VALUE ...]
 
 1. The baseline: the config on one device at the reference batch.
-2. GreScale with the config's `lr.grescale` values (the defaults) at K devices, LR
-   scaled linearly. Below `--threshold` devices that is the answer.
+2. GreScale with the config's `optim.lr` (the base LR eta, the thesis's "initial LR")
+   and `lr.grescale` values (the defaults) at K devices, LR scaled linearly. Below
+   `--threshold` devices that is the answer.
 3. Otherwise the ordered actions of `--actions`, one fixed step per run, each applied
    to the best settings so far: a run that beats them becomes the new best and the
    same action is repeated; a run that does not is dropped and the next action comes.
@@ -73,8 +74,9 @@ COMPARISONS: dict[str, Callable[[Metrics, Metrics, float], int]] = {
     "mean_iou": functools.partial(lexicographic, ("mean_iou",)),
 }
 
-# The settings the actions change, as config keys.
-INITIAL_LR, DECAY_COEFFICIENT = "lr.grescale.initial_lr", "lr.grescale.decay_coefficient"
+# The settings the actions change, as config keys. The thesis's "initial LR" is the base
+# LR eta that the linear rule scales: lowering it lowers the whole GreScale schedule.
+INITIAL_LR, DECAY_COEFFICIENT = "optim.lr", "lr.grescale.decay_coefficient"
 WARMUP, DECAY_EPOCHS, OPTIMIZER = ("lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
                                    "optim.name")
 Params = dict[str, float | str]
@@ -174,14 +176,34 @@ def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int
 
 
 def start_params(cfg: ml_collections.ConfigDict) -> Params:
+  """The GreScale settings of `cfg` the actions change: the start of the search."""
   g = cfg.lr.grescale
-  return {INITIAL_LR: float(g.initial_lr), DECAY_COEFFICIENT: float(g.decay_coefficient),
+  return {INITIAL_LR: float(cfg.optim.lr), DECAY_COEFFICIENT: float(g.decay_coefficient),
           WARMUP: float(g.warmup_epochs), DECAY_EPOCHS: float(g.decay_epochs),
           OPTIMIZER: cfg.optim.name}
 
 
 def describe_change(old: Params, new: Params) -> str:
   return "; ".join(f"{k}: {old[k]} → {new[k]}" for k in new if new[k] != old.get(k))
+
+
+# The actions that change the LR schedule (change_optimizer keeps it).
+SCHEDULE_ACTIONS = tuple(a for a in ACTIONS if a != "change_optimizer")
+
+
+def after_action(cfg: ml_collections.ConfigDict, action: str,
+                 settings: Settings = Settings()) -> tuple[ml_collections.ConfigDict, str]:
+  """`cfg` after one step of `action` from its own GreScale settings, and what changed;
+  the tuner's first trial of that action."""
+  if cfg.lr.policy != "grescale":
+    raise ConfigError(f"lr.policy={cfg.lr.policy!r}: {action} changes GreScale; "
+                      "set --config.lr.policy=grescale")
+  params = start_params(cfg)
+  new = ACTIONS[action](params, cfg, settings, 0)
+  if new is None:
+    raise ConfigError(f"{action}: no step left for this config (the warmup and the decay "
+                      "would not fit in the run)")
+  return report.chosen_config(cfg, new), describe_change(params, new)
 
 
 def _settings(cfg: ml_collections.ConfigDict, num_devices: int) -> dict:

@@ -37,14 +37,17 @@ class Settings:
   split: str = _setting("val", "The split whose metrics decide (val or test): validation, so "
                         "the reported test metrics are not selected on.")
   # One fixed step per action and run ("small fixed steps" in the thesis, which gives none).
-  initial_lr_factor: float = _setting(0.5, "decrease_initial_lr: lr.grescale.initial_lr x "
-                                      "this per step (halved).")
-  decay_coefficient_step: float = _setting(0.1, "increase_decay_coefficient: + this per step "
-                                           "(the size of the default coefficient).")
+  initial_lr_factor: float = _setting(
+      0.5, "decrease_initial_lr: optim.lr (the base LR eta, so the whole GreScale schedule) x "
+      "this per step: halving undoes the linear rule's x8 at 8 devices in three steps.")
+  decay_coefficient_step: float = _setting(
+      0.1, "increase_decay_coefficient: + this per step (the default coefficient's size: the "
+      "first step doubles it).")
   warmup_epochs_step: float = _setting(1.0, "increase_warmup: + this many epochs per step "
                                        "(a fifth of the default 5-epoch warmup).")
   decay_epochs_step: float = _setting(1.0, "increase_decay_period: + this many epochs per "
-                                      "step.")
+                                      "step (as the warmup's step, so both periods move "
+                                      "alike).")
   optimizers: tuple[str, ...] = _setting(
       ("sgd", "adam", "lars"), "change_optimizer: tried in this order, the config's own "
       "skipped: SGD (the thesis's recommendation), Adam, then LARS (made for large batches).")
