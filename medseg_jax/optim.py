@@ -256,8 +256,8 @@ def _cli() -> None:
 
   from medseg_jax import cli  # pylint: disable=import-outside-toplevel
   from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  # A command on top of both: the guideline's actions say what an action does.
-  from medseg_jax.tuning import guideline  # pylint: disable=import-outside-toplevel
+  # The guideline's actions say what an action does to a config.
+  from medseg_jax.tuning import actions  # pylint: disable=import-outside-toplevel
 
   config = cli.config_flag()
   devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
@@ -265,13 +265,13 @@ def _cli() -> None:
                                 "Training slices; 0 = count them in the config's dataset.")
   png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
   action = flags.DEFINE_enum(
-      "after_action", None, guideline.SCHEDULE_ACTIONS,
+      "after_action", None, actions.SCHEDULE_ACTIONS,
       "Also the GreScale schedule after one step of this guideline action (default step "
       "sizes), printed and plotted beside the config's.")
 
   def main() -> None:
     cfg = config.value
-    after = guideline.after_action(cfg, action.value) if action.value else None
+    after = actions.after_action(cfg, action.value) if action.value else None
     count = slices.value or _count_train_slices(cfg)
     plan = pipeline.epoch_plan(cfg, count, devices.value)
     resolve = lambda c: resolve_schedule(c, plan.global_batch, plan.steps_per_epoch,

@@ -15,6 +15,7 @@ from helpers import REPO, TINY as TINY_RUN, env_with_devices
 from medseg_jax import optim
 from medseg_jax.errors import ConfigError
 from medseg_jax.tuning import guideline, guideline_settings, report
+from medseg_jax.tuning.actions import after_action
 from medseg_jax.tuning.guideline_settings import Settings
 
 INITIAL, COEF, WARMUP, DECAY, OPT = ("optim.lr", "lr.grescale.decay_coefficient",
@@ -108,7 +109,7 @@ def test_grescale_schedule_before_any_action():
 
 @pytest.mark.parametrize("action", list(AFTER))
 def test_one_step_of_each_action_by_hand(action):
-  cfg, changed = guideline.after_action(grescale_cfg(), action)
+  cfg, changed = after_action(grescale_cfg(), action)
   values, phases, resolved = schedule_at(cfg)
   assert values == pytest.approx(AFTER[action], rel=1e-5), changed
   assert phases == AFTER_PHASES.get(action, PHASES)
@@ -121,11 +122,11 @@ def test_after_action_needs_grescale_and_room():
   cfg = grescale_cfg()
   cfg.lr.policy = "standard"
   with pytest.raises(ConfigError, match="^lr.policy='standard'"):
-    guideline.after_action(cfg, "increase_warmup")
+    after_action(cfg, "increase_warmup")
   cfg = grescale_cfg()
   cfg.lr.grescale.warmup_epochs = 25.0  # 25 + 15 epochs of decay fill the 40
   with pytest.raises(ConfigError, match="^increase_warmup: no step left"):
-    guideline.after_action(cfg, "increase_warmup")
+    after_action(cfg, "increase_warmup")
 
 
 # -- the tuner's decisions with a scripted trainer ----------------------------------------

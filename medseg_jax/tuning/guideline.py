@@ -35,7 +35,7 @@ from absl import flags
 from medseg_jax import cli, files, optim
 from medseg_jax.monitor import manifest
 from medseg_jax.errors import ConfigError, DataError
-from medseg_jax.tuning import guideline_settings, report, runs
+from medseg_jax.tuning import actions, guideline_settings, report, runs
 from medseg_jax.tuning.guideline_settings import Settings
 
 Metrics = dict[str, float | None]
@@ -74,78 +74,6 @@ COMPARISONS: dict[str, Callable[[Metrics, Metrics, float], int]] = {
     "mean_iou": functools.partial(lexicographic, ("mean_iou",)),
 }
 
-# The settings the actions change, as config keys. The thesis's "initial LR" is the base
-# LR eta that the linear rule scales: lowering it lowers the whole GreScale schedule.
-INITIAL_LR, DECAY_COEFFICIENT = "optim.lr", "lr.grescale.decay_coefficient"
-WARMUP, DECAY_EPOCHS, OPTIMIZER = ("lr.grescale.warmup_epochs", "lr.grescale.decay_epochs",
-                                   "optim.name")
-Params = dict[str, float | str]
-
-
-def _round(x: float) -> float:
-  """Keeps repeated steps readable (0.1 + 0.1 + 0.1 = 0.3, not 0.30000000000000004)."""
-  return float(f"{x:.10g}")
-
-
-def _epochs(cfg: ml_collections.ConfigDict) -> float | None:
-  """Training epochs, unless the length is given in steps (epochs unknown before a run)."""
-  return None if cfg.train.num_steps else float(cfg.train.num_epochs)
-
-
-def _decay_epochs(params: Params, cfg: ml_collections.ConfigDict) -> float:
-  """The decay length in epochs; 0 in the config means 3/7 of the epochs after 5."""
-  if params[DECAY_EPOCHS]:
-    return float(params[DECAY_EPOCHS])
-  epochs = _epochs(cfg)
-  if epochs is None:
-    raise ConfigError(f"train.num_steps={cfg.train.num_steps}: increase_decay_period needs "
-                      "lr.grescale.decay_epochs set (the epochs are unknown before a run)")
-  return 3.0 / 7.0 * max(epochs - 5.0, 0.0)
-
-
-def _fits(params: Params, cfg: ml_collections.ConfigDict) -> bool:
-  """Warmup and decay leave room in the run (the stabilisation may shrink to nothing)."""
-  epochs = _epochs(cfg)
-  return epochs is None or params[WARMUP] + _decay_epochs(params, cfg) <= epochs
-
-
-def _decrease_initial_lr(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  return {**params, INITIAL_LR: _round(params[INITIAL_LR] * g.initial_lr_factor)}
-
-
-def _increase_decay_coefficient(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  step = g.decay_coefficient_step
-  return {**params, DECAY_COEFFICIENT: _round(params[DECAY_COEFFICIENT] + step)}
-
-
-def _increase_warmup(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  new = {**params, WARMUP: _round(params[WARMUP] + g.warmup_epochs_step)}
-  return new if _fits(new, cfg) else None
-
-
-def _increase_decay_period(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  new = {**params, DECAY_EPOCHS: _round(_decay_epochs(params, cfg) + g.decay_epochs_step)}
-  return new if _fits(new, cfg) else None
-
-
-def _change_optimizer(params: Params, cfg, g: Settings, tries: int) -> Params | None:
-  """The next optimizer of `--optimizers` other than the config's own."""
-  others = [name for name in g.optimizers if name != cfg.optim.name]
-  return {**params, OPTIMIZER: others[tries]} if tries < len(others) else None
-
-
-# An action maps the best settings so far (with the config and the tuner's settings) and
-# how often it has been applied in a row to the next settings to try, or None when it has
-# no further step.
-Action = Callable[[Params, ml_collections.ConfigDict, Settings, int], Params | None]
-ACTIONS: dict[str, Action] = {
-    "decrease_initial_lr": _decrease_initial_lr,
-    "increase_decay_coefficient": _increase_decay_coefficient,
-    "increase_warmup": _increase_warmup,
-    "increase_decay_period": _increase_decay_period,
-    "change_optimizer": _change_optimizer,
-}
-
 
 def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError for a setting that cannot be used with `cfg` at `num_devices`."""
@@ -153,9 +81,9 @@ def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int
     raise ConfigError(f"--num_devices={num_devices}: must be at least 1")
   if g.comparison not in COMPARISONS:
     raise ConfigError(f"--comparison={g.comparison}: choose from {sorted(COMPARISONS)}")
-  unknown = [a for a in g.actions if a not in ACTIONS]
+  unknown = [a for a in g.actions if a not in actions.ACTIONS]
   if unknown:
-    raise ConfigError(f"--actions: unknown {unknown}, choose from {list(ACTIONS)}")
+    raise ConfigError(f"--actions: unknown {unknown}, choose from {list(actions.ACTIONS)}")
   bad = [o for o in g.optimizers if o not in optim.OPTIMIZERS]
   if bad:
     raise ConfigError(f"--optimizers: unknown {bad}, choose from {list(optim.OPTIMIZERS)}")
@@ -172,38 +100,7 @@ def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int
     if not ok:
       raise ConfigError(f"--{key}={getattr(g, key)}: must be {limits.get(key, 'positive')}")
   if num_devices >= g.threshold and "increase_decay_period" in g.actions:
-    _decay_epochs(start_params(cfg), cfg)
-
-
-def start_params(cfg: ml_collections.ConfigDict) -> Params:
-  """The GreScale settings of `cfg` the actions change: the start of the search."""
-  g = cfg.lr.grescale
-  return {INITIAL_LR: float(cfg.optim.lr), DECAY_COEFFICIENT: float(g.decay_coefficient),
-          WARMUP: float(g.warmup_epochs), DECAY_EPOCHS: float(g.decay_epochs),
-          OPTIMIZER: cfg.optim.name}
-
-
-def describe_change(old: Params, new: Params) -> str:
-  return "; ".join(f"{k}: {old[k]} → {new[k]}" for k in new if new[k] != old.get(k))
-
-
-# The actions that change the LR schedule (change_optimizer keeps it).
-SCHEDULE_ACTIONS = tuple(a for a in ACTIONS if a != "change_optimizer")
-
-
-def after_action(cfg: ml_collections.ConfigDict, action: str,
-                 settings: Settings = Settings()) -> tuple[ml_collections.ConfigDict, str]:
-  """`cfg` after one step of `action` from its own GreScale settings, and what changed;
-  the tuner's first trial of that action."""
-  if cfg.lr.policy != "grescale":
-    raise ConfigError(f"lr.policy={cfg.lr.policy!r}: {action} changes GreScale; "
-                      "set --config.lr.policy=grescale")
-  params = start_params(cfg)
-  new = ACTIONS[action](params, cfg, settings, 0)
-  if new is None:
-    raise ConfigError(f"{action}: no step left for this config (the warmup and the decay "
-                      "would not fit in the run)")
-  return report.chosen_config(cfg, new), describe_change(params, new)
+    actions.decay_epochs(actions.start_params(cfg), cfg)
 
 
 def _settings(cfg: ml_collections.ConfigDict, num_devices: int) -> dict:
@@ -284,7 +181,7 @@ class Tuner:
     self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
              f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
 
-  def _overrides(self, params: Params, seed: int | None = None) -> dict:
+  def _overrides(self, params: actions.Params, seed: int | None = None) -> dict:
     fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
     return {**fixed, **params, "seed": self.cfg.seed if seed is None else seed}
 
@@ -295,7 +192,7 @@ class Tuner:
                                     "train.per_device_batch_size": reference,
                                     "seed": self.cfg.seed})
     self._decide("baseline")
-    params = start_params(self.cfg)
+    params = actions.start_params(self.cfg)
     current = self._train("grescale", self._overrides(params))
     self.chosen = self.history[-1]["run"]
     if self.k < self.g.threshold:
@@ -307,19 +204,19 @@ class Tuner:
     self._save()
     return self.status
 
-  def _iterate(self, base: Result, params: Params, current: Result) -> str:
-    actions, index, tries = list(self.g.actions), 0, 0
+  def _iterate(self, base: Result, params: actions.Params, current: Result) -> str:
+    order, index, tries = list(self.g.actions), 0, 0
     while self._compare(current, base) < 0:
-      if index == len(actions):
+      if index == len(order):
         return "actions_exhausted"
-      trial_params = ACTIONS[actions[index]](params, self.cfg, self.g, tries)
+      trial_params = actions.ACTIONS[order[index]](params, self.cfg, self.g, tries)
       if trial_params is None:
         index, tries = index + 1, 0
         continue
       if len(self.history) >= self.g.budget:
         return "budget_spent"
-      trial = self._train(actions[index], self._overrides(trial_params),
-                          describe_change(params, trial_params))
+      trial = self._train(order[index], self._overrides(trial_params),
+                          actions.describe_change(params, trial_params))
       if self._compare(trial, base) >= 0 or self._compare(trial, current) > 0:
         self._decide("reaches the baseline" if self._compare(trial, base) >= 0
                      else "better: repeat the action")
@@ -330,7 +227,7 @@ class Tuner:
         index, tries = index + 1, 0
     return self._confirm(base, params)
 
-  def _confirm(self, base: Result, params: Params) -> str:
+  def _confirm(self, base: Result, params: actions.Params) -> str:
     """The model validation: the chosen settings again, with the next seed."""
     if len(self.history) >= self.g.budget:
       return "unconfirmed"
