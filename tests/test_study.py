@@ -17,15 +17,31 @@ def run(module, *args, timeout=600):
                         text=True, timeout=timeout, env=env_with_devices(None))
 
 
-def test_two_device_counts_two_policies_study(tmp_path):
-  args = ["--config=configs/quickstart.py", "--devices=1,2", "--policies=linear,grescale",
-          "--seeds=1", f"--workdir={tmp_path}", *TINY]
+def _guideline_dir(tmp_path):
+  """A guideline tuner's state as it writes it: its chosen run lowered optim.lr."""
+  directory = tmp_path / "tuned"
+  directory.mkdir()
+  fixed = {"parallel.num_devices": 8, "lr.policy": "grescale", "lr.scaling": "linear"}
+  history = [{"run": "00_baseline", "overrides": {"parallel.num_devices": 1, "seed": 0}},
+             {"run": "01_grescale", "overrides": {**fixed, "optim.lr": 0.002, "seed": 0}},
+             {"run": "02_decrease_initial_lr",
+              "overrides": {**fixed, "optim.lr": 0.001, "seed": 0}}]
+  (directory / "guideline_state.json").write_text(json.dumps(
+      {"history": history, "chosen": "02_decrease_initial_lr", "status": "budget_spent"}))
+  return directory
+
+
+def test_two_device_counts_two_policies_and_the_guideline_study(tmp_path):
+  """The baseline on 1 and 2 devices, GreScale and the guideline's choice on 2 only."""
+  args = ["--config=configs/quickstart.py", "--devices=1,2",
+          "--policies=linear,grescale,guideline", f"--guideline={_guideline_dir(tmp_path)}",
+          "--baseline_only_on_fewest", "--seeds=1", f"--workdir={tmp_path}", *TINY]
   proc = run("medseg_jax.tuning.study", *args)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   with open(tmp_path / "study.csv") as f:
     rows = list(csv.DictReader(f))
   assert sorted((r["policy"], r["devices"]) for r in rows) == [
-      ("grescale", "1"), ("grescale", "2"), ("linear", "1"), ("linear", "2")]
+      ("grescale", "2"), ("guideline", "2"), ("linear", "1"), ("linear", "2")]
   base = None
   for r in rows:
     with open(tmp_path / "runs" / f"{r['policy']}_dev{r['devices']}_seed0" / "eval" /
@@ -43,10 +59,26 @@ def test_two_device_counts_two_policies_study(tmp_path):
   with open(tmp_path / "runs" / "grescale_dev2_seed0" / "config.json") as f:
     config = json.load(f)
   assert config["lr"]["policy"] == "grescale" and config["parallel"]["num_devices"] == 2
+  with open(tmp_path / "runs" / "guideline_dev2_seed0" / "config.json") as f:
+    config = json.load(f)
+  assert config["lr"]["policy"] == "grescale" and config["optim"]["lr"] == 0.001
+  assert config["parallel"]["num_devices"] == 2 and config["seed"] == 0  # the study's own
   assert (tmp_path / "study.md").read_text().count("\n| ") == 5  # header + 4 rows
   assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
   again = run("medseg_jax.tuning.study", *args)  # complete runs skipped, the table rebuilt
   assert again.returncode == 0 and "[study] grescale" not in again.stdout
+
+
+def test_guideline_policy_without_its_directory_is_one_line(tmp_path):
+  proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py",
+             "--policies=linear,guideline", f"--workdir={tmp_path}")
+  assert proc.returncode == 2 and "--guideline=DIR" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py",
+             "--policies=linear,guideline", f"--guideline={tmp_path / 'none'}",
+             f"--workdir={tmp_path}", *TINY)
+  assert proc.returncode == 1 and "guideline_state.json: cannot read" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_unknown_policy_is_one_line(tmp_path):
@@ -59,7 +91,8 @@ def test_unknown_policy_is_one_line(tmp_path):
 def test_help_lists_the_flags():
   proc = run("medseg_jax.tuning.study", "--help", timeout=120)
   assert "error:" not in proc.stderr
-  for name in ("config", "workdir", "devices", "policies", "seeds", "baseline_policy"):
+  for name in ("config", "workdir", "devices", "policies", "seeds", "baseline_policy",
+               "guideline", "baseline_only_on_fewest"):
     assert f"--{name}:" in proc.stdout, name
 
 

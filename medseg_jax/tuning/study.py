@@ -3,11 +3,15 @@
     python -m medseg_jax.tuning.study --config=configs/quickstart.py --devices=1,2,4,8 \\
         --policies=linear,linear_gradual,grescale --seeds=2 --workdir=DIR [--config.key=value]
 
+`--guideline=DIR` adds the policy `guideline`: the settings the GreScale guideline tuner
+chose in DIR (its guideline_state.json), trained like the others.
+
 Each combination is a normal run of `medseg_jax.main` in DIR/runs/<policy>_dev<N>_seed<S>,
 so it resumes if interrupted and is skipped once it has its test metrics. The
 results go to DIR/study.csv, DIR/study.md and DIR/study.png.
 """
 
+import json
 import os
 import sys
 
@@ -16,7 +20,7 @@ from absl import flags
 
 from medseg_jax import cli, files
 from medseg_jax.monitor import manifest
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import DataError, MedsegError
 from medseg_jax.tuning import runs
 
 POLICIES = {
@@ -37,16 +41,20 @@ def run_name(policy: str, devices: int, seed: int) -> str:
   return f"{policy}_dev{devices}_seed{seed}"
 
 
-def run_all(config_args: list[str], study_dir: str, policies: list[str], devices: list[int],
-            seeds: int, cpu_devices: int) -> tuple[list[dict], list[str]]:
-  """Trains every combination not yet complete; the metrics of those that have their test
-  metrics, and the names of those that failed."""
+def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str]],
+            devices: list[int], seeds: int, cpu_devices: int,
+            skip: set[tuple[str, int]] = frozenset()) -> tuple[list[dict], list[str]]:
+  """Trains every (policy, devices, seed) not in `skip` and not yet complete; `policies`
+  maps a name to its config arguments. Returns the metrics of the runs that have their
+  test metrics, and the names of those that failed."""
   rows, failed = [], []
-  for policy in policies:
+  for policy, policy_args in policies.items():
     for n in devices:
+      if (policy, n) in skip:
+        continue
       for seed in range(seeds):
         workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
-        args = [*config_args, *POLICIES[policy], f"--config.parallel.num_devices={n}",
+        args = [*config_args, *policy_args, f"--config.parallel.num_devices={n}",
                 f"--config.seed={seed}"]
         if runs.train(args, workdir, cpu_devices, "study"):
           rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
@@ -55,6 +63,23 @@ def run_all(config_args: list[str], study_dir: str, policies: list[str], devices
         else:
           failed.append(run_name(policy, n, seed))
   return rows, failed
+
+
+def guideline_policy(directory: str) -> list[str]:
+  """The config arguments of the settings the guideline tuner chose in `directory`
+  (without its seed and device count, which the study sets)."""
+  path = os.path.join(directory, "guideline_state.json")
+  try:
+    with open(path) as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: cannot read the guideline's state ({e})") from e
+  chosen = [h for h in state.get("history", []) if h["run"] == state.get("chosen")]
+  if not chosen:
+    raise DataError(f"{path}: no chosen run; finish the guideline first")
+  overrides = {k: v for k, v in chosen[0]["overrides"].items()
+               if k not in ("seed", "parallel.num_devices")}
+  return runs.override_args(overrides)
 
 
 def collect(workdir: str) -> dict:
@@ -128,6 +153,12 @@ def _cli() -> None:
   seeds = flags.DEFINE_integer("seeds", 2, "Seeds per combination (0, 1, ...).")
   baseline = flags.DEFINE_string("baseline_policy", "linear",
                                  "Policy whose run on the fewest devices is the baseline.")
+  guideline = flags.DEFINE_string(
+      "guideline", None, "A guideline tuner's --workdir: adds the policy 'guideline', its "
+      "chosen settings.")
+  baseline_only = flags.DEFINE_bool(
+      "baseline_only_on_fewest", False, "On the fewest devices train only the baseline "
+      "policy (the others are scaling rules: at k=1 they add nothing).")
   cpu = flags.DEFINE_integer(
       "cpu_devices", -1, "Simulated CPU devices per run: -1 = the largest --devices count when "
       "the machine has no accelerator, 0 = none (use the real devices).")
@@ -135,9 +166,11 @@ def _cli() -> None:
   def check() -> None:
     if not workdir.value:
       cli.fail("--workdir is required", 2)
-    unknown = [p for p in policies.value if p not in POLICIES]
+    known = {*POLICIES, "guideline"} if guideline.value else set(POLICIES)
+    unknown = [p for p in policies.value if p not in known]
     if unknown:
-      cli.fail(f"--policies: unknown {unknown}, choose from {sorted(POLICIES)}", 2)
+      hint = " (guideline needs --guideline=DIR)" if "guideline" in unknown else ""
+      cli.fail(f"--policies: unknown {unknown}, choose from {sorted(known)}{hint}", 2)
     if not all(d.isdigit() and int(d) > 0 for d in devices.value):
       cli.fail(f"--devices={','.join(devices.value)}: positive integers, comma-separated", 2)
     if seeds.value < 1:
@@ -147,8 +180,12 @@ def _cli() -> None:
 
   def main() -> None:
     counts = sorted(int(d) for d in devices.value)
-    rows, failed = run_all(runs.config_args(sys.argv), workdir.value, policies.value, counts,
-                           seeds.value, runs.cpu_devices(cpu.value, max(counts)))
+    table = {p: guideline_policy(guideline.value) if p == "guideline" else POLICIES[p]
+             for p in policies.value}
+    skip = {(p, counts[0]) for p in table if p != baseline.value} if baseline_only.value \
+        else set()
+    rows, failed = run_all(runs.config_args(sys.argv), workdir.value, table, counts,
+                           seeds.value, runs.cpu_devices(cpu.value, max(counts)), skip)
     if rows:
       write_reports(workdir.value, summarize(rows, baseline.value), baseline.value)
       files.write_json(os.path.join(workdir.value, "study_runs.json"), rows)
