@@ -93,8 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 500   # 0 = only at the end
   c.train.eval_batch_size = 0      # per device; 0 = per_device_batch_size
   c.train.early_stopping_patience = 0  # validations with no better Dice before stopping; 0 = off
-  c.train.divergence_factor = 10.0   # stop when the loss stays above factor x its minimum ...
-  c.train.divergence_patience = 50   # ... for this many steps; factor 0 = only non-finite checks
+  c.train.divergence_factor = 10.0   # stop when the mean loss of the last patience steps ...
+  c.train.divergence_patience = 50   # ... exceeds factor x its lowest; factor 0 = only non-finite
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd

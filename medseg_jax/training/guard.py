@@ -5,6 +5,7 @@ synchronisation; `check` reads them on the host, and the loop calls it before ev
 checkpoint and every logged record.
 """
 
+import collections
 import math
 from typing import Callable
 
@@ -19,12 +20,17 @@ class Diverged(MedsegError):
 
 
 class DivergenceGuard:
-  """Raises `Diverged` on a non-finite loss or gradient norm, or on a loss above
-  `factor` times its running minimum for `patience` consecutive steps (factor 0: off)."""
+  """Raises `Diverged` on a non-finite loss or gradient norm, or when the mean loss of the
+  last `patience` steps exceeds `factor` times the lowest such mean so far (factor 0: off).
+
+  Means, not single steps: at small batches one batch of nearly empty slices can have a
+  loss a hundred times below the typical one, and would make any later step look diverged.
+  """
 
   def __init__(self, factor: float, patience: int, learning_rate: Callable[[int], float]):
-    self.factor, self.patience, self.learning_rate = factor, patience, learning_rate
-    self.minimum, self.above = math.inf, 0
+    self.factor, self.learning_rate = factor, learning_rate
+    self.window: collections.deque = collections.deque(maxlen=max(patience, 1))
+    self.minimum = math.inf  # the lowest mean over a full window
     self._pending: list[tuple[int, object, object]] = []
 
   def observe(self, step: int, metrics: dict) -> None:
@@ -45,14 +51,17 @@ class DivergenceGuard:
   def _check_step(self, step: int, loss: float, norm: float) -> None:
     if not (np.isfinite(loss) and np.isfinite(norm)):
       self._fail(step, f"loss {loss:.4g}, gradient norm {norm:.4g}: not finite")
-    self.minimum = min(self.minimum, loss)
     if not self.factor:
       return
-    self.above = self.above + 1 if loss > self.factor * self.minimum else 0
-    if self.patience and self.above >= self.patience:
-      self._fail(step, f"loss {loss:.4g} above {self.factor:g} x its minimum "
-                       f"{self.minimum:.4g} for {self.above} steps "
+    self.window.append(loss)
+    if len(self.window) < self.window.maxlen:
+      return
+    mean = sum(self.window) / len(self.window)
+    if mean > self.factor * self.minimum:
+      self._fail(step, f"mean loss {mean:.4g} over the last {len(self.window)} steps above "
+                       f"{self.factor:g} x its lowest {self.minimum:.4g} "
                        "(train.divergence_factor, train.divergence_patience)")
+    self.minimum = min(self.minimum, mean)
 
   def _fail(self, step: int, what: str) -> None:
     lr = float(self.learning_rate(step - 1))
