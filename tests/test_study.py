@@ -92,7 +92,7 @@ def test_help_lists_the_flags():
   proc = run("medseg_jax.tuning.study", "--help", timeout=120)
   assert "error:" not in proc.stderr
   for name in ("config", "workdir", "devices", "policies", "seeds", "baseline_policy",
-               "guideline", "baseline_only_on_fewest"):
+               "guideline", "[no]baseline_only_on_fewest"):
     assert f"--{name}:" in proc.stdout, name
 
 
