@@ -15,8 +15,8 @@ def get_config():
   c.optim.name = "sgd"           # the linear rule is derived for SGD (thesis: SGD)
   c.optim.momentum = 0.9         # ours: the usual value; the thesis does not give one
   c.optim.lr = 0.01              # eta for a batch of 4 slices, scaled by k on k devices
-  c.train.per_device_batch_size = 4  # ours: 8 devices x 4 = 32 slices, 11 steps per epoch
-  c.train.num_epochs = 30        # ours: about 330 steps on 8 devices, 2,600 on one
+  c.train.per_device_batch_size = 4  # ours: 8 devices x 4 = 32 slices, 12 steps per epoch
+  c.train.num_epochs = 30        # ours: 360 steps on 8 devices, 2,880 on one
   c.train.eval_every_steps = 270  # ten validations on one device, one on eight, then the end
   c.checkpoint.every_steps = 0   # the end of the run (and the best validation) only
   c.monitor.log_every_steps = 50
