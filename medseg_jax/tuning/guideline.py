@@ -239,7 +239,26 @@ class Tuner:
     return "confirmed" if confirmed else "not_confirmed"
 
   def chosen_overrides(self) -> dict:
-    return next(h["overrides"] for h in self.history if h["run"] == self.chosen)
+    return _chosen(self.history, self.chosen)
+
+
+def _chosen(history: list[dict], chosen: str | None) -> dict | None:
+  """The config overrides of the run named `chosen` in `history` (None if absent)."""
+  return next((h["overrides"] for h in history if h["run"] == chosen), None)
+
+
+def chosen_overrides(workdir: str) -> dict:
+  """The config overrides of the run the tuner in `workdir` chose, from its state file."""
+  path = os.path.join(workdir, STATE)
+  try:
+    with open(path) as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: cannot read the guideline's state ({e})") from e
+  overrides = _chosen(state.get("history", []), state.get("chosen"))
+  if overrides is None:
+    raise DataError(f"{path}: no chosen run; finish the guideline first")
+  return overrides
 
 
 def record_repeats(history: list[dict], runs_dir: str) -> None:

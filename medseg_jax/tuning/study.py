@@ -11,7 +11,6 @@ so it resumes if interrupted and is skipped once it has its test metrics. The
 results go to DIR/study.csv, DIR/study.md and DIR/study.png.
 """
 
-import json
 import os
 import sys
 
@@ -20,8 +19,8 @@ from absl import flags
 
 from medseg_jax import cli, files
 from medseg_jax.monitor import manifest
-from medseg_jax.errors import DataError, MedsegError
-from medseg_jax.tuning import runs
+from medseg_jax.errors import MedsegError
+from medseg_jax.tuning import guideline, runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -68,16 +67,7 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
 def guideline_policy(directory: str) -> list[str]:
   """The config arguments of the settings the guideline tuner chose in `directory`
   (without its seed and device count, which the study sets)."""
-  path = os.path.join(directory, "guideline_state.json")
-  try:
-    with open(path) as f:
-      state = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read the guideline's state ({e})") from e
-  chosen = [h for h in state.get("history", []) if h["run"] == state.get("chosen")]
-  if not chosen:
-    raise DataError(f"{path}: no chosen run; finish the guideline first")
-  overrides = {k: v for k, v in chosen[0]["overrides"].items()
+  overrides = {k: v for k, v in guideline.chosen_overrides(directory).items()
                if k not in ("seed", "parallel.num_devices")}
   return runs.override_args(overrides)
 
