@@ -135,14 +135,19 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
          state: TrainState, position: Position) -> dict | None:
   """Test metrics of the checkpoint with the best validation Dice (of `state` if none)."""
   if ckpt.best_step() is None:  # e.g. resumed after the end of an older run
-    step = int(multihost.to_host(setup.par.host_state(state).step))
+    step = _step_of(setup, state)
     _validate(setup, ckpt, mon, None, state, step, position, start.rng)
   if ckpt.best_step() is not None:
     state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
                                              best=True).state)
-  step = int(multihost.to_host(setup.par.host_state(state).step))
+  step = _step_of(setup, state)
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)
+
+
+def _step_of(setup: Setup, state: TrainState) -> int:
+  """The step counter of a state placed on the mesh."""
+  return int(multihost.to_host(setup.par.host_state(state).step))
 
 
 def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
@@ -263,7 +268,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint.require_checkpoint(workdir)
   setup = build(cfg, workdir)
   state = checkpoint.restore_state(cfg, workdir, which, setup.par, setup.init_state)
-  step = int(multihost.to_host(setup.par.host_state(state).step))
+  step = _step_of(setup, state)
   return {split: evaluate.evaluate(setup.evaluator, state, setup.data[split], split, step,
                                    surface=True)
           for split in ("val", "test")}
