@@ -49,11 +49,13 @@ def init_variables(model, x, seed: int = 0) -> dict:
 
 
 def env_with_devices(devices: int | None = None) -> dict:
-  """This environment with `devices` simulated CPU devices (none forced if None)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """This environment with `devices` simulated CPU devices (none forced if None); the
+  suite's other XLA flags stay."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 def checkpoint_arrays(workdir: str, step: int, item: str | None = None,

@@ -185,7 +185,7 @@ def test_predict_without_a_checkpoint_is_one_line(tmp_path):
 
 
 def test_cpu_devices_launcher_trains_on_n_devices(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.env_with_devices(None)
   proc = subprocess.run(["bash", "launch/cpu_devices.sh", "2", "--config=configs/quickstart.py",
                          f"--workdir={tmp_path}", *TINY, "--config.train.num_steps=1"],
                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
