@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.15
   c.data.augment = ml_collections.ConfigDict()  # on device, per example, training only
   c.data.augment.enabled = False
+  c.data.augment.samples_per_epoch = 0     # draws per epoch, each slice floor/ceil as often,
+                                   # each freshly augmented; 0 = one pass over the training
+                                   # slices. The thesis's 35,000 makes its epoch length in
+                                   # steps; without `enabled` it only repeats slices (warning)
   c.data.augment.rotation_degrees = 45.0   # uniform in [-r, r]
   c.data.augment.zoom = (0.8, 1.2)         # uniform scale range
   c.data.augment.translate_pixels = 25.6   # uniform shift in [-t, t] along each in-plane axis

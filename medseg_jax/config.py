@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from medseg_jax import optim
 from medseg_jax.training import losses
@@ -48,6 +49,7 @@ def check(cfg: ml_collections.ConfigDict) -> strategies.Parallel:
   batch = global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)
   augment.from_config(cfg.data.augment)
+  _check_samples_per_epoch(cfg.data.augment)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
   steps_per_epoch = 10
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
@@ -76,6 +78,15 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     shape = tuple(data.synthetic_shape)
     if len(shape) != 3 or min(shape) < 1:
       raise ConfigError(f"data.synthetic_shape={shape}: need three positive sizes")
+
+
+def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:
+  # Longer epochs without augmentation are allowed (an ablation may keep an augmented
+  # run's schedule in steps), but they only repeat the same slices: say so.
+  if augment.samples_per_epoch(section) and not section.enabled:
+    logging.warning("data.augment.samples_per_epoch=%d with data.augment.enabled=False: "
+                    "each epoch repeats the training slices unchanged",
+                    section.samples_per_epoch)
 
 
 def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):

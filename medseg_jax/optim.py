@@ -278,7 +278,7 @@ def _cli() -> None:
                                          plan.num_steps)
     resolved = resolve(cfg)
     print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {plan.global_batch}, "
-          f"{count} training slices, {plan.num_steps} steps")
+          f"{count} training slices, {plan.epoch_draws} drawn per epoch, {plan.num_steps} steps")
     print(resolved.describe())
     curves = {"config": resolved}
     if after:

@@ -118,6 +118,28 @@ def test_train_step_augments_only_when_asked(devices8):
       plain, rel=1e-3)
 
 
+def test_a_slice_drawn_twice_in_one_epoch_is_augmented_differently(devices8):
+  """With data.augment.samples_per_epoch a slice comes back in the same epoch; the step's
+  rng is folded with the step, so the same slice at the same place of a later step's
+  batch gets another transform: the same parameters give another loss."""
+  from medseg_jax.data import loader  # pylint: disable=import-outside-toplevel
+  from test_parallel import _state  # pylint: disable=import-outside-toplevel
+  order = loader.epoch_order(32, seed=0, epoch=0, draws=96)  # 3 draws of each of 32 slices
+  draws = np.flatnonzero(order == order[0])
+  assert len(draws) == 3
+  first, second = (int(p) // 8 for p in draws[:2])  # their steps at a global batch of 8
+  assert first != second
+  image, label = _square_batch(8)  # the slice on every device
+  par = strategies.make_parallel("shard_map", 8)
+  step_fn = par.train_step(losses.dice_ce_loss,
+                           functools.partial(augment.augment_batch, ranges=THESIS))
+  loss = lambda step: float(jax.device_get(step_fn(
+      par.put_state(_state().replace(step=jnp.asarray(step, jnp.int32))),
+      par.put_batch({"image": image, "label": label}), jax.random.key(0))[1]["loss"]))
+  assert loss(first) == loss(first)  # nothing else differs between two calls
+  assert loss(second) != pytest.approx(loss(first), rel=1e-4)
+
+
 def test_config_section():
   cfg = base.get_config()
   assert augment.from_config(cfg.data.augment) is None  # off by default

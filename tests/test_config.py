@@ -68,6 +68,8 @@ BAD = [
     ({"parallel__strategy": "horovod"}, "parallel.strategy"),
     ({"parallel__num_devices": 9}, "parallel.num_devices"),  # the tests have 8
     ({"parallel__num_devices": -1}, "parallel.num_devices"),
+    ({"data__augment__samples_per_epoch": -1}, "data.augment.samples_per_epoch"),
+    ({"data__augment__samples_per_epoch": True}, "data.augment.samples_per_epoch"),
 ]
 
 
@@ -87,6 +89,18 @@ def test_good_edges_pass(devices8):
                         model__norm="batch", data__augment__enabled=True, optim__name="lars",
                         lr__policy="grescale", lr__decay="poly", lr__warmup="gradual")
   assert config.check(cfg).num_devices == 8
+
+
+def test_samples_per_epoch_without_augmentation_only_warns(devices8, caplog):
+  """Allowed (an ablation may keep an augmented run's epoch length), but it repeats the
+  slices unchanged, which the run says."""
+  cfg = quickstart_with(data__augment__samples_per_epoch=35000)
+  config.check(cfg)
+  assert "data.augment.samples_per_epoch=35000 with data.augment.enabled=False" in caplog.text
+  caplog.clear()
+  config.check(quickstart_with(data__augment__samples_per_epoch=35000,
+                               data__augment__enabled=True))
+  assert "samples_per_epoch" not in caplog.text
 
 
 # -- where the synthetic dataset may be written ----------------------------------------

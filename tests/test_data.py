@@ -359,3 +359,46 @@ def test_classes_merged_by_label_map_are_named_after_their_labels():
   cfg.data.label_map = (0, 3, 3, 3)  # classes 1 and 2 have no source label
   assert pipeline.class_names(cfg, info) == ["background", "class 1", "class 2",
                                              "oedema+non-enhancing+enhancing"]
+
+
+def test_a_longer_epoch_draws_every_slice_equally_often_in_a_seeded_order():
+  # 10 slices, 23 draws: by hand each slice 2 or 3 times, 3 slices 3 times (23 = 2*10 + 3).
+  order = loader.epoch_order(10, seed=5, epoch=1, draws=23)
+  counts = np.bincount(order, minlength=10)
+  assert len(order) == 23 and sorted(counts.tolist()) == [2] * 7 + [3] * 3
+  np.testing.assert_array_equal(order, loader.epoch_order(10, 5, 1, 23))  # deterministic
+  assert not np.array_equal(order, loader.epoch_order(10, 5, 2, 23))      # epochs differ
+  assert not np.array_equal(order, loader.epoch_order(10, 6, 1, 23))      # seeds differ
+  # Exact multiples draw every slice the same number of times; fewer draws than slices
+  # draw each slice at most once.
+  assert set(np.bincount(loader.epoch_order(10, 5, 1, 30)).tolist()) == {3}
+  assert np.bincount(loader.epoch_order(10, 5, 1, 7), minlength=10).max() == 1
+  # One pass (0) is a permutation, as before the option existed.
+  np.testing.assert_array_equal(np.sort(loader.epoch_order(10, 5, 1)), np.arange(10))
+
+
+def test_a_longer_epoch_loads_its_draws_and_resumes_anywhere_in_them():
+  data = loader.SliceSet(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1),
+                         np.zeros((10, 1, 1), np.int32), np.zeros(10, np.int32), ["a"],
+                         np.ones((1, 3)))
+  order = loader.epoch_order(10, 3, 0, 30)
+  full = [b["image"].ravel() for b in loader.train_batches(data, 4, 3, 0, draws=30)]
+  assert len(full) == 7  # 30 draws, batch 4: 7 full batches, 2 draws dropped
+  np.testing.assert_array_equal(np.concatenate(full), order[:28])
+  resumed = [b["image"].ravel() for b in loader.train_batches(data, 4, 3, 0, offset=16,
+                                                               draws=30)]
+  np.testing.assert_array_equal(np.concatenate(resumed), order[16:28])  # past one pass
+
+
+def test_plan_counts_steps_per_epoch_from_the_draws():
+  cfg = base.get_config()
+  cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
+  cfg.data.augment.samples_per_epoch = 35000
+  plan = pipeline.epoch_plan(cfg, 1200, num_devices=8)
+  # By hand: 35,000 draws / global batch 16 = 2187 steps per epoch, 21,870 steps.
+  assert (plan.epoch_draws, plan.steps_per_epoch, plan.num_steps) == (35000, 2187, 21870)
+  cfg.data.augment.samples_per_epoch = 0
+  assert pipeline.epoch_plan(cfg, 1200, num_devices=8).steps_per_epoch == 75  # 1200 // 16
+  cfg.data.augment.samples_per_epoch = 10
+  with pytest.raises(ConfigError, match="global batch 16 exceeds the data.augment.samples"):
+    pipeline.epoch_plan(cfg, 1200, num_devices=8)

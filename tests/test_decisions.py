@@ -1,5 +1,7 @@
 """The training loop's decisions, checked against hand-worked schedules."""
 
+from configs import base
+from medseg_jax.data import pipeline
 from medseg_jax.training import decisions
 from medseg_jax.training.decisions import Position, Stop
 
@@ -40,6 +42,21 @@ def test_the_loader_position_moves_by_a_global_batch_and_wraps_when_no_batch_is_
   assert decisions.after_step(Position(0, 4), 4, 10) == Position(1, 0)
   assert decisions.after_step(Position(3, 0), 5, 10) == Position(3, 5)
   assert decisions.after_step(Position(3, 5), 5, 10) == Position(4, 0)
+
+
+def test_renumbering_counts_epochs_of_samples_per_epoch_draws():
+  # 100 slices, 300 draws per epoch. 8 devices x 2 = 16 per step: 18 steps per epoch
+  # (288 draws, 12 dropped); 2 devices x 2 = 4 per step: 75 steps per epoch.
+  cfg = base.get_config()
+  cfg.train.per_device_batch_size = 2
+  cfg.data.augment.samples_per_epoch = 300
+  eight, two = pipeline.epoch_plan(cfg, 100, 8), pipeline.epoch_plan(cfg, 100, 2)
+  assert (eight.steps_per_epoch, two.steps_per_epoch) == (18, 75)
+  position = Position()
+  for _ in range(18 + 3):  # one epoch and 3 steps on 8 devices
+    position = decisions.after_step(position, 16, eight.epoch_draws)
+  assert position == Position(1, 48)  # the epoch wrapped after 288 draws, not 96 or 100
+  assert decisions.renumbered_step(position, two.steps_per_epoch, 4) == 87  # 75 + 48 / 4
 
 
 def test_checkpoint_cadence_follows_every_steps():

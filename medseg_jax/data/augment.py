@@ -58,6 +58,15 @@ def from_config(cfg: ml_collections.ConfigDict) -> Callable | None:
   return functools.partial(augment_batch, ranges=ranges)
 
 
+def samples_per_epoch(cfg: ml_collections.ConfigDict) -> int:
+  """`data.augment.samples_per_epoch`, checked: draws per epoch, 0 = one pass."""
+  value = cfg.samples_per_epoch
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ConfigError(f"data.augment.samples_per_epoch={value!r}: must be a whole number "
+                      "of at least 0 (0 = one pass over the training slices)")
+  return value
+
+
 def _check(r: Ranges) -> None:
   if len(r.zoom) != 2 or not 0 < r.zoom[0] <= r.zoom[1]:
     raise ConfigError(f"data.augment.zoom={r.zoom}: need (low, high) with 0 < low <= high")

@@ -39,20 +39,34 @@ def from_store(opened: store.Store, names: list[str]) -> SliceSet:
   return SliceSet(image=image, label=label, volume=volume, names=list(names), spacing=spacing)
 
 
-def epoch_order(num_slices: int, seed: int, epoch: int) -> np.ndarray:
-  """The epoch's slice order: from the seed and the epoch only, so it does not depend on
-  the global batch or the number of processes."""
-  return np.random.default_rng([seed, epoch]).permutation(num_slices)
+def epoch_length(num_slices: int, samples_per_epoch: int = 0) -> int:
+  """Draws in one training epoch: `data.augment.samples_per_epoch`, or one pass over the
+  slices when it is 0. The one source of the epoch length: the plan's steps per epoch,
+  the LR schedule's epochs and the loop's position all follow it."""
+  return samples_per_epoch or num_slices
+
+
+def epoch_order(num_slices: int, seed: int, epoch: int, draws: int = 0) -> np.ndarray:
+  """The epoch's order of `draws` slices (0: one pass, each slice once): from the seed and
+  the epoch only, so it does not depend on the global batch or the number of processes.
+
+  A longer epoch is consecutive permutations of the slices cut to `draws`, so each slice
+  is drawn floor or ceil of draws / slices times and its repeats are spread over the
+  epoch; the first permutation is the one-pass order."""
+  draws = epoch_length(num_slices, draws)
+  rng = np.random.default_rng([seed, epoch])
+  passes = -(-draws // num_slices)
+  return np.concatenate([rng.permutation(num_slices) for _ in range(passes)])[:draws]
 
 
 def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
                   process_index: int = 0, process_count: int = 1, offset: int = 0,
-                  prefetch: int = PREFETCH) -> Iterator[dict]:
-  """This process's part of each full global batch of one epoch, in a seeded order,
-  starting `offset` slices into the epoch's order (the loader position a checkpoint keeps).
-  Reads run `prefetch` batches ahead. Labels keep the store's integer type (uint8), which
-  the steps widen on the device."""
-  order = epoch_order(len(data), seed, epoch)
+                  prefetch: int = PREFETCH, draws: int = 0) -> Iterator[dict]:
+  """This process's part of each full global batch of one epoch of `draws` slices (0: one
+  pass), in a seeded order, starting `offset` draws into the epoch's order (the loader
+  position a checkpoint keeps). Reads run `prefetch` batches ahead. Labels keep the
+  store's integer type (uint8), which the steps widen on the device."""
+  order = epoch_order(len(data), seed, epoch, draws)
   local = global_batch // process_count
   rows = (order[start + process_index * local:start + (process_index + 1) * local]
           for start in range(offset, len(order) - global_batch + 1, global_batch))

@@ -21,7 +21,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax.data import decathlon, loader, preprocess, split, store, synthetic, validate
+from medseg_jax.data import (augment, decathlon, loader, preprocess, split, store, synthetic,
+                             validate)
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.parallel import multihost
 
@@ -158,12 +159,14 @@ def _header_slice_count(case: decathlon.Case, settings: preprocess.Settings) -> 
 
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:
-  """How many training slices, and the steps they make at a device count."""
+  """How many training slices, the draws of one epoch, and the steps they make at a
+  device count."""
 
   train_slices: int
   global_batch: int
   steps_per_epoch: int
   num_steps: int
+  epoch_draws: int     # slices drawn per epoch (`loader.epoch_length`)
 
 
 def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: int) -> EpochPlan:
@@ -172,12 +175,16 @@ def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: i
   if per_device <= 0:
     raise ConfigError(f"train.per_device_batch_size={per_device}: must be positive")
   global_batch = per_device * num_devices
-  steps_per_epoch = train_slices // global_batch
+  samples = augment.samples_per_epoch(cfg.data.augment)
+  draws = loader.epoch_length(train_slices, samples)
+  steps_per_epoch = draws // global_batch
   if steps_per_epoch == 0:
+    what = (f"data.augment.samples_per_epoch={samples} draws per epoch" if samples
+            else f"{train_slices} training slices")
     raise ConfigError(f"train.per_device_batch_size={per_device}: the global batch "
-                      f"{global_batch} exceeds the {train_slices} training slices")
+                      f"{global_batch} exceeds the {what}")
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
-  return EpochPlan(train_slices, global_batch, steps_per_epoch, num_steps)
+  return EpochPlan(train_slices, global_batch, steps_per_epoch, num_steps, draws)
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:

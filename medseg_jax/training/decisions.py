@@ -14,7 +14,7 @@ class Stop(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-  """Where the loader stands: `offset` slices into the order of epoch `epoch`."""
+  """Where the loader stands: `offset` draws into the order of epoch `epoch`."""
 
   epoch: int = 0
   offset: int = 0
@@ -53,9 +53,10 @@ def renumbered_step(position: Position, steps_per_epoch: int, global_batch: int)
   return position.epoch * steps_per_epoch + position.offset // global_batch
 
 
-def after_step(position: Position, global_batch: int, epoch_slices: int) -> Position:
-  """The loader position after one more step; an epoch ends when no full batch is left."""
+def after_step(position: Position, global_batch: int, epoch_draws: int) -> Position:
+  """The loader position after one more step; an epoch (of `epoch_draws` slices,
+  `loader.epoch_length`) ends when no full batch is left."""
   offset = position.offset + global_batch
-  if offset + global_batch > epoch_slices:
+  if offset + global_batch > epoch_draws:
     return Position(position.epoch + 1, 0)
   return Position(position.epoch, offset)

@@ -117,15 +117,15 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
 def _batches(setup: Setup, step: int,
              position: Position) -> Iterator[tuple[int, Position, dict]]:
   """(step, loader position after it, this process's part of its batch) for every step
-  after `step` up to the last, across epochs."""
-  data, batch = setup.data["train"], setup.global_batch
+  after `step` up to the last, across epochs of `setup.epoch_draws` slices."""
+  data, batch, draws = setup.data["train"], setup.global_batch, setup.epoch_draws
   while step < setup.num_steps:
-    if position.offset + batch > len(data):  # the epoch has no full batch left
+    if position.offset + batch > draws:  # the epoch has no full batch left
       position = Position(position.epoch + 1, 0)
     for local in loader.train_batches(data, batch, setup.cfg.seed, position.epoch,
                                         jax.process_index(), jax.process_count(),
-                                        position.offset):
-      step, position = step + 1, decisions.after_step(position, batch, len(data))
+                                        position.offset, draws=draws):
+      step, position = step + 1, decisions.after_step(position, batch, draws)
       yield step, position, local
       if step == setup.num_steps:
         return

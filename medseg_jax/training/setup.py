@@ -29,6 +29,7 @@ class Setup:
   global_batch: int
   steps_per_epoch: int
   num_steps: int
+  epoch_draws: int              # slices drawn per epoch (data.augment.samples_per_epoch)
   init_state: TrainState        # fresh, on the host
   init_rng: jax.Array           # the step rng of a run that starts from scratch
   train_step: Callable
@@ -44,18 +45,21 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
                                               plan.num_steps)
   num_classes = pipeline.num_classes(cfg, info)
   channels = int(data["train"].image.shape[-1])
-  info = dict(info, num_classes=num_classes, channels=channels)
+  info = dict(info, num_classes=num_classes, channels=channels,
+              samples_per_epoch=plan.epoch_draws)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
   state = build_state(cfg, par, num_classes, channels, lr.schedule, init_rng)
-  logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch, %d steps",
-               par.num_devices, cfg.parallel.strategy, jax.process_count(), global_batch,
-               steps_per_epoch, num_steps)
+  logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch "
+               "(%d slices drawn per epoch), %d steps", par.num_devices,
+               cfg.parallel.strategy, jax.process_count(), global_batch, steps_per_epoch,
+               plan.epoch_draws, num_steps)
   logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
   logging.info("Data: %s", info)
   return Setup(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info, lr=lr,
                global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-               num_steps=num_steps, init_state=state, init_rng=step_rng,
+               num_steps=num_steps, epoch_draws=plan.epoch_draws, init_state=state,
+               init_rng=step_rng,
                train_step=par.train_step(losses.get_loss(cfg.train.loss),
                                          augment.from_config(cfg.data.augment)),
                evaluator=make_evaluator(cfg, workdir, par, num_classes,
