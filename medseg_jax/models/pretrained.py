@@ -185,7 +185,7 @@ def into_fcn(vgg: VGGWeights, params: dict, fc_features: int) -> tuple[dict, lis
 
 def _layer(vgg: VGGWeights, source: str, target: str, current: dict) -> dict:
   kernel, bias = vgg.layers[source]
-  want = tuple(current["kernel"].shape)
+  in_file, want = list(kernel.shape), tuple(current["kernel"].shape)
   if source == "conv1_1" and kernel.ndim == 4:
     logging.info("%s [%s] (%s) -> %s [%s]: z-scored input read as ImageNet pixels "
                  "mean + std * x, kernel = sum_c std_c W_c / %d, repeated per channel",
@@ -195,7 +195,7 @@ def _layer(vgg: VGGWeights, source: str, target: str, current: dict) -> dict:
       kernel = grey_kernel(kernel, want[2])
   if tuple(kernel.shape) != want or tuple(bias.shape) != tuple(current["bias"].shape):
     raise ConfigError(f"model.init_from={vgg.path}: layer {source} has kernel "
-                      f"{list(kernel.shape)} in the file but {list(want)} in the model "
+                      f"{in_file} in the file but {list(want)} in the model "
                       f"({target}; model.base_features and model.fc_features give its widths)")
   dtype = np.asarray(current["kernel"]).dtype
   return dict(current, kernel=np.asarray(kernel, dtype), bias=np.asarray(bias, dtype))

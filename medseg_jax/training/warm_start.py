@@ -95,17 +95,19 @@ def apply(cfg: ml_collections.ConfigDict, state: TrainState, num_classes: int) -
 def from_checkpoint(directory: str, state: TrainState, num_classes: int):
   """Params and model state of `state` with the checkpoint's arrays at matching paths;
   also the layers loaded and those new (class heads of another class count)."""
-  saved = _read_arrays(directory)
-  fresh = {"params": state.params, "model_state": state.model_state}
-  saved_paths = {path: leaf for path, leaf in _flat(saved).items() if path[0] in fresh}
+  fresh = jax.device_get({"params": state.params, "model_state": state.model_state})
+  saved = {path: leaf for path, leaf in _flat(_read_arrays(directory)).items()
+           if path[0] in fresh}
+  ours = _flat(fresh)
+  for missing, where in ((sorted(set(ours) - set(saved)), "it has no"),
+                         (sorted(set(saved) - set(ours)), "the model has no")):
+    if missing:
+      raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: {where} "
+                        f"{'/'.join(missing[0])}")
   loaded, new = set(), set()
   def take(path, leaf):
     path = tuple(str(getattr(k, "key", k)) for k in path)
-    layer = "/".join(path[1:-1]) or path[-1]
-    have = saved_paths.get(path)
-    if have is None:
-      raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: it has no "
-                        f"{'/'.join(path)}")
+    layer, have = "/".join(path[1:-1]) or path[-1], saved[path]
     if have.shape == leaf.shape:
       loaded.add(layer)
       return np.asarray(have, leaf.dtype)
@@ -114,11 +116,7 @@ def from_checkpoint(directory: str, state: TrainState, num_classes: int):
                         f"the checkpoint but {list(leaf.shape)} in the model")
     new.add(layer)
     return leaf
-  tree = jax.tree_util.tree_map_with_path(take, jax.device_get(fresh))
-  extra = sorted(set(saved_paths) - set(_flat(fresh)))
-  if extra:
-    raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: the model has no "
-                      f"{'/'.join(extra[0])}")
+  tree = jax.tree_util.tree_map_with_path(take, fresh)
   return tree["params"], tree["model_state"], sorted(loaded - new), sorted(new)
 
 
