@@ -282,7 +282,7 @@ def test_another_model_or_a_missing_step_is_refused(source_run):
   with pytest.raises(ConfigError, match=r"checkpoints_best/2: a checkpoint of another model: "
                                         r"it has no params/Conv_1/bias$"):
     warm_start.apply(cfg, state, 2)
-  for which, message in (("7", r"model.init_checkpoint=7: no such step .*\(have \[2\]\)"),
+  for which, message in (("'7'", r"model.init_checkpoint=7: no such step .*\(have \[2\]\)"),
                          ("latest", None), ("best", None)):
     cfg = helpers.config(*RUN, f"--config.model.init_from={source_run}/checkpoints",
                          f"--config.model.init_checkpoint={which}")
