@@ -291,3 +291,12 @@ def test_another_model_or_a_missing_step_is_refused(source_run):
         config.check(cfg)
     else:
       config.check(cfg)
+
+
+def test_a_checkpoint_saved_before_or_with_another_init_from_still_resumes(caplog):
+  cfg = helpers.config(*RUN)
+  saved = cfg.to_dict()
+  del saved["model"]["init_from"], saved["model"]["init_checkpoint"]  # an older checkpoint
+  changed = helpers.config(*RUN, "--config.model.init_from=runs/elsewhere")
+  checkpoint.check_config({"config": saved}, changed, "DIR")
+  assert "model.init_from None -> 'runs/elsewhere'" in caplog.text
