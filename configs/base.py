@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm = "none"            # none | group | batch (batch is synced across devices)
   c.model.dropout = 0.0
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+  c.model.init_from = ""           # "" = random init | a VGG-16 file for fcn (MatConvNet .mat,
+                                   # Keras .h5) | a run or checkpoints directory (fine-tune)
+  c.model.init_checkpoint = "best"  # for a run: best | latest | a step number
 
   c.data = ml_collections.ConfigDict()
   c.data.root = ""                 # Decathlon task directory (dataset.json inside)

@@ -15,7 +15,7 @@ import ml_collections
 from absl import logging
 
 from medseg_jax import optim
-from medseg_jax.training import losses
+from medseg_jax.training import losses, warm_start
 from medseg_jax.data import augment, preprocess, split
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
@@ -45,6 +45,7 @@ def check(cfg: ml_collections.ConfigDict) -> strategies.Parallel:
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
+  warm_start.check(cfg.model)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)

@@ -21,6 +21,8 @@ from medseg_jax.parallel import multihost, strategies
 from medseg_jax.errors import ConfigError, MedsegError
 
 STATE, META = "state", "meta"
+# Model keys that say where a fresh run's weights came from, not what the model is.
+_NOT_THE_MODEL = ("model.init_from", "model.init_checkpoint")
 
 
 def _to_tree(state) -> dict:
@@ -55,7 +57,7 @@ def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) 
   now = _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples become lists, as saved
   changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
   for key in changed:
-    if key.startswith("model."):
+    if key.startswith("model.") and key not in _NOT_THE_MODEL:
       raise ConfigError(f"{key}: {now.get(key)!r} in the config but {saved.get(key)!r} in the "
                         f"checkpoints in {where} (use another --workdir, or --from_scratch)")
   if changed:

@@ -21,7 +21,7 @@ from medseg_jax.parallel import multihost
 from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest
-from medseg_jax.training import checkpoint, decisions, preemption
+from medseg_jax.training import checkpoint, decisions, preemption, warm_start
 from medseg_jax.training.decisions import Position, Stop
 from medseg_jax.training.guard import DivergenceGuard
 from medseg_jax.training.setup import Setup, build
@@ -198,14 +198,16 @@ def _log_stop(stop: Stop, step: int, ckpt: checkpoint.Checkpointer,
 
 
 def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
-  """The newest readable checkpoint placed on the mesh, or the fresh state at step 0.
+  """The newest readable checkpoint placed on the mesh, or the fresh state at step 0
+  (with the weights of `model.init_from`, if set).
 
   A checkpoint saved at another global batch (another device count) continues from the
   same loader position; the step is renumbered for the new batch, so the LR schedule,
   resolved for the new device count, continues at the same point of training.
   """
-  if ckpt.latest_step() is None:
-    return Start(setup.par.put_state(setup.init_state), 0, Position(), setup.init_rng)
+  if ckpt.latest_step() is None:  # only a run that starts from scratch takes model.init_from
+    state = warm_start.apply(setup.cfg, setup.init_state, setup.data_info["num_classes"])
+    return Start(setup.par.put_state(state), 0, Position(), setup.init_rng)
   checkpoint.check_config(ckpt.read_meta(), setup.cfg, ckpt.directory)
   restored = ckpt.restore(setup.init_state, setup.par.replicated)
   meta, state, step = restored.meta, restored.state, restored.step

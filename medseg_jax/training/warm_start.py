@@ -1,0 +1,147 @@
+"""`model.init_from`: a fresh run's parameters from VGG-16 weights or from another run.
+
+Applied once, to the fresh state of a run that starts from scratch (a resume restores the
+run's own checkpoint instead). From a run (its directory, its `checkpoints` or
+`checkpoints_best` directory, or one step's directory) only the parameters and norm
+statistics are taken, matched by path: the optimizer, step and loader position start
+fresh. A class head whose class count changed is initialised anew; any other difference
+means another model and is refused. Every process reads the source itself.
+"""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from medseg_jax.errors import ConfigError
+from medseg_jax.models import pretrained
+from medseg_jax.training.state import TrainState
+
+KEY = "model.init_from"
+
+
+def check(model: ml_collections.ConfigDict) -> None:
+  """Checks `model.init_from` and `model.init_checkpoint` without reading any weights."""
+  which = str(model.init_checkpoint)
+  if which not in ("best", "latest") and not which.isdigit():
+    raise ConfigError(f"model.init_checkpoint={which!r}: use 'best', 'latest' or a step number")
+  if not model.init_from:
+    return
+  if os.path.isdir(model.init_from):
+    step_directory(model.init_from, which)
+  else:
+    pretrained.check_fits(model.init_from, model.name)
+
+
+def step_directory(path: str, which: str) -> str:
+  """The checkpoint step directory of `path` (a run, a checkpoints directory or a step)
+  that `which` ('best', 'latest' or a step) names."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  base = path[:-len("_best")] if path.endswith("_best") else path
+  if os.path.basename(base) != "checkpoints":
+    base = os.path.join(base, "checkpoints")
+  if not os.path.isdir(base) and not os.path.isdir(base + "_best"):
+    raise ConfigError(f"{KEY}={path}: no checkpoints (neither a run directory nor a "
+                      "checkpoints directory of this project)")
+  if which == "best" or (path.endswith("_best") and which == "latest"):
+    steps = _steps(base + "_best")
+    where = base + "_best"
+    if not steps:
+      raise ConfigError(f"{KEY}={path}: no best checkpoint in {where} (kept once a validation "
+                        "has run); set model.init_checkpoint=latest or a step")
+    return os.path.join(where, str(steps[-1]))
+  steps = _steps(base)
+  if not steps:
+    raise ConfigError(f"{KEY}={path}: no checkpoint in {base}")
+  if which == "latest":
+    return os.path.join(base, str(steps[-1]))
+  if int(which) not in steps:
+    raise ConfigError(f"model.init_checkpoint={which}: no such step in {base} (have {steps})")
+  return os.path.join(base, which)
+
+
+def _steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")))
+
+
+def apply(cfg: ml_collections.ConfigDict, state: TrainState, num_classes: int) -> TrainState:
+  """`state` (fresh, on the host) with its parameters from `model.init_from`, if set, and
+  a fresh optimizer state for them."""
+  source = cfg.model.init_from
+  if not source:
+    return state
+  if os.path.isdir(source):
+    directory = step_directory(source, str(cfg.model.init_checkpoint))
+    params, model_state, loaded, new = from_checkpoint(directory, state, num_classes)
+  else:
+    vgg = pretrained.read_vgg(source)
+    params, loaded, new = pretrained.into_fcn(vgg, jax.device_get(state.params),
+                                              cfg.model.fc_features)
+    model_state = state.model_state
+  logging.info("%s=%s: %d layers loaded (%s), %d new (%s)", KEY, source, len(loaded),
+               ", ".join(loaded), len(new), ", ".join(new) or "none")
+  return state.replace(params=params, model_state=model_state,
+                       opt_state=state.tx.init(params))
+
+
+def from_checkpoint(directory: str, state: TrainState, num_classes: int):
+  """Params and model state of `state` with the checkpoint's arrays at matching paths;
+  also the layers loaded and those new (class heads of another class count)."""
+  fresh = jax.device_get({"params": state.params, "model_state": state.model_state})
+  saved = {path: leaf for path, leaf in _flat(_read_arrays(directory)).items()
+           if path[0] in fresh}
+  ours = _flat(fresh)
+  for missing, where in ((sorted(set(ours) - set(saved)), "it has no"),
+                         (sorted(set(saved) - set(ours)), "the model has no")):
+    if missing:
+      raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: {where} "
+                        f"{'/'.join(missing[0])}")
+  loaded, new = set(), set()
+  def take(path, leaf):
+    path = tuple(str(getattr(k, "key", k)) for k in path)
+    layer, have = "/".join(path[1:-1]) or path[-1], saved[path]
+    if have.shape == leaf.shape:
+      loaded.add(layer)
+      return np.asarray(have, leaf.dtype)
+    if not _is_class_head(have.shape, leaf.shape, num_classes):
+      raise ConfigError(f"{KEY}={directory}: {'/'.join(path)} has shape {list(have.shape)} in "
+                        f"the checkpoint but {list(leaf.shape)} in the model")
+    new.add(layer)
+    return leaf
+  tree = jax.tree_util.tree_map_with_path(take, fresh)
+  return tree["params"], tree["model_state"], sorted(loaded - new), sorted(new)
+
+
+def _is_class_head(saved: tuple, now: tuple, num_classes: int) -> bool:
+  """Shapes that differ only in dimensions of the class count, the last among them."""
+  return (len(saved) == len(now) and now[-1] == num_classes and saved[-1] != now[-1]
+          and all(s == n or n == num_classes for s, n in zip(saved, now)))
+
+
+def _read_arrays(directory: str) -> dict:
+  """The `state` item of a checkpoint step, as numpy arrays, without its config."""
+  path = os.path.join(directory, "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise ConfigError(f"{KEY}={directory}: unreadable checkpoint "
+                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})"
+                      ) from e
+  finally:
+    checkpointer.close()
+
+
+def _flat(tree: dict) -> dict:
+  return {tuple(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
