@@ -7,6 +7,7 @@ import os
 import pytest
 
 from medseg_jax import config, optim
+from medseg_jax.errors import ConfigError
 from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess
 from medseg_jax.models import MODELS, build_model
@@ -37,6 +38,14 @@ def test_expected_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_resolves(path, devices8):
   cfg = load(path)
+  if cfg.model.init_from and not os.path.exists(cfg.model.init_from):
+    # The FCN configs start from a VGG-16 file the user downloads: without it the check
+    # says which file and how to train from scratch instead.
+    with pytest.raises(ConfigError, match=r"^model\.init_from=.*imagenet-vgg-verydeep-16"
+                       r"\.mat.*model\.init_from=\"\""):
+      config.check(cfg)
+    cfg.unlock()
+    cfg.model.init_from = ""
   config.check(cfg)  # the check main runs before any data work accepts every shipped config
   for section in SECTIONS:
     assert section in cfg
@@ -65,6 +74,51 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert cfg.optim.lr == lr and cfg.optim.name == "sgd" and cfg.model.name == model
   assert cfg.data.slices_per_volume == 70
   assert cfg.data.augment.enabled == ("heart" in name)  # the thesis augmented the left atrium
+  # ... offline to 35,000 slices: its epochs are that long
+  assert cfg.data.augment.samples_per_epoch == (35000 if "heart" in name else 0)
+  # The FCN started from ImageNet VGG-16 (MatConvNet's file)
+  assert cfg.model.init_from.endswith("imagenet-vgg-verydeep-16.mat") == (model == "fcn")
+
+
+THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart"]
+
+
+@pytest.mark.parametrize("name", THESIS_CONFIGS)
+def test_thesis_config_says_where_each_value_comes_from(name):
+  """Every value a thesis config sets carries a comment, on its line or in the comment
+  lines just above it, saying "thesis" (from the thesis) or "ours" (our choice)."""
+  with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+    lines = f.read().splitlines()
+  unexplained = []
+  for i, line in enumerate(lines):
+    if not line.strip().startswith("c.") or " = " not in line:
+      continue
+    comments = [line.partition("#")[2]]
+    j = i + 1  # a comment continued on the lines below
+    while j < len(lines) and lines[j].strip().startswith("#") and "=" not in lines[j]:
+      comments.append(lines[j]); j += 1
+    j = i - 1  # or a comment block just above
+    while j >= 0 and lines[j].strip().startswith("#"):
+      comments.append(lines[j]); j -= 1
+    if not any(word in " ".join(comments) for word in ("thesis", "ours")):
+      unexplained.append(line.strip())
+  assert not unexplained, unexplained
+  base = load(os.path.join(REPO, "configs", "base.py"))
+  cfg = load(os.path.join(REPO, "configs", f"{name}.py"))
+  set_here = {line.strip().split(" = ")[0][2:] for line in lines
+              if line.strip().startswith("c.") and " = " in line}
+  differing = {key for key in _leaves(cfg) if _leaves(cfg)[key] != _leaves(base)[key]}
+  assert differing <= set_here, differing - set_here
+
+
+def _leaves(cfg, prefix=""):
+  out = {}
+  for key, value in cfg.items():
+    if hasattr(value, "items"):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
