@@ -184,7 +184,7 @@ def _start_training_pair(workdir, *extra):
 
 
 def test_a_dead_peer_stops_the_other_process_within_the_bound(tmp_path):
-  timeout = 20
+  timeout = 10  # also bounds reaching the coordinator: both processes start together
   procs = _start_training_pair(tmp_path, f"--config.parallel.distributed_timeout_seconds={timeout}")
   try:
     procs[1].send_signal(signal.SIGKILL)
