@@ -33,9 +33,11 @@ _AT_LEAST = (
 )
 
 
-def check(cfg: ml_collections.ConfigDict) -> strategies.Parallel:
+def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategies.Parallel:
   """Raises ConfigError naming the first key of `cfg` that cannot be used; returns the
-  device mesh the config asks for (the device count is part of the check)."""
+  device mesh the config asks for (the device count is part of the check). The weights
+  of `model.init_from` are looked for only when a run `starts_fresh` (a resume, an
+  evaluation or a prediction reads the run's own checkpoint)."""
   for key, lowest in _AT_LEAST:
     value = _get(cfg, key)
     if value < lowest:
@@ -45,7 +47,7 @@ def check(cfg: ml_collections.ConfigDict) -> strategies.Parallel:
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
-  warm_start.check(cfg.model)
+  warm_start.check(cfg.model, starts_fresh)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)

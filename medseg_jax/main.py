@@ -68,7 +68,11 @@ def _check_before_data(cfg, workdir: str) -> None:
   # These modules import jax's backend; they come after the process group exists.
   from medseg_jax import config  # pylint: disable=import-outside-toplevel
   from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  config.check(cfg)
+  from medseg_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  # model.init_from is read only by a training run that does not resume.
+  starts_fresh = _MODE.value == "train" and (_FROM_SCRATCH.value
+                                             or not checkpoint.has_checkpoint(workdir))
+  config.check(cfg, starts_fresh)
   if _MODE.value != "predict":  # predict reads the run's data_info.json, not the dataset
     pipeline.dataset_root(cfg, workdir)
   if not _WORKDIR.value:

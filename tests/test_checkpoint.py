@@ -106,3 +106,12 @@ def test_with_step_sets_every_optimizer_counter():
   assert counts(moved) == [7, 7]
   mu = lambda s: [leaf for leaf in jax.tree.leaves(s) if leaf.shape == (3,)]
   assert all(np.array_equal(a, b) for a, b in zip(mu(moved), mu(opt_state)))
+
+
+def test_has_checkpoint_only_with_a_step_directory(tmp_path):
+  """What main asks before it looks for model.init_from: is there a run to resume?"""
+  assert not checkpoint.has_checkpoint(str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints" / "tmp-write")
+  assert not checkpoint.has_checkpoint(str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints" / "5")
+  assert checkpoint.has_checkpoint(str(tmp_path))

@@ -5,6 +5,7 @@ test split). The FCN configs start from a VGG-16 file of the same structure."""
 
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import helpers
 from medseg_jax import config
 from medseg_jax.data import pipeline, synthetic
+from medseg_jax.errors import ConfigError
 from medseg_jax.training import loop
 from test_pretrained import vgg_arrays, write_h5, write_mat
 
@@ -96,7 +98,10 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
            "--config.checkpoint.every_steps=2", "--config.monitor.system_interval_seconds=0",
            f"--config.data.cache_dir={tmp_path / 'cache'}"]
   task = tasks["heart" if "heart" in name else "brats"]
-  init = [f"--config.model.init_from={tasks[vgg]}"] if vgg else []
+  weights = str(tmp_path / os.path.basename(tasks[vgg])) if vgg else None
+  if vgg:
+    shutil.copy(tasks[vgg], weights)
+  init = [f"--config.model.init_from={weights}"] if vgg else []
   cfg = helpers.config(*small, f"--config.data.root={task}", *init,
                        path=f"configs/{name}.py")
   config.check(cfg)  # as main does before any data work
@@ -114,4 +119,10 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
   assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")
           if "loss" in json.loads(line)] == [2]
   if vgg:  # 13 convolutions and fc6/fc7 from the file; the six score/upscore layers new
-    assert f"model.init_from={tasks[vgg]}: 15 layers loaded" in caplog.text
+    assert f"model.init_from={weights}: 15 layers loaded" in caplog.text
+    # Once trained, the run no longer needs the VGG-16 file: only a fresh start reads it.
+    os.remove(weights)
+    with pytest.raises(ConfigError, match=f"model.init_from={weights}: no such file"):
+      config.check(cfg)
+    config.check(cfg, starts_fresh=False)
+    loop.evaluate_checkpoint(cfg, str(tmp_path / "run"), "best")

@@ -34,11 +34,16 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds at least one step (a run to resume)."""
+  path = directory(workdir)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def require_checkpoint(workdir: str) -> None:
   """Raises a one-line error unless WORKDIR/checkpoints holds at least one step."""
-  path = directory(workdir)
-  if not os.path.isdir(path) or not any(name.isdigit() for name in os.listdir(path)):
-    raise MedsegError(f"{path}: no checkpoint (train first, or check --workdir)")
+  if not has_checkpoint(workdir):
+    raise MedsegError(f"{directory(workdir)}: no checkpoint (train first, or check --workdir)")
 
 
 def remove_all(workdir: str) -> None:

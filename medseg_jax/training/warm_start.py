@@ -23,12 +23,13 @@ from medseg_jax.training.state import TrainState
 KEY = "model.init_from"
 
 
-def check(model: ml_collections.ConfigDict) -> None:
-  """Checks `model.init_from` and `model.init_checkpoint` without reading any weights."""
+def check(model: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
+  """Checks `model.init_checkpoint`, and `model.init_from` when a run `starts_fresh` (only
+  then is it read), without reading any weights."""
   which = str(model.init_checkpoint)
   if which not in ("best", "latest") and not which.isdigit():
     raise ConfigError(f"model.init_checkpoint={which!r}: use 'best', 'latest' or a step number")
-  if not model.init_from:
+  if not model.init_from or not starts_fresh:
     return
   if os.path.isdir(model.init_from):
     step_directory(model.init_from, which)
