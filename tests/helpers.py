@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # preprocessed without a process pool (tests/test_data.py runs the pool).
 TINY = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
         "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
-        "--config.data.image_size=32", "--config.model.depth=2",
+        "--config.data.image_size=32", "--config.model.depth=1",
         "--config.model.base_features=4", "--config.train.per_device_batch_size=2",
         "--config.data.preprocess_workers=1"]
 

@@ -46,7 +46,8 @@ def count(variables):
   return sum(x.size for x in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("depth,f,cin,classes,size", [(2, 4, 1, 2, 32), (4, 64, 4, 3, 64)])
+@pytest.mark.parametrize("depth,f,cin,classes,size", [(1, 4, 1, 2, 32), (2, 4, 1, 2, 32),
+                                                      (4, 64, 4, 3, 64)])
 def test_unet_shape_and_parameter_count(depth, f, cin, classes, size):
   model = UNet(num_classes=classes, depth=depth, base_features=f)
   x = jnp.zeros((2, size, size, cin))

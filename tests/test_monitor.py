@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import helpers
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
 from medseg_jax.training import loop
+from test_models import unet_params
 
 HOST = socket.gethostname()  # the test's processes all run on this host
 TINY = TINY_RUN + ["--config.model.dropout=0.2", "--config.train.num_steps=6",
@@ -100,7 +101,7 @@ def test_manifest_covers_the_reproducibility_checklist(run):
   assert m["dataset"]["classes"] == ["background", "oedema+tumour"]
   assert m["software"]["packages"]["jax"] and m["code"]["commit"]
   assert {"dice", "mean_accuracy", "mean_iou"} <= m["final_metrics"]["test"].keys()
-  assert m["model"]["parameters"] == 7402  # U-Net depth 2, base 4, 1 in, 2 out: see test_models
+  assert m["model"]["parameters"] == unet_params(1, 4, 1, 2)  # the tiny U-Net, by hand
   assert m["dataset"]["volumes"] == {"train": 4, "val": 1, "test": 1}
   with open(os.path.join(workdir, "MANIFEST.md")) as f:
     text = f.read()

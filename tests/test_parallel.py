@@ -27,8 +27,8 @@ def _batch(seed=0, num_classes=3):
   return {"image": image, "label": label}
 
 
-def _state(norm="none", axis_name=None, lr=0.5):
-  model = UNet(num_classes=3, depth=2, base_features=4, norm=norm, axis_name=axis_name)
+def _state(norm="none", axis_name=None, lr=0.5, depth=1):
+  model = UNet(num_classes=3, depth=depth, base_features=4, norm=norm, axis_name=axis_name)
   variables = helpers.init_variables(model, jnp.zeros((1, SIZE, SIZE, 1)), 1)
   params = variables.pop("params")
   # Plain SGD: an optimizer that normalises the update (Adam) would hide an N-times gradient.
