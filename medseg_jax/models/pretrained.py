@@ -22,7 +22,6 @@ same rule holds for any channel count, 3 included: MRI modalities are not colour
 import dataclasses
 import os
 import re
-from typing import Optional
 
 import numpy as np
 from absl import logging
@@ -201,7 +200,7 @@ def _layer(vgg: VGGWeights, source: str, target: str, current: dict) -> dict:
   return dict(current, kernel=np.asarray(kernel, dtype), bias=np.asarray(bias, dtype))
 
 
-def check_fits(path: str, model_name: str) -> Optional[str]:
+def check_fits(path: str, model_name: str) -> str:
   """The file's format ('mat' | 'h5') after checking the model can take VGG-16 weights."""
   fmt = file_format(path)
   if model_name != "fcn":
