@@ -59,6 +59,8 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
   tx = optim.make_optimizer(cfg, schedule)
   params = _abstract_params(cfg, par)
+  if starts_fresh:
+    warm_start.check_fits_model(cfg.model, params)
   jax.eval_shape(tx.init, params)
   return par
 

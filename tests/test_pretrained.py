@@ -176,6 +176,17 @@ def test_a_layer_of_another_width_is_an_error_naming_it(files):
   with pytest.raises(ConfigError, match=r"layer conv1_1 has kernel \[3, 3, 3, 4\] in the "
                                         r"file but \[3, 3, 1, 8\] in the model"):
     pretrained.into_fcn(pretrained.read_vgg(files["mat"]), fcn_params(base=8), FC)
+  # The config check, before any data work, maps the file onto the model's shapes.
+  fcn = ["--config.model.name=fcn", "--config.data.image_size=32",
+         f"--config.model.fc_features={FC}"]
+  for kind in ("mat", "h5_new"):
+    cfg = helpers.config(*TINY[1:], *fcn, "--config.model.base_features=8",
+                         f"--config.model.init_from={files[kind]}")
+    with pytest.raises(ConfigError, match=r"^model\.init_from=.*: layer conv1_1 has kernel"):
+      config.check(cfg)
+    config.check(cfg, starts_fresh=False)  # a resume does not read the file
+    config.check(helpers.config(*TINY[1:], *fcn, f"--config.model.base_features={BASE}",
+                                f"--config.model.init_from={files[kind]}"))
 
 
 def test_files_of_neither_format_are_config_errors(tmp_path):

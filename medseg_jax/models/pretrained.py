@@ -162,41 +162,43 @@ def grey_kernel(rgb_kernel: np.ndarray, channels: int) -> np.ndarray:
   return np.repeat((grey / channels)[:, :, None, :], channels, axis=2).astype(np.float32)
 
 
-def into_fcn(vgg: VGGWeights, params: dict, fc_features: int) -> tuple[dict, list, list]:
-  """`params` (an FCN's, numpy or jax leaves) with the VGG layers put in; also the names
-  of the layers loaded and of those left as initialised."""
+def into_fcn(vgg: VGGWeights, params: dict, fc_features: int,
+             log: bool = True) -> tuple[dict, list, list]:
+  """`params` (an FCN's: numpy or jax leaves, or only their shapes) with the VGG layers
+  put in; also the names of the layers loaded and of those left as initialised. `log`
+  says what was done to the first kernel and to fc6/fc7."""
+  info = logging.info if log else lambda *args: None
   params = dict(params)
   targets = list(zip(CONV_NAMES, (f"Conv_{i}" for i in range(len(CONV_NAMES)))))
   fc_width = vgg.layers["fc6"][0].shape[-1] if "fc6" in vgg.layers else None
   if fc_width is not None and fc_width == fc_features and "fc7" in vgg.layers:
     targets += [("fc6", "fc6"), ("fc7", "fc7")]
   elif fc_width is None:
-    logging.info("model.init_from=%s has no fc layers (a _notop file): fc6 and fc7 are new",
-                 vgg.path)
+    info("model.init_from=%s has no fc layers (a _notop file): fc6 and fc7 are new", vgg.path)
   else:
-    logging.info("model.init_from=%s: fc width %d, model.fc_features=%d: fc6 and fc7 are "
-                 "new", vgg.path, fc_width, fc_features)
+    info("model.init_from=%s: fc width %d, model.fc_features=%d: fc6 and fc7 are new",
+         vgg.path, fc_width, fc_features)
   for source, target in targets:
-    params[target] = _layer(vgg, source, target, params[target])
+    params[target] = _layer(vgg, source, target, params[target], info)
   loaded = [target for _, target in targets]
   return params, loaded, [name for name in params if name not in loaded]
 
 
-def _layer(vgg: VGGWeights, source: str, target: str, current: dict) -> dict:
+def _layer(vgg: VGGWeights, source: str, target: str, current: dict, info) -> dict:
   kernel, bias = vgg.layers[source]
   in_file, want = list(kernel.shape), tuple(current["kernel"].shape)
   if source == "conv1_1" and kernel.ndim == 4:
-    logging.info("%s [%s] (%s) -> %s [%s]: z-scored input read as ImageNet pixels "
-                 "mean + std * x, kernel = sum_c std_c W_c / %d, repeated per channel",
-                 source, ",".join(map(str, kernel.shape)), vgg.source_order, target,
-                 ",".join(map(str, want)), want[2])
+    info("%s [%s] (%s) -> %s [%s]: z-scored input read as ImageNet pixels "
+         "mean + std * x, kernel = sum_c std_c W_c / %d, repeated per channel",
+         source, ",".join(map(str, kernel.shape)), vgg.source_order, target,
+         ",".join(map(str, want)), want[2])
     if kernel.shape[2] == 3:
       kernel = grey_kernel(kernel, want[2])
   if tuple(kernel.shape) != want or tuple(bias.shape) != tuple(current["bias"].shape):
     raise ConfigError(f"model.init_from={vgg.path}: layer {source} has kernel "
                       f"{in_file} in the file but {list(want)} in the model "
                       f"({target}; model.base_features and model.fc_features give its widths)")
-  dtype = np.asarray(current["kernel"]).dtype
+  dtype = current["kernel"].dtype
   return dict(current, kernel=np.asarray(kernel, dtype), bias=np.asarray(bias, dtype))
 
 

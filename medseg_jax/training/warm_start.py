@@ -37,6 +37,15 @@ def check(model: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
     pretrained.check_fits(model.init_from, model.name)
 
 
+def check_fits_model(model: ml_collections.ConfigDict, params) -> None:
+  """Maps the VGG-16 file of `model.init_from` onto the model's parameter shapes `params`,
+  so a layer of another width is a ConfigError before any data work. A run's checkpoint
+  is matched when the run starts: its class head depends on the dataset."""
+  if model.init_from and not os.path.isdir(model.init_from):
+    pretrained.into_fcn(pretrained.read_vgg(model.init_from), params, model.fc_features,
+                        log=False)
+
+
 def step_directory(path: str, which: str) -> str:
   """The checkpoint step directory of `path` (a run, a checkpoints directory or a step)
   that `which` ('best', 'latest' or a step) names."""
