@@ -290,9 +290,11 @@ def test_another_model_or_a_missing_step_is_refused(source_run):
   model = FCN(num_classes=2, base_features=4, fc_features=8)
   state = init_state(model, optax.sgd(0.1), jax.random.key(0), (32, 32, 1))
   cfg = helpers.config(*RUN, "--config.model.name=fcn", f"--config.model.init_from={source_run}")
-  with pytest.raises(ConfigError, match=r"checkpoints_best/2: a checkpoint of another model: "
-                                        r"it has no params/Conv_1/bias$"):
+  another = r"checkpoints_best/2: a checkpoint of another model: it has no params/Conv_1/bias$"
+  with pytest.raises(ConfigError, match=another):
     warm_start.apply(cfg, state, 2)
+  with pytest.raises(ConfigError, match=another):  # seen by the check, before any data work
+    config.check(cfg)
   for which, message in (("'7'", r"model.init_checkpoint=7: no such step .*\(have \[2\]\)"),
                          ("latest", None), ("best", None)):
     cfg = helpers.config(*RUN, f"--config.model.init_from={source_run}/checkpoints",

@@ -38,12 +38,27 @@ def check(model: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
 
 
 def check_fits_model(model: ml_collections.ConfigDict, params) -> None:
-  """Maps the VGG-16 file of `model.init_from` onto the model's parameter shapes `params`,
-  so a layer of another width is a ConfigError before any data work. A run's checkpoint
-  is matched when the run starts: its class head depends on the dataset."""
-  if model.init_from and not os.path.isdir(model.init_from):
+  """Before any data work: maps the VGG-16 file of `model.init_from` onto the model's
+  parameter shapes `params` (a layer of another width is a ConfigError), or checks that a
+  run's checkpoint has the model's parameters (its shapes are matched when the run
+  starts: the class head depends on the dataset)."""
+  if not model.init_from:
+    return
+  if not os.path.isdir(model.init_from):
     pretrained.into_fcn(pretrained.read_vgg(model.init_from), params, model.fc_features,
                         log=False)
+    return
+  directory = step_directory(model.init_from, str(model.init_checkpoint))
+  saved = {path for path in _flat(_read_tree(directory, arrays=False)) if path[0] == "params"}
+  _check_same_paths(directory, saved, set(_flat({"params": params})))
+
+
+def _check_same_paths(directory: str, saved: set, ours: set) -> None:
+  for missing, where in ((sorted(ours - saved), "it has no"),
+                         (sorted(saved - ours), "the model has no")):
+    if missing:
+      raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: {where} "
+                        f"{'/'.join(missing[0])}")
 
 
 def step_directory(path: str, which: str) -> str:
@@ -106,14 +121,9 @@ def from_checkpoint(directory: str, state: TrainState, num_classes: int):
   """Params and model state of `state` with the checkpoint's arrays at matching paths;
   also the layers loaded and those new (class heads of another class count)."""
   fresh = jax.device_get({"params": state.params, "model_state": state.model_state})
-  saved = {path: leaf for path, leaf in _flat(_read_arrays(directory)).items()
+  saved = {path: leaf for path, leaf in _flat(_read_tree(directory)).items()
            if path[0] in fresh}
-  ours = _flat(fresh)
-  for missing, where in ((sorted(set(ours) - set(saved)), "it has no"),
-                         (sorted(set(saved) - set(ours)), "the model has no")):
-    if missing:
-      raise ConfigError(f"{KEY}={directory}: a checkpoint of another model: {where} "
-                        f"{'/'.join(missing[0])}")
+  _check_same_paths(directory, set(saved), set(_flat(fresh)))
   loaded, new = set(), set()
   def take(path, leaf):
     path = tuple(str(getattr(k, "key", k)) for k in path)
@@ -136,12 +146,15 @@ def _is_class_head(saved: tuple, now: tuple, num_classes: int) -> bool:
           and all(s == n or n == num_classes for s, n in zip(saved, now)))
 
 
-def _read_arrays(directory: str) -> dict:
-  """The `state` item of a checkpoint step, as numpy arrays, without its config."""
+def _read_tree(directory: str, arrays: bool = True) -> dict:
+  """The `state` item of a checkpoint step, as numpy arrays (or only its metadata: the
+  tree's paths and shapes), without its config."""
   path = os.path.join(directory, "state")
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     metadata = checkpointer.metadata(path).item_metadata.tree
+    if not arrays:
+      return metadata
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
