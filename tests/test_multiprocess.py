@@ -111,6 +111,25 @@ def test_one_process_resumes_a_two_process_run(runs, tmp_path, caplog):
 PREDICT = TINY_RUN + ["--config.train.eval_batch_size=3"]
 
 
+def test_two_processes_fine_tune_from_a_run_like_one(runs, tmp_path):
+  """Each process reads the source run's checkpoint itself: a 2-process run started from
+  the reference run (3 classes here, so the head is new) has at step 1 what the same
+  fine-tuning in this process has."""
+  _, _, single = runs
+  tune = [f"--config.model.init_from={single}", "--config.model.init_checkpoint=latest",
+          "--config.data.label_map=(0, 1, 2)", "--config.train.num_steps=1"]
+  env = dict(_env(), CPU_DEVICES_PER_PROCESS="2")
+  launched = subprocess.run(["bash", "launch/local.sh", "2", *TINY, *tune,
+                             f"--workdir={tmp_path / 'two'}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  assert f"model.init_from={single}: " in launched.stderr and " 1 new (" in launched.stderr
+  loop.train_and_evaluate(helpers.config(*TINY[1:], *tune, "--config.parallel.num_devices=4"),
+                          str(tmp_path / "one"), False)
+  for a, b in zip(_params(tmp_path / "two", 1), _params(tmp_path / "one", 1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_pmap_trains_two_processes_like_one(runs, tmp_path):
   """pmap over 2 processes x 2 devices (checkpoints every step) equals the 1 x 4 run, whose
   shard_map step keys dropout per device the same way."""
