@@ -47,7 +47,6 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
-  warm_start.check(cfg.model, starts_fresh)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)
@@ -59,8 +58,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
   tx = optim.make_optimizer(cfg, schedule)
   params = _abstract_params(cfg, par)
-  if starts_fresh:
-    warm_start.check_fits_model(cfg.model, params)
+  warm_start.check(cfg.model, params, starts_fresh)
   jax.eval_shape(tx.init, params)
   return par
 

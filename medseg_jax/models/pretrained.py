@@ -202,10 +202,9 @@ def _layer(vgg: VGGWeights, source: str, target: str, current: dict, info) -> di
   return dict(current, kernel=np.asarray(kernel, dtype), bias=np.asarray(bias, dtype))
 
 
-def check_fits(path: str, model_name: str) -> str:
-  """The file's format ('mat' | 'h5') after checking the model can take VGG-16 weights."""
-  fmt = file_format(path)
+def check_fits(path: str, model_name: str) -> None:
+  """Checks the file is of a known format and the model can take VGG-16 weights."""
+  file_format(path)
   if model_name != "fcn":
     raise ConfigError(f"model.init_from={path}: VGG-16 weights fit model.name=fcn, not "
                       f"{model_name!r}")
-  return fmt

@@ -23,32 +23,23 @@ from medseg_jax.training.state import TrainState
 KEY = "model.init_from"
 
 
-def check(model: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
+def check(model: ml_collections.ConfigDict, params, starts_fresh: bool = True) -> None:
   """Checks `model.init_checkpoint`, and `model.init_from` when a run `starts_fresh` (only
-  then is it read), without reading any weights."""
+  then is it read), against the model's parameter shapes `params`: a VGG-16 file is
+  mapped onto them (a layer of another width is a ConfigError); a run's checkpoint must
+  hold the same parameters (its shapes are matched when the run starts: the class head
+  depends on the dataset)."""
   which = str(model.init_checkpoint)
   if which not in ("best", "latest") and not which.isdigit():
     raise ConfigError(f"model.init_checkpoint={which!r}: use 'best', 'latest' or a step number")
   if not model.init_from or not starts_fresh:
     return
-  if os.path.isdir(model.init_from):
-    step_directory(model.init_from, which)
-  else:
-    pretrained.check_fits(model.init_from, model.name)
-
-
-def check_fits_model(model: ml_collections.ConfigDict, params) -> None:
-  """Before any data work: maps the VGG-16 file of `model.init_from` onto the model's
-  parameter shapes `params` (a layer of another width is a ConfigError), or checks that a
-  run's checkpoint has the model's parameters (its shapes are matched when the run
-  starts: the class head depends on the dataset)."""
-  if not model.init_from:
-    return
   if not os.path.isdir(model.init_from):
+    pretrained.check_fits(model.init_from, model.name)
     pretrained.into_fcn(pretrained.read_vgg(model.init_from), params, model.fc_features,
                         log=False)
     return
-  directory = step_directory(model.init_from, str(model.init_checkpoint))
+  directory = step_directory(model.init_from, which)
   saved = {path for path in _flat(_read_tree(directory, arrays=False)) if path[0] == "params"}
   _check_same_paths(directory, saved, set(_flat({"params": params})))
 
