@@ -1,43 +1,17 @@
-"""FCN-8s on Decathlon Task02_Heart (the left atrium), the thesis's left-atrium setting.
+"""FCN-8s on Decathlon Task02_Heart (the left atrium), the thesis's left-atrium setting,
+from ImageNet VGG-16 (`model.init_from`, a file the user downloads: README, "Starting from
+pretrained weights"; `--config.model.init_from=""` trains from scratch).
 
-Each value that differs from base.py or that the thesis states says where it comes from:
-"thesis" (with the part of the thesis) or "ours" (with the reason, where the thesis
-leaves the choice open). `model.init_from` is the ImageNet VGG-16 the user downloads
-(README, "Starting from pretrained weights"); `--config.model.init_from=""` trains from
-scratch.
+configs/thesis.py says where each value comes from: "thesis" (with the part of the
+thesis) or "ours" (with the reason).
 """
 
-from configs import base
+from configs import base, thesis
 
 
 def get_config():
   c = base.get_config()
-  c.model.name = "fcn"                   # thesis, models: FCN-8s (Long et al. 2015)
-  c.model.base_features = 64             # thesis, models: VGG-16 widths (64 ... 512) ...
-  c.model.fc_features = 4096             # thesis, models: ... and fc6/fc7 as 4096-wide convs
-  c.model.dropout = 0.5                  # thesis, models: dropout; ours: Long et al.'s 0.5
-                                         # (the thesis gives no rate)
-  # thesis, models: initialised from MatConvNet's ImageNet VGG-16 (transfer learning)
-  c.model.init_from = "pretrained/imagenet-vgg-verydeep-16.mat"
-  c.data.root = "data/Task02_Heart"      # ours: where the Decathlon download is extracted
-  c.data.modalities = ("MRI",)           # thesis, use cases: mono-modal cardiac MRI
-  c.data.slice_selection = "central"     # ours: the thesis does not say which 70 slices
-  c.data.slices_per_volume = 70          # thesis, use cases: 70 slices per volume
-  c.data.image_size = 512                # thesis, use cases: resized to 512x512
-  # thesis, use cases: rotation in [-45, 45] degrees, zoom in [0.8, 1.2], translation up to
-  # 25.6 px; offline there, on the device per step here (ours: no 35,000-slice copy on disk).
-  c.data.augment.enabled = True
-  c.data.augment.rotation_degrees = 45.0  # thesis, use cases
-  c.data.augment.zoom = (0.8, 1.2)       # thesis, use cases
-  c.data.augment.translate_pixels = 25.6  # thesis, use cases
-  c.data.augment.samples_per_epoch = 35000  # thesis, use cases: an epoch of 35,000 augmented
-                                         # slices, so warmup and GreScale keep its lengths
-  c.optim.name = "sgd"                   # thesis, training settings: SGD
-  c.optim.momentum = 0.9                 # ours: the thesis gives no momentum; the usual 0.9
-  c.optim.lr = 3e-5                      # thesis, training settings: base LR 3e-5
-  c.lr.scaling = "linear"                # thesis, LR policies: the linear scaling rule
-  c.train.per_device_batch_size = 10     # thesis, training settings: 10 per GPU
-  c.train.num_epochs = 120               # thesis, training settings: 120 epochs
-  c.train.loss = "dice_ce"               # ours: the thesis names no loss; Dice + cross-entropy
-                                         # copes with the small atrium share of each slice
+  thesis.fcn(c)
+  thesis.left_atrium(c)
+  thesis.training(c, per_device_batch=10, epochs=120, lr=3e-5)  # thesis, training settings
   return c

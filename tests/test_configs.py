@@ -14,8 +14,9 @@ from medseg_jax.models import MODELS, build_model
 from medseg_jax.parallel import strategies
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Config files define get_config; configs/thesis.py holds settings several of them share.
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                 if not p.endswith("__init__.py"))
+                 if "def get_config" in open(p).read())
 REQUIRED = ["seed", "model.name", "data.root", "data.image_size", "train.per_device_batch_size",
             "train.num_epochs", "train.num_steps", "parallel.strategy", "parallel.num_devices",
             "checkpoint.every_steps"]
@@ -85,30 +86,57 @@ THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart"]
 
 @pytest.mark.parametrize("name", THESIS_CONFIGS)
 def test_thesis_config_says_where_each_value_comes_from(name):
-  """Every value a thesis config sets carries a comment, on its line or in the comment
-  lines just above it, saying "thesis" (from the thesis) or "ours" (our choice)."""
-  with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
-    lines = f.read().splitlines()
-  unexplained = []
-  for i, line in enumerate(lines):
-    if not line.strip().startswith("c.") or " = " not in line:
-      continue
-    comments = [line.partition("#")[2]]
-    j = i + 1  # a comment continued on the lines below
-    while j < len(lines) and lines[j].strip().startswith("#") and "=" not in lines[j]:
-      comments.append(lines[j]); j += 1
-    j = i - 1  # or a comment block just above
-    while j >= 0 and lines[j].strip().startswith("#"):
-      comments.append(lines[j]); j -= 1
-    if not any(word in " ".join(comments) for word in ("thesis", "ours")):
-      unexplained.append(line.strip())
+  """Every value a thesis config sets, in its file or in the configs/thesis.py functions
+  it calls, carries a comment, on its line or in the comment lines just above or below
+  it, saying "thesis" (from the thesis) or "ours" (our choice); so does every call."""
+  lines = _lines(f"{name}.py")
+  shared = _functions(_lines("thesis.py"))
+  called = [f for f in shared if any(f"thesis.{f}(c" in line for line in lines)]
+  assert called, "a thesis config builds on configs/thesis.py"
+  settings = [(i, lines) for i, line in enumerate(lines)
+              if line.strip().startswith(("c.", "thesis.training("))]
+  settings += [(i, shared[f]) for f in called for i, line in enumerate(shared[f])
+               if line.strip().startswith("c.")]
+  unexplained = [body[i].strip() for i, body in settings if not _explained(body, i)]
   assert not unexplained, unexplained
   base = load(os.path.join(REPO, "configs", "base.py"))
   cfg = load(os.path.join(REPO, "configs", f"{name}.py"))
-  set_here = {line.strip().split(" = ")[0][2:] for line in lines
-              if line.strip().startswith("c.") and " = " in line}
+  set_here = {body[i].strip().split(" = ")[0][2:] for i, body in settings
+              if body[i].strip().startswith("c.")}
   differing = {key for key in _leaves(cfg) if _leaves(cfg)[key] != _leaves(base)[key]}
   assert differing <= set_here, differing - set_here
+
+
+def _lines(filename):
+  with open(os.path.join(REPO, "configs", filename)) as f:
+    return f.read().splitlines()
+
+
+def _functions(lines):
+  """The body lines of each top-level function of a module's `lines`, by name."""
+  bodies, name = {}, None
+  for line in lines:
+    if line.startswith("def "):
+      name = line[4:line.index("(")]
+      bodies[name] = []
+    elif line and not line[0].isspace():
+      name = None
+    elif name:
+      bodies[name].append(line)
+  return bodies
+
+
+def _explained(lines, i):
+  """The comment on line i, continued below it or in a block just above, says where the
+  value comes from."""
+  comments = [lines[i].partition("#")[2]]
+  j = i + 1
+  while j < len(lines) and lines[j].strip().startswith("#") and "=" not in lines[j]:
+    comments.append(lines[j]); j += 1
+  j = i - 1
+  while j >= 0 and lines[j].strip().startswith("#"):
+    comments.append(lines[j]); j -= 1
+  return any(word in " ".join(comments) for word in ("thesis", "ours"))
 
 
 def _leaves(cfg, prefix=""):
