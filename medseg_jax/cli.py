@@ -8,7 +8,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import MedsegError, first_line
 
 
 def fail(message: str, code: int) -> None:
@@ -33,7 +33,7 @@ def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:
-      fail(str(e).splitlines()[0], 2)
+      fail(first_line(e), 2)
     except (AttributeError, KeyError):  # config_flags' way of saying an override key is unknown
       fail(_unknown_override(config_arg, argv), 2)
     if check is not None:

@@ -21,3 +21,10 @@ class InvalidDatasetError(DataError):
   """The dataset failed validation; the message lists every problem found. Exit code 2."""
 
   exit_code = 2
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of `error`'s message (its type name if it has none), cut to `limit`
+  characters: how a library's exception is quoted inside a one-line error."""
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0][:limit]

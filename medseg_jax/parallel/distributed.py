@@ -14,7 +14,7 @@ import time
 
 from absl import logging
 
-from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.errors import ConfigError, MedsegError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ def initialize(launch: Launch, local_device_ids: list[int] | None,
     jax.distributed.initialize(local_device_ids=local_device_ids, **kwargs)
   except Exception as e:  # the runtime raises several types; all mean "no process group"
     raise MedsegError(f"jax.distributed ({launch.source}) could not start: "
-                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                      f"{first_line(e)}") from e
   logging.info("Process %d of %d (%s), %d local devices of %d", jax.process_index(),
                jax.process_count(), launch.source, jax.local_device_count(),
                jax.device_count())

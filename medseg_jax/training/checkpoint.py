@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.errors import ConfigError, MedsegError, first_line
 
 STATE, META = "state", "meta"
 # Model keys that say where a fresh run's weights came from, not what the model is.
@@ -146,7 +146,7 @@ class Checkpointer:
       return self._read(manager, step, state, sharding)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
       raise MedsegError(f"{manager.directory}/{step}: unreadable checkpoint "
-                        f"({_first_line(e)})") from e
+                        f"({first_line(e)})") from e
 
   def _restore_newest(self, state: Any, sharding) -> Restored:
     steps = sorted(self._manager.all_steps(), reverse=True)
@@ -157,7 +157,7 @@ class Checkpointer:
         restored = self._read(self._manager, step, state, sharding)
       except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
         logging.warning("Skipping unreadable checkpoint %s/%d: %s", self.directory, step,
-                        _first_line(e))
+                        first_line(e))
         continue
       for unreadable in steps[:index]:  # training writes these steps again
         self._manager.delete(unreadable)
@@ -249,7 +249,3 @@ def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
     checkpointer.close()
   return par.put_state(restored.state)
 
-
-def _first_line(error: Exception) -> str:
-  text = str(error).strip() or type(error).__name__
-  return text.splitlines()[0][:300]

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax.errors import ConfigError
+from medseg_jax.errors import ConfigError, first_line
 from medseg_jax.models import pretrained
 from medseg_jax.training.state import TrainState
 
@@ -150,8 +150,7 @@ def _read_tree(directory: str, arrays: bool = True) -> dict:
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
     raise ConfigError(f"{KEY}={directory}: unreadable checkpoint "
-                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})"
-                      ) from e
+                      f"({first_line(e, 200)})") from e
   finally:
     checkpointer.close()
 
