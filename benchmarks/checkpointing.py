@@ -11,6 +11,7 @@ whole loop. Then a synchronous save (save + wait) and a restore are timed alone.
 """
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -34,7 +35,7 @@ def main():
   import numpy as np
   from configs import base
   from medseg_jax import optim
-  from medseg_jax.training import checkpoint, decisions, losses, state as state_lib
+  from medseg_jax.training import checkpoint, decisions, losses, state as state_lib, step
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -47,12 +48,12 @@ def main():
   state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0),
                                          (args.size, args.size, 1)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(par.host_state(state)))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(par.replicated_state(state)))
   rng = np.random.default_rng(0)
   batch = par.put_batch({
       "image": rng.normal(size=(args.batch, args.size, args.size, 1)).astype("f4"),
       "label": rng.integers(0, 2, (args.batch, args.size, args.size)).astype("i4")})
-  step_fn = par.train_step(losses.dice_ce_loss)
+  step_fn = par.train_step(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss))
   state, m = step_fn(state, batch, jax.random.key(1))  # compile outside the timed loop
   jax.block_until_ready(m)
 
@@ -65,7 +66,7 @@ def main():
       jax.block_until_ready(state)  # the save below must not wait for the step's compute
       if decisions.periodic(step, args.every):
         t = time.perf_counter()
-        ckpt.save(step, par.host_state(state), {"step": step})
+        ckpt.save(step, par.replicated_state(state), {"step": step})
         saves.append(time.perf_counter() - t)
     t = time.perf_counter()
     ckpt.wait()  # the run's end waits for the last write
@@ -73,11 +74,11 @@ def main():
     total = time.perf_counter() - start
 
     t = time.perf_counter()
-    ckpt.save(args.steps + 1, par.host_state(state), {"step": args.steps + 1})
+    ckpt.save(args.steps + 1, par.replicated_state(state), {"step": args.steps + 1})
     ckpt.wait()
     sync_save = time.perf_counter() - t
     t = time.perf_counter()
-    restored = ckpt.restore(par.host_state(state), par.replicated)
+    restored = ckpt.restore(par.replicated_state(state), par.replicated)
     jax.block_until_ready(restored.state.params)
     restore = time.perf_counter() - t
     ckpt.close()

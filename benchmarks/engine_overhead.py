@@ -22,6 +22,7 @@ Each config runs without and with a warm persistent compilation cache
 (config parsing, building and deploying the parallel training components).
 """
 
+import functools
 import time
 
 T0 = time.time()
@@ -57,9 +58,9 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   import jax
   from ml_collections import config_flags
   from medseg_jax import optim
-  from medseg_jax.training import losses, setup
+  from medseg_jax.training import losses, setup, step as step_lib
   from medseg_jax.data import loader, pipeline
-  from medseg_jax.parallel import strategies
+  from medseg_jax.parallel import multihost, strategies
   now = mark("imports", now)
 
   holder = config_flags.DEFINE_config_file("config", None, "config", lock_config=True)
@@ -70,7 +71,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   parts = {"mesh": time.perf_counter() - now}
   now = mark("build", now)
-  data, info = pipeline.load_splits(cfg, workdir)
+  data, info = pipeline.load_splits(cfg, workdir, multihost.barrier)
   now = mark("data_open", now)
   if prepare:
     return {}
@@ -86,8 +87,10 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   start = time.perf_counter()
   state = par.put_state(state)
   parts["place_state"] = time.perf_counter() - start
-  step = par.train_step(losses.get_loss(cfg.train.loss))
-  par.eval_step(pipeline.num_classes(cfg, info))
+  step = par.train_step(functools.partial(step_lib.train_step,
+                                         loss_fn=losses.get_loss(cfg.train.loss)))
+  par.eval_step(functools.partial(step_lib.eval_step,
+                                  num_classes=pipeline.num_classes(cfg, info)))
   now = mark("build", now)
 
   batches = loader.train_batches(data["train"], global_batch, cfg.seed, 0)

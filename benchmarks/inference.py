@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from medseg_jax.evaluation import predict  # noqa: E402
-from medseg_jax.training import setup  # noqa: E402
+from medseg_jax.training import setup, step  # noqa: E402
 from medseg_jax.data import synthetic  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 
@@ -46,7 +46,7 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
   batch = cfg.train.per_device_batch_size
   state = setup.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
   state = par.put_state(state)
-  predict_fn = par.predict_step()
+  predict_fn = par.predict_step(step.predict_step)
   size = cfg.data.image_size
   images = np.random.default_rng(0).normal(size=(batch, size, size, 1)).astype(np.float32)
   put = lambda: par.put_batch({"image": images})["image"]

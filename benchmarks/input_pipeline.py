@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 def build(args):
   from configs import base
   from medseg_jax.data import pipeline, store, synthetic
+  from medseg_jax.parallel import multihost
   root = os.path.join(args.workdir, "Task01_Bench")
   if not os.path.exists(root):
     synthetic.write_synthetic_decathlon(root, args.volumes, 0, (256, 256, args.depth),
@@ -43,7 +44,7 @@ def build(args):
   cfg.data.val_fraction = cfg.data.test_fraction = 0.0
   cfg.data.cache_dir = os.path.join(args.workdir, "cache")
   started = time.perf_counter()
-  sets, info = pipeline.load_splits(cfg, os.path.join(args.workdir, "run"))
+  sets, info = pipeline.load_splits(cfg, os.path.join(args.workdir, "run"), multihost.barrier)
   print(f"store ready in {time.perf_counter() - started:.1f} s: {len(sets['train'])} slices")
   return cfg, sets["train"], store.Store(info["store"])
 

@@ -8,6 +8,7 @@ cost of splitting one step over devices.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
   import numpy as np
   from configs import base
   from medseg_jax import optim
-  from medseg_jax.training import losses, state as state_lib
+  from medseg_jax.training import losses, state as state_lib, step
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -45,7 +46,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
     rng = np.random.default_rng(0)
     batch = par.put_batch({"image": rng.normal(size=(global_batch, size, size, 1)).astype("f4"),
                            "label": rng.integers(0, 2, (global_batch, size, size)).astype("i4")})
-    step = par.train_step(losses.dice_ce_loss)
+    step_fn = par.train_step(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss))
     start = time.perf_counter()
     state, m = step(state, batch, jax.random.key(1))
     jax.block_until_ready(m)

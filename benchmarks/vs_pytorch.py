@@ -13,6 +13,7 @@ Needs the benchmark requirements (benchmarks/requirements.txt).
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   import jax
   from configs import base as base_config
   from medseg_jax import optim
-  from medseg_jax.training import losses, state as state_lib
+  from medseg_jax.training import losses, state as state_lib, step as step_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
@@ -46,7 +47,9 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   state = par.put_state(state_lib.init_state(model, tx, jax.random.key(0), (size, size, 1)))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = par.put_batch({"image": images, "label": labels})
-  step, predict = par.train_step(losses.dice_ce_loss), par.predict_step()
+  step, predict = (par.train_step(functools.partial(step_lib.train_step,
+                                                     loss_fn=losses.dice_ce_loss)),
+                   par.predict_step(step_lib.predict_step))
   rng = jax.random.key(1)
   holder = {"state": state}
 

@@ -16,7 +16,7 @@ from absl import logging
 
 from medseg_jax import optim
 from medseg_jax.training import losses, warm_start
-from medseg_jax.data import augment, preprocess, split
+from medseg_jax.data import augment, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import build_model
 from medseg_jax.parallel import strategies
@@ -48,7 +48,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  batch = global_batch(cfg, par.num_devices)
+  batch = pipeline.global_batch(cfg, par.num_devices)
   losses.get_loss(cfg.train.loss)
   augment.from_config(cfg.data.augment)
   _check_samples_per_epoch(cfg.data.augment)
@@ -61,14 +61,6 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   warm_start.check(cfg.model, params, starts_fresh)
   jax.eval_shape(tx.init, params)
   return par
-
-
-def global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
-  """`train.per_device_batch_size` times the devices; the size must be positive."""
-  if cfg.train.per_device_batch_size <= 0:
-    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
-                      "must be positive")
-  return cfg.train.per_device_batch_size * num_devices
 
 
 def _check_data(data: ml_collections.ConfigDict) -> None:

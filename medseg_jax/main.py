@@ -2,17 +2,18 @@
 
 import os
 
+import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from medseg_jax import cli
-from medseg_jax.parallel import distributed
+from medseg_jax import cli, config
+from medseg_jax.data import pipeline
 from medseg_jax.errors import MedsegError
+from medseg_jax.parallel import distributed, multihost, strategies
+from medseg_jax.training import checkpoint, loop, modes
 
 MODES = ("train", "evaluate", "predict")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs; "
                                 "default runs/<config file name>.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES,
@@ -50,7 +51,6 @@ def _start_processes(cfg) -> None:
   launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
   distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds)
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
 
@@ -62,22 +62,19 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-def _check_before_data(cfg, workdir: str) -> None:
+def _check_before_data(cfg, workdir: str) -> strategies.Parallel:
   """The whole config, and the dataset directory when the mode reads it, before anything
-  reads the data or writes into the workdir."""
-  # These modules import jax's backend; they come after the process group exists.
-  from medseg_jax import config  # pylint: disable=import-outside-toplevel
-  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from medseg_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  reads the data or writes into the workdir; returns the devices the config asks for."""
   # model.init_from is read only by a training run that does not resume.
   starts_fresh = _MODE.value == "train" and (_FROM_SCRATCH.value
                                              or not checkpoint.has_checkpoint(workdir))
-  config.check(cfg, starts_fresh)
+  par = config.check(cfg, starts_fresh)
   if _MODE.value != "predict":  # predict reads the run's data_info.json, not the dataset
-    pipeline.dataset_root(cfg, workdir)
+    pipeline.check_dataset_root(cfg, workdir)
   if not _WORKDIR.value:
     logging.info("Workdir: %s (the default for --config=%s)", workdir,
                  flags.FLAGS["config"].config_filename)
+  return par
 
 
 def main(argv: list[str]) -> None:
@@ -88,19 +85,15 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   try:
     _start_processes(cfg)
-    _check_before_data(cfg, workdir)
-    # The training code imports jax's backend; it comes after the process group exists.
-    from medseg_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
-    from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
-    from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
+    par = _check_before_data(cfg, workdir)
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
+      loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
     elif _MODE.value == "evaluate":
-      loop.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
+      modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
     else:
-      predict.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
-                    _OVERWRITE.value, _PROBABILITIES.value)
+      modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
+                               _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.
     multihost.barrier("end of run")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.errors import ConfigError
 
 SCALING_RULES: dict[str, Callable[[float], float]] = {
     "none": lambda k: 1.0,
@@ -148,6 +148,12 @@ def check_grescale(g: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"lr.grescale.{key}={g[key]}: must not be negative")
 
 
+def grescale_decay_epochs(decay_epochs: float, epochs: float) -> float:
+  """GreScale's decay length in epochs: `lr.grescale.decay_epochs`, or for 0 the thesis's
+  default, 3/7 of the epochs after the first 5."""
+  return decay_epochs or 3.0 / 7.0 * max(epochs - 5.0, 0.0)
+
+
 def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) -> list[Piece]:
   """GreScale: warmup from the base LR eta (`optim.lr`, the thesis's "initial LR") to the
   scaled `peak` (k * eta), stabilisation at `stabilisation_factor` * peak, then decay.
@@ -158,8 +164,7 @@ def _grescale(cfg, peak: float, to_steps, num_steps: int, steps_per_epoch: int) 
   the stabilisation. The decay is time-based: LR = held / (1 + c * epochs into decay).
   """
   g = cfg.lr.grescale
-  epochs = num_steps / steps_per_epoch
-  decay_epochs = g.decay_epochs or 3.0 / 7.0 * max(epochs - 5.0, 0.0)
+  decay_epochs = grescale_decay_epochs(g.decay_epochs, num_steps / steps_per_epoch)
   warm = min(to_steps(g.warmup_epochs), num_steps)
   decay = min(to_steps(decay_epochs), num_steps - warm)
   stable = num_steps - warm - decay
@@ -202,95 +207,3 @@ def with_step(opt_state: optax.OptState, step: int) -> optax.OptState:
     is_count = path and getattr(path[-1], "name", None) == "count"
     return jnp.full_like(leaf, step) if is_count else leaf
   return jax.tree_util.tree_map_with_path(reset, opt_state)
-
-
-def plot(curves: dict[str, ResolvedSchedule], num_steps: int, path: str, title: str) -> None:
-  """Writes a PNG of the LR over steps of each labelled schedule, phase starts marked."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  steps = np.arange(num_steps)
-  fig, ax = plt.subplots(figsize=(7, 3.5))
-  marked = set()  # a boundary two schedules share is labelled once
-  for (label, resolved), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
-    values = np.asarray(resolved.schedule(steps))
-    ax.plot(steps / resolved.steps_per_epoch, values, color=colour, label=label)
-    for phase in resolved.phases[1:]:
-      epoch = phase.start / resolved.steps_per_epoch
-      ax.axvline(epoch, color=colour, linestyle=":")
-      if (epoch, phase.name) not in marked:
-        ax.text(epoch, values.max(), f" {phase.name}", va="top", fontsize=8)
-        marked.add((epoch, phase.name))
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("learning rate")
-  ax.set_title(title)
-  if len(curves) > 1:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-
-
-def _count_train_slices(cfg: ml_collections.ConfigDict) -> int:
-  """The training slices of the config's dataset, as a run counts them; an error that
-  stops the count also names --train_slices, which skips it."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-
-  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-
-  try:
-    with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
-      return pipeline.train_slice_count(cfg, tmp)
-  except MedsegError as e:
-    raise type(e)(f"{e}; or give the count with --train_slices=N") from e
-
-
-def _cli() -> None:
-  """python -m medseg_jax.optim --config=FILE [--num_devices=K] [--plot=lr.png]
-  [--after_action=ACTION]."""
-  import os  # pylint: disable=import-outside-toplevel
-
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  from medseg_jax import cli  # pylint: disable=import-outside-toplevel
-  from medseg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  # The guideline's actions say what an action does to a config.
-  from medseg_jax.tuning import actions  # pylint: disable=import-outside-toplevel
-
-  config = cli.config_flag()
-  devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
-  slices = flags.DEFINE_integer("train_slices", 0,
-                                "Training slices; 0 = count them in the config's dataset.")
-  png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
-  action = flags.DEFINE_enum(
-      "after_action", None, actions.SCHEDULE_ACTIONS,
-      "Also the GreScale schedule after one step of this guideline action (default step "
-      "sizes), printed and plotted beside the config's.")
-
-  def main() -> None:
-    cfg = config.value
-    after = actions.after_action(cfg, action.value) if action.value else None
-    count = slices.value or _count_train_slices(cfg)
-    plan = pipeline.epoch_plan(cfg, count, devices.value)
-    resolve = lambda c: resolve_schedule(c, plan.global_batch, plan.steps_per_epoch,
-                                         plan.num_steps)
-    resolved = resolve(cfg)
-    print(f"policy {cfg.lr.policy}, {devices.value} devices, global batch {plan.global_batch}, "
-          f"{count} training slices, {plan.epoch_draws} drawn per epoch, {plan.num_steps} steps")
-    print(resolved.describe())
-    curves = {"config": resolved}
-    if after:
-      curves[f"after {action.value}"] = resolve(after[0])
-      print(f"after {action.value} ({after[1]}):")
-      print(curves[f"after {action.value}"].describe())
-    if png.value:
-      plot(curves, plan.num_steps, png.value, f"{cfg.lr.policy}, k={resolved.k:g}")
-      print(f"wrote {os.path.abspath(png.value)}")
-
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  _cli()

@@ -70,3 +70,28 @@ def checkpoint_arrays(workdir: str, step: int, item: str | None = None,
                           checkpointer.metadata(path).item_metadata)
   tree = checkpointer.restore(path, abstract)
   return [np.asarray(x) for x in jax.tree.leaves(tree[item] if item else tree)]
+
+
+def parallel(cfg):
+  """The devices `cfg` asks for, as `medseg_jax.main` hands them to every mode."""
+  from medseg_jax.parallel import strategies  # pylint: disable=import-outside-toplevel
+  return strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+
+
+def train(cfg, workdir: str, from_scratch: bool = False):
+  """--mode=train in this process."""
+  from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
+  return loop.train_and_evaluate(cfg, str(workdir), parallel(cfg), from_scratch)
+
+
+def evaluate(cfg, workdir: str, which: str = "latest") -> dict:
+  """--mode=evaluate in this process."""
+  from medseg_jax.training import modes  # pylint: disable=import-outside-toplevel
+  return modes.evaluate_checkpoint(cfg, str(workdir), parallel(cfg), which)
+
+
+def predict(cfg, workdir: str, input_path: str, output: str, which: str = "latest", **kwargs):
+  """--mode=predict in this process."""
+  from medseg_jax.training import modes  # pylint: disable=import-outside-toplevel
+  return modes.predict_checkpoint(cfg, str(workdir), parallel(cfg), input_path, output, which,
+                                  **kwargs)

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from configs import base
-from medseg_jax.training import losses
+from medseg_jax.training import losses, step
 from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
 from medseg_jax.parallel import strategies
@@ -99,7 +99,8 @@ def test_every_shard_augments_differently(devices8, strategy):
   assert len({np.asarray(ref_label[i]).tobytes() for i in range(8)}) == 8
   _, ref_metrics = _reference_step(_state(), {"image": ref_image, "label": ref_label})
   par = strategies.make_parallel(strategy, 8)
-  _, metrics = par.train_step(losses.dice_ce_loss, fn)(
+  _, metrics = par.train_step(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss,
+                                                augment=fn))(
       par.put_state(_state()), par.put_batch({"image": image, "label": label}),
       jax.random.key(0))
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
@@ -111,7 +112,8 @@ def test_train_step_augments_only_when_asked(devices8):
   par = strategies.make_parallel("shard_map", 8)
   # Two levels: on a noise batch with random labels the one-level U-Net's loss barely
   # moves under augmentation, the two-level one's by well over the tolerance below.
-  loss = lambda aug: float(jax.device_get(par.train_step(losses.dice_ce_loss, aug)(
+  loss = lambda aug: float(jax.device_get(par.train_step(
+      functools.partial(step.train_step, loss_fn=losses.dice_ce_loss, augment=aug))(
       par.put_state(_state(depth=2)), par.put_batch(batch), jax.random.key(0))[1]["loss"]))
   plain = loss(None)
   identity = functools.partial(augment.augment_batch, ranges=augment.Ranges())
@@ -133,10 +135,11 @@ def test_a_slice_drawn_twice_in_one_epoch_is_augmented_differently(devices8):
   assert first != second
   image, label = _square_batch(8)  # the slice on every device
   par = strategies.make_parallel("shard_map", 8)
-  step_fn = par.train_step(losses.dice_ce_loss,
-                           functools.partial(augment.augment_batch, ranges=THESIS))
-  loss = lambda step: float(jax.device_get(step_fn(
-      par.put_state(_state().replace(step=jnp.asarray(step, jnp.int32))),
+  step_fn = par.train_step(functools.partial(
+      step.train_step, loss_fn=losses.dice_ce_loss,
+      augment=functools.partial(augment.augment_batch, ranges=THESIS)))
+  loss = lambda at: float(jax.device_get(step_fn(
+      par.put_state(_state().replace(step=jnp.asarray(at, jnp.int32))),
       par.put_batch({"image": image, "label": label}), jax.random.key(0))[1]["loss"]))
   assert loss(first) == loss(first)  # nothing else differs between two calls
   assert loss(second) != pytest.approx(loss(first), rel=1e-4)

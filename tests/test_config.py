@@ -9,6 +9,7 @@ from configs import quickstart
 from medseg_jax import config
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.parallel import multihost
 
 
 def quickstart_with(**overrides):
@@ -114,21 +115,21 @@ def synthetic_cfg(root):
 def test_misspelt_root_is_not_found_and_writes_nothing(tmp_path):
   root = tmp_path / "Task01_BrainTumor"  # the real one would be ...Tumour
   with pytest.raises(DataError, match="Task01_BrainTumor/dataset.json: not found"):
-    pipeline.prepare_dataset_root(synthetic_cfg(root), str(tmp_path / "run"))
+    pipeline.prepare_dataset_root(synthetic_cfg(root), str(tmp_path / "run"), multihost.barrier)
   assert os.listdir(tmp_path) == []
 
 
 def test_a_non_empty_root_without_dataset_json_is_not_written_into(tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   with pytest.raises(DataError, match="dataset.json: not found"):
-    pipeline.prepare_dataset_root(synthetic_cfg(tmp_path), str(tmp_path / "run"))
+    pipeline.prepare_dataset_root(synthetic_cfg(tmp_path), str(tmp_path / "run"), multihost.barrier)
   assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_synthetic_data_goes_into_an_empty_root_the_user_made(tmp_path):
   root = tmp_path / "synthetic"
   root.mkdir()
-  assert pipeline.prepare_dataset_root(synthetic_cfg(root), str(tmp_path / "run")) == str(root)
+  assert pipeline.prepare_dataset_root(synthetic_cfg(root), str(tmp_path / "run"), multihost.barrier) == str(root)
   with open(root / "dataset.json") as f:
     assert len(json.load(f)["training"]) == 3
   assert not (tmp_path / "run").exists()
@@ -138,7 +139,7 @@ def test_synthetic_data_goes_into_an_empty_root_the_user_made(tmp_path):
 
 def test_synthetic_data_without_root_goes_into_the_workdir(tmp_path):
   cfg = synthetic_cfg("")
-  root = pipeline.prepare_dataset_root(cfg, str(tmp_path))
+  root = pipeline.prepare_dataset_root(cfg, str(tmp_path), multihost.barrier)
   assert root == str(tmp_path / "data") and os.path.isfile(tmp_path / "data" / "dataset.json")
 
 

@@ -10,6 +10,7 @@ import pytest
 from configs import base
 from medseg_jax.data import decathlon, loader, pipeline, preprocess, split, synthetic
 from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.parallel import multihost
 
 
 def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
@@ -102,7 +103,7 @@ def test_3d_anisotropic_odd_slices_match_nibabel(tmp_path):
   subjects = [(f"s{i}",) + phantom(i, (21, 17, 9)) + (affine,) for i in range(3)]
   root = write_task(str(tmp_path / "T"), subjects)
   cfg = config(root, tmp_path, image_size=21, resize="pad_crop", slice_selection="all")
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
   data = sets["train"]
   assert info["slices"]["train"] == 27 and data.image.shape == (27, 21, 21, 1)
   images, labels = all_rows(data)
@@ -126,7 +127,7 @@ def test_4d_modalities_central_slices_and_label_map(tmp_path):
   root = write_task(str(tmp_path / "T"), subjects, modalities, tensor_size="4D")
   cfg = config(root, tmp_path, image_size=16, modalities=("T2w", "FLAIR"),
                label_map=(0, 1, 1), slices_per_volume=5)
-  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
   images, labels = all_rows(sets["train"])
   assert images.shape == (10, 16, 16, 2)
   for v, name in enumerate(sets["train"].names):
@@ -148,7 +149,7 @@ def test_foreground_selection_percentile_and_resize(tmp_path):
   cfg = config(root, tmp_path, image_size=6, slice_selection="foreground",
                empty_slice_fraction=0.25, normalisation="percentile",
                clip_percentiles=(5.0, 95.0))
-  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"))
+  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
   images, labels = all_rows(sets["train"])
   # Empty slices 0,1,2,5..9 (8 of them); a quarter, evenly spaced: 0 and 9.
   kept = [0, 3, 4, 9]
@@ -163,7 +164,7 @@ def test_foreground_selection_percentile_and_resize(tmp_path):
 def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
   cfg.data.val_fraction = cfg.data.test_fraction = 0.2
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "a"))
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "a"), multihost.barrier)
   with open(tmp_path / "a" / "split.json") as f:
     recorded = json.load(f)
   names = [n for s in split.SPLITS for n in recorded[s]]
@@ -172,10 +173,10 @@ def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
   assert sets["train"].image.shape == (16, 16, 16, 1)
   for s in split.SPLITS:  # each slice's subject is its split's
     assert sets[s].names == recorded[s] and len(sets[s]) == 4 * len(recorded[s])
-  again, _ = pipeline.load_splits(cfg, str(tmp_path / "b"))  # another run, the same seed
+  again, _ = pipeline.load_splits(cfg, str(tmp_path / "b"), multihost.barrier)  # another run, the same seed
   assert {s: again[s].names for s in split.SPLITS} == recorded
   cfg.seed = 1  # a resumed run keeps its recorded split even if the seed changed
-  resumed, _ = pipeline.load_splits(cfg, str(tmp_path / "a"))
+  resumed, _ = pipeline.load_splits(cfg, str(tmp_path / "a"), multihost.barrier)
   assert {s: resumed[s].names for s in split.SPLITS} == recorded
   np.testing.assert_allclose(sets["val"].spacing, [[2.0, 2.0, 2.0]])
 
@@ -183,28 +184,28 @@ def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
 def test_store_is_reused_and_invalidated(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
   cache = tmp_path / "cache"
-  first, _ = pipeline.load_splits(cfg, str(tmp_path / "w1"))
+  first, _ = pipeline.load_splits(cfg, str(tmp_path / "w1"), multihost.barrier)
   (store_dir,) = os.listdir(cache)
   marker = os.path.getmtime(cache / store_dir / "meta.json")
-  again, _ = pipeline.load_splits(cfg, str(tmp_path / "w2"))  # another run, same settings
+  again, _ = pipeline.load_splits(cfg, str(tmp_path / "w2"), multihost.barrier)  # another run, same settings
   assert os.listdir(cache) == [store_dir]
   assert os.path.getmtime(cache / store_dir / "meta.json") == marker
   np.testing.assert_array_equal(np.asarray(again["train"].label), np.asarray(first["train"].label))
   cfg.data.normalisation = "percentile"  # any preprocessing setting: a new store
-  pipeline.load_splits(cfg, str(tmp_path / "w3"))
+  pipeline.load_splits(cfg, str(tmp_path / "w3"), multihost.barrier)
   assert len(os.listdir(cache)) == 2
   os.utime(os.path.join(dataset_dir, "labelsTr", "phantom_002.nii.gz"))  # a changed file
-  pipeline.load_splits(cfg, str(tmp_path / "w4"))
+  pipeline.load_splits(cfg, str(tmp_path / "w4"), multihost.barrier)
   assert len(os.listdir(cache)) == 3
   assert not [n for n in os.listdir(cache) if n.startswith(".")]
 
 
 def test_store_is_built_by_several_processes(dataset_dir, tmp_path):
   one = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
-  sets_one, _ = pipeline.load_splits(one, str(tmp_path / "w1"))
+  sets_one, _ = pipeline.load_splits(one, str(tmp_path / "w1"), multihost.barrier)
   two = config(dataset_dir, tmp_path / "two", image_size=16, slices_per_volume=4,
                preprocess_workers=2)
-  sets_two, _ = pipeline.load_splits(two, str(tmp_path / "w2"))
+  sets_two, _ = pipeline.load_splits(two, str(tmp_path / "w2"), multihost.barrier)
   assert sets_two["train"].names == sets_one["train"].names
   np.testing.assert_array_equal(np.asarray(sets_two["train"].image),
                                 np.asarray(sets_one["train"].image))
@@ -212,7 +213,7 @@ def test_store_is_built_by_several_processes(dataset_dir, tmp_path):
 
 def _store_set(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=5)
-  return pipeline.load_splits(cfg, str(tmp_path / "w"))[0]["train"]  # 30 slices
+  return pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)[0]["train"]  # 30 slices
 
 
 def test_two_processes_read_disjoint_shards_covering_the_epoch(dataset_dir, tmp_path):
@@ -274,7 +275,7 @@ def test_unwritable_cache_dir_is_one_clear_error(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=2)
   cfg.data.cache_dir = str(blocker / "cache")
   with pytest.raises(DataError, match="data.cache_dir"):
-    pipeline.load_splits(cfg, str(tmp_path / "w"))
+    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
 
 
 def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
@@ -323,8 +324,8 @@ def test_plan_counts_the_slices_training_uses_when_invalid_subjects_are_skipped(
   root = _four_subjects_one_without_label(tmp_path)
   cfg = config(root, tmp_path, image_size=16, slices_per_volume=0, skip_invalid=True)
   cfg.data.val_fraction = 0.25
-  planned = pipeline.train_slice_count(cfg, str(tmp_path / "plan"))
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "train"))
+  planned = pipeline.train_slice_count(cfg, str(tmp_path / "plan"), multihost.barrier)
+  sets, info = pipeline.load_splits(cfg, str(tmp_path / "train"), multihost.barrier)
   # By hand: s2 is left out; of the 3 others one is validation, so 2 x 6 slices train.
   assert "s2" not in sets["train"].names and info["skipped"] == ["s2"]
   assert len(sets["train"]) == 12
@@ -342,9 +343,9 @@ def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_
     cfg = config(dataset_dir, tmp_path / selection, image_size=8, slice_selection=selection,
                  **extra)
     cfg.data.val_fraction = cfg.data.test_fraction = 0.2
-    planned = pipeline.train_slice_count(cfg, str(tmp_path / selection / "plan"))
+    planned = pipeline.train_slice_count(cfg, str(tmp_path / selection / "plan"), multihost.barrier)
     assert not os.path.exists(tmp_path / selection / "cache")  # from headers: no store built
-    sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"))
+    sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"), multihost.barrier)
     assert planned == len(sets["train"]), selection
 
 

@@ -17,7 +17,6 @@ import pytest
 import helpers
 from helpers import REPO, checkpoint_arrays, env_with_devices
 from medseg_jax.errors import MedsegError
-from medseg_jax.training import loop
 
 # Slow enough (64x64 slices) that a signal lands mid-run; dropout makes the rng matter.
 RUN = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
@@ -134,7 +133,7 @@ def _train(workdir, *extra, devices=2, from_scratch=False):
   """The loop in this process, as `medseg_jax.main` runs it with RUN, SMALL and `extra`."""
   cfg = helpers.config(*RUN[1:], *SMALL, f"--config.train.num_steps={STEPS}",
                        f"--config.parallel.num_devices={devices}", *extra)
-  return loop.train_and_evaluate(cfg, workdir, from_scratch)
+  return helpers.train(cfg, workdir, from_scratch)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from configs import base
 from medseg_jax.training import checkpoint, setup
 from medseg_jax.evaluation import predict
@@ -155,12 +156,12 @@ def test_the_checkpoint_loaded_is_checked_against_its_own_config(dataset_dir, mi
   features, other = 4, 8
   source = os.path.join(dataset_dir, "imagesTs", "phantom_002.nii.gz")
   out = str(tmp_path / "pred.nii.gz")
-  predict.predict(_tiny_config(features), mixed_workdir, source, out, which)
+  helpers.predict(_tiny_config(features), mixed_workdir, source, out, which)
   written = nib.load(out)
   assert written.shape == nib.load(source).shape and written.get_data_dtype() == np.uint8
   where = "checkpoints_best" if which == "best" else "checkpoints"
   with pytest.raises(ConfigError, match=rf"^model.base_features: {other} in the config but "
                                         rf"{features} in the checkpoints in \S*/{where} "):
-    predict.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
+    helpers.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
                   which)
   assert not os.path.exists(tmp_path / "x.nii.gz")

@@ -1,5 +1,6 @@
-"""The package's shape, read from its source: no import circle, short modules and functions,
-and collectives only in the parallel package."""
+"""The package's shape, read from its source: no import circle between modules, packages
+stacked in the order ARCHITECTURE.md gives (every import, function-level ones included,
+points down), short modules and functions, and collectives only in the parallel package."""
 
 import ast
 import os
@@ -11,6 +12,19 @@ from helpers import REPO
 PACKAGE = os.path.join(REPO, "medseg_jax")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+# The stages from the bottom (ARCHITECTURE.md): a package or top-level module imports only
+# those of lower levels, never one of its own level or above.
+LEVELS = (
+    {"errors", "files"},
+    {"cli"},
+    {"models", "data", "optim"},
+    {"parallel"},
+    {"monitor", "evaluation"},
+    {"training"},
+    {"tuning"},
+    {"config"},
+    {"main"},
+)
 
 
 def _modules() -> dict[str, str]:
@@ -74,6 +88,48 @@ def test_no_module_imports_itself_in_a_circle():
   graph = {m: {i for i in _imports(p, modules) if not m.startswith(i + ".")}
            for m, p in modules.items()}
   assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def _unit(module: str) -> str:
+  """The package (or top-level module) a module belongs to: medseg_jax.data.loader -> data."""
+  return module.split(".")[1]
+
+
+def _level(unit: str) -> int:
+  return next(i for i, units in enumerate(LEVELS) if unit in units)
+
+
+def _upward_imports(modules: dict[str, str]) -> list[str]:
+  """Every import of a package's module by a module of a package at the same or a lower
+  level, as 'importer -> imported'."""
+  found = []
+  for module, path in sorted(modules.items()):
+    for imported in sorted(_imports(path, modules)):
+      low, high = _unit(module), _unit(imported)
+      if low != high and _level(high) >= _level(low):
+        found.append(f"{module} -> {imported}")
+  return found
+
+
+def test_every_package_has_a_level():
+  units = {_unit(m) for m in _modules() if m != "medseg_jax"}
+  assert units == set().union(*LEVELS)
+
+
+def test_the_level_check_finds_an_import_that_points_up(tmp_path):
+  package = tmp_path / "medseg_jax"
+  (package / "data").mkdir(parents=True)
+  (package / "data" / "loader.py").write_text(
+      "def f():\n  from medseg_jax.training import step\n")
+  (package / "training").mkdir()
+  (package / "training" / "step.py").write_text("from medseg_jax.data import loader\n")
+  modules = {"medseg_jax.data.loader": str(package / "data" / "loader.py"),
+             "medseg_jax.training.step": str(package / "training" / "step.py")}
+  assert _upward_imports(modules) == ["medseg_jax.data.loader -> medseg_jax.training.step"]
+
+
+def test_packages_import_only_the_levels_below_them():
+  assert _upward_imports(_modules()) == []
 
 
 @pytest.mark.parametrize("module", sorted(_modules()))

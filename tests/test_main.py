@@ -14,8 +14,6 @@ import pytest
 import helpers
 from helpers import REPO, TINY as TINY_RUN
 from medseg_jax.errors import MedsegError
-from medseg_jax.evaluation import predict
-from medseg_jax.training import loop
 
 # Without --config: the tests name the config file themselves.
 TINY = TINY_RUN[1:] + ["--config.train.num_steps=3", "--config.train.eval_every_steps=2",
@@ -103,7 +101,7 @@ def test_restart_resumes_where_the_checkpoint_left_off(quickstart_run, quickstar
     after = json.load(f)
   assert after["step"] == before["step"] == 3
   assert after["per_class"] == before["per_class"]  # same batches, same rng, same result
-  loop.evaluate_checkpoint(helpers.config(*TINY), workdir, "best")
+  helpers.evaluate(helpers.config(*TINY), workdir, "best")
   best = os.listdir(os.path.join(workdir, "checkpoints_best"))[0]
   with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
     assert json.load(f)["step"] == int(best)
@@ -164,7 +162,7 @@ def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):
   workdir, _ = quickstart_run
   images = os.path.join(workdir, "data", "imagesTs")
   out = str(tmp_path / "pred")
-  predict.predict(helpers.config(*TINY), workdir, images, out)
+  helpers.predict(helpers.config(*TINY), workdir, images, out)
   names = sorted(os.listdir(images))
   assert sorted(os.listdir(out)) == names
   for name in names:
@@ -173,7 +171,7 @@ def test_predict_writes_label_maps_in_the_input_space(quickstart_run, tmp_path):
     assert (dst.affine == src.affine).all()
     assert set(map(int, dst.get_fdata().ravel())) <= {0, 1}
   with pytest.raises(MedsegError, match="--overwrite") as error:
-    predict.predict(helpers.config(*TINY), workdir, images, out)
+    helpers.predict(helpers.config(*TINY), workdir, images, out)
   assert error.value.exit_code == 1
 
 

@@ -1,5 +1,7 @@
 """Metrics from a hand-built confusion matrix; the on-device matrix over 8 devices."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import helpers
 from medseg_jax.evaluation import metrics
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.models import UNet
+from medseg_jax.training import step
 from medseg_jax.training.state import TrainState
 import optax
 
@@ -61,7 +64,8 @@ def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   expected = np.zeros((3, 3), np.int64)
   np.add.at(expected, (batch["label"][:11].ravel(), pred[:11].ravel()), 1)
   par = strategies.make_parallel(strategy, 8)
-  confusion, labels = par.eval_step(3)(par.put_state(state), par.put_batch(batch))
+  eval_fn = par.eval_step(functools.partial(step.eval_step, num_classes=3))
+  confusion, labels = eval_fn(par.put_state(state), par.put_batch(batch))
   np.testing.assert_array_equal(multihost.to_host(confusion), expected)
   np.testing.assert_array_equal(multihost.gather(labels)[:11], pred[:11])
 
@@ -126,7 +130,8 @@ def test_eight_device_evaluation_equals_one_device(devices8):
   results = []
   for n in (1, 8):
     par = strategies.make_parallel("shard_map", n)
-    confusion, labels = par.eval_step(3)(par.put_state(state), par.put_batch(batch))
+    eval_fn = par.eval_step(functools.partial(step.eval_step, num_classes=3))
+    confusion, labels = eval_fn(par.put_state(state), par.put_batch(batch))
     results.append((multihost.to_host(confusion), multihost.gather(labels)))
   np.testing.assert_array_equal(results[0][0], results[1][0])
   np.testing.assert_array_equal(results[0][1], results[1][1])

@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import helpers
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
-from medseg_jax.training import loop
 from test_models import unet_params
 
 HOST = socket.gethostname()  # the test's processes all run on this host
@@ -25,7 +24,7 @@ def train(workdir, *extra):
   """The loop in this process on 2 devices, as `medseg_jax.main` runs it; the records of
   metrics.jsonl."""
   cfg = helpers.config(*TINY[1:], "--config.parallel.num_devices=2", *extra)
-  loop.train_and_evaluate(cfg, workdir, False)
+  helpers.train(cfg, workdir, False)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 

@@ -16,8 +16,6 @@ import pytest
 
 import helpers
 from helpers import REPO, TINY as TINY_RUN, checkpoint_arrays, env_with_devices as _env
-from medseg_jax.evaluation import predict
-from medseg_jax.training import loop
 
 TINY = TINY_RUN + ["--config.model.dropout=0.1", "--config.train.eval_every_steps=0",
                    "--config.monitor.log_every_steps=1", "--config.checkpoint.every_steps=1"]
@@ -37,7 +35,7 @@ def _one_process(workdir, steps):
   """The loop in this process on 4 devices, as `medseg_jax.main` runs it with TINY."""
   cfg = helpers.config(*TINY[1:], "--config.parallel.num_devices=4",
                        f"--config.train.num_steps={steps}")
-  loop.train_and_evaluate(cfg, workdir, False)
+  helpers.train(cfg, workdir, False)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +122,7 @@ def test_two_processes_fine_tune_from_a_run_like_one(runs, tmp_path):
                             capture_output=True, text=True, timeout=300)
   assert launched.returncode == 0, launched.stderr[-3000:]
   assert f"model.init_from={single}: " in launched.stderr and " 1 new (" in launched.stderr
-  loop.train_and_evaluate(helpers.config(*TINY[1:], *tune, "--config.parallel.num_devices=4"),
+  helpers.train(helpers.config(*TINY[1:], *tune, "--config.parallel.num_devices=4"),
                           str(tmp_path / "one"), False)
   for a, b in zip(_params(tmp_path / "two", 1), _params(tmp_path / "one", 1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -155,9 +153,9 @@ def predicted(tmp_path_factory):
   """A tiny run trained for a few steps, and its test volumes predicted on one device: the
   reference (both in this process)."""
   workdir = tmp_path_factory.mktemp("predict")
-  loop.train_and_evaluate(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=2",
+  helpers.train(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=2",
                                          "--config.train.num_steps=3"), str(workdir), False)
-  predict.predict(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=1"), str(workdir),
+  helpers.predict(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=1"), str(workdir),
                   f"{workdir}/data/imagesTs", str(workdir / "one"), probabilities=True)
   return workdir
 

@@ -15,6 +15,7 @@ from medseg_jax.training import losses, step
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import UNet
 from medseg_jax.training.state import TrainState
+from medseg_jax.tuning import schedule
 
 SPE = 10  # steps per epoch
 
@@ -165,7 +166,7 @@ def test_every_policy_evaluates_over_an_array_of_steps_and_plots(policy, warmup,
   np.testing.assert_allclose(values[probe], [float(resolved.schedule(s)) for s in probe],
                              rtol=1e-5, atol=1e-9)
   path = tmp_path / "lr.png"
-  optim.plot({policy: resolved}, len(steps), str(path), policy)
+  schedule.plot({policy: resolved}, len(steps), str(path), policy)
   assert path.read_bytes()[:4] == b"\x89PNG"
 
 

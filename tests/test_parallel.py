@@ -45,9 +45,9 @@ def _reference_step(state, batch):
 
 def _parallel_step(strategy, state, batch):
   par = strategies.make_parallel(strategy, 8)
-  new_state, metrics = par.train_step(losses.dice_ce_loss)(
+  new_state, metrics = par.train_step(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss))(
       par.put_state(state), par.put_batch(batch), jax.random.key(0))
-  return jax.device_get(par.host_state(new_state)), jax.device_get(metrics)
+  return jax.device_get(par.replicated_state(new_state)), jax.device_get(metrics)
 
 
 def _max_rel_diff(a, b):
@@ -83,13 +83,13 @@ def test_steps_continue_from_a_saved_state(devices8, strategy):
   for batch in batches:
     ref_state, ref_metrics = _reference_step(ref_state, batch)
   par = strategies.make_parallel(strategy, 8)
-  step_fn = par.train_step(losses.dice_ce_loss)
+  step_fn = par.train_step(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss))
   state, _ = step_fn(par.put_state(_state()), par.put_batch(batches[0]), jax.random.key(0))
-  saved = jax.device_get(par.host_state(state))
+  saved = jax.device_get(par.replicated_state(state))
   assert jax.tree.map(np.shape, saved.params) == jax.tree.map(np.shape, _state().params)
   state, metrics = step_fn(par.put_state(saved), par.put_batch(batches[1]), jax.random.key(0))
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  new_state = jax.device_get(par.host_state(state))
+  new_state = jax.device_get(par.replicated_state(state))
   assert int(new_state.step) == 2
   assert _max_rel_diff(new_state.params, ref_state.params) < 1e-4
 

@@ -233,7 +233,7 @@ RUN = TINY[1:] + ["--config.train.num_steps=2", "--config.train.eval_every_steps
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("source"))
-  loop.train_and_evaluate(helpers.config(*RUN), workdir)
+  helpers.train(helpers.config(*RUN), workdir)
   return workdir
 
 
@@ -253,7 +253,7 @@ def flat(tree):
 
 
 def start(cfg, workdir):
-  setup = loop.build(cfg, workdir)
+  setup = loop.build(cfg, workdir, helpers.parallel(cfg))
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   try:
     return setup, loop.resume(setup, ckpt)
@@ -278,7 +278,7 @@ def test_fine_tuning_loads_the_run_and_a_new_head_then_resumes_its_own(source_ru
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(first.state.opt_state))
   assert "layers loaded" in caplog.text and "1 new (Conv_0)" in caplog.text
   # The fine-tuned run trains, then resumes from its own checkpoint, bit for bit.
-  loop.train_and_evaluate(cfg, str(tmp_path))
+  helpers.train(cfg, str(tmp_path))
   _, resumed = start(cfg, str(tmp_path))
   assert resumed.step == 2
   own = helpers.checkpoint_arrays(str(tmp_path), 2, "params")

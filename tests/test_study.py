@@ -98,7 +98,7 @@ def test_help_lists_the_flags():
 
 def test_lr_policy_command_prints_phases_and_plots(tmp_path):
   png = tmp_path / "lr.png"
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=8",
              "--train_slices=5600", "--config.lr.policy=grescale", f"--plot={png}")
   assert proc.returncode == 0, proc.stderr
   # 5600 slices / (7 x 8) = 100 steps per epoch; 100 epochs; decay 3/7 of 95 epochs.
@@ -121,7 +121,7 @@ def test_lr_policy_command_prints_phases_and_plots(tmp_path):
 ])
 def test_lr_plot_before_and_after_a_guideline_action(tmp_path, action, after):
   png = tmp_path / "lr.png"
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=8",
              "--train_slices=5600", "--config.lr.policy=grescale", f"--plot={png}",
              f"--after_action={action}")
   assert proc.returncode == 0, proc.stderr
@@ -134,7 +134,7 @@ def test_lr_plot_before_and_after_a_guideline_action(tmp_path, action, after):
 
 
 def test_lr_plot_after_an_action_needs_grescale(tmp_path):
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=8",
              "--train_slices=5600", "--after_action=increase_warmup", f"--plot={tmp_path}/a.png")
   assert proc.returncode == 2 and "lr.policy" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()
@@ -142,7 +142,7 @@ def test_lr_plot_after_an_action_needs_grescale(tmp_path):
 
 def test_lr_plot_of_a_constant_schedule(tmp_path):
   png = tmp_path / "lr.png"
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=8",
              "--train_slices=33880", f"--plot={png}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "605 steps/epoch" in proc.stdout  # 33880 / (7 x 8)
@@ -150,7 +150,7 @@ def test_lr_plot_of_a_constant_schedule(tmp_path):
 
 
 def test_lr_plan_without_the_dataset_names_train_slices(tmp_path):
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=8",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=8",
              f"--config.data.root={tmp_path / 'absent'}")
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
@@ -160,7 +160,7 @@ def test_lr_plan_without_the_dataset_names_train_slices(tmp_path):
 def test_lr_plan_counts_the_slices_training_uses(tmp_path):
   from test_data import _four_subjects_one_without_label  # pylint: disable=import-outside-toplevel
   root = _four_subjects_one_without_label(tmp_path)
-  proc = run("medseg_jax.optim", "--config=configs/unet_brats.py", "--num_devices=1",
+  proc = run("medseg_jax.tuning.schedule", "--config=configs/unet_brats.py", "--num_devices=1",
              f"--config.data.root={root}", f"--config.data.cache_dir={tmp_path / 'cache'}",
              "--config.data.skip_invalid=True", "--config.data.label_map=(0, 1, 1)",
              "--config.data.slices_per_volume=0", "--config.data.image_size=16",

@@ -15,7 +15,6 @@ import helpers
 from medseg_jax import config
 from medseg_jax.data import pipeline, synthetic
 from medseg_jax.errors import ConfigError
-from medseg_jax.training import loop
 from test_pretrained import vgg_arrays, write_h5, write_mat
 
 # Task01_BrainTumour's and Task02_Heart's dataset.json entries.
@@ -106,7 +105,7 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
                        path=f"configs/{name}.py")
   config.check(cfg)  # as main does before any data work
   caplog.set_level("INFO")
-  result = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  result = helpers.train(cfg, str(tmp_path / "run"))
   with open(tmp_path / "run" / "data_info.json") as f:
     info = json.load(f)
   # Brain: the T1w channel of the four, every tumour label one class; heart: MRI.
@@ -125,4 +124,4 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
     with pytest.raises(ConfigError, match=f"model.init_from={weights}: no such file"):
       config.check(cfg)
     config.check(cfg, starts_fresh=False)
-    loop.evaluate_checkpoint(cfg, str(tmp_path / "run"), "best")
+    helpers.evaluate(cfg, str(tmp_path / "run"), "best")

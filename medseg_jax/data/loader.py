@@ -46,6 +46,13 @@ def epoch_length(num_slices: int, samples_per_epoch: int = 0) -> int:
   return samples_per_epoch or num_slices
 
 
+def batch_starts(offset: int, global_batch: int, draws: int) -> range:
+  """Where each full global batch of an epoch of `draws` slices starts, from `offset` on.
+  An epoch ends when no full batch is left (the loop, the loader position and the plan
+  all follow this): the rest of its order is not trained on."""
+  return range(offset, draws - global_batch + 1, global_batch)
+
+
 def epoch_order(num_slices: int, seed: int, epoch: int, draws: int = 0) -> np.ndarray:
   """The epoch's order of `draws` slices (0: one pass, each slice once): from the seed and
   the epoch only, so it does not depend on the global batch or the number of processes.
@@ -69,7 +76,7 @@ def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,
   order = epoch_order(len(data), seed, epoch, draws)
   local = global_batch // process_count
   rows = (order[start + process_index * local:start + (process_index + 1) * local]
-          for start in range(offset, len(order) - global_batch + 1, global_batch))
+          for start in batch_starts(offset, global_batch, len(order)))
   return _read_ahead(data, ((r, None) for r in rows), prefetch)
 
 

@@ -11,11 +11,14 @@ modules listed above it here, and none imports this one:
   loader      a split's slices, and each process's part of its batches
 
 Process 0 builds the slice store once per dataset and settings; every process opens it
-and reads only the rows it feeds.
+and reads only the rows it feeds. The functions that write for every process take the
+`barrier` they wait at (`parallel.multihost.barrier`: the data stage sits below the
+parallel one and is handed it).
 """
 
 import dataclasses
 import os
+from typing import Callable
 
 import jax
 import ml_collections
@@ -24,7 +27,8 @@ from absl import logging
 from medseg_jax.data import (augment, decathlon, loader, preprocess, split, store, synthetic,
                              validate)
 from medseg_jax.errors import ConfigError, DataError
-from medseg_jax.parallel import multihost
+
+Barrier = Callable[[str], None]  # waits until every process reaches the named point
 
 
 def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
@@ -52,13 +56,20 @@ def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, boo
                   f"Decathlon task directory){hint}")
 
 
-def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+def check_dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises the error `dataset_root` would raise (the directory is missing, holds no
+  dataset, or is not the run's to write into), reading no data: a check before data work."""
+  dataset_root(cfg, workdir)
+
+
+def prepare_dataset_root(cfg: ml_collections.ConfigDict, workdir: str,
+                         barrier: Barrier) -> str:
   """The dataset directory; writes the synthetic dataset there first if configured."""
   root, write = dataset_root(cfg, workdir)
   if write and jax.process_index() == 0:  # the others wait for it at the barrier below
     _write_synthetic(cfg, root)
   if cfg.data.synthetic:
-    multihost.barrier("synthetic dataset")
+    barrier("synthetic dataset")
   return root
 
 
@@ -72,12 +83,12 @@ def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
                                       shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
 
 
-def load_splits(cfg: ml_collections.ConfigDict,
-                workdir: str) -> tuple[dict[str, loader.SliceSet], dict]:
+def load_splits(cfg: ml_collections.ConfigDict, workdir: str,
+                barrier: Barrier) -> tuple[dict[str, loader.SliceSet], dict]:
   """Validates and preprocesses the dataset into its slice store (once), splits it by
   subject and records the split in WORKDIR/split.json."""
-  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
-  opened = open_store(cfg, dataset, preprocess.settings_from_config(cfg.data))
+  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
+  opened = open_store(cfg, dataset, preprocess.settings_from_config(cfg.data), barrier)
   splits = _splits(cfg, workdir, opened, dataset, record=jax.process_index() == 0)
   sets = {s: loader.from_store(opened, splits[s]) for s in split.SPLITS}
   info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
@@ -106,7 +117,7 @@ def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
 
 
 def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
-               settings: preprocess.Settings) -> store.Store:
+               settings: preprocess.Settings, barrier: Barrier) -> store.Store:
   """The dataset's slice store for these settings, built by process 0 if absent, once
   dataset.json agrees with the settings."""
   problems = validate.check_dataset(dataset, settings)
@@ -116,7 +127,7 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
                           cfg.data.skip_invalid)
   if jax.process_index() == 0 and not os.path.isdir(path):
     store.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
-  multihost.barrier("slice store")
+  barrier("slice store")
   opened = store.Store(path)
   skipped = opened.meta["skipped"]
   if skipped and jax.process_index() == 0:
@@ -125,19 +136,19 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
   return opened
 
 
-def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str, barrier: Barrier) -> int:
   """The training slices a run of `cfg` in WORKDIR trains on, without training.
 
   With `data.skip_invalid=True`, or when the slice store for these settings exists, the
   count comes from the store (built if absent: only validation, which reads every volume,
   knows the subjects a run leaves out), split as `load_splits` splits it. Otherwise it
   comes from the file headers (and, to find foreground slices, the label volumes)."""
-  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir))
+  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
   settings = preprocess.settings_from_config(cfg.data)
   path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
                           cfg.data.skip_invalid)
   if cfg.data.skip_invalid or os.path.isdir(path):
-    opened = open_store(cfg, dataset, settings)
+    opened = open_store(cfg, dataset, settings, barrier)
     rows = {v["name"]: v["stop"] - v["start"] for v in opened.volumes}
     return sum(rows[name] for name in _splits(cfg, workdir, opened, dataset, False)["train"])
   by_name = {c.name: c for c in dataset.training}
@@ -172,19 +183,25 @@ class EpochPlan:
 def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: int) -> EpochPlan:
   """Global batch, steps per epoch and the run's steps, for training and the LR plan alike."""
   per_device = cfg.train.per_device_batch_size
-  if per_device <= 0:
-    raise ConfigError(f"train.per_device_batch_size={per_device}: must be positive")
-  global_batch = per_device * num_devices
+  batch = global_batch(cfg, num_devices)
   samples = augment.samples_per_epoch(cfg.data.augment)
   draws = loader.epoch_length(train_slices, samples)
-  steps_per_epoch = draws // global_batch
+  steps_per_epoch = draws // batch
   if steps_per_epoch == 0:
     what = (f"data.augment.samples_per_epoch={samples} draws per epoch" if samples
             else f"{train_slices} training slices")
     raise ConfigError(f"train.per_device_batch_size={per_device}: the global batch "
-                      f"{global_batch} exceeds the {what}")
+                      f"{batch} exceeds the {what}")
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
-  return EpochPlan(train_slices, global_batch, steps_per_epoch, num_steps, draws)
+  return EpochPlan(train_slices, batch, steps_per_epoch, num_steps, draws)
+
+
+def global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+  """`train.per_device_batch_size` times the devices; the size must be positive."""
+  if cfg.train.per_device_batch_size <= 0:
+    raise ConfigError(f"train.per_device_batch_size={cfg.train.per_device_batch_size}: "
+                      "must be positive")
+  return cfg.train.per_device_batch_size * num_devices
 
 
 def num_classes(cfg: ml_collections.ConfigDict, info: dict) -> int:

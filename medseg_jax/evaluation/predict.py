@@ -1,18 +1,21 @@
-"""Checkpoint inference: NIfTI volumes in, label-map NIfTI volumes out, in the input's space."""
+"""Inference: NIfTI volumes in, label-map NIfTI volumes out, in the input's space.
+
+The caller hands in the train state and the compiled predict step (`training.modes`
+restores a run's checkpoint for them).
+"""
 
 import glob
 import json
 import os
+from typing import Callable
 
 import jax
 import ml_collections
 import nibabel as nib
 import numpy as np
-import optax
 from absl import logging
 
 from medseg_jax import files
-from medseg_jax.training import checkpoint, setup
 from medseg_jax.data import decathlon, preprocess
 from medseg_jax.errors import DataError, MedsegError
 from medseg_jax.parallel import multihost, strategies
@@ -66,34 +69,37 @@ def _probs_path(label_path: str) -> str:
   return stem[:-len(".nii")] + "_probs.nii.gz"
 
 
-def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
-            which: str = "latest", overwrite: bool = False,
-            probabilities: bool = False) -> list[tuple[str, str | None]]:
-  """Predicts every volume under `input_path` with a checkpoint ('latest', 'best' or a step)."""
-  checkpoint.require_checkpoint(workdir)
-  inputs = find_inputs(input_path)
-  outputs = output_paths(inputs, input_path, output, overwrite, probabilities)
+def read_run_info(workdir: str) -> dict:
+  """WORKDIR/data_info.json: what the run's model was trained on (modalities, classes)."""
   info_path = os.path.join(workdir, "data_info.json")
   if not os.path.isfile(info_path):
     raise MedsegError(f"{info_path}: not found; --workdir must hold a training run")
   with open(info_path) as f:
-    info = json.load(f)
-  for path in inputs:  # every input is checked before anything is written
+    return json.load(f)
+
+
+def plan(input_path: str, output: str, info: dict, overwrite: bool = False,
+         probabilities: bool = False) -> list[tuple[str, tuple[str, str | None]]]:
+  """(input, (label map, probability map or None)) for every volume under `input_path`,
+  each input checked (header only) before anything is computed or written."""
+  inputs = find_inputs(input_path)
+  outputs = output_paths(inputs, input_path, output, overwrite, probabilities)
+  for path in inputs:
     check_input(path, len(info["modalities"]))
-  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  # The optimizer is built only to give the checkpoint's tree its shape.
-  state = setup.build_state(cfg, par, info["num_classes"], info["channels"],
-                            optax.constant_schedule(0.0), jax.random.key(0))
-  state = checkpoint.restore_state(cfg, workdir, which, par, state)
-  predict_fn = par.predict_step()
-  batch = (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * par.num_devices
+  return list(zip(inputs, outputs))
+
+
+def predict(cfg: ml_collections.ConfigDict, info: dict, par: strategies.Parallel,
+            predict_fn: Callable, state, planned: list[tuple[str, tuple[str, str | None]]],
+            batch: int) -> None:
+  """Predicts every planned volume with the compiled `predict_fn` of `par` and `state`
+  (placed on its mesh), in global batches of `batch` slices; process 0 writes."""
   run = lambda slices: _run_batched(par, predict_fn, state, slices, batch)
-  for src, (labels_dst, probs_dst) in zip(inputs, outputs):
+  for src, (labels_dst, probs_dst) in planned:
     probs = _predict_volume(cfg, info, src, run)  # every process takes part
     if jax.process_index() == 0:  # and one writes
       write_prediction(src, probs, labels_dst, probs_dst)
       logging.info("Wrote %s", labels_dst)
-  return outputs
 
 
 def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:

@@ -89,7 +89,8 @@ class UNet(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(self.depth)):
       features = self.base_features * 2**level
-      # The name nn.ConvTranspose had, so existing checkpoints keep loading.
+      # Named like Flax's nn.ConvTranspose, so parameter paths (checkpoints, fine-tuning
+      # by path) are those of a standard transposed convolution.
       name = f"ConvTranspose_{self.depth - 1 - level}"
       x = UpConv2x2(features, dtype=self.dtype, name=name)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)

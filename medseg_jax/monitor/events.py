@@ -150,13 +150,18 @@ class Monitor:
   def bar_active(self) -> bool:
     return self._bar is not None and not self._bar.disable
 
-  def train_window(self, first_step: int, losses: list[float], record: dict) -> dict:
-    """Writes per-step losses and their EMAs, then `record` (the window's summary) at its
-    step; returns the newest system samples of every host to merge into the record.
-    Every process calls it at the same steps."""
+  def gather_system_samples(self) -> dict[str, float]:
+    """The newest system samples of every host, on process 0 ({} elsewhere). A collective
+    when there are several processes: every process calls it at the same steps."""
     system = self._system.gather() if self._system else {}
+    return system if self.enabled else {}
+
+  def train_window(self, first_step: int, losses: list[float], record: dict,
+                   system: dict[str, float]) -> None:
+    """Writes per-step losses and their EMAs, then `record` (the window's summary) and the
+    `system` samples at its step (process 0 only)."""
     if not self.enabled:
-      return {}
+      return
     for i, loss in enumerate(losses):
       step = first_step + i
       self._writer.add_scalar("train/loss", loss, step)
@@ -176,7 +181,6 @@ class Monitor:
       self._bar.set_postfix(epoch=f"{step / self.steps_per_epoch:.2f}",
                             loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.3g}",
                             slices_s=f"{record['slices_per_sec']:.1f}", refresh=False)
-    return system
 
   def evaluation(self, split: str, step: int, result: dict, montage: np.ndarray | None) -> None:
     if not self.enabled:

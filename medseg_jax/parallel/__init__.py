@@ -1,5 +1,5 @@
 """Parallelism: strategies (pmap, shard_map, gspmd), multi-host helpers, process start-up.
 
-Deliberately empty: `distributed` must import before JAX's backend starts, so the
-package imports none of its modules itself.
+The one package that touches pmap, shard_map, meshes and collectives; the packages below
+it (data, models) are handed what they need from here (e.g. `multihost.barrier`).
 """

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+import jax
 from absl import logging
 
 from medseg_jax.errors import ConfigError, MedsegError, first_line
@@ -90,7 +91,6 @@ def initialize(launch: Launch, local_device_ids: list[int] | None,
       raise ConfigError("--local_device_ids: only with several processes (a single process "
                         "picks its GPUs with CUDA_VISIBLE_DEVICES)")
     return
-  import jax  # pylint: disable=import-outside-toplevel
   kwargs = dict(initialization_timeout=timeout_seconds,
                 heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=timeout_seconds)
   if launch.source == "flags":

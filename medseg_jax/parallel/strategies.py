@@ -1,6 +1,7 @@
 """Data-parallel strategies: the only module that touches pmap, shard_map, meshes and collectives.
 
-`config.parallel.strategy` picks how the pure steps of `step.py` run on the mesh:
+`config.parallel.strategy` picks how the pure steps (`training/step.py`, handed in by the
+caller with their settings bound) run on the mesh:
 - `shard_map` (default): each device runs the step on its shard; gradients are
   averaged with an explicit `lax.pmean` all-reduce.
 - `pmap`: the same per-shard body under `jax.pmap`, state stacked per device.
@@ -9,7 +10,7 @@
 
 Every strategy offers the same small interface (`Parallel`), so the training loop
 never branches on the strategy and never sees pmap's per-device stacking:
-`host_state` is the single place that undoes it.
+`replicated_state` is the single place that undoes it.
 
 Under `jax.shard_map` with `check_vma=True`, gradients of replicated parameters
 already come back summed over devices, and a following pmean would leave them
@@ -28,7 +29,6 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medseg_jax.training import step as step_lib
 from medseg_jax.errors import ConfigError
 
 AXIS = "data"
@@ -66,12 +66,13 @@ class Parallel:
   def _split(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(AXIS))
 
-  def put_state(self, host_state: Any) -> Any:
+  def put_state(self, state: Any) -> Any:
     """Replicates a host (or replicated) state on every device of the mesh."""
-    return jax.device_put(host_state, self.replicated)
+    return jax.device_put(state, self.replicated)
 
-  def host_state(self, state: Any) -> Any:
-    """One replicated copy of a placed state, to save or to read its step from."""
+  def replicated_state(self, state: Any) -> Any:
+    """A placed state as global arrays replicated over the mesh, still on the devices
+    (pmap's per-device stack undone): what a checkpoint saves and the step is read from."""
     return state
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -89,38 +90,40 @@ class Parallel:
   def _put_split(self, x: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self._split, np.asarray(x))
 
-  def train_step(self, loss_fn: Callable, augment: Callable | None = None) -> Callable:
+  def train_step(self, step_fn: Callable) -> Callable:
     """Compiled `(state, batch, rng) -> (state, metrics)`; the input state is donated.
 
-    `augment(key, images, labels)`, if given, transforms each batch on device first."""
+    `step_fn(state, batch, rng, reduce_mean=...)` is the pure step; the strategy supplies
+    the all-reduce that averages over the batch's shards."""
     raise NotImplementedError
 
-  def eval_step(self, num_classes: int) -> Callable:
-    """Compiled `(state, batch) -> (confusion matrix summed over the mesh, predicted labels)`."""
+  def eval_step(self, step_fn: Callable) -> Callable:
+    """Compiled `(state, batch) -> (confusion matrix summed over the mesh, predicted labels)`
+    from the pure `step_fn(state, batch, reduce_sum=...)`."""
     raise NotImplementedError
 
-  def predict_step(self) -> Callable:
-    """Compiled `(state, images) -> probabilities`, split along the batch like the input."""
+  def predict_step(self, step_fn: Callable) -> Callable:
+    """Compiled `(state, images) -> probabilities` from the pure `step_fn(state, images)`,
+    split along the batch like the input."""
     raise NotImplementedError
 
 
 class _PerShard(Parallel):
   """Strategies that run the step on each device's shard and all-reduce explicitly."""
 
-  def train_step(self, loss_fn: Callable, augment: Callable | None = None) -> Callable:
+  def train_step(self, step_fn: Callable) -> Callable:
     # Per shard, the shard's index is folded into the rng: every device its own dropout
     # and augmentation streams.
-    fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_pmean,
-                           augment=augment)
+    fn = functools.partial(step_fn, reduce_mean=_pmean)
     return self._map(_with_shard_rng(fn), (Layout.STATE, Layout.SPLIT, Layout.REPLICATED),
                      (Layout.STATE, Layout.REPLICATED), donate=True)
 
-  def eval_step(self, num_classes: int) -> Callable:
-    fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_psum)
+  def eval_step(self, step_fn: Callable) -> Callable:
+    fn = functools.partial(step_fn, reduce_sum=_psum)
     return self._map(fn, (Layout.STATE, Layout.SPLIT), (Layout.REPLICATED, Layout.SPLIT))
 
-  def predict_step(self) -> Callable:
-    return self._map(step_lib.predict_step, (Layout.STATE, Layout.SPLIT), Layout.SPLIT)
+  def predict_step(self, step_fn: Callable) -> Callable:
+    return self._map(step_fn, (Layout.STATE, Layout.SPLIT), Layout.SPLIT)
 
   def _map(self, fn: Callable, in_layouts: tuple, out_layouts: Any,
            donate: bool = False) -> Callable:
@@ -152,13 +155,13 @@ class Pmap(_PerShard):
     local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     return NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
 
-  def put_state(self, host_state):
+  def put_state(self, state):
     n = self._local.mesh.size
     return jax.tree.map(lambda x: _from_shards(x, (n,) + x.shape, self._local,
                                                lambda s: s.data[None]),
-                        jax.device_put(host_state, self.replicated))
+                        jax.device_put(state, self.replicated))
 
-  def host_state(self, state):
+  def replicated_state(self, state):
     return jax.tree.map(self._unstack_replicated, state)
 
   def put_batch(self, local_batch):
@@ -195,19 +198,18 @@ class Gspmd(Parallel):
   def bn_axis_name(self):
     return None
 
-  def train_step(self, loss_fn, augment=None):
+  def train_step(self, step_fn):
     # The step sees the global batch, so augment's per-example keys follow the index.
-    fn = functools.partial(step_lib.train_step, loss_fn=loss_fn, reduce_mean=_identity,
-                           augment=augment)
+    fn = functools.partial(step_fn, reduce_mean=_identity)
     return jax.jit(fn, in_shardings=(self.replicated, self._split, self.replicated),
                    out_shardings=self.replicated, donate_argnums=0)
 
-  def eval_step(self, num_classes):
-    fn = functools.partial(step_lib.eval_step, num_classes=num_classes, reduce_sum=_identity)
+  def eval_step(self, step_fn):
+    fn = functools.partial(step_fn, reduce_sum=_identity)
     return jax.jit(fn, out_shardings=(self.replicated, self._split))
 
-  def predict_step(self):
-    return jax.jit(step_lib.predict_step, out_shardings=self._split)
+  def predict_step(self, step_fn):
+    return jax.jit(step_fn, out_shardings=self._split)
 
 
 STRATEGIES = {"shard_map": ShardMap, "pmap": Pmap, "gspmd": Gspmd}

@@ -3,6 +3,8 @@
 import dataclasses
 import enum
 
+from medseg_jax.data import loader
+
 
 class Stop(enum.Enum):
   """Why training stops before its last step (NONE: it does not)."""
@@ -55,8 +57,13 @@ def renumbered_step(position: Position, steps_per_epoch: int, global_batch: int)
 
 def after_step(position: Position, global_batch: int, epoch_draws: int) -> Position:
   """The loader position after one more step; an epoch (of `epoch_draws` slices,
-  `loader.epoch_length`) ends when no full batch is left."""
-  offset = position.offset + global_batch
-  if offset + global_batch > epoch_draws:
+  `loader.epoch_length`) ends when no full batch is left (`loader.batch_starts`)."""
+  return epoch_start(Position(position.epoch, position.offset + global_batch), global_batch,
+                     epoch_draws)
+
+
+def epoch_start(position: Position, global_batch: int, epoch_draws: int) -> Position:
+  """`position`, or the start of the next epoch when its epoch has no full batch left."""
+  if not loader.batch_starts(position.offset, global_batch, epoch_draws):
     return Position(position.epoch + 1, 0)
-  return Position(position.epoch, offset)
+  return position

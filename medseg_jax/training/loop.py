@@ -17,14 +17,14 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files, optim
-from medseg_jax.parallel import multihost
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest
 from medseg_jax.training import checkpoint, decisions, preemption, warm_start
 from medseg_jax.training.decisions import Position, Stop
 from medseg_jax.training.guard import DivergenceGuard
-from medseg_jax.training.setup import Setup, build
+from medseg_jax.training.setup import Setup, build, step_of
 from medseg_jax.training.state import TrainState
 
 
@@ -41,15 +41,15 @@ class Start:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       from_scratch: bool = False) -> dict | None:
-  """Trains, validating periodically, then tests the best state.
+                       par: strategies.Parallel, from_scratch: bool = False) -> dict | None:
+  """Trains on the devices of `par`, validating periodically, then tests the best state.
 
   Returns the test metrics, or None when a signal stopped training (after a checkpoint).
   """
   started = time.time()
   if from_scratch:
     checkpoint.remove_all(workdir)
-  setup = build(cfg, workdir)
+  setup = build(cfg, workdir, par)
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   start = resume(setup, ckpt)
   if jax.process_index() == 0:
@@ -120,8 +120,7 @@ def _batches(setup: Setup, step: int,
   after `step` up to the last, across epochs of `setup.epoch_draws` slices."""
   data, batch, draws = setup.data["train"], setup.global_batch, setup.epoch_draws
   while step < setup.num_steps:
-    if position.offset + batch > draws:  # the epoch has no full batch left
-      position = Position(position.epoch + 1, 0)
+    position = decisions.epoch_start(position, batch, draws)
     for local in loader.train_batches(data, batch, setup.cfg.seed, position.epoch,
                                         jax.process_index(), jax.process_count(),
                                         position.offset, draws=draws):
@@ -135,19 +134,14 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
          state: TrainState, position: Position) -> dict | None:
   """Test metrics of the checkpoint with the best validation Dice (of `state` if none)."""
   if ckpt.best_step() is None:  # e.g. resumed after the end of an older run
-    step = _step_of(setup, state)
+    step = step_of(setup.par, state)
     _validate(setup, ckpt, mon, None, state, step, position, start.rng)
   if ckpt.best_step() is not None:
     state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
                                              best=True).state)
-  step = _step_of(setup, state)
+  step = step_of(setup.par, state)
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)
-
-
-def _step_of(setup: Setup, state: TrainState) -> int:
-  """The step counter of a state placed on the mesh."""
-  return int(multihost.to_host(setup.par.host_state(state).step))
 
 
 def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
@@ -161,7 +155,7 @@ def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
                              monitor=mon)
   if result is None or result["dice"] is None:
     return {}
-  ckpt.save_if_best(step, setup.par.host_state(state), _meta(setup, step, position, rng),
+  ckpt.save_if_best(step, setup.par.replicated_state(state), _meta(setup, step, position, rng),
                     result["dice"])
   return {f"val_{k}": v for k, v in result.items()
           if k not in ("per_class", "per_volume", "step")}
@@ -172,7 +166,7 @@ def _save(setup: Setup, ckpt: checkpoint.Checkpointer, guard: DivergenceGuard,
           early_stopped: bool = False) -> None:
   """A checkpoint of `state`, once the guard has passed every step up to it."""
   guard.check()
-  ckpt.save(step, setup.par.host_state(state),
+  ckpt.save(step, setup.par.replicated_state(state),
             _meta(setup, step, position, rng, early_stopped))
 
 
@@ -257,20 +251,11 @@ def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: di
             "slices_per_sec_per_device": slices_per_sec / setup.par.num_devices,
             "step_time": elapsed / steps, "data_wait_time": data_wait / steps,
             "compute_time": (elapsed - data_wait) / steps}
-  record.update(mon.train_window(step - steps + 1, losses, dict(record, step=step)))
+  system = mon.gather_system_samples()  # a collective: every process, at every record
+  mon.train_window(step - steps + 1, losses, dict(record, step=step), system)
+  record.update(system)
   if not mon.bar_active:
     logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step,
                  setup.num_steps, record["epoch"], record["loss"], lr, slices_per_sec)
   return record
 
-
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
-                        which: str = "latest") -> dict:
-  """--mode=evaluate: a checkpoint ('latest', 'best' or a step) on validation and test."""
-  checkpoint.require_checkpoint(workdir)
-  setup = build(cfg, workdir)
-  state = checkpoint.restore_state(cfg, workdir, which, setup.par, setup.init_state)
-  step = _step_of(setup, state)
-  return {split: evaluate.evaluate(setup.evaluator, state, setup.data[split], split, step,
-                                   surface=True)
-          for split in ("val", "test")}

@@ -1,6 +1,7 @@
 """What a training run builds from its config before the first step, once."""
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -8,11 +9,11 @@ import ml_collections
 from absl import logging
 
 from medseg_jax import optim
-from medseg_jax.parallel import strategies
+from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.evaluation import evaluate
 from medseg_jax.models import build_model
-from medseg_jax.training import losses
+from medseg_jax.training import losses, step
 from medseg_jax.training.state import TrainState, init_state
 
 
@@ -36,10 +37,9 @@ class Setup:
   evaluator: evaluate.Evaluator
 
 
-def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """Devices, data, model, optimizer and compiled steps for `cfg`."""
-  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  data, info = pipeline.load_splits(cfg, workdir)
+def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel) -> Setup:
+  """Data, model, optimizer and compiled steps for `cfg` on the devices of `par`."""
+  data, info = pipeline.load_splits(cfg, workdir, multihost.barrier)
   plan = pipeline.epoch_plan(cfg, len(data["train"]), par.num_devices)
   global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
                                               plan.num_steps)
@@ -60,8 +60,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
                global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                num_steps=num_steps, epoch_draws=plan.epoch_draws, init_state=state,
                init_rng=step_rng,
-               train_step=par.train_step(losses.get_loss(cfg.train.loss),
-                                         augment.from_config(cfg.data.augment)),
+               train_step=par.train_step(functools.partial(
+                   step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
+                   augment=augment.from_config(cfg.data.augment))),
                evaluator=make_evaluator(cfg, workdir, par, num_classes,
                                         pipeline.class_names(cfg, info)))
 
@@ -77,8 +78,20 @@ def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_cl
 def make_evaluator(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel,
                    num_classes: int, class_names: list[str]) -> evaluate.Evaluator:
   """The compiled eval step with what evaluation needs to batch and report."""
-  per_device = cfg.train.eval_batch_size or cfg.train.per_device_batch_size
-  return evaluate.Evaluator(eval_step=par.eval_step(num_classes), put_batch=par.put_batch,
-                            global_batch=per_device * par.num_devices,
+  return evaluate.Evaluator(eval_step=par.eval_step(functools.partial(
+                                step.eval_step, num_classes=num_classes)),
+                            put_batch=par.put_batch,
+                            global_batch=eval_batch(cfg, par.num_devices),
                             num_classes=num_classes, class_names=class_names,
                             workdir=workdir)
+
+
+def eval_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+  """The global batch of evaluation and prediction: `train.eval_batch_size` (or the
+  training batch) per device."""
+  return (cfg.train.eval_batch_size or cfg.train.per_device_batch_size) * num_devices
+
+
+def step_of(par: strategies.Parallel, state: TrainState) -> int:
+  """The step counter of a state placed on the mesh of `par`."""
+  return int(multihost.to_host(par.replicated_state(state).step))

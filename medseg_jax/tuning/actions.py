@@ -9,6 +9,7 @@ from typing import Callable
 
 import ml_collections
 
+from medseg_jax import optim
 from medseg_jax.errors import ConfigError
 from medseg_jax.tuning import report
 from medseg_jax.tuning.guideline_settings import Settings
@@ -32,14 +33,14 @@ def _epochs(cfg: ml_collections.ConfigDict) -> float | None:
 
 
 def decay_epochs(params: Params, cfg: ml_collections.ConfigDict) -> float:
-  """The decay length in epochs; 0 in the config means 3/7 of the epochs after 5."""
+  """The decay length in epochs (`optim.grescale_decay_epochs` for a 0 in the config)."""
   if params[DECAY_EPOCHS]:
     return float(params[DECAY_EPOCHS])
   epochs = _epochs(cfg)
   if epochs is None:
     raise ConfigError(f"train.num_steps={cfg.train.num_steps}: increase_decay_period needs "
                       "lr.grescale.decay_epochs set (the epochs are unknown before a run)")
-  return 3.0 / 7.0 * max(epochs - 5.0, 0.0)
+  return optim.grescale_decay_epochs(0.0, epochs)
 
 
 def _fits(params: Params, cfg: ml_collections.ConfigDict) -> bool:

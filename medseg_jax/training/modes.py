@@ -1,0 +1,41 @@
+"""--mode=evaluate and --mode=predict: a run's checkpoint measured on its splits, or applied
+to NIfTI files. Both restore the checkpoint that `--checkpoint` names (checked against the
+config it was saved with) and hand it to `evaluation`."""
+
+import jax
+import ml_collections
+import optax
+
+from medseg_jax.evaluation import evaluate, predict
+from medseg_jax.parallel import strategies
+from medseg_jax.training import checkpoint, setup, step
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+                        par: strategies.Parallel, which: str = "latest") -> dict:
+  """A checkpoint ('latest', 'best' or a step) on the validation and test splits."""
+  checkpoint.require_checkpoint(workdir)
+  run = setup.build(cfg, workdir, par)
+  state = checkpoint.restore_state(cfg, workdir, which, par, run.init_state)
+  at = setup.step_of(par, state)
+  return {split: evaluate.evaluate(run.evaluator, state, run.data[split], split, at,
+                                   surface=True)
+          for split in ("val", "test")}
+
+
+def predict_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+                       par: strategies.Parallel, input_path: str, output: str,
+                       which: str = "latest", overwrite: bool = False,
+                       probabilities: bool = False) -> list[tuple[str, str | None]]:
+  """Label maps (and probabilities) of every NIfTI volume under `input_path`, from a
+  checkpoint ('latest', 'best' or a step); every input is checked before any is read."""
+  checkpoint.require_checkpoint(workdir)
+  info = predict.read_run_info(workdir)
+  planned = predict.plan(input_path, output, info, overwrite, probabilities)
+  # The optimizer is built only to give the checkpoint's tree its shape.
+  template = setup.build_state(cfg, par, info["num_classes"], info["channels"],
+                               optax.constant_schedule(0.0), jax.random.key(0))
+  state = checkpoint.restore_state(cfg, workdir, which, par, template)
+  predict.predict(cfg, info, par, par.predict_step(step.predict_step), state, planned,
+                  setup.eval_batch(cfg, par.num_devices))
+  return [outputs for _, outputs in planned]
