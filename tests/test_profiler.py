@@ -13,7 +13,6 @@ import pytest
 
 import helpers
 from helpers import REPO, TINY
-from medseg_jax.training import loop
 
 
 def test_two_traced_steps_write_a_trace_with_their_step_annotations(tmp_path):
@@ -21,7 +20,7 @@ def test_two_traced_steps_write_a_trace_with_their_step_annotations(tmp_path):
   cfg = helpers.config(*TINY[1:], "--config.parallel.num_devices=2",
                        "--config.train.num_steps=4", "--config.train.eval_every_steps=0",
                        "--config.monitor.enabled=False", "--config.monitor.profile_steps=(2, 3)")
-  loop.train_and_evaluate(cfg, workdir)
+  helpers.train(cfg, workdir)
   sessions = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*"))
   assert len(sessions) == 1, sessions  # one trace session for the two steps
   # TensorBoard's profile tab reads <host>.xplane.pb (an XSpace protobuf, which holds
