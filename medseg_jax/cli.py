@@ -10,7 +10,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax.errors import MedsegError, first_line
+from medseg_jax.errors import ConfigError, MedsegError, first_line
 
 
 def fail(message: str, code: int) -> None:
@@ -19,10 +19,17 @@ def fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
+# The defaults every config file starts from: a config must have exactly their keys. The
+# package runs from its repository (it is not installed), so it reads them from the file a
+# user reads, by path: the repository's `configs` package need not be importable.
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "base.py")
+
+
 def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` for every flag form absl reads: any problem with the flags, the
-  config file or its overrides is one line and exit code 2. `check` validates the parsed
-  flags further."""
+  config file, its keys or its overrides is one line and exit code 2. `check` validates
+  the parsed flags further."""
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)  # --help and its kin print and exit here
@@ -38,10 +45,41 @@ def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]
     path = config.config_filename.split(":", 1)[0]
     if not os.path.isfile(path):
       fail(f"--config: config file {path!r} not found", 2)
+    try:
+      check_keys(config.value, path)
+    except ConfigError as e:
+      fail(str(e), e.exit_code)
     if check is not None:
       check()
     return rest
   return parse
+
+
+def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """Raises ConfigError naming every key of configs/base.py that the config from the file at
+  `path` lacks, and every key it has that base.py does not (a misspelling, or a key that no
+  longer exists)."""
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
+                      "ml_collections.ConfigDict")
+  reference, keys = _leaves(_load_config(BASE_CONFIG)), _leaves(cfg)
+  missing, unknown = sorted(reference - keys), sorted(keys - reference)
+  problems = [f"lacks config keys {', '.join(missing)}"] if missing else []
+  problems += [f"has unknown config keys {', '.join(unknown)}"] if unknown else []
+  if problems:
+    raise ConfigError(f"{path}: {'; '.join(problems)} (a config has exactly the keys of "
+                      "configs/base.py)")
+
+
+def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  """The dotted names of the config's values: {"seed", "model.name", ...}."""
+  found = set()
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      found |= _leaves(value, f"{prefix}{key}.")
+    else:
+      found.add(prefix + key)
+  return found
 
 
 def _load_config(config_arg: str) -> ml_collections.ConfigDict:

@@ -1,5 +1,5 @@
-"""The command line every command shares: the flag forms absl reads, and the interpreter
-the launchers start."""
+"""The command line every command shares: the flag forms absl reads, a config file's keys
+against configs/base.py, and the interpreter the launchers start."""
 
 import glob
 import os
@@ -13,12 +13,18 @@ from ml_collections import config_flags
 
 from helpers import REPO, env_with_devices
 from medseg_jax import cli
+from medseg_jax.errors import ConfigError
 
 # Every module of the package that runs as a command.
 COMMANDS = sorted(
     os.path.relpath(p, REPO)[:-3].replace(os.sep, ".")
     for p in glob.glob(os.path.join(REPO, "medseg_jax", "**", "*.py"), recursive=True)
     if 'if __name__ == "__main__":' in open(p).read())
+# A complete config written before data.augment.samples_per_epoch (and model.init_from,
+# model.init_checkpoint) existed.
+OLD_CONFIG = "benchmarks/results/large_batch/guideline_config.py"
+
+
 def run(module, *args, env=None):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, env=env or dict(os.environ, PYTHONPATH=REPO))
@@ -81,6 +87,60 @@ def test_config_args_pass_on_in_one_form():
   assert cli.config_args(argv, values) == [
       "--config=configs/quickstart.py", "--config.optim.lr=1e-3", "--noconfig.data.synthetic",
       "--config.data.label_map=()", "--config.model.init_from=a b", "--config.seed=3"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_a_config_lacking_keys_of_base_is_one_line_naming_them(tmp_path, module):
+  workdir = [f"--workdir={tmp_path / 'run'}"] if module == "medseg_jax.main" else []
+  proc = run(module, f"--config={OLD_CONFIG}", *workdir)
+  assert one_error_line(proc) == (
+      f"error: {OLD_CONFIG}: lacks config keys data.augment.samples_per_epoch, "
+      "model.init_checkpoint, model.init_from (a config has exactly the keys of "
+      "configs/base.py)")
+  assert not (tmp_path / "run").exists()
+
+
+def _config_file(tmp_path, *lines):
+  path = tmp_path / "mine.py"
+  path.write_text("from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n"
+                  + "".join(f"  {line}\n" for line in lines) + "  return c\n")
+  return str(path)
+
+
+def test_every_missing_and_unknown_key_is_named(tmp_path):
+  path = _config_file(tmp_path, 'del c.train["eval_batch_size"]', 'del c.data.augment["zoom"]',
+                      "c.optim.learning_rate = 0.1")
+  proc = run("medseg_jax.main", f"--config={path}", f"--workdir={tmp_path / 'run'}",
+             "--config.train.num_steps", "1")
+  assert one_error_line(proc) == (
+      f"error: {path}: lacks config keys data.augment.zoom, train.eval_batch_size; has "
+      "unknown config keys optim.learning_rate (a config has exactly the keys of "
+      "configs/base.py)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_keys_are_checked_from_any_directory(tmp_path):
+  """The reference keys come with the package, not from the current directory."""
+  path = tmp_path / "scratch.py"
+  path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                  "  return ml_collections.ConfigDict({'seed': 0})\n")
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.main", f"--config={path}"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert "lacks config keys checkpoint.every_steps, " in one_error_line(proc)
+  assert os.listdir(tmp_path) == ["scratch.py"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))),
+                         ids=os.path.basename)
+def test_shipped_configs_have_the_keys_of_base(path):
+  if "def get_config" in open(path).read():
+    cli.check_keys(cli._load_config(path), path)  # pylint: disable=protected-access
+
+
+def test_a_config_that_is_not_a_config_dict_is_named(tmp_path):
+  with pytest.raises(ConfigError, match=r"^x\.py: get_config\(\) returned dict"):
+    cli.check_keys({"seed": 0}, "x.py")
 
 
 @pytest.fixture
