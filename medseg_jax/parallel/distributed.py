@@ -11,6 +11,7 @@ import dataclasses
 import os
 import socket
 import time
+from typing import Any
 
 from absl import logging
 
@@ -91,6 +92,10 @@ def initialize(launch: Launch, local_device_ids: list[int] | None,
                         "picks its GPUs with CUDA_VISIBLE_DEVICES)")
     return
   import jax  # pylint: disable=import-outside-toplevel
+  # Stop requests go through the key-value store (training/preemption.py). JAX's own
+  # preemption service would catch SIGTERM in C++ until the loop's handler replaces it,
+  # so a SIGTERM during start-up would be ignored.
+  jax.config.update("jax_enable_preemption_service", False)
   kwargs = dict(initialization_timeout=timeout_seconds,
                 heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=timeout_seconds)
   if launch.source == "flags":
@@ -106,3 +111,10 @@ def initialize(launch: Launch, local_device_ids: list[int] | None,
   logging.info("Process %d of %d (%s), %d local devices of %d", jax.process_index(),
                jax.process_count(), launch.source, jax.local_device_count(),
                jax.device_count())
+
+
+def client() -> Any:
+  """The process group's client of JAX's coordination service (its key-value store and
+  barriers). JAX keeps it in a private module; orbax reads it from there too."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  return jax_distributed.global_state.client
