@@ -44,15 +44,22 @@ def _check_flags() -> None:
              "comma-separated", 2)
 
 
-def _start_processes(cfg) -> None:
-  """GPU memory settings, then the process group; only process 0 keeps INFO logs."""
+def _start_processes(cfg, workdir: str):
+  """GPU memory settings, then the process group; only process 0 keeps INFO logs.
+
+  Returns the context inside which the loss of another process ends this one with one
+  line and exit code 75 (distributed.PeerWatch).
+  """
   distributed.configure_memory(cfg.parallel.gpu_preallocate, cfg.parallel.gpu_memory_fraction)
   launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
-  distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds)
+  from medseg_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  watch = distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds,
+                                 checkpoint.directory(workdir))
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  return watch
 
 
 def default_workdir(config_arg: str) -> str:
@@ -87,23 +94,23 @@ def main(argv: list[str]) -> None:
   cfg = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   try:
-    _start_processes(cfg)
-    _check_before_data(cfg, workdir)
-    # The training code imports jax's backend; it comes after the process group exists.
-    from medseg_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
-    from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
-    from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
-    if _MODE.value == "train":
-      os.makedirs(workdir, exist_ok=True)
-      loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
-    elif _MODE.value == "evaluate":
-      loop.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
-    else:
-      predict.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
-                    _OVERWRITE.value, _PROBABILITIES.value)
-    # Process 0 writes the last files alone; the others wait here rather than in JAX's
-    # shutdown, whose timeout is shorter than a slow disk.
-    multihost.barrier("end of run")
+    with _start_processes(cfg, workdir):
+      _check_before_data(cfg, workdir)
+      # The training code imports jax's backend; it comes after the process group exists.
+      from medseg_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
+      from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
+      from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
+      if _MODE.value == "train":
+        os.makedirs(workdir, exist_ok=True)
+        loop.train_and_evaluate(cfg, workdir, _FROM_SCRATCH.value)
+      elif _MODE.value == "evaluate":
+        loop.evaluate_checkpoint(cfg, workdir, _CHECKPOINT.value)
+      else:
+        predict.predict(cfg, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+                      _OVERWRITE.value, _PROBABILITIES.value)
+      # Process 0 writes the last files alone; the others wait here rather than in JAX's
+      # shutdown, whose timeout is shorter than a slow disk.
+      multihost.barrier("end of run")
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)
