@@ -170,6 +170,9 @@ class PeerWatch:
 
   def __exit__(self, *exc) -> None:
     self._done.set()
+    # Ended before Python's exit, which would kill it inside a call into the runtime
+    # (an abort).
+    self._thread.join(self._interval + 30)
 
   def _watch(self) -> None:
     from jax.errors import JaxRuntimeError  # pylint: disable=import-outside-toplevel

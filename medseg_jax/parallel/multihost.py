@@ -81,18 +81,24 @@ class SharedStop:
     self._checked, self._target = start_step, None
     self._error: str | None = None
     self.reason: str | None = None
-    self._thread = threading.Thread(target=self._listen, name="SharedStop", daemon=True)
+    self._abandoned = threading.Event()
+    # Not a daemon: Python waits for it before JAX's shutdown at exit, instead of killing
+    # it inside a call into the runtime (which aborts the process).
+    self._thread = threading.Thread(target=self._listen, name="SharedStop")
 
   def __enter__(self) -> "SharedStop":
     self._thread.start()
     return self
 
-  def __exit__(self, *exc) -> None:
-    """This loop has ended; its thread answers the others until every loop has."""
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """This loop has ended; its thread answers the others until every loop has, or
+    until the next second if the loop ended with an error (the run ends anyway)."""
+    if exc_type is not None:
+      self._abandoned.set()
     try:
       self._client.key_value_set(f"{self._keys}ended/{self._me}", str(self._checked))
     except JaxRuntimeError:
-      pass  # the service is gone: the run ends anyway
+      self._abandoned.set()  # the service is gone: the run ends anyway
 
   def ask(self, reason: str) -> None:
     """Asks every process to stop, once; safe in a signal handler (takes no lock)."""
@@ -111,25 +117,31 @@ class SharedStop:
       return step == self._target
 
   def _listen(self) -> None:
-    """Waits for the request, then agrees on the target; gives up once every loop has
-    ended without one (a request asked before its asker's loop ended still counts)."""
-    while True:
-      try:
-        self.reason = self._client.blocking_key_value_get(self._keys + "request", 1000)
-        break
-      except JaxRuntimeError:  # not asked within the second
-        pass
-      try:
-        if len(self._client.key_value_dir_get(self._keys + "ended/")) == self._count:
-          self.reason = self._client.key_value_try_get(self._keys + "request")
-          break
-      except JaxRuntimeError:  # not asked at all, or the service is gone
-        return
+    """Agrees on the target once asked."""
+    if not self._wait_for_request():
+      return
     with self._lock:
       try:
         self._target = self._agree()
       except JaxRuntimeError as e:
         self._error = first_line(e)
+
+  def _wait_for_request(self) -> bool:
+    """Whether a stop was asked; False once every loop has ended without one (a request
+    asked before its asker's loop ended still counts), or this one with an error."""
+    while not self._abandoned.is_set():
+      try:
+        self.reason = self._client.blocking_key_value_get(self._keys + "request", 1000)
+        return True
+      except JaxRuntimeError:  # not asked within the second
+        pass
+      try:
+        if len(self._client.key_value_dir_get(self._keys + "ended/")) == self._count:
+          self.reason = self._client.key_value_try_get(self._keys + "request")
+          return True
+      except JaxRuntimeError:  # not asked at all, or the service is gone
+        return False
+    return False
 
   def _agree(self) -> int:
     """Publishes this loop's last checked step; the largest of every process's, plus one."""
