@@ -130,6 +130,15 @@ def test_parse_which_names_the_key_of_a_bad_value():
     checkpoint.parse_which("newest", "--checkpoint")
 
 
+def test_a_bad_checkpoint_flag_is_one_line_from_the_same_parser(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.main", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path}", "--mode=evaluate", "--checkpoint=newest"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --checkpoint='newest': use 'latest', 'best' or a step number"], proc.stderr
+
+
 def test_a_run_its_checkpoints_directory_or_a_step_name_the_same_step(tmp_path):
   ckpt = _saved(tmp_path, steps=(1, 2))
   ckpt.save_if_best(3, _state(3), {"step": 3}, 0.5)

@@ -272,7 +272,10 @@ class Checkpointer:
     writes still running against an event loop it has closed (tracebacks from
     tensorstore's threads) and a partial step; checked first, nothing is written."""
     need = _SAVE_MARGIN * sum(x.nbytes for x in jax.tree.leaves(_to_tree(state))) + _SAVE_SLACK
-    free = shutil.disk_usage(self.directory).free
+    existing = self.directory  # orbax's primary process creates it; others may not see it
+    while not os.path.isdir(existing):
+      existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
     if multihost.any_process(free < need):  # every process saves, or none
       raise MedsegError(f"{self.directory}: disk full: checkpoint {step} needs about "
                         f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free here; "
