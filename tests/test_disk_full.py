@@ -140,7 +140,7 @@ except OSError:
   os.close(fd)
 for step in range(1, 60):  # far more events than tensorboardX's queue holds
   mon.train_window(step, [0.5], {"step": step, "loss": 0.5, "learning_rate": 0.1,
-                                 "slices_per_sec": 1.0})
+                                 "slices_per_sec": 1.0}, {})
   mon.evaluation("val", step, {"dice": 0.5}, np.zeros((64, 64, 3), np.uint8))
 mon.close()
 print("closed")
