@@ -7,7 +7,7 @@ from absl import app, flags, logging
 
 from medseg_jax import cli, config
 from medseg_jax.data import pipeline
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.parallel import distributed, multihost, strategies
 from medseg_jax.training import checkpoint, loop, modes
 
@@ -38,8 +38,10 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
 def _check_flags() -> None:
   if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
     cli.fail("--mode=predict needs --input and --output", 2)
-  if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
-    cli.fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest', 'best' or a step number", 2)
+  try:
+    checkpoint.parse_which(_CHECKPOINT.value, "--checkpoint")
+  except ConfigError as e:
+    cli.fail(str(e), e.exit_code)
   if _LOCAL_DEVICES.value and not all(i.isdigit() for i in _LOCAL_DEVICES.value):
     cli.fail(f"--local_device_ids={','.join(_LOCAL_DEVICES.value)}: device numbers, "
              "comma-separated", 2)

@@ -140,7 +140,7 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
     _validate(setup, ckpt, mon, None, state, step, position, start.rng)
   if ckpt.best_step() is not None:
     state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
-                                             best=True).state)
+                                             checkpoint.BEST).state)
   step = step_of(setup.par, state)
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)
