@@ -246,12 +246,12 @@ def test_early_stopping_ends_a_plateau_and_stays_finished(tmp_path, logs):
   _train(workdir, *args)
   # Nothing changes at LR 0: the best Dice is step 1's, two validations later it stops.
   assert "Early stopping at step 3: no better validation Dice since step 1" in logs.text
-  assert _steps(workdir) == [3]
+  assert _steps(workdir) == [1, 3]  # the best (kept for its Dice) and the last
   with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
     assert json.load(f)["step"] == 1
   logs.clear()
   _train(workdir, *args)
   assert "Resuming from checkpoint at step 3" in logs.text
-  assert _steps(workdir) == [3]
+  assert _steps(workdir) == [1, 3]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
