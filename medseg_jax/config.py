@@ -7,18 +7,14 @@ preprocessing settings) on the config itself, so the lists of valid values live 
 place. Nothing here reads the dataset or writes a file.
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from medseg_jax import optim
+from medseg_jax import models, optim
 from medseg_jax.training import losses, warm_start
 from medseg_jax.data import augment, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
-from medseg_jax.models import build_model
 from medseg_jax.parallel import strategies
 
 # Counts and periods the loop divides by or counts down: (key, lowest valid value).
@@ -49,7 +45,6 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   _check_data(cfg.data)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
-  losses.get_loss(cfg.train.loss)
   augment.from_config(cfg.data.augment)
   _check_samples_per_epoch(cfg.data.augment)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
@@ -85,16 +80,19 @@ def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:
 
 
 def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
-  """The model's parameter shapes, traced without computing (no real initialisation)."""
+  """The model's parameter shapes, traced without computing (no real initialisation),
+  once the network and the loss are checked against their contracts."""
   # The class count and channels come from the dataset; any values build the same layers.
-  num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
+  num_classes = _num_classes(cfg)
   channels = len(cfg.data.modalities) or 1
   size = cfg.data.image_size
-  model = build_model(cfg.model, num_classes, size, par.bn_axis_name)
-  init = functools.partial(model.init, train=False)
-  sample = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.eval_shape(init, key, sample)["params"]
+  model = models.build_model(cfg.model, num_classes, size, par.bn_axis_name)
+  losses.check_loss(cfg.train.loss, num_classes)
+  return models.abstract_variables(cfg.model, model, num_classes, size, channels)["params"]
+
+
+def _num_classes(cfg: ml_collections.ConfigDict) -> int:
+  return max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
 
 
 def _get(cfg: ml_collections.ConfigDict, key: str):

@@ -177,7 +177,8 @@ def _meta(setup: Setup, step: int, position: Position, rng: jax.Array,
           "global_batch": setup.global_batch, "num_devices": setup.par.num_devices,
           "process_count": jax.process_count(),
           "rng": np.asarray(jax.random.key_data(rng)).ravel().tolist(),
-          "early_stopped": early_stopped, "config": setup.cfg.to_dict()}
+          "early_stopped": early_stopped, "config": setup.cfg.to_dict(),
+          "components": setup.components}
 
 
 def _log_stop(stop: Stop, step: int, ckpt: checkpoint.Checkpointer,
@@ -235,7 +236,8 @@ def _write_run_files(setup: Setup, start: Start) -> None:
   manifest.write(workdir, manifest.at_start(
       setup.cfg, setup.data_info, setup.evaluator.class_names, parameters, setup.lr,
       devices=setup.par.num_devices, global_batch=setup.global_batch,
-      steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps))
+      steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps,
+      components=setup.components))
 
 
 def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,
