@@ -1,7 +1,7 @@
 """One resolver for the components a config names: networks, losses, plugins, strategies.
 
 Every kind names a component the same way:
-- a built-in name of the kind's registry: `unet`, `dice_ce`, `shard_map`;
+- a built-in name of the kind's registry: `unet`, `dice_ce`, `gspmd`;
 - an import path `package.module:Name`, the module importable from `sys.path`;
 - a Python file and a name `path/to/file.py:Name`. A relative path is taken relative to the
   config file's directory, then to the working directory: `absolute_specs` (called by
