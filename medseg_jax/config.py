@@ -9,13 +9,14 @@ place. Nothing here reads the dataset or writes a file.
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from medseg_jax import models, optim
-from medseg_jax.training import losses, warm_start
+from medseg_jax.training import losses, setup, warm_start
 from medseg_jax.data import augment, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
-from medseg_jax.parallel import strategies
+from medseg_jax.parallel import multihost, strategies
 
 # Counts and periods the loop divides by or counts down: (key, lowest valid value).
 _AT_LEAST = (
@@ -53,6 +54,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
   tx = optim.make_optimizer(cfg, schedule)
   params = _abstract_params(cfg, par)
+  _check_same_sources(setup.component_records(cfg))
   warm_start.check(cfg.model, params, starts_fresh)
   jax.eval_shape(tx.init, params)
   return par
@@ -89,6 +91,20 @@ def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
   model = models.build_model(cfg.model, num_classes, size, par.bn_axis_name)
   losses.check_loss(cfg.train.loss, num_classes)
   return models.abstract_variables(cfg.model, model, num_classes, size, channels)["params"]
+
+
+def _check_same_sources(records: dict) -> None:
+  """Every process resolved the same component files: a run whose processes train
+  different code would not fail, it would silently average different networks."""
+  digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"] or "0" * 64)
+                                   for r in records.values()), np.uint8)
+  every = multihost.all_processes(digests)
+  for key, record in records.items():
+    index = list(records).index(key)
+    rows = {bytes(row[32 * index:32 * (index + 1)]) for row in every}
+    if len(rows) > 1:
+      raise ConfigError(f"{key}={record['spec']!r}: the processes read different versions of "
+                        f"{record['source']} (its SHA-256 differs between processes)")
 
 
 def _num_classes(cfg: ml_collections.ConfigDict) -> int:

@@ -5,7 +5,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from medseg_jax import cli, config
+from medseg_jax import cli, components, config
 from medseg_jax.data import pipeline
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import distributed, multihost, strategies
@@ -82,7 +82,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   cfg = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  config_file = flags.FLAGS["config"].config_filename
+  components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
+  workdir = _WORKDIR.value or default_workdir(config_file)
   try:
     _start_processes(cfg)
     par = _check_before_data(cfg, workdir)
