@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 500   # 0 = only at the end
   c.train.eval_batch_size = 0      # per device; 0 = per_device_batch_size
   c.train.plugins = ()             # components the loop calls: module:Class or file.py:Class
+  c.train.plugin_kwargs = ml_collections.ConfigDict()  # plugin class name -> its keywords
   c.train.early_stopping_patience = 0  # validations with no better Dice before stopping; 0 = off
   c.train.divergence_factor = 10.0   # stop when the mean loss of the last patience steps ...
   c.train.divergence_patience = 50   # ... exceeds factor x its lowest; factor 0 = only non-finite

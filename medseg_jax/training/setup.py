@@ -12,7 +12,7 @@ from medseg_jax import models, optim
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.evaluation import evaluate
-from medseg_jax.training import losses, step
+from medseg_jax.training import losses, plugins, step
 from medseg_jax.training.state import TrainState, init_state
 
 
@@ -102,4 +102,7 @@ def component_records(cfg: ml_collections.ConfigDict) -> dict:
   """The spec, source file and SHA-256 of every component `cfg` names, by config key."""
   found = [models.network(cfg.model), losses.loss_component(cfg.train.loss),
            strategies.strategy_component(cfg.parallel.strategy)]
-  return {c.key: c.record() for c in found}
+  records = {c.key: c.record() for c in found}
+  for index, plugin in enumerate(plugins.plugin_components(cfg)):
+    records[f"train.plugins[{index}]"] = plugin.record()
+  return records
