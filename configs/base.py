@@ -123,4 +123,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.monitor.log_every_steps = 50
   c.monitor.enabled = True         # TensorBoard events, system sampling, progress bar
   c.monitor.system_interval_seconds = 10.0  # 0 = no system sampling
+  c.monitor.profile_steps = ()     # consecutive steps to trace, e.g. (10, 11); README
   return c

@@ -16,6 +16,7 @@ from medseg_jax import models, optim
 from medseg_jax.training import losses, setup, warm_start
 from medseg_jax.data import augment, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
+from medseg_jax.monitor import profiler
 from medseg_jax.parallel import multihost, strategies
 
 # Counts and periods the loop divides by or counts down: (key, lowest valid value).
@@ -48,6 +49,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   batch = pipeline.global_batch(cfg, par.num_devices)
   augment.from_config(cfg.data.augment)
   _check_samples_per_epoch(cfg.data.augment)
+  profiler.check_steps(cfg.monitor.profile_steps)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
   steps_per_epoch = 10
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch

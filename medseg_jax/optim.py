@@ -8,9 +8,9 @@ import dataclasses
 import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from medseg_jax.errors import ConfigError
@@ -201,9 +201,17 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
 
 
 def with_step(opt_state: optax.OptState, step: int) -> optax.OptState:
-  """`opt_state` with every step counter (schedules, Adam's bias correction) set to `step`,
-  for a run that continues at another global batch and so another step numbering."""
-  def reset(path, leaf):
-    is_count = path and getattr(path[-1], "name", None) == "count"
-    return jnp.full_like(leaf, step) if is_count else leaf
-  return jax.tree_util.tree_map_with_path(reset, opt_state)
+  """`opt_state` with every step counter set to `step`, for a run that continues at another
+  global batch and so another step numbering."""
+  # Counters set, not the schedule shifted by an offset: the state's step stays the one
+  # number that says where training is, for the schedule inside the optimizer, the loop,
+  # the guard and any later resume (an offset would be a second number to save with every
+  # checkpoint and add up over resumes). Adam's bias correction reads the same counter, so
+  # it corrects as if the moments had run `step` updates: a difference that fades as
+  # beta2 to the power of the smaller step. optax names every counter `count`, and its
+  # `tree_set` raises KeyError where there is none; tests/test_optim.py compares every
+  # chain `make_optimizer` builds with a fresh optimizer stepped `step` times. A host
+  # value, so that placing the state gives each counter its own buffer (one device array
+  # in two leaves would be donated twice by the train step, which crashes XLA).
+  return optax.tree_utils.tree_set(opt_state, count=np.asarray(step, np.int32))
+

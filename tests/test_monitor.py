@@ -1,6 +1,7 @@
 """TensorBoard events read back with TensorBoard's reader, the manifest, and determinism:
 runs of the training loop in this process, and one run of two real processes."""
 
+import glob
 import json
 import os
 import socket
@@ -117,12 +118,15 @@ def test_same_seed_same_losses_other_seed_other_losses(run, tmp_path):
 
 def test_two_processes_record_a_sample_of_each_host(tmp_path):
   """Each process samples its own host; process 0 records both, named by host and process
-  (the two share this machine's hostname)."""
+  (the two share this machine's hostname). Steps 2 and 3 are profiled (by process 0)."""
   env = dict(env_with_devices(None), CPU_DEVICES_PER_PROCESS="1")
   proc = subprocess.run(["bash", "launch/local.sh", "2", *TINY, f"--workdir={tmp_path}",
-                         "--config.train.eval_every_steps=0"], cwd=REPO, env=env,
+                         "--config.train.eval_every_steps=0",
+                         "--config.monitor.profile_steps=(2, 3)"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert [os.path.basename(t) for t in traces] == [f"{HOST}.xplane.pb"]
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),

@@ -210,3 +210,61 @@ def test_plain_sgd_step_is_lr_times_gradient():
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# Every chain `make_optimizer` builds: (optim.name, momentum, nesterov), each with and
+# without gradient clipping and weight decay.
+CHAINS = [("sgd", 0.0, False), ("sgd", 0.9, False), ("sgd", 0.9, True), ("adam", 0.9, False),
+          ("adamw", 0.9, False), ("lars", 0.9, False), ("lars", 0.9, True)]
+
+
+def _chain(name, momentum, nesterov, clip, decay, schedule):
+  cfg = cfg_with()
+  cfg.optim.update(name=name, momentum=momentum, nesterov=nesterov, grad_clip_norm=clip,
+                   weight_decay=decay)
+  return optim.make_optimizer(cfg, schedule)
+
+
+def test_the_renumbering_cases_cover_every_optimizer():
+  assert {name for name, _, _ in CHAINS} == set(optim.OPTIMIZERS)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+@pytest.mark.parametrize("decay", [0.0, 1e-2])
+@pytest.mark.parametrize("name,momentum,nesterov", CHAINS)
+@pytest.mark.parametrize("trained,renumbered", [(3, 12), (5, 2)])
+def test_with_step_sets_every_counter_as_optax_counts_and_the_next_lr(
+    name, momentum, nesterov, clip, decay, trained, renumbered):
+  """A state after `trained` updates renumbered to `renumbered`: the leaves that count
+  steps (those a fresh optimizer's zero-gradient steps change) hold what `renumbered`
+  such steps give them, every other leaf is untouched, and the next update is the one of
+  an optimizer whose LR is the schedule's value at `renumbered` at every step."""
+  schedule = lambda count: 0.01 * (count + 1.0)  # another LR at every step
+  tx = _chain(name, momentum, nesterov, clip, decay, schedule)
+  rng = np.random.default_rng(0)
+  draw = lambda: {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                  "b": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  params = draw()
+  state = tx.init(params)
+  for _ in range(trained):
+    state = tx.update(draw(), state, params)[1]
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  counted = tx.init(params)
+  for _ in range(renumbered):  # optax's own counting: zero gradients at zero parameters
+    counted = tx.update(zeros, counted, zeros)[1]
+  moved = optim.with_step(state, renumbered)
+  assert jax.tree.structure(moved) == jax.tree.structure(state)
+  counters = 0
+  for new, old, fresh, ref in zip(*map(jax.tree.leaves, (moved, state, tx.init(params),
+                                                         counted))):
+    is_counter = not np.array_equal(fresh, ref)
+    counters += is_counter
+    expected = ref if is_counter else old
+    assert new.dtype == expected.dtype and np.array_equal(new, expected)
+  assert counters == (2 if name in ("adam", "adamw") else 1)  # the schedule's, Adam's
+  held = _chain(name, momentum, nesterov, clip, decay, lambda count: schedule(renumbered))
+  grads = draw()
+  step_lr = lambda tx, s: jax.tree.leaves(tx.update(grads, s, params)[0])
+  for a, b in zip(step_lr(tx, moved), step_lr(held, moved)):
+    assert np.array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(step_lr(tx, state), step_lr(held, state)))

@@ -20,7 +20,7 @@ from medseg_jax import files, optim
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
-from medseg_jax.monitor import events, manifest
+from medseg_jax.monitor import events, manifest, profiler
 from medseg_jax.training import checkpoint, decisions, preemption, warm_start
 from medseg_jax.training.decisions import Position, Stop
 from medseg_jax.training.guard import DivergenceGuard
@@ -79,12 +79,14 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
                           setup.lr.schedule)
   state, step, position, stop = start.state, start.step, start.position, Stop.NONE
   losses, window_start, data_wait = [], time.perf_counter(), 0.0   # since the last record
-  with preemption.StopRequest(jax.process_count() > 1) as signals:
+  profile = profiler.Profiler(setup.workdir, cfg.monitor.profile_steps)
+  with preemption.StopRequest(jax.process_count() > 1) as signals, profile:
     fetch_start = time.perf_counter()
     for step, position, batch in _batches(setup, start.step, start.position):
       batch = par.put_batch(batch)
       data_wait += time.perf_counter() - fetch_start
-      state, step_metrics = setup.train_step(state, batch, start.rng)
+      with profile.step(step):
+        state, step_metrics = setup.train_step(state, batch, start.rng)
       guard.observe(step, step_metrics)
       losses.append(step_metrics["loss"])
       record = {}
