@@ -34,6 +34,7 @@ def median_step(workdir: str) -> float:
 
 def run(processes: int, steps: int, workdir: str) -> float:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHON"] = sys.executable  # the launcher runs this interpreter
   args = ARGS + [f"--config.train.num_steps={steps}", f"--workdir={workdir}"]
   if processes == 1:
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

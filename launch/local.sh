@@ -4,6 +4,8 @@
 #   launch/local.sh N --config=configs/quickstart.py --workdir=runs/mp [--config.key=value ...]
 # CPU_DEVICES_PER_PROCESS=K gives each process K simulated CPU devices.
 # MEDSEG_PORT picks the coordinator port (default: a free one).
+# PYTHON names the interpreter (default python3, the first on PATH), e.g.
+# PYTHON=/path/venv/bin/python.
 # Exits with the first non-zero exit code of the processes (0 if all succeed).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,7 +17,8 @@ fi
 n=$1
 shift
 cd "${here}/.."
-port=${MEDSEG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+python=${PYTHON:-python3}
+port=${MEDSEG_PORT:-$("${python}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 if [[ -n "${CPU_DEVICES_PER_PROCESS:-}" ]]; then
   export JAX_PLATFORMS=cpu
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${CPU_DEVICES_PER_PROCESS}"
@@ -24,8 +27,8 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
   args=(--coordinator_address="127.0.0.1:${port}" --num_processes="${n}" --process_id="${i}" "$@")
-  echo "launching process ${i}/${n}: python3 -m medseg_jax.main ${args[*]}" >&2
-  python3 -m medseg_jax.main "${args[@]}" &
+  echo "launching process ${i}/${n}: ${python} -m medseg_jax.main ${args[*]}" >&2
+  "${python}" -m medseg_jax.main "${args[@]}" &
   pids+=($!)
 done
 wait_all

@@ -4,6 +4,8 @@
 # HOSTFILE: one host name per line. The repository must be at the same path on every
 # host (a shared file system), and the workdir on storage all hosts see.
 # MEDSEG_PORT sets the coordinator port (default 12355).
+# PYTHON names the interpreter on every host (default python3, the first on the remote
+# PATH), e.g. PYTHON=/shared/venv/bin/python.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "${here}/common.sh"
@@ -21,10 +23,11 @@ fi
 repo=$(cd "${here}/.." && pwd)
 coordinator="${hosts[0]}:${MEDSEG_PORT:-12355}"
 quoted=$(printf '%q ' "$@")
+python=$(printf '%q' "${PYTHON:-python3}")
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
-  cmd="cd $(printf '%q' "${repo}") && python3 -m medseg_jax.main --coordinator_address=${coordinator} --num_processes=${n} --process_id=${i} ${quoted}"
+  cmd="cd $(printf '%q' "${repo}") && ${python} -m medseg_jax.main --coordinator_address=${coordinator} --num_processes=${n} --process_id=${i} ${quoted}"
   echo "launching on ${hosts[i]}: ${cmd}" >&2
   ssh -o BatchMode=yes "${hosts[i]}" "${cmd}" &
   pids+=($!)

@@ -2,13 +2,15 @@
 
 import importlib.util
 import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medseg_jax.errors import MedsegError, first_line
+from medseg_jax.errors import ConfigError, MedsegError, first_line
 
 
 def fail(message: str, code: int) -> None:
@@ -17,41 +19,116 @@ def fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
-_HELP = {"--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml"}
+# The defaults every config file starts from: a config must have exactly their keys. The
+# package runs from its repository (it is not installed), so it reads them from the file a
+# user reads, by path: the repository's `configs` package need not be importable.
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "base.py")
 
 
 def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]], list[str]]:
-  """An absl `flags_parser`: any problem with the flags or the config file or its
-  overrides is one line and exit code 2. `check` validates the parsed flags further."""
+  """An absl `flags_parser` for every flag form absl reads: any problem with the flags, the
+  config file, its keys or its overrides is one line and exit code 2. `check` validates
+  the parsed flags further."""
   def parse(argv: list[str]) -> list[str]:
-    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-    if not _HELP.intersection(argv[1:]):  # absl prints the help and exits while parsing
-      if not config_arg:
-        fail("--config is required", 2)
-      if not os.path.isfile(config_arg.split(":", 1)[0]):
-        fail(f"--config: config file {config_arg.split(':', 1)[0]!r} not found", 2)
     try:
-      rest = flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)  # --help and its kin print and exit here
     except flags.Error as e:
       fail(first_line(e), 2)
-    except (AttributeError, KeyError):  # config_flags' way of saying an override key is unknown
-      fail(_unknown_override(config_arg, argv), 2)
+    # config_flags' ways of saying an override key is unknown (AttributeError, KeyError)
+    # or that an overridden config file is missing (OSError).
+    except (AttributeError, KeyError, OSError):
+      fail(_override_error(argv), 2)
+    config = flags.FLAGS["config"]
+    if not config.present:
+      fail("--config is required", 2)
+    path = config.config_filename.split(":", 1)[0]
+    if not os.path.isfile(path):
+      fail(f"--config: config file {path!r} not found", 2)
+    try:
+      check_keys(config.value, path)
+    except ConfigError as e:
+      fail(str(e), e.exit_code)
     if check is not None:
       check()
     return rest
   return parse
 
 
-def _unknown_override(config_arg: str, argv: list[str]) -> str:
-  """Names the first --config.KEY=VALUE whose KEY is not in the config."""
+def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """Raises ConfigError naming every key of configs/base.py that the config from the file at
+  `path` lacks, and every key it has that base.py does not (a misspelling, or a key that no
+  longer exists)."""
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
+                      "ml_collections.ConfigDict")
+  reference, keys = _leaves(_load_config(BASE_CONFIG)), _leaves(cfg)
+  missing, unknown = sorted(reference - keys), sorted(keys - reference)
+  problems = [f"lacks config keys {', '.join(missing)}"] if missing else []
+  problems += [f"has unknown config keys {', '.join(unknown)}"] if unknown else []
+  if problems:
+    raise ConfigError(f"{path}: {'; '.join(problems)} (a config has exactly the keys of "
+                      "configs/base.py)")
+
+
+def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  """The dotted names of the config's values: {"seed", "model.name", ...}."""
+  found = set()
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      found |= _leaves(value, f"{prefix}{key}.")
+    else:
+      found.add(prefix + key)
+  return found
+
+
+def _load_config(config_arg: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the file `PATH` (`get_config(VARIANT)` for `PATH:VARIANT`)."""
   path, _, variant = config_arg.partition(":")
   spec = importlib.util.spec_from_file_location("_medseg_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config(variant) if variant else module.get_config()
-  for arg in argv:
-    if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=", 1)[0]
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _flag_arguments(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
+                    ) -> Iterator[tuple[str, str | None, str]]:
+  """(flag name, value or None, the argument as `--name[=value]`) for each flag argument of
+  `argv[1:]`, flag files expanded, paired with its value as absl's parser pairs them: after
+  `=`, or the next argument unless the flag is boolean. absl does not expose its pairing;
+  the tools need it to pass a command line's config arguments on in one form."""
+  args = iter(flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False))
+  for arg in args:
+    if arg == "--":
+      return
+    if not arg.startswith("-") or not arg.strip("-"):
+      continue
+    name, eq, value = arg.lstrip("-").partition("=")
+    known = flag_values[name] if name in flag_values else None
+    if not eq and known is not None and not known.boolean:
+      value, eq = next(args, ""), "="
+    yield name, value if eq else None, f"--{name}{eq}{value}"
+
+
+def config_args(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """The --config and --config.KEY arguments of a parsed command line, each one argument
+  (`--config=FILE`, `--config.KEY=VALUE`, a boolean's `--config.KEY`/`--noconfig.KEY`),
+  whatever form absl read them in: to pass on to another command. `flag_values` are the
+  flags `argv` was parsed into."""
+  return [arg for name, _, arg in _flag_arguments(argv, flag_values)
+          if re.fullmatch(r"(no)?config(\..+)?", name)]
+
+
+def _override_error(argv: list[str]) -> str:
+  """Names the missing config file, or the first --config.KEY whose KEY is not in it."""
+  config_arg = next((v for n, v, _ in _flag_arguments(argv) if n == "config"), None) or ""
+  path = config_arg.split(":", 1)[0]
+  if not os.path.isfile(path):
+    return f"--config: config file {path!r} not found"
+  cfg = _load_config(config_arg)
+  for name, _, arg in _flag_arguments(argv):
+    if re.fullmatch(r"(no)?config\..+", name):
+      key = name.split(".", 1)[1]
       node = cfg
       for part in key.split("."):
         if not hasattr(node, "keys") or part not in node:

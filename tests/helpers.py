@@ -3,6 +3,7 @@
 import ast
 import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
@@ -50,12 +51,12 @@ def init_variables(model, x, seed: int = 0) -> dict:
 
 def env_with_devices(devices: int | None = None) -> dict:
   """This environment with `devices` simulated CPU devices (none forced if None); the
-  suite's other XLA flags stay."""
+  suite's other XLA flags stay. `PYTHON` names this interpreter, for the launchers."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count=")]
   if devices:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
-  return dict(os.environ, XLA_FLAGS=" ".join(flags))
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), PYTHON=sys.executable)
 
 
 def checkpoint_arrays(workdir: str, step: int, item: str | None = None,

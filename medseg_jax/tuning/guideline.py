@@ -293,7 +293,7 @@ def _cli() -> None:
 
   def main() -> None:
     cfg, k = config.value, devices.value
-    trainer = runs.trainer(runs.config_args(sys.argv), os.path.join(workdir.value, "runs"),
+    trainer = runs.trainer(cli.config_args(sys.argv), os.path.join(workdir.value, "runs"),
                            runs.cpu_devices(cpu.value, k), "guideline")
     tuner = Tuner(cfg, k, trainer, workdir.value, settings(),
                   lambda line: print(f"[guideline] {line}", flush=True))

@@ -18,11 +18,6 @@ from medseg_jax.errors import DataError, MedsegError
 METRICS = ("dice", "mean_accuracy", "mean_iou", "pixel_accuracy", "fw_iou")
 
 
-def config_args(argv: list[str]) -> list[str]:
-  """The --config and --config.KEY=VALUE arguments of a command line, to pass on."""
-  return [a for a in argv[1:] if a.startswith("--config")]
-
-
 def override_args(overrides: dict) -> list[str]:
   """{"lr.policy": "grescale", "seed": 1} -> ["--config.lr.policy=grescale", "--config.seed=1"]."""
   return [f"--config.{key}={value!r}" if isinstance(value, float) else f"--config.{key}={value}"

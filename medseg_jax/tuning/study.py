@@ -174,7 +174,7 @@ def _cli() -> None:
              for p in policies.value}
     skip = {(p, counts[0]) for p in table if p != baseline.value} if baseline_only.value \
         else set()
-    rows, failed = run_all(runs.config_args(sys.argv), workdir.value, table, counts,
+    rows, failed = run_all(cli.config_args(sys.argv), workdir.value, table, counts,
                            seeds.value, runs.cpu_devices(cpu.value, max(counts)), skip)
     if rows:
       write_reports(workdir.value, summarize(rows, baseline.value), baseline.value)
