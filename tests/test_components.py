@@ -1,6 +1,7 @@
 """Components named in the config: built-ins, import paths and files through one resolver,
 held to their contracts by the config check before any data work."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
-from medseg_jax import components, config
+from medseg_jax import cli, components, config
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import MODELS, UNet, build_model
 from medseg_jax.parallel import strategies
@@ -164,3 +165,25 @@ def test_main_refuses_a_broken_network_with_exit_2_and_no_workdir(tmp_path):
                               "returns (1, 32, 32, 7)")
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+EXAMPLES = sorted(p for p in glob.glob(os.path.join(helpers.REPO, "examples", "*.py"))
+                  if "def get_config" in open(p).read())
+
+
+def test_the_examples_have_a_network_a_loss_and_a_plugin():
+  kinds = set()
+  for path in EXAMPLES:
+    cfg = helpers.config(path=path)
+    kinds |= {key for key, builtin in (("model.name", "unet"), ("train.loss", "dice_ce"))
+              if cfg[key.split(".")[0]][key.split(".")[1]] != builtin}
+    kinds |= {"train.plugins"} if cfg.train.plugins else set()
+  assert kinds == {"model.name", "train.loss", "train.plugins"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_every_example_config_passes_the_checks_main_runs(path, devices8):
+  cfg = helpers.config(path=path)
+  cli.check_keys(cfg, path)
+  components.absolute_specs(cfg, os.path.dirname(path))
+  config.check(cfg)
