@@ -1,33 +1,72 @@
-"""Small file helpers: outputs appear whole or not at all."""
+"""Small file helpers: outputs appear whole or not at all, and a full disk is one line."""
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
 from typing import Iterator
 
+from medseg_jax.errors import MedsegError
+
+# Writes that find no room: a full disk, a full quota, the file size limit (RLIMIT_FSIZE).
+_NO_ROOM = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def disk_full(error: BaseException | str | None) -> str | None:
+  """Why `error` (an exception, its chain included, or a message) is a write that found no
+  room, as the system says it ("No space left on device", ...), or None if it is not.
+
+  Libraries that write in C++ (tensorstore, so orbax too) raise ValueError or
+  RuntimeError with the system's message inside, not an OSError with its errno."""
+  seen = 0
+  while error is not None and seen < 10:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      return os.strerror(error.errno)
+    found = next((reason for reason in _NO_ROOM if reason in str(error)), None)
+    if found or isinstance(error, str):
+      return found
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return None
+
+
+@contextlib.contextmanager
+def disk_full_reported(path: str) -> Iterator[None]:
+  """Turns a write into `path` that finds no room into one line: a MedsegError naming
+  `path` and saying the disk is full. Other errors pass unchanged."""
+  try:
+    yield
+  except MedsegError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (any writer's error)
+    reason = disk_full(e)
+    if reason is None:
+      raise
+    raise MedsegError(f"{path}: disk full ({reason}); free space and run again") from e
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path beside `path` (same extension) that replaces `path` only if
-  the block succeeds; on failure nothing is left behind."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  name = os.path.basename(path)
-  suffix = name[name.index("."):] if "." in name else ""
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-  os.close(fd)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  the block succeeds; on failure nothing is left behind, and a full disk is one line."""
+  with disk_full_reported(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.basename(path)
+    suffix = name[name.index("."):] if "." in name else ""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+    try:
+      yield tmp
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
 
 
 def write_json(path: str, obj) -> None:
@@ -50,7 +89,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def append_jsonl(path: str, obj) -> None:
-  with open(path, "a") as f:
+  with disk_full_reported(path), open(path, "a") as f:
     f.write(json.dumps(obj, sort_keys=True) + "\n")
 
 

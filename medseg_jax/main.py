@@ -7,7 +7,7 @@ from absl import app, flags, logging
 
 from medseg_jax import cli, components, config
 from medseg_jax.data import pipeline
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.parallel import distributed, multihost, strategies
 from medseg_jax.training import checkpoint, loop, modes
 
@@ -38,21 +38,29 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
 def _check_flags() -> None:
   if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
     cli.fail("--mode=predict needs --input and --output", 2)
-  if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
-    cli.fail(f"--checkpoint={_CHECKPOINT.value}: use 'latest', 'best' or a step number", 2)
+  try:
+    checkpoint.parse_which(_CHECKPOINT.value, "--checkpoint")
+  except ConfigError as e:
+    cli.fail(str(e), e.exit_code)
   if _LOCAL_DEVICES.value and not all(i.isdigit() for i in _LOCAL_DEVICES.value):
     cli.fail(f"--local_device_ids={','.join(_LOCAL_DEVICES.value)}: device numbers, "
              "comma-separated", 2)
 
 
-def _start_processes(cfg) -> None:
-  """GPU memory settings, then the process group; only process 0 keeps INFO logs."""
+def _start_processes(cfg, workdir: str):
+  """GPU memory settings, then the process group; only process 0 keeps INFO logs.
+
+  Returns the context inside which the loss of another process ends this one with one
+  line and exit code 75 (distributed.PeerWatch).
+  """
   distributed.configure_memory(cfg.parallel.gpu_preallocate, cfg.parallel.gpu_memory_fraction)
   launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
-  distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds)
+  watch = distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds,
+                                 checkpoint.directory(workdir))
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  return watch
 
 
 def default_workdir(config_arg: str) -> str:
@@ -86,19 +94,19 @@ def main(argv: list[str]) -> None:
   components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
   workdir = _WORKDIR.value or default_workdir(config_file)
   try:
-    _start_processes(cfg)
-    par = _check_before_data(cfg, workdir)
-    if _MODE.value == "train":
-      os.makedirs(workdir, exist_ok=True)
-      loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
-    elif _MODE.value == "evaluate":
-      modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
-    else:
-      modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
-                               _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
-    # Process 0 writes the last files alone; the others wait here rather than in JAX's
-    # shutdown, whose timeout is shorter than a slow disk.
-    multihost.barrier("end of run")
+    with _start_processes(cfg, workdir):
+      par = _check_before_data(cfg, workdir)
+      if _MODE.value == "train":
+        os.makedirs(workdir, exist_ok=True)
+        loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
+      elif _MODE.value == "evaluate":
+        modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
+      else:
+        modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
+                                 _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
+      # Process 0 writes the last files alone; the others wait here rather than in JAX's
+      # shutdown, whose timeout is shorter than a slow disk.
+      multihost.barrier("end of run")
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)

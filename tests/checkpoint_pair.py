@@ -1,12 +1,12 @@
-"""One of two processes that save the latest and the best checkpoint of the same steps.
+"""One of two processes that save a best and a periodic checkpoint of the same steps.
 
     python tests/checkpoint_pair.py PORT PROCESS_ID WORKDIR STEPS
 
 Run by tests/test_multiprocess.py as two real jax.distributed processes on 127.0.0.1.
 Every step does what the training loop does when a validation and a checkpoint land
-on the same step: `save_if_best` (the Dice rises every step, so it always saves), then
-`save`, both asynchronous. The parameters of step s are all s, so a test can check
-what was written against that hand-computed value.
+on the same step: `save_if_best` (the Dice, step / 100, rises every step, so it always
+saves), then `save` (the step is saved already), asynchronously. The parameters of
+step s are all s, so a test can check what was written against that hand-computed value.
 """
 
 import os

@@ -59,12 +59,10 @@ def env_with_devices(devices: int | None = None) -> dict:
   return dict(os.environ, XLA_FLAGS=" ".join(flags), PYTHON=sys.executable)
 
 
-def checkpoint_arrays(workdir: str, step: int, item: str | None = None,
-                      directory: str = "checkpoints") -> list[np.ndarray]:
+def checkpoint_arrays(workdir: str, step: int, item: str | None = None) -> list[np.ndarray]:
   """The arrays of a checkpoint's train state (or of one `item` of it, e.g. "params"),
-  read with orbax onto this process's first device, in a fixed order; `directory` is
-  "checkpoints_best" for the best checkpoint."""
-  path = os.path.join(workdir, directory, str(step), "state")
+  read with orbax onto this process's first device, in a fixed order."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

@@ -159,9 +159,8 @@ def test_the_checkpoint_loaded_is_checked_against_its_own_config(dataset_dir, mi
   helpers.predict(_tiny_config(features), mixed_workdir, source, out, which)
   written = nib.load(out)
   assert written.shape == nib.load(source).shape and written.get_data_dtype() == np.uint8
-  where = "checkpoints_best" if which == "best" else "checkpoints"
   with pytest.raises(ConfigError, match=rf"^model.base_features: {other} in the config but "
-                                        rf"{features} in the checkpoints in \S*/{where} "):
+                                        rf"{features} in the checkpoints in \S*/checkpoints "):
     helpers.predict(_tiny_config(other), mixed_workdir, source, str(tmp_path / "x.nii.gz"),
                   which)
   assert not os.path.exists(tmp_path / "x.nii.gz")

@@ -15,7 +15,8 @@ MAX_FUNCTION_LINES = 60
 # The stages from the bottom (ARCHITECTURE.md): a package or top-level module imports only
 # those of lower levels, never one of its own level or above.
 LEVELS = (
-    {"errors", "files"},
+    {"errors"},
+    {"files"},
     {"cli", "components"},
     {"models", "data", "optim"},
     {"parallel"},

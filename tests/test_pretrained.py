@@ -237,9 +237,9 @@ def source_run(tmp_path_factory):
   return workdir
 
 
-def saved_tree(workdir, step, directory="checkpoints_best"):
+def saved_tree(workdir, step):
   """The params of a checkpoint, read with orbax alone, as {path: array}."""
-  path = os.path.join(workdir, directory, str(step), "state")
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
@@ -290,12 +290,13 @@ def test_another_model_or_a_missing_step_is_refused(source_run):
   model = FCN(num_classes=2, base_features=4, fc_features=8)
   state = init_state(model, optax.sgd(0.1), jax.random.key(0), (32, 32, 1))
   cfg = helpers.config(*RUN, "--config.model.name=fcn", f"--config.model.init_from={source_run}")
-  another = r"checkpoints_best/2: a checkpoint of another model: it has no params/Conv_1/bias$"
+  another = r"checkpoints/2: a checkpoint of another model: it has no params/Conv_1/bias$"
   with pytest.raises(ConfigError, match=another):
     warm_start.apply(cfg, state, 2)
   with pytest.raises(ConfigError, match=another):  # seen by the check, before any data work
     config.check(cfg)
-  for which, message in (("'7'", r"model.init_checkpoint=7: no such step .*\(have \[2\]\)"),
+  for which, message in (("'7'", r"model.init_checkpoint=7\): \S*/checkpoints: no checkpoint "
+                                 r"at step 7 \(have \[2\]\)"),
                          ("latest", None), ("best", None)):
     cfg = helpers.config(*RUN, f"--config.model.init_from={source_run}/checkpoints",
                          f"--config.model.init_checkpoint={which}")

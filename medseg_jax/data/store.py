@@ -25,6 +25,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
+from medseg_jax import files
 from medseg_jax.data import decathlon, pool, preprocess, validate
 from medseg_jax.errors import DataError
 
@@ -105,8 +106,12 @@ def build(path: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
       if not os.path.isfile(os.path.join(path, "meta.json")):
         raise
       shutil.rmtree(tmp)  # another run built the same store meanwhile; keep theirs
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    reason = files.disk_full(e) if isinstance(e, Exception) else None
+    if reason:
+      raise DataError(f"{path}: disk full ({reason}) while writing the slice store; free "
+                      "space, or set data.cache_dir to another disk") from e
     raise
 
 
@@ -129,6 +134,8 @@ def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Set
       arrays = _create(tmp, images.shape[1:])
     futures = [arrays[0][row:row + len(images)].write(images),
                arrays[1][row:row + len(labels)].write(labels)]
+    for f in futures:  # both writes end before either's error is raised and tmp removed
+      f.exception()
     for f in futures:
       f.result()
     volumes.append({"name": case.name, "image": case.image, "label": case.label,

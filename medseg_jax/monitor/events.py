@@ -20,6 +20,7 @@ from absl import logging
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from medseg_jax import files
 from medseg_jax.parallel import multihost
 
 EMA_DECAYS = (0.9, 0.99, 0.999)
@@ -128,6 +129,41 @@ class _ClusterSampler:
     self._sampler.stop()
 
 
+def _stop_on_full_disk(writer: SummaryWriter, logdir: str) -> None:
+  """After the first write that finds the disk full, one warning line and no more events.
+
+  tensorboardX writes the event file from a thread of its own: an OSError there ends the
+  thread with a traceback, and its bounded queue then blocks the next event (and `close`)
+  for ever. It offers no hook for that, so the methods of its record writer (the one
+  object that touches the file, from that thread and from `flush`) are wrapped."""
+  # pylint: disable-next=protected-access
+  records = writer._get_file_writer().event_writer._ev_writer._py_recordio_writer
+  close, failed = records.close, []
+
+  def guarded(method):
+    def call(*args):
+      if failed:
+        return None
+      try:
+        return method(*args)
+      except OSError as e:
+        reason = files.disk_full(e)
+        if reason is None:
+          raise
+        failed.append(reason)
+        logging.warning("%s: disk full (%s); no more TensorBoard events are written", logdir,
+                        reason)
+        try:
+          close()  # closes the file; its buffer, which cannot be written, is dropped
+        except OSError:
+          pass
+        return None
+    return call
+
+  for name in ("write", "flush", "close"):
+    setattr(records, name, guarded(getattr(records, name)))
+
+
 class Monitor:
   """Writes what the training loop reports on process 0; every process samples its host."""
 
@@ -140,7 +176,10 @@ class Monitor:
     self._system = _ClusterSampler(system_interval) if enabled and system_interval > 0 else None
     if not self.enabled:
       return
-    self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+    logdir = os.path.join(workdir, "tensorboard")
+    with files.disk_full_reported(logdir):
+      self._writer = SummaryWriter(logdir=logdir)
+    _stop_on_full_disk(self._writer, logdir)
     # A bar on a terminal; elsewhere (files, CI) the loop's log lines say the same.
     self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                      disable=None, leave=False)

@@ -1,37 +1,58 @@
 """Checkpoints with orbax: the train state and where training stands, restored on restart.
 
-A checkpoint has two items: `state` (step, params, norm statistics, optimizer state)
-and `meta` (JSON: the loader position, the rng, the global batch and device count it
-was saved with, and the resolved config). Writing is asynchronous; orbax finalises a
-step only once every file is written, so a run killed mid-write leaves no step behind.
+The one place that knows the layout: a checkpoint is a step directory
+WORKDIR/checkpoints/<step> with two items, `state` (step, params, norm statistics,
+optimizer state) and `meta` (JSON: the loader position, the rng, the global batch and
+device count it was saved with, and the resolved config). A step saved because its
+validation Dice beat every earlier one also has orbax's `metrics` item ({"dice": ...}).
+One orbax CheckpointManager writes them in the background and, by orbax's preservation
+policies, keeps the newest `checkpoint.max_to_keep` steps and the best one. orbax
+finalises a step only once every file is written, so a run killed mid-write leaves no
+step behind; the training run removes such unfinished writes when it starts.
 """
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint import checkpoint_managers as policies
 
-from medseg_jax.parallel import multihost, strategies
+from medseg_jax import files
 from medseg_jax.errors import ConfigError, MedsegError, first_line
+from medseg_jax.parallel import multihost, strategies
+from medseg_jax.training import orbax_reports
 
+DIRECTORY = "checkpoints"
 STATE, META = "state", "meta"
+LATEST, BEST = "latest", "best"
+_DICE = "dice"
 # Model keys that say where a fresh run's weights came from, not what the model is.
 _NOT_THE_MODEL = ("model.init_from", "model.init_checkpoint")
+# Room a save asks for beyond its arrays' bytes: orbax's metadata files and the meta item.
+_SAVE_MARGIN, _SAVE_SLACK = 1.1, 2**20
 
 
-def _to_tree(state) -> dict:
-  return {"step": state.step, "params": state.params, "model_state": state.model_state,
-          "opt_state": state.opt_state}
+def parse_which(value: Any, name: str) -> str | int:
+  """'latest', 'best' or a step number (an int): which checkpoint `name` asks for."""
+  text = str(value)
+  if text in (LATEST, BEST):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise ConfigError(f"{name}={text!r}: use 'latest', 'best' or a step number")
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(os.path.abspath(workdir), DIRECTORY)
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -47,11 +68,45 @@ def require_checkpoint(workdir: str) -> None:
 
 
 def remove_all(workdir: str) -> None:
-  """Deletes the run's checkpoints (latest and best), for a run that starts over."""
+  """Deletes the run's checkpoints, for a run that starts over."""
   if jax.process_index() == 0:
-    for path in (directory(workdir), directory(workdir) + "_best"):
-      shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(directory(workdir), ignore_errors=True)
   multihost.barrier("checkpoints removed")
+
+
+def step_directory(path: str, which: str | int) -> str:
+  """The step directory that `which` names in `path`: a run directory, its checkpoints
+  directory, or one step's directory (returned as it is)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, STATE)):
+    return path
+  run = os.path.dirname(path) if os.path.basename(path) == DIRECTORY else path
+  if not os.path.isdir(directory(run)):
+    raise MedsegError(f"{path}: no checkpoints (neither a run directory nor a "
+                      "checkpoints directory of this project)")
+  reader = Checkpointer(run)
+  try:
+    return os.path.join(reader.directory, str(reader.step(which)))
+  finally:
+    reader.close()
+
+
+def read_state_tree(step_dir: str, arrays: bool = True) -> dict:
+  """The `state` item of a step directory as numpy arrays (or only its metadata: the
+  tree's paths and shapes), read by this process alone."""
+  orbax_reports.quiet()
+  reader = ocp.PyTreeCheckpointer()
+  try:
+    metadata = reader.metadata(os.path.join(step_dir, STATE)).item_metadata.tree
+    if not arrays:
+      return metadata
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return reader.restore(os.path.join(step_dir, STATE),
+                          args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise MedsegError(f"{step_dir}: unreadable checkpoint ({first_line(e, 200)})") from e
+  finally:
+    reader.close()
 
 
 def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:
@@ -88,136 +143,201 @@ class Restored:
 
 
 class Checkpointer:
-  """Saves and restores a TrainState with its `meta` dictionary.
+  """Saves and restores a TrainState with its `meta` dictionary in WORKDIR/checkpoints.
 
-  The newest `max_to_keep` go to WORKDIR/checkpoints; the one with the best
-  validation Dice so far is kept apart in WORKDIR/checkpoints_best.
+  A training run passes `max_to_keep`: the newest `max_to_keep` steps and the step with
+  the best validation Dice are kept (orbax's LatestN and BestN; a step saved without a
+  Dice is never the best), and writes an earlier run left unfinished are removed.
+  Without it the checkpoints are only read (and an unreadable 'latest' deleted).
   """
 
-  def __init__(self, workdir: str, max_to_keep: int):
+  def __init__(self, workdir: str, max_to_keep: int | None = None):
     self.directory = directory(workdir)
-    # Both managers may save the same step at once (a validation and a checkpoint on one
-    # step). With several processes, orbax names its barriers after the operation and at
-    # most the step (async_write_complete.<step>, set_value_start, ...), and waits on some
-    # in background threads: two managers sharing those names aborted or hung the run
-    # ("Barrier ... is already ongoing"). A prefix per manager makes every name unique
-    # and keeps the two saves concurrent; one manager's saves never overlap (each waits
-    # for the one before), and the main-thread barriers run in the same order everywhere.
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             multiprocessing_options=_barrier_prefix("latest")))
-    self._best = ocp.CheckpointManager(
-        self.directory + "_best",
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["dice"],
-                                             best_mode="max", create=True,
-                                             multiprocessing_options=_barrier_prefix("best")))
-    # The best Dice is kept here, not read back with `metrics()`: that reads the file of
-    # a save that may still be in flight (None until it is written), and a decision read
-    # from disk could differ between processes, which must all save or all skip.
-    best = self._best.best_step()
-    self._best_dice = None if best is None else float(self._best.metrics(best)["dice"])
+    orbax_reports.quiet()
+    self._manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep))
+    # The best Dice is kept here, not read back with `metrics()` at each validation: that
+    # reads the file of a save that may still be in flight, and every process must take
+    # the same decision (all save or all skip) from the same value.
+    self._best_dice = self._saved_best_dice()
+
+  def _saved_best_dice(self) -> float | None:
+    best = self._manager.best_step()
+    return None if best is None else _dice(self._manager.metrics(best))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self._best.best_step()
+    """The step with the best validation Dice, None before the first validation."""
+    return self._manager.best_step()
 
-  def restore(self, state: Any, sharding, step: int | None = None,
-              best: bool = False) -> Restored:
-    """`state` with its arrays read from the checkpoint at `step`, or the best one.
+  def step(self, which: str | int) -> int:
+    """The saved step that `which` ('latest', 'best' or a step number) names."""
+    if which == BEST:
+      best = self._manager.best_step()
+      if best is None:
+        raise MedsegError(f"{self.directory}: no best checkpoint (kept once a validation "
+                          "has run)")
+      return best
+    steps = sorted(self._manager.all_steps())
+    if not steps:
+      raise MedsegError(f"{self.directory}: no checkpoint (train first, or check --workdir)")
+    if which == LATEST:
+      return steps[-1]
+    if which not in steps:
+      raise MedsegError(f"{self.directory}: no checkpoint at step {which} (have {steps})")
+    return int(which)
 
-    Without a step, the newest readable checkpoint: one that cannot be read (truncated
-    or missing files) is skipped with a warning, and the one before it is tried.
+  def restore(self, state: Any, sharding, which: str | int = LATEST) -> Restored:
+    """`state` with its arrays read from the checkpoint that `which` names.
+
+    'latest' is the newest readable checkpoint: one that cannot be read (truncated or
+    missing files) is skipped with a warning and deleted (training writes that step
+    again), and the one before it is tried.
     """
-    manager = self._best if best else self._manager
-    if step is None and best:
-      step = manager.best_step()
-    if step is None and not best:
+    if which == LATEST:
       return self._restore_newest(state, sharding)
-    if step is None:
-      raise MedsegError(f"{manager.directory}: no checkpoint (the best is kept once a "
-                        "validation has run)")
-    if step not in manager.all_steps():
-      raise MedsegError(f"{manager.directory}: no checkpoint at step {step} "
-                        f"(have {sorted(manager.all_steps())})")
+    step = self.step(which)
     try:
-      return self._read(manager, step, state, sharding)
+      return self._read(step, state, sharding)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-      raise MedsegError(f"{manager.directory}/{step}: unreadable checkpoint "
+      raise MedsegError(f"{self.directory}/{step}: unreadable checkpoint "
                         f"({first_line(e)})") from e
 
   def _restore_newest(self, state: Any, sharding) -> Restored:
     steps = sorted(self._manager.all_steps(), reverse=True)
-    if not steps:
-      raise MedsegError(f"{self.directory}: no checkpoint (train first, or check --workdir)")
+    self.step(LATEST)  # no checkpoint at all is an error of its own
     for index, step in enumerate(steps):
       try:
-        restored = self._read(self._manager, step, state, sharding)
+        restored = self._read(step, state, sharding)
       except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
         logging.warning("Skipping unreadable checkpoint %s/%d: %s", self.directory, step,
                         first_line(e))
         continue
-      for unreadable in steps[:index]:  # training writes these steps again
+      for unreadable in steps[:index]:
         self._manager.delete(unreadable)
+      if index:  # the best may have been among them
+        self._best_dice = self._saved_best_dice()
       return restored
     raise MedsegError(f"{self.directory}: none of the checkpoints {sorted(steps)} can be read; "
                       "pass --from_scratch to start over")
 
-  def _read(self, manager: ocp.CheckpointManager, step: int, state: Any,
-            sharding) -> Restored:
+  def _read(self, step: int, state: Any, sharding) -> Restored:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             _to_tree(state))
-    tree = manager.restore(step, args=ocp.args.Composite(
+    tree = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}))
-    logging.info("Restored checkpoint %s/%d", manager.directory, step)
+    logging.info("Restored checkpoint %s/%d", self.directory, step)
     return Restored(step=step, state=state.replace(**tree[STATE]), meta=dict(tree[META]))
 
-  def read_meta(self, step: int | None = None, best: bool = False) -> dict | None:
-    """The `meta` item of a checkpoint (the newest readable, or the best, if None), or None."""
-    manager = self._best if best else self._manager
-    if step is None and best:
-      step = manager.best_step()
-    for candidate in ([step] if step is not None else
-                      sorted(manager.all_steps(), reverse=True)):
+  def read_meta(self, which: str | int = LATEST) -> dict | None:
+    """The `meta` item of a checkpoint (for 'latest' the newest readable one), or None."""
+    steps = (sorted(self._manager.all_steps(), reverse=True) if which == LATEST
+             else [self.step(which)])
+    for step in steps:
       try:
-        return dict(manager.restore(
-            candidate, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+        return dict(self._manager.restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
       except Exception:  # pylint: disable=broad-except  (the full restore reports it)
         continue
     return None
 
   def save_if_best(self, step: int, state: Any, meta: dict, dice: float) -> bool:
-    """Keeps `state` as the best checkpoint if `dice` beats the best so far."""
-    if self._best.best_step() == step or (self._best_dice is not None
-                                          and self._best_dice >= dice):
+    """Saves `state` as `step` with its Dice if that beats every earlier validation."""
+    if self._best_dice is not None and self._best_dice >= dice:
       return False
-    saved = self._best.save(step, args=_save_args(state, meta), metrics={"dice": float(dice)},
-                            force=True)
-    if saved:
-      self._best_dice = float(dice)
-    return saved
+    self._save(step, state, meta, {_DICE: float(dice)})
+    self._best_dice = float(dice)
+    return True
 
   def save(self, step: int, state: Any, meta: dict) -> bool:
     """Saves `state` as `step` unless that step is saved; writing continues in the background."""
-    if self._manager.latest_step() == step:
+    if step in self._manager.all_steps():
       return False
-    return self._manager.save(step, args=_save_args(state, meta), force=True)
+    self._save(step, state, meta, None)
+    return True
+
+  def _save(self, step: int, state: Any, meta: dict, metrics: dict | None) -> None:
+    self._wait()  # orbax would wait here too; after it the free space is what is left
+    self._check_space(step, state)
+    if step in self._manager.all_steps():
+      # Saved without a Dice (the last step, validated after its save): orbax attaches
+      # metrics to a step only as it writes it, so the same state is written again.
+      self._manager.delete(step)
+    with self._disk_full_reported():
+      self._manager.save(step, args=_save_args(state, meta), metrics=metrics, force=True)
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save that cannot fit. A write that fails midway ends with orbax's other
+    writes still running against an event loop it has closed (tracebacks from
+    tensorstore's threads) and a partial step; checked first, nothing is written."""
+    need = _SAVE_MARGIN * sum(x.nbytes for x in jax.tree.leaves(_to_tree(state))) + _SAVE_SLACK
+    existing = self.directory  # orbax's primary process creates it; others may not see it
+    while not os.path.isdir(existing):
+      existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if multihost.any_process(free < need):  # every process saves, or none
+      raise MedsegError(f"{self.directory}: disk full: checkpoint {step} needs about "
+                        f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free here; "
+                        f"{self._newest()}")
+
+  def _newest(self) -> str:
+    latest = self._manager.latest_step()
+    if latest is None:
+      return "no checkpoint written yet (free space, then run the same command)"
+    return (f"the newest complete checkpoint is step {latest} (free space, then run the same "
+            "command to continue from it)")
+
+  def _wait(self) -> None:
+    with self._disk_full_reported():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _disk_full_reported(self) -> Iterator[None]:
+    """A write that found the disk full becomes one line; its unfinished step is removed."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      reason = files.disk_full(e)
+      if reason is None:
+        raise
+      if jax.process_index() == 0:
+        for unfinished in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+          shutil.rmtree(unfinished, ignore_errors=True)
+      raise MedsegError(f"{self.directory}: disk full ({reason}); {self._newest()}") from e
 
   def wait(self) -> None:
     """Blocks until every checkpoint started so far is on disk."""
-    for manager in (self._manager, self._best):
-      manager.wait_until_finished()
+    self._wait()
 
   def close(self) -> None:
-    self.wait()
-    for manager in (self._manager, self._best):
-      manager.close()
+    try:
+      self._wait()
+    finally:
+      self._manager.close()
 
 
-def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
-  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"checkpoints_{name}")
+def _dice(metrics: dict) -> float:
+  return float(metrics[_DICE])
+
+
+def _options(max_to_keep: int | None) -> ocp.CheckpointManagerOptions:
+  """A training run's options (it passes `max_to_keep`), or a reader's: those create,
+  write and clean up nothing, and skip orbax's root-metadata barrier."""
+  best = {"best_fn": _dice, "best_mode": "max"}   # orbax writes `metrics` only with these
+  if max_to_keep is None:
+    return ocp.CheckpointManagerOptions(create=False, save_root_metadata=False, **best)
+  keep = policies.AnyPreservationPolicy([
+      policies.LatestN(n=max_to_keep),
+      # Only steps saved with a Dice compete for the best; the others stay by LatestN.
+      policies.BestN(get_metric_fn=_dice, n=1, keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
+                                      preservation_policy=keep, **best)
+
+
+def _to_tree(state) -> dict:
+  return {"step": state.step, "params": state.params, "model_state": state.model_state,
+          "opt_state": state.opt_state}
 
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
@@ -228,24 +348,20 @@ def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
 def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
                   par: strategies.Parallel, template: Any) -> Any:
   """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) of the
-  run in `workdir`, read into the shape of `template` and placed on the mesh, after
-  checking `cfg` against that checkpoint's own config.
+  run in `workdir` (the caller has required one), read into the shape of `template` and
+  placed on the mesh, after checking `cfg` against that checkpoint's own config.
 
   The check comes before the restore: a checkpoint of another model would otherwise fail
   as unreadable (and a 'latest' one be deleted as corrupt).
   """
-  require_checkpoint(workdir)
-  checkpointer = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+  which = parse_which(which, "--checkpoint")
+  checkpointer = Checkpointer(workdir)
   try:
-    best = which == "best"
-    step = None if which in ("latest", "best") else int(which)
-    where = checkpointer.directory + ("_best" if best else "")
-    meta = checkpointer.read_meta(step, best=best)
-    check_config(meta, cfg, where)
-    restored = checkpointer.restore(template, par.replicated, step, best=best)
+    meta = checkpointer.read_meta(which)
+    check_config(meta, cfg, checkpointer.directory)
+    restored = checkpointer.restore(template, par.replicated, which)
     if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
-      check_config(restored.meta, cfg, where)
+      check_config(restored.meta, cfg, checkpointer.directory)
   finally:
     checkpointer.close()
   return par.put_state(restored.state)
-

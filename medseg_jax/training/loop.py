@@ -80,7 +80,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
   state, step, position, stop = start.state, start.step, start.position, Stop.NONE
   losses, window_start, data_wait = [], time.perf_counter(), 0.0   # since the last record
   profile = profiler.Profiler(setup.workdir, cfg.monitor.profile_steps)
-  with preemption.StopRequest(jax.process_count() > 1) as signals, profile:
+  with preemption.StopRequest(jax.process_count() > 1, start.step) as signals, profile:
     fetch_start = time.perf_counter()
     for step, position, batch in _batches(setup, start.step, start.position):
       batch = par.put_batch(batch)
@@ -106,7 +106,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
                                    cfg.train.early_stopping_patience,
                                    cfg.train.eval_every_steps, validated)
       if stop is not Stop.NONE:
-        _log_stop(stop, step, ckpt, signals.signal_name)
+        _log_stop(stop, step, ckpt, signals.reason)
         break
       if decisions.periodic(step, cfg.checkpoint.every_steps):
         _save(setup, ckpt, guard, state, step, position, start.rng)
@@ -140,7 +140,7 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
     _validate(setup, ckpt, mon, None, state, step, position, start.rng)
   if ckpt.best_step() is not None:
     state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
-                                             best=True).state)
+                                             checkpoint.BEST).state)
   step = step_of(setup.par, state)
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)

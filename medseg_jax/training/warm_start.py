@@ -1,11 +1,11 @@
 """`model.init_from`: a fresh run's parameters from VGG-16 weights or from another run.
 
 Applied once, to the fresh state of a run that starts from scratch (a resume restores the
-run's own checkpoint instead). From a run (its directory, its `checkpoints` or
-`checkpoints_best` directory, or one step's directory) only the parameters and norm
-statistics are taken, matched by path: the optimizer, step and loader position start
-fresh. A class head whose class count changed is initialised anew; any other difference
-means another model and is refused. Every process reads the source itself.
+run's own checkpoint instead). From a run (its directory, its checkpoints directory, or
+one step's directory) only the parameters and norm statistics are taken, matched by path:
+the optimizer, step and loader position start fresh. A class head whose class count
+changed is initialised anew; any other difference means another model and is refused.
+Every process reads the source itself.
 """
 
 import os
@@ -13,11 +13,11 @@ import os
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
-from medseg_jax.errors import ConfigError, first_line
+from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.models import pretrained
+from medseg_jax.training import checkpoint
 from medseg_jax.training.state import TrainState
 
 KEY = "model.init_from"
@@ -29,9 +29,7 @@ def check(model: ml_collections.ConfigDict, params, starts_fresh: bool = True) -
   mapped onto them (a layer of another width is a ConfigError); a run's checkpoint must
   hold the same parameters (its shapes are matched when the run starts: the class head
   depends on the dataset)."""
-  which = str(model.init_checkpoint)
-  if which not in ("best", "latest") and not which.isdigit():
-    raise ConfigError(f"model.init_checkpoint={which!r}: use 'best', 'latest' or a step number")
+  which = checkpoint.parse_which(model.init_checkpoint, "model.init_checkpoint")
   if not model.init_from or not starts_fresh:
     return
   if not os.path.isdir(model.init_from):
@@ -52,40 +50,13 @@ def _check_same_paths(directory: str, saved: set, ours: set) -> None:
                         f"{'/'.join(missing[0])}")
 
 
-def step_directory(path: str, which: str) -> str:
-  """The checkpoint step directory of `path` (a run, a checkpoints directory or a step)
+def step_directory(path: str, which: str | int) -> str:
+  """The checkpoint step directory of `path` (a run, its checkpoints directory or a step)
   that `which` ('best', 'latest' or a step) names."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  base = path[:-len("_best")] if path.endswith("_best") else path
-  if os.path.basename(base) != "checkpoints":
-    base = os.path.join(base, "checkpoints")
-  if not os.path.isdir(base) and not os.path.isdir(base + "_best"):
-    raise ConfigError(f"{KEY}={path}: no checkpoints (neither a run directory nor a "
-                      "checkpoints directory of this project)")
-  if which == "best" or (path.endswith("_best") and which == "latest"):
-    steps = _steps(base + "_best")
-    where = base + "_best"
-    if not steps:
-      raise ConfigError(f"{KEY}={path}: no best checkpoint in {where} (kept once a validation "
-                        "has run); set model.init_checkpoint=latest or a step")
-    return os.path.join(where, str(steps[-1]))
-  steps = _steps(base)
-  if not steps:
-    raise ConfigError(f"{KEY}={path}: no checkpoint in {base}")
-  if which == "latest":
-    return os.path.join(base, str(steps[-1]))
-  if int(which) not in steps:
-    raise ConfigError(f"model.init_checkpoint={which}: no such step in {base} (have {steps})")
-  return os.path.join(base, which)
-
-
-def _steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")))
+  try:
+    return checkpoint.step_directory(path, which)
+  except MedsegError as e:
+    raise ConfigError(f"{KEY}={path} (model.init_checkpoint={which}): {e}") from e
 
 
 def apply(cfg: ml_collections.ConfigDict, state: TrainState, num_classes: int) -> TrainState:
@@ -95,7 +66,8 @@ def apply(cfg: ml_collections.ConfigDict, state: TrainState, num_classes: int) -
   if not source:
     return state
   if os.path.isdir(source):
-    directory = step_directory(source, str(cfg.model.init_checkpoint))
+    directory = step_directory(source, checkpoint.parse_which(cfg.model.init_checkpoint,
+                                                              "model.init_checkpoint"))
     params, model_state, loaded, new = from_checkpoint(directory, state, num_classes)
   else:
     vgg = pretrained.read_vgg(source)
@@ -138,21 +110,11 @@ def _is_class_head(saved: tuple, now: tuple, num_classes: int) -> bool:
 
 
 def _read_tree(directory: str, arrays: bool = True) -> dict:
-  """The `state` item of a checkpoint step, as numpy arrays (or only its metadata: the
-  tree's paths and shapes), without its config."""
-  path = os.path.join(directory, "state")
-  checkpointer = ocp.PyTreeCheckpointer()
+  """The `state` item of a checkpoint step, as numpy arrays (or only its metadata)."""
   try:
-    metadata = checkpointer.metadata(path).item_metadata.tree
-    if not arrays:
-      return metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-    raise ConfigError(f"{KEY}={directory}: unreadable checkpoint "
-                      f"({first_line(e, 200)})") from e
-  finally:
-    checkpointer.close()
+    return checkpoint.read_state_tree(directory, arrays)
+  except MedsegError as e:
+    raise ConfigError(f"{KEY}={e}") from e
 
 
 def _flat(tree: dict) -> dict:
