@@ -34,6 +34,11 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(fetch, tree)
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a collective: all processes call it)."""
+  return bool(np.any(all_processes(np.array([flag]))))
+
+
 def all_processes(values: np.ndarray) -> np.ndarray:
   """`values` of every process stacked along a new first axis (process order); each
   process passes the same shape and dtype. A collective: every process calls it at the
