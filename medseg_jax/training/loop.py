@@ -115,11 +115,9 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
         _log_stop(stop, step, ckpt, signals.reason)
         break
       if decisions.periodic(step, cfg.checkpoint.every_steps):
-        _save(setup, ckpt, guard, state, step, position, start.rng)
-        _ask(signals, plugs.call("on_checkpoint", step,
-                                    os.path.join(ckpt.directory, str(step))))
+        _ask(signals, _save(setup, ckpt, guard, plugs, state, step, position, start.rng))
       fetch_start = time.perf_counter()
-  _save(setup, ckpt, guard, state, step, position, start.rng,
+  _save(setup, ckpt, guard, plugs, state, step, position, start.rng,
         early_stopped=stop in (Stop.EARLY_STOPPING, Stop.PLUGIN))
   return state, position, stop
 
@@ -184,12 +182,14 @@ def _val_record(result: dict | None) -> dict:
 
 
 def _save(setup: Setup, ckpt: checkpoint.Checkpointer, guard: DivergenceGuard,
-          state: TrainState, step: int, position: Position, rng: jax.Array,
-          early_stopped: bool = False) -> None:
-  """A checkpoint of `state`, once the guard has passed every step up to it."""
+          plugs: plugins.Plugins, state: TrainState, step: int, position: Position,
+          rng: jax.Array, early_stopped: bool = False) -> str | None:
+  """A checkpoint of `state`, once the guard has passed every step up to it; then the
+  plugins' `on_checkpoint`, whose stop request (if any) is returned."""
   guard.check()
   ckpt.save(step, setup.par.replicated_state(state),
             _meta(setup, step, position, rng, early_stopped))
+  return plugs.call("on_checkpoint", step, os.path.join(ckpt.directory, str(step)))
 
 
 def _meta(setup: Setup, step: int, position: Position, rng: jax.Array,
