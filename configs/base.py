@@ -12,7 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "unet"            # unet | fcn (see medseg_jax/models/__init__.py)
+  c.model.name = "unet"            # unet | fcn | your own: module:Class or file.py:Class
+  c.model.kwargs = ml_collections.ConfigDict()  # to the network's constructor (README:
+                                   # "Your own network, loss and plugins")
   c.model.base_features = 64       # U-Net first level / VGG first block width
   c.model.depth = 4                # U-Net pooling levels
   c.model.fc_features = 4096       # FCN fc6/fc7 width (as convolutions)
@@ -96,15 +98,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.per_device_batch_size = 7
   c.train.num_epochs = 100
   c.train.num_steps = 0            # 0 = derive from num_epochs
-  c.train.loss = "dice_ce"         # dice | ce | dice_ce
+  c.train.loss = "dice_ce"         # dice | ce | dice_ce | your own: module:fn or file.py:fn
   c.train.eval_every_steps = 500   # 0 = only at the end
   c.train.eval_batch_size = 0      # per device; 0 = per_device_batch_size
+  c.train.plugins = ()             # components the loop calls: module:Class or file.py:Class
+  c.train.plugin_kwargs = ml_collections.ConfigDict()  # plugin class name -> its keywords
   c.train.early_stopping_patience = 0  # validations with no better Dice before stopping; 0 = off
   c.train.divergence_factor = 10.0   # stop when the mean loss of the last patience steps ...
   c.train.divergence_patience = 50   # ... exceeds factor x its lowest; factor 0 = only non-finite
 
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd
+  c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd | your own: module:Class or
+                                   # file.py:Class (parallel/strategies.py: Parallel)
   c.parallel.num_devices = 0       # 0 = all devices of all processes
   c.parallel.distributed_timeout_seconds = 60  # multi-process: coordinator and dead-peer bound
   c.parallel.gpu_preallocate = True  # XLA_PYTHON_CLIENT_PREALLOCATE (JAX's default)

@@ -71,11 +71,16 @@ def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
                       "configs/base.py)")
 
 
+# Sections whose keys are the user's: the keywords of a network and of plugins.
+FREE_FORM = ("model.kwargs", "train.plugin_kwargs")
+
+
 def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
-  """The dotted names of the config's values: {"seed", "model.name", ...}."""
+  """The dotted names of the config's values: {"seed", "model.name", ...}; a free-form
+  section counts as one value."""
   found = set()
   for key, value in cfg.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and prefix + key not in FREE_FORM:
       found |= _leaves(value, f"{prefix}{key}.")
     else:
       found.add(prefix + key)

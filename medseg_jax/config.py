@@ -7,20 +7,17 @@ preprocessing settings) on the config itself, so the lists of valid values live 
 place. Nothing here reads the dataset or writes a file.
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
-from medseg_jax import optim
-from medseg_jax.training import losses, warm_start
+from medseg_jax import models, optim
+from medseg_jax.training import losses, setup, warm_start
 from medseg_jax.data import augment, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
-from medseg_jax.models import build_model
 from medseg_jax.monitor import profiler
-from medseg_jax.parallel import strategies
+from medseg_jax.parallel import multihost, strategies
 
 # Counts and periods the loop divides by or counts down: (key, lowest valid value).
 _AT_LEAST = (
@@ -50,7 +47,6 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   _check_data(cfg.data)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
-  losses.get_loss(cfg.train.loss)
   augment.from_config(cfg.data.augment)
   _check_samples_per_epoch(cfg.data.augment)
   profiler.check_steps(cfg.monitor.profile_steps)
@@ -60,6 +56,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
   tx = optim.make_optimizer(cfg, schedule)
   params = _abstract_params(cfg, par)
+  _check_same_sources(setup.component_records(cfg))
   warm_start.check(cfg.model, params, starts_fresh)
   jax.eval_shape(tx.init, params)
   return par
@@ -87,16 +84,33 @@ def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:
 
 
 def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
-  """The model's parameter shapes, traced without computing (no real initialisation)."""
+  """The model's parameter shapes, traced without computing (no real initialisation),
+  once the network and the loss are checked against their contracts."""
   # The class count and channels come from the dataset; any values build the same layers.
-  num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
+  num_classes = _num_classes(cfg)
   channels = len(cfg.data.modalities) or 1
   size = cfg.data.image_size
-  model = build_model(cfg.model, num_classes, size, par.bn_axis_name)
-  init = functools.partial(model.init, train=False)
-  sample = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.eval_shape(init, key, sample)["params"]
+  model = models.build_model(cfg.model, num_classes, size, par.bn_axis_name)
+  losses.check_loss(cfg.train.loss, num_classes)
+  return models.abstract_variables(cfg.model, model, num_classes, size, channels)["params"]
+
+
+def _check_same_sources(records: dict) -> None:
+  """Every process resolved the same component files: a run whose processes train
+  different code would not fail, it would silently average different networks."""
+  digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"] or "0" * 64)
+                                   for r in records.values()), np.uint8)
+  every = multihost.all_processes(digests)
+  for key, record in records.items():
+    index = list(records).index(key)
+    rows = {bytes(row[32 * index:32 * (index + 1)]) for row in every}
+    if len(rows) > 1:
+      raise ConfigError(f"{key}={record['spec']!r}: the processes read different versions of "
+                        f"{record['source']} (its SHA-256 differs between processes)")
+
+
+def _num_classes(cfg: ml_collections.ConfigDict) -> int:
+  return max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
 
 
 def _get(cfg: ml_collections.ConfigDict, key: str):

@@ -5,7 +5,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from medseg_jax import cli, config
+from medseg_jax import cli, components, config
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.parallel import distributed, multihost, strategies
@@ -90,7 +90,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   cfg = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  config_file = flags.FLAGS["config"].config_filename
+  components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
+  workdir = _WORKDIR.value or default_workdir(config_file)
   try:
     with _start_processes(cfg, workdir):
       par = _check_before_data(cfg, workdir)

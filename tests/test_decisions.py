@@ -15,17 +15,18 @@ def test_periodic_actions_run_every_n_steps_and_after_the_last():
 def test_early_stopping_after_patience_validations_without_a_better_dice():
   # Validation every 5 steps, best at step 10, patience 2: steps 15 and 20 are not better.
   kwargs = dict(best_step=10, patience=2, eval_every=5)
-  assert decisions.stop_reason(False, 15, validated=True, **kwargs) is Stop.NONE
-  assert decisions.stop_reason(False, 20, validated=True, **kwargs) is Stop.EARLY_STOPPING
+  assert decisions.stop_reason(Stop.NONE, 15, validated=True, **kwargs) is Stop.NONE
+  assert decisions.stop_reason(Stop.NONE, 20, validated=True, **kwargs) is Stop.EARLY_STOPPING
   # Only right after a validation, and never with patience 0 or before any best.
-  assert decisions.stop_reason(False, 21, validated=False, **kwargs) is Stop.NONE
-  assert decisions.stop_reason(False, 20, 10, 0, 5, True) is Stop.NONE
-  assert decisions.stop_reason(False, 20, None, 2, 5, True) is Stop.NONE
+  assert decisions.stop_reason(Stop.NONE, 21, validated=False, **kwargs) is Stop.NONE
+  assert decisions.stop_reason(Stop.NONE, 20, 10, 0, 5, True) is Stop.NONE
+  assert decisions.stop_reason(Stop.NONE, 20, None, 2, 5, True) is Stop.NONE
 
 
-def test_a_stop_signal_wins_over_early_stopping():
-  assert decisions.stop_reason(True, 20, 10, 2, 5, True) is Stop.SIGNAL
-  assert decisions.stop_reason(True, 3, None, 0, 0, False) is Stop.SIGNAL
+def test_a_requested_stop_wins_over_early_stopping():
+  for requested in (Stop.SIGNAL, Stop.PLUGIN):
+    assert decisions.stop_reason(requested, 20, 10, 2, 5, True) is requested
+    assert decisions.stop_reason(requested, 3, None, 0, 0, False) is requested
 
 
 def test_renumbering_for_another_global_batch_reaches_the_same_loader_position():

@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 60
 LEVELS = (
     {"errors"},
     {"files"},
-    {"cli"},
+    {"cli", "components"},
     {"models", "data", "optim"},
     {"parallel"},
     {"monitor", "evaluation"},

@@ -221,6 +221,11 @@ class Monitor:
                             loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.3g}",
                             slices_s=f"{record['slices_per_sec']:.1f}", refresh=False)
 
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    """One TensorBoard scalar (a plugin's), on process 0."""
+    if self.enabled:
+      self._writer.add_scalar(tag, value, step)
+
   def evaluation(self, split: str, step: int, result: dict, montage: np.ndarray | None) -> None:
     if not self.enabled:
       return

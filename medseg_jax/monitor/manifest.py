@@ -29,9 +29,11 @@ NORMALISATION = {"zscore_nonzero":
 
 
 def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, *,
-             devices: int, global_batch: int, steps_per_epoch: int, num_steps: int) -> dict:
+             devices: int, global_batch: int, steps_per_epoch: int, num_steps: int,
+             components: dict) -> dict:
   """The manifest's record of a run as it starts; `lr` is the resolved LR schedule
-  (`optim.ResolvedSchedule`)."""
+  (`optim.ResolvedSchedule`), `components` the record of every component by config key
+  (spec, source file, SHA-256)."""
   return {
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "config": cfg.to_dict(),
@@ -41,6 +43,7 @@ def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, 
       "dataset": dataset(cfg, data_info, class_names),
       "model": {"name": cfg.model.name, "parameters": parameters,
                 "compute_dtype": cfg.model.compute_dtype},
+      "components": components,
       "training": {"strategy": cfg.parallel.strategy, "devices": devices,
                    "processes": jax.process_count(),
                    "per_device_batch": cfg.train.per_device_batch_size,

@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medseg_jax import components
 from medseg_jax.errors import ConfigError
 
 AXIS = "data"
@@ -44,7 +45,23 @@ class Layout(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Parallel:
-  """A strategy on a 1-D mesh of devices along the data axis (the loop's whole interface)."""
+  """A strategy on a 1-D mesh of devices along the data axis (the loop's whole interface).
+
+  The protocol every strategy implements, the built-ins and a user's own
+  (`parallel.strategy=module:Class` or `file.py:Class`, a subclass of this class):
+  - constructed as `Class(mesh)`, `mesh` a 1-D `Mesh` over the devices, axis `AXIS`;
+  - `num_devices`, `bn_axis_name` (the axis for synchronised batch statistics, None when
+    XLA partitions a global computation), `replicated` (the sharding checkpoints restore to);
+  - `put_state(state)` places a host state on the mesh; `replicated_state(state)` gives
+    it back as global arrays replicated over the mesh (what a checkpoint saves);
+  - `put_batch(local_batch)` builds global arrays from this process's rows, which
+    `local_rows(global_batch)` names;
+  - `train_step(step_fn)`, `eval_step(step_fn)`, `predict_step(step_fn)` compile the pure
+    steps of `training/step.py` for the mesh, supplying `reduce_mean` / `reduce_sum`
+    (the all-reduce over the batch's shards) to the train and eval steps.
+  Every strategy must give the gradients of one device on the whole batch
+  (tests/test_parallel.py checks the built-ins; a user's strategy can be checked alike).
+  """
 
   mesh: Mesh
 
@@ -215,10 +232,18 @@ class Gspmd(Parallel):
 STRATEGIES = {"shard_map": ShardMap, "pmap": Pmap, "gspmd": Gspmd}
 
 
+def strategy_component(spec: str) -> components.Component:
+  """The strategy class `parallel.strategy` names, checked to implement `Parallel`."""
+  component = components.resolve("parallel.strategy", spec, STRATEGIES)
+  if not (isinstance(component.obj, type) and issubclass(component.obj, Parallel)):
+    raise component.error(f"{component.name} is not a subclass of "
+                          "medseg_jax.parallel.strategies.Parallel")
+  return component
+
+
 def make_parallel(strategy: str, num_devices: int = 0) -> Parallel:
   """The strategy on the first `num_devices` devices of all processes (0 = all)."""
-  if strategy not in STRATEGIES:
-    raise ConfigError(f"parallel.strategy={strategy!r}: choose from {list(STRATEGIES)}")
+  cls = strategy_component(strategy).obj
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
     raise ConfigError(f"parallel.num_devices={num_devices}: there are {len(devices)} devices")
@@ -227,7 +252,7 @@ def make_parallel(strategy: str, num_devices: int = 0) -> Parallel:
                       f"(all {len(devices)} devices)")
   devices = devices[:num_devices or len(devices)]
   mesh = Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
-  return STRATEGIES[strategy](mesh)
+  return cls(mesh)
 
 
 def _pmean(tree):

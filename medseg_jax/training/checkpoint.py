@@ -26,10 +26,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from medseg_jax import files
+from medseg_jax import components, files
 from medseg_jax.errors import ConfigError, MedsegError, first_line
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.training import orbax_reports
+from medseg_jax.training import orbax_reports, setup
 
 DIRECTORY = "checkpoints"
 STATE, META = "state", "meta"
@@ -110,7 +110,8 @@ def read_state_tree(step_dir: str, arrays: bool = True) -> dict:
 
 
 def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:
-  """Refuses a checkpoint of another model; logs every other setting that changed."""
+  """Refuses a checkpoint of another model; logs every other setting that changed, and
+  every component source file whose content changed."""
   if not meta or "config" not in meta:
     return
   saved = _flatten(meta["config"])
@@ -123,6 +124,10 @@ def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) 
   if changed:
     logging.warning("Settings changed since the checkpoint: %s", ", ".join(
         f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+  for line in components.changed_sources(meta.get("components"),
+                                         setup.component_records(cfg)):
+    logging.warning("A component's source file has changed since the checkpoints in %s "
+                    "were saved (its SHA-256 differs): %s", where, line)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

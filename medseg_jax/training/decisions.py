@@ -12,6 +12,7 @@ class Stop(enum.Enum):
   NONE = "none"
   EARLY_STOPPING = "early stopping"
   SIGNAL = "a stop signal"
+  PLUGIN = "a plugin's request"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +39,12 @@ def plateaued(step: int, best_step: int | None, patience: int, eval_every: int) 
   return bool(patience and best_step is not None and step - best_step >= patience * eval_every)
 
 
-def stop_reason(signalled: bool, step: int, best_step: int | None, patience: int,
+def stop_reason(requested: Stop, step: int, best_step: int | None, patience: int,
                 eval_every: int, validated: bool) -> Stop:
-  """Why to stop after `step`: a stop signal first (it asks for a checkpoint now), then
-  early stopping, which is decided only right after a validation."""
-  if signalled:
-    return Stop.SIGNAL
+  """Why to stop after `step`: a request first (a stop signal or a plugin's, `requested`),
+  then early stopping, which is decided only right after a validation."""
+  if requested is not Stop.NONE:
+    return requested
   if validated and plateaued(step, best_step, patience, eval_every):
     return Stop.EARLY_STOPPING
   return Stop.NONE

@@ -21,7 +21,7 @@ from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import loader
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest, profiler
-from medseg_jax.training import checkpoint, decisions, preemption, warm_start
+from medseg_jax.training import checkpoint, decisions, plugins, preemption, warm_start
 from medseg_jax.training.decisions import Position, Stop
 from medseg_jax.training.guard import DivergenceGuard
 from medseg_jax.training.setup import Setup, build, step_of
@@ -58,10 +58,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        cfg.monitor.system_interval_seconds, setup.num_steps, start.step,
                        setup.steps_per_epoch)
   try:
+    plugs = plugins.Plugins(cfg, workdir, mon.scalar)
     end = (start.state, start.position, Stop.EARLY_STOPPING)
     if not start.early_stopped:
-      end = train(setup, ckpt, mon, start)
+      end = train(setup, ckpt, mon, plugs, start)
     result = None if end[2] is Stop.SIGNAL else test(setup, ckpt, mon, start, *end[:2])
+    plugs.call("on_end", step_of(setup.par, end[0]), result)
   finally:
     ckpt.close()  # pending writes finish, also when training stopped on an error
     mon.close()
@@ -71,9 +73,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
 
 def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
-          start: Start) -> tuple[TrainState, Position, Stop]:
-  """Steps from `start` to the last step, a stop signal or early stopping; the state at
-  the end is checkpointed. Returns it, its loader position and why training stopped."""
+          plugs: plugins.Plugins, start: Start) -> tuple[TrainState, Position, Stop]:
+  """Steps from `start` to the last step, a stop signal, a plugin's request or early
+  stopping; the state at the end is checkpointed. Returns it, its loader position and why
+  training stopped."""
   cfg, par = setup.cfg, setup.par
   guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience,
                           setup.lr.schedule)
@@ -89,7 +92,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
         state, step_metrics = setup.train_step(state, batch, start.rng)
       guard.observe(step, step_metrics)
       losses.append(step_metrics["loss"])
-      record = {}
+      record, validation = {}, None
       if decisions.due(step, cfg.monitor.log_every_steps, setup.num_steps):
         guard.check()
         record = _train_record(setup, mon, step, step_metrics, losses,
@@ -98,10 +101,13 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
       validated = decisions.due(step, cfg.train.eval_every_steps, setup.num_steps)
       if validated:
         eval_start = time.perf_counter()
-        record.update(_validate(setup, ckpt, mon, guard, state, step, position, start.rng))
+        validation = _validate(setup, ckpt, mon, guard, state, step, position, start.rng)
+        record.update(_val_record(validation))
         window_start += time.perf_counter() - eval_start  # throughput counts training only
       if record and jax.process_index() == 0:
         files.append_jsonl(os.path.join(setup.workdir, "metrics.jsonl"), dict(record, step=step))
+      _ask(signals, plugs.call("on_log", step, record) if record else None,
+           plugs.call("on_validation", step, validation) if validation else None)
       stop = decisions.stop_reason(signals.requested(step), step, ckpt.best_step(),
                                    cfg.train.early_stopping_patience,
                                    cfg.train.eval_every_steps, validated)
@@ -109,11 +115,18 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
         _log_stop(stop, step, ckpt, signals.reason)
         break
       if decisions.periodic(step, cfg.checkpoint.every_steps):
-        _save(setup, ckpt, guard, state, step, position, start.rng)
+        _ask(signals, _save(setup, ckpt, guard, plugs, state, step, position, start.rng))
       fetch_start = time.perf_counter()
-  _save(setup, ckpt, guard, state, step, position, start.rng,
-        early_stopped=stop is Stop.EARLY_STOPPING)
+  _save(setup, ckpt, guard, plugs, state, step, position, start.rng,
+        early_stopped=stop in (Stop.EARLY_STOPPING, Stop.PLUGIN))
   return state, position, stop
+
+
+def _ask(signals: preemption.StopRequest, *reasons: str | None) -> None:
+  """Passes the plugins' stop requests on (the first reason counts)."""
+  for reason in reasons:
+    if reason:
+      signals.ask(reason)
 
 
 def _batches(setup: Setup, step: int,
@@ -148,28 +161,35 @@ def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start
 
 def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
               guard: DivergenceGuard | None, state: TrainState, step: int,
-              position: Position, rng: jax.Array) -> dict:
-  """`val_*` metrics for the record; the state is kept as the best checkpoint when its
-  Dice is the best so far."""
+              position: Position, rng: jax.Array) -> dict | None:
+  """The validation metrics (None without any); the state is kept as the best checkpoint
+  when its Dice is the best so far."""
   if guard is not None:
     guard.check()
   result = evaluate.evaluate(setup.evaluator, state, setup.data["val"], "val", step,
                              monitor=mon)
   if result is None or result["dice"] is None:
-    return {}
+    return None
   ckpt.save_if_best(step, setup.par.replicated_state(state), _meta(setup, step, position, rng),
                     result["dice"])
-  return {f"val_{k}": v for k, v in result.items()
+  return result
+
+
+def _val_record(result: dict | None) -> dict:
+  """The `val_*` scalars of a validation, for metrics.jsonl."""
+  return {f"val_{k}": v for k, v in (result or {}).items()
           if k not in ("per_class", "per_volume", "step")}
 
 
 def _save(setup: Setup, ckpt: checkpoint.Checkpointer, guard: DivergenceGuard,
-          state: TrainState, step: int, position: Position, rng: jax.Array,
-          early_stopped: bool = False) -> None:
-  """A checkpoint of `state`, once the guard has passed every step up to it."""
+          plugs: plugins.Plugins, state: TrainState, step: int, position: Position,
+          rng: jax.Array, early_stopped: bool = False) -> str | None:
+  """A checkpoint of `state`, once the guard has passed every step up to it; then the
+  plugins' `on_checkpoint`, whose stop request (if any) is returned."""
   guard.check()
   ckpt.save(step, setup.par.replicated_state(state),
             _meta(setup, step, position, rng, early_stopped))
+  return plugs.call("on_checkpoint", step, os.path.join(ckpt.directory, str(step)))
 
 
 def _meta(setup: Setup, step: int, position: Position, rng: jax.Array,
@@ -179,7 +199,8 @@ def _meta(setup: Setup, step: int, position: Position, rng: jax.Array,
           "global_batch": setup.global_batch, "num_devices": setup.par.num_devices,
           "process_count": jax.process_count(),
           "rng": np.asarray(jax.random.key_data(rng)).ravel().tolist(),
-          "early_stopped": early_stopped, "config": setup.cfg.to_dict()}
+          "early_stopped": early_stopped, "config": setup.cfg.to_dict(),
+          "components": setup.components}
 
 
 def _log_stop(stop: Stop, step: int, ckpt: checkpoint.Checkpointer,
@@ -187,6 +208,8 @@ def _log_stop(stop: Stop, step: int, ckpt: checkpoint.Checkpointer,
   if stop is Stop.EARLY_STOPPING:
     logging.info("Early stopping at step %d: no better validation Dice since step %d",
                  step, ckpt.best_step())
+  elif stop is Stop.PLUGIN:
+    logging.info("Stopped at step %d by a plugin: %s", step, signal_name)
   else:
     logging.info("Stopped by %s after step %d with a checkpoint in %s; run the same command "
                  "to continue", signal_name or "a stop signal to another process", step,
@@ -237,7 +260,8 @@ def _write_run_files(setup: Setup, start: Start) -> None:
   manifest.write(workdir, manifest.at_start(
       setup.cfg, setup.data_info, setup.evaluator.class_names, parameters, setup.lr,
       devices=setup.par.num_devices, global_batch=setup.global_batch,
-      steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps))
+      steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps,
+      components=setup.components))
 
 
 def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,

@@ -1,7 +1,10 @@
 """Segmentation losses, computed per sample so that any sharding of a batch gives the same value.
 
-Every loss returns one value per sample; the caller averages over the global
-batch (a mean of equal-size shard means is the global mean).
+Every loss, built-in or the user's own (`train.loss=module:name` or `file.py:name`), maps
+logits [B,H,W,C] and integer labels [B,H,W] to one value per sample [B]; the caller
+averages over the global batch. Per sample because that is exact under any sharding: a
+mean of equal-size shard means is the global mean, whereas a loss over a whole batch (a
+batch Dice, say) changes with the number of devices the batch is split over.
 """
 
 from typing import Callable
@@ -9,7 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from medseg_jax.errors import ConfigError
+from medseg_jax import components
+from medseg_jax.errors import first_line
 
 DICE_SMOOTH = 1.0  # keeps empty classes finite: empty truth + empty prediction -> Dice 1
 
@@ -43,7 +47,28 @@ LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
-def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  if name not in LOSSES:
-    raise ConfigError(f"train.loss={name!r}: unknown loss, choose from {sorted(LOSSES)}")
-  return LOSSES[name]
+def loss_component(spec: str) -> components.Component:
+  """The loss `train.loss` names: a built-in or a user's per-sample loss function."""
+  component = components.resolve("train.loss", spec, LOSSES)
+  if not callable(component.obj):
+    raise component.error(f"{component.name} is not a function (logits, labels) -> [B]")
+  return component
+
+
+def get_loss(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  return loss_component(spec).obj
+
+
+def check_loss(spec: str, num_classes: int) -> None:
+  """Raises a ConfigError unless the loss maps logits [2,8,8,C] and labels [2,8,8] to [2]."""
+  component = loss_component(spec)
+  logits = jax.ShapeDtypeStruct((2, 8, 8, num_classes), jnp.float32)
+  labels = jax.ShapeDtypeStruct((2, 8, 8), jnp.int32)
+  try:
+    out = jax.eval_shape(component.obj, logits, labels)
+  except Exception as e:  # pylint: disable=broad-except  (the user's code may raise anything)
+    raise component.error(f"fails on logits [2,8,8,{num_classes}] and labels [2,8,8]: "
+                          f"{type(e).__name__}: {first_line(e)}") from e
+  if getattr(out, "shape", None) != (2,):
+    raise component.error(f"returns {getattr(out, 'shape', type(out).__name__)} for a batch "
+                          "of 2; a loss per sample, [2], expected")

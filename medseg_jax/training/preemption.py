@@ -1,6 +1,8 @@
 """Preemption: SIGTERM or SIGINT asks the loop to stop after its current step.
 
-The loop then writes a checkpoint and exits 0, and the same command resumes. With
+The loop then writes a checkpoint and exits 0, and the same command resumes. A plugin
+asks for a stop the same way (`StopRequest.ask`); the run then ends as after early
+stopping. With
 several processes the request goes to every process through JAX's coordination service
 (`multihost.SharedStop`), and all stop after the same step. A second signal stops at once.
 """
@@ -12,8 +14,10 @@ import jax
 from absl import logging
 
 from medseg_jax.parallel import multihost
+from medseg_jax.training.decisions import Stop
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PLUGIN = "plugin: "  # marks a plugin's request among the shared ones (signals are named)
 
 
 class StopRequest:
@@ -22,6 +26,7 @@ class StopRequest:
 
   def __init__(self, multi_process: bool, start_step: int = 0):
     self.signal_name: str | None = None
+    self._asked: str | None = None  # a plugin's reason
     self._shared = multihost.SharedStop(start_step) if multi_process else None
     self._previous: dict = {}
 
@@ -48,15 +53,37 @@ class StopRequest:
     if self._shared is not None:
       self._shared.ask(f"{self.signal_name} to process {jax.process_index()}")
 
-  def requested(self, step: int) -> bool:
-    """Whether to stop after `step`; the same answer on every process."""
+  def ask(self, reason: str) -> None:
+    """A stop asked by a plugin, with its reason: after this step, or on several processes
+    after the step they agree on (the first request of either kind counts)."""
+    if self._asked is None:
+      self._asked = reason
+    if self._shared is not None:
+      self._shared.ask(PLUGIN + reason)
+
+  def requested(self, step: int) -> Stop:
+    """Whether to stop after `step` and why (a signal, a plugin, or not); the same answer
+    on every process."""
     if self._shared is None:
-      return self.signal_name is not None
-    return self._shared.reached(step)
+      stop = self.signal_name is not None or self._asked is not None
+    else:
+      stop = self._shared.reached(step)
+    if not stop:
+      return Stop.NONE
+    return Stop.PLUGIN if (self._agreed_reason or "").startswith(PLUGIN) else Stop.SIGNAL
+
+  @property
+  def _agreed_reason(self) -> str | None:
+    """The request every process acts on: the first one asked."""
+    if self._shared is not None:
+      return self._shared.reason
+    return self.signal_name or (PLUGIN + self._asked if self._asked else None)
 
   @property
   def reason(self) -> str | None:
-    """What asked for the stop: this process's signal, or another process's."""
-    if self.signal_name or self._shared is None:
+    """What asked for the stop: this process's signal, or the request every process acts
+    on (another process's signal, or a plugin's reason)."""
+    if self.signal_name:
       return self.signal_name
-    return self._shared.reason
+    reason = self._agreed_reason
+    return reason[len(PLUGIN):] if reason and reason.startswith(PLUGIN) else reason

@@ -8,12 +8,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import optim
+from medseg_jax import models, optim
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.data import augment, loader, pipeline
 from medseg_jax.evaluation import evaluate
-from medseg_jax.models import build_model
-from medseg_jax.training import losses, step
+from medseg_jax.training import losses, plugins, step
 from medseg_jax.training.state import TrainState, init_state
 
 
@@ -35,6 +34,7 @@ class Setup:
   init_rng: jax.Array           # the step rng of a run that starts from scratch
   train_step: Callable
   evaluator: evaluate.Evaluator
+  components: dict              # config key -> spec, source file and SHA-256 of each component
 
 
 def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel) -> Setup:
@@ -64,13 +64,14 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel
                    step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
                    augment=augment.from_config(cfg.data.augment))),
                evaluator=make_evaluator(cfg, workdir, par, num_classes,
-                                        pipeline.class_names(cfg, info)))
+                                        pipeline.class_names(cfg, info)),
+               components=component_records(cfg))
 
 
 def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_classes: int,
                 channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
   """A fresh host-side TrainState for the model and optimizer of `cfg`."""
-  model = build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
+  model = models.build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
   size = cfg.data.image_size
   return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels))
 
@@ -95,3 +96,13 @@ def eval_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
 def step_of(par: strategies.Parallel, state: TrainState) -> int:
   """The step counter of a state placed on the mesh of `par`."""
   return int(multihost.to_host(par.replicated_state(state).step))
+
+
+def component_records(cfg: ml_collections.ConfigDict) -> dict:
+  """The spec, source file and SHA-256 of every component `cfg` names, by config key."""
+  found = [models.network(cfg.model), losses.loss_component(cfg.train.loss),
+           strategies.strategy_component(cfg.parallel.strategy)]
+  records = {c.key: c.record() for c in found}
+  for index, plugin in enumerate(plugins.plugin_components(cfg)):
+    records[f"train.plugins[{index}]"] = plugin.record()
+  return records
