@@ -4,6 +4,7 @@ and a component file changed since the checkpoints."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -200,3 +201,30 @@ def test_a_changed_component_file_is_named_when_its_checkpoints_are_read(referen
   write(net, NET + "\n# edited after training\n")
   helpers.evaluate(cfg, tmp_path / "run")
   assert f"its SHA-256 differs): model.name: {net}" in caplog.text
+
+
+def test_processes_that_read_different_versions_of_a_component_refuse_to_train(tmp_path):
+  """Each process imports `usernet` from a directory of its own (another PYTHONPATH), as
+  hosts with different copies of a file would: both stop with one line, before any data."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for index, width in enumerate((6, 7)):
+    where = tmp_path / f"host{index}"
+    where.mkdir()
+    write(where / "usernet.py", NET.replace("width: int = 6", f"width: int = {width}"))
+    env = dict(env_with_devices(1), PYTHONPATH=f"{where}{os.pathsep}{REPO}")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "medseg_jax.main", *RUN, f"--workdir={tmp_path / 'run'}",
+         "--config.model.name=usernet:Net", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={index}"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  errors = [p.communicate(timeout=300)[1] for p in procs]
+  for index, (proc, stderr) in enumerate(zip(procs, errors)):
+    assert proc.returncode == 2, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last == (f"error: model.name='usernet:Net': the processes read different versions "
+                    f"of {tmp_path}/host{index}/usernet.py (its SHA-256 differs between "
+                    "processes)")
+  assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 held to their contracts by the config check before any data work."""
 
 import glob
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from medseg_jax import cli, components, config
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import MODELS, UNet, build_model
 from medseg_jax.parallel import strategies
-from medseg_jax.training import losses
+from medseg_jax.training import losses, setup
 
 # A user's network: one 3x3 convolution to the class scores (its own parameters, nothing
 # of the package), built with the framework's keywords and one of its own.
@@ -187,3 +188,42 @@ def test_every_example_config_passes_the_checks_main_runs(path, devices8):
   cli.check_keys(cfg, path)
   components.absolute_specs(cfg, os.path.dirname(path))
   config.check(cfg)
+
+
+STRATEGY = """
+from medseg_jax.parallel import strategies
+
+class Counted(strategies.ShardMap):
+  \"\"\"The built-in shard_map strategy, under a name of the user's.\"\"\"
+"""
+
+PLUGIN = """
+class Note:
+  def __init__(self, context):
+    self.context = context
+
+  def on_end(self, step, test_metrics):
+    pass
+"""
+
+
+def test_every_kind_from_a_file_and_from_an_import_path(tmp_path, monkeypatch, devices8):
+  monkeypatch.syspath_prepend(str(tmp_path))
+  sources = {"userkinds_net": NET, "userkinds_loss": LOSS, "userkinds_strategy": STRATEGY,
+             "userkinds_plugin": PLUGIN}
+  paths = {name: write(tmp_path / f"{name}.py", source) for name, source in sources.items()}
+  for form in ("file", "import"):
+    name = lambda module, obj: f"{paths[module]}:{obj}" if form == "file" else f"{module}:{obj}"
+    cfg = tiny(f"--config.model.name={name('userkinds_net', 'Net')}",
+               f"--config.train.loss={name('userkinds_loss', 'l2_loss')}",
+               f"--config.parallel.strategy={name('userkinds_strategy', 'Counted')}",
+               f"--config.train.plugins=('{name('userkinds_plugin', 'Note')}',)")
+    par = config.check(cfg)
+    assert type(par).__name__ == "Counted" and isinstance(par, strategies.ShardMap)
+    records = setup.component_records(cfg)
+    for key, module in (("model.name", "userkinds_net"), ("train.loss", "userkinds_loss"),
+                        ("parallel.strategy", "userkinds_strategy"),
+                        ("train.plugins[0]", "userkinds_plugin")):
+      assert records[key]["source"] == paths[module]
+      assert records[key]["sha256"] == hashlib.sha256(
+          open(paths[module], "rb").read()).hexdigest()
