@@ -160,6 +160,7 @@ class PeerWatch:
     self._peers = [p for p in range(jax.process_count()) if p != self._me]
     self._timeout, self._checkpoints = timeout, checkpoints
     self._interval = min(5.0, max(0.5, timeout / 5))
+    self._changes = {p: 0 for p in self._peers}  # how often each one's counter has moved
     self._done = threading.Event()
     self._thread = threading.Thread(target=self._watch, name="PeerWatch", daemon=True)
 
@@ -169,11 +170,26 @@ class PeerWatch:
     self._thread.start()
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, exc, tb) -> None:
+    from jax.errors import JaxRuntimeError  # pylint: disable=import-outside-toplevel
+    if exc_type is not None and issubclass(exc_type, JaxRuntimeError):
+      self._wait_for_verdict()
     self._done.set()
     # Ended before Python's exit, which would kill it inside a call into the runtime
     # (an abort).
     self._thread.join(self._interval + 30)
+
+  def _wait_for_verdict(self) -> None:
+    """A collective fails at once when a process it waits for dies (gloo: "Connection
+    reset by peer"), before the watch can tell that process is lost: waits until the
+    watch has ended this process, or every other process has moved its counter twice
+    since (once could be a move from before the failure), so the error is not a loss."""
+    since = dict(self._changes)
+    deadline = time.monotonic() + self._timeout + 2 * self._interval
+    while time.monotonic() < deadline and self._thread.is_alive():
+      if all(self._changes[p] >= since[p] + 2 for p in self._peers):
+        return
+      time.sleep(0.1)
 
   def _watch(self) -> None:
     heard = {p: (None, time.monotonic()) for p in self._peers}  # counter, when it changed
@@ -190,6 +206,7 @@ class PeerWatch:
       for p in self._peers:
         if beats.get(f"{_KEYS}beat/{p}") != heard[p][0]:
           heard[p] = (beats.get(f"{_KEYS}beat/{p}"), now)
+          self._changes[p] += 1
       silent = [p for p in self._peers if now - heard[p][1] > self._timeout]
       if (silent or gone) and not self._done.is_set():
         self._end(silent[0] if silent else int(next(iter(gone.values()))), silent)
