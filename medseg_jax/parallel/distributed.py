@@ -171,7 +171,6 @@ class PeerWatch:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
-    from jax.errors import JaxRuntimeError  # pylint: disable=import-outside-toplevel
     if exc_type is not None and issubclass(exc_type, JaxRuntimeError):
       self._wait_for_verdict()
     self._done.set()
