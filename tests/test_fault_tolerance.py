@@ -72,7 +72,7 @@ def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference"))
   proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _steps(workdir)[-1] == STEPS
+  assert _steps(workdir)[-1] == STEPS, proc.stderr[-3000:]
   return workdir
 
 
