@@ -30,6 +30,7 @@ CAUSES = ("is already ongoing", "Timed out", "Error:", "error:", "Fatal")
 def run_once(workdir: str, steps: int, timeout: float) -> tuple[str, float, str]:
   """One two-process training: ("clean" | "exit N" | "hang" | ..., seconds, its cause)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHON"] = sys.executable  # the launcher runs this interpreter
   env["CPU_DEVICES_PER_PROCESS"] = "2"
   start = time.time()
   # A session of its own, so that a hang is ended with both training processes.
