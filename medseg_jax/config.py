@@ -101,8 +101,7 @@ def _check_same_sources(records: dict) -> None:
   digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"] or "0" * 64)
                                    for r in records.values()), np.uint8)
   every = multihost.all_processes(digests)
-  for key, record in records.items():
-    index = list(records).index(key)
+  for index, (key, record) in enumerate(records.items()):
     rows = {bytes(row[32 * index:32 * (index + 1)]) for row in every}
     if len(rows) > 1:
       raise ConfigError(f"{key}={record['spec']!r}: the processes read different versions of "

@@ -6,7 +6,7 @@ import errno
 import json
 import os
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 from medseg_jax.errors import MedsegError
 
@@ -32,9 +32,10 @@ def disk_full(error: BaseException | str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def disk_full_reported(path: str) -> Iterator[None]:
+def disk_full_reported(path: str, advice: Callable[[], str] | None = None) -> Iterator[None]:
   """Turns a write into `path` that finds no room into one line: a MedsegError naming
-  `path` and saying the disk is full. Other errors pass unchanged."""
+  `path`, saying the disk is full and what to do (`advice()`, asked only then; by default
+  free space and run again). Other errors pass unchanged."""
   try:
     yield
   except MedsegError:
@@ -43,7 +44,8 @@ def disk_full_reported(path: str) -> Iterator[None]:
     reason = disk_full(e)
     if reason is None:
       raise
-    raise MedsegError(f"{path}: disk full ({reason}); free space and run again") from e
+    then = advice() if advice else "free space and run again"
+    raise MedsegError(f"{path}: disk full ({reason}); {then}") from e
 
 
 @contextlib.contextmanager

@@ -263,7 +263,7 @@ class Checkpointer:
     return True
 
   def _save(self, step: int, state: Any, meta: dict, metrics: dict | None) -> None:
-    self._wait()  # orbax would wait here too; after it the free space is what is left
+    self.wait()  # orbax would wait here too; after it the free space is what is left
     self._check_space(step, state)
     if step in self._manager.all_steps():
       # Saved without a Dice (the last step, validated after its save): orbax attaches
@@ -293,31 +293,28 @@ class Checkpointer:
     return (f"the newest complete checkpoint is step {latest} (free space, then run the same "
             "command to continue from it)")
 
-  def _wait(self) -> None:
-    with self._disk_full_reported():
-      self._manager.wait_until_finished()
 
   @contextlib.contextmanager
   def _disk_full_reported(self) -> Iterator[None]:
-    """A write that found the disk full becomes one line; its unfinished step is removed."""
+    """A write that found the disk full becomes one line (`files.disk_full_reported`);
+    its unfinished step is removed."""
     try:
-      yield
-    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-      reason = files.disk_full(e)
-      if reason is None:
-        raise
+      with files.disk_full_reported(self.directory, self._newest):
+        yield
+    except MedsegError:  # only the disk-full line: orbax's own errors are not MedsegErrors
       if jax.process_index() == 0:
         for unfinished in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
           shutil.rmtree(unfinished, ignore_errors=True)
-      raise MedsegError(f"{self.directory}: disk full ({reason}); {self._newest()}") from e
+      raise
 
   def wait(self) -> None:
     """Blocks until every checkpoint started so far is on disk."""
-    self._wait()
+    with self._disk_full_reported():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     try:
-      self._wait()
+      self.wait()
     finally:
       self._manager.close()
 
