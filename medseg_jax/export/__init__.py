@@ -1,0 +1,1 @@
+"""Sharing a trained model: the model file, its ONNX graph, predicting from it."""
