@@ -39,20 +39,24 @@ def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]
     # or that an overridden config file is missing (OSError).
     except (AttributeError, KeyError, OSError):
       fail(_override_error(argv), 2)
-    config = flags.FLAGS["config"]
-    if not config.present:
-      fail("--config is required", 2)
-    path = config.config_filename.split(":", 1)[0]
-    if not os.path.isfile(path):
-      fail(f"--config: config file {path!r} not found", 2)
-    try:
-      check_keys(config.value, path)
-    except ConfigError as e:
-      fail(str(e), e.exit_code)
+    if "config" in flags.FLAGS:  # a command without a config (the zoo) has no --config
+      _check_config_flag(flags.FLAGS["config"])
     if check is not None:
       check()
     return rest
   return parse
+
+
+def _check_config_flag(config: flags.Flag) -> None:
+  if not config.present:
+    fail("--config is required", 2)
+  path = config.config_filename.split(":", 1)[0]
+  if not os.path.isfile(path):
+    fail(f"--config: config file {path!r} not found", 2)
+  try:
+    check_keys(config.value, path)
+  except ConfigError as e:
+    fail(str(e), e.exit_code)
 
 
 def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
@@ -161,14 +165,18 @@ def config_flag() -> flags.FlagHolder:
                                          lock_config=True)
 
 
-def run(main: Callable[[], None], check: Callable[[], None] | None = None) -> None:
+def run(main: Callable[..., None], check: Callable[[], None] | None = None,
+        takes_args: bool = False) -> None:
   """Runs `main()` as a command: flags parsed by `flags_parser(check)`, quiet library
-  logs, and a MedsegError from `main` printed as one `error:` line with its exit code."""
+  logs, and a MedsegError from `main` printed as one `error:` line with its exit code.
+  `main` is handed the positional arguments if it `takes_args`."""
   def run_main(argv: list[str]) -> None:
-    del argv
     quiet_library_logs()
     try:
-      main()
+      if takes_args:
+        main(argv[1:])
+      else:
+        main()
     except MedsegError as e:
       logging.flush()
       fail(str(e), e.exit_code)

@@ -57,7 +57,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   tx = optim.make_optimizer(cfg, schedule)
   params = _abstract_params(cfg, par)
   _check_same_sources(setup.component_records(cfg))
-  warm_start.check(cfg.model, params, starts_fresh)
+  warm_start.check(cfg.model, params, starts_fresh, _num_classes(cfg))
   jax.eval_shape(tx.init, params)
   return par
 

@@ -69,7 +69,7 @@ def file_format(path: str, key: str = "model.init_from") -> str:
     kind = "a MATLAB 5 MAT-file" if ext == ".mat" else "an HDF5 file"
     raise ConfigError(f"{key}={path}: not {kind} (its first bytes are {head[:8]!r})")
   raise ConfigError(f"{key}={path}: not a VGG-16 file (.mat from MatConvNet or .h5 from "
-                    "Keras) nor a run or checkpoint directory")
+                    "Keras), a model file (--mode=export), nor a run or checkpoint directory")
 
 
 def read_vgg(path: str) -> VGGWeights:
