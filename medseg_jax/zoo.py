@@ -96,8 +96,11 @@ def install(path: str, directory: str, name: str | None = None,
     if not overwrite:
       raise MedsegError(f"{name}: already in the zoo {directory} (--overwrite replaces it, "
                         "--name=NAME installs it under another name)")
-  with files.atomic_path(target) as tmp:
-    shutil.copyfile(path, tmp)
+  try:
+    with files.atomic_path(target) as tmp:
+      shutil.copyfile(path, tmp)
+  except OSError as e:  # a full disk is already one line; this is e.g. a read-only directory
+    raise MedsegError(f"{target}: cannot write the model ({e.strerror or e})") from e
   return target
 
 
@@ -123,8 +126,12 @@ def rows(directory: str) -> list[tuple[str, ...]]:
   whose index cannot be read is a row saying what is wrong with it."""
   if not os.path.isdir(directory):
     return []
+  try:
+    entries = sorted(os.listdir(directory))
+  except OSError as e:
+    raise MedsegError(f"{directory}: cannot read the zoo ({e.strerror or e})") from e
   found = []
-  for entry in sorted(os.listdir(directory)):
+  for entry in entries:
     path = os.path.join(directory, entry)
     if entry.startswith(".") or not entry.endswith(SUFFIX) or not os.path.isfile(path):
       continue
