@@ -308,3 +308,54 @@ def test_a_saved_config_loads_on_top_of_todays_defaults(caplog):
   assert cfg.train.divergence_patience == reference.train.divergence_patience
   assert cfg.data.synthetic_shape == (32, 32, 8) and cfg.data.label_map == (0, 1, 1)
   assert "retired_key" not in cfg.model and cfg.data.image_size == 32
+
+
+def test_a_users_network_travels_in_the_model_file(tmp_path):
+  """The Attention U-Net example, trained from a copy that is deleted before predicting:
+  the file's own copy of the source builds the network, in another directory, and writes
+  the bytes that predicting from the run wrote."""
+  net = tmp_path / "nets" / "attention_unet.py"
+  os.makedirs(net.parent)
+  shutil.copy(os.path.join(REPO, "examples", "attention_unet.py"), net)
+  cfg = helpers.config(*TINY[1:], f"--config.model.name={net}:AttentionUNet")
+  cfg.unlock()
+  cfg.model.kwargs = {"base_features": 4, "depth": 1}
+  cfg.lock()
+  workdir = tmp_path / "run"
+  helpers.train(cfg, workdir)
+  helpers.predict(cfg, workdir, f"{workdir}/data/imagesTs", str(tmp_path / "from_run"), "best")
+  model = tmp_path / "attention.zip"
+  _ok(run_main("--mode=export", f"--workdir={workdir}", "--checkpoint=best",
+               f"--output={model}"))
+  _, members = _read_independently(model)
+  source = members["network/attention_unet.py"]
+  assert source == net.read_bytes()
+  os.remove(net)
+  other, cache = tmp_path / "other", tmp_path / "cache"
+  os.makedirs(other)
+  _ok(run_main("--mode=predict", f"--model={model}", f"--input={workdir}/data/imagesTs",
+               "--output=out", cwd=other, env=dict(os.environ, XDG_CACHE_HOME=str(cache))))
+  assert _files(other / "out") == _files(tmp_path / "from_run")
+  cached = cache / "medseg_jax" / "networks" / hashlib.sha256(source).hexdigest()
+  assert (cached / "attention_unet.py").read_bytes() == source
+
+
+def test_the_export_of_a_two_process_run_predicts_what_its_checkpoint_predicts(tmp_path):
+  """Trained, exported and predicted from the file by two processes of two devices each,
+  against the run's checkpoint predicted in one process."""
+  workdir, model = tmp_path / "run", tmp_path / "two.zip"
+  env = dict(helpers.env_with_devices(), CPU_DEVICES_PER_PROCESS="2")
+  def two_processes(*args):
+    return _ok(subprocess.run(["bash", "launch/local.sh", "2", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300))
+  two_processes(*TINY, f"--workdir={workdir}")
+  two_processes("--mode=export", f"--workdir={workdir}", f"--output={model}")
+  inputs = f"--input={workdir}/data/imagesTs"
+  two_processes("--mode=predict", f"--model={model}", inputs,
+                f"--output={tmp_path}/from_file", "--probabilities")
+  _ok(run_main(*TINY, f"--workdir={workdir}", "--mode=predict", inputs,
+               f"--output={tmp_path}/from_run", "--probabilities"))
+  _read_independently(model)
+  assert json.loads(zipfile.ZipFile(model).read("model.json"))["step"] == 3
+  expected = _files(tmp_path / "from_run")
+  assert len(expected) == 4 and _files(tmp_path / "from_file") == expected
