@@ -71,9 +71,10 @@ def _for_this_machine(cfg: ml_collections.ConfigDict) -> None:
   the default one (any strategy computes the same probabilities)."""
   cfg.parallel.num_devices = 0
   if cfg.parallel.strategy not in strategies.STRATEGIES:
-    logging.info("Predicting with the shard_map strategy (the run's %s is not in the model "
-                 "file)", cfg.parallel.strategy)
-    cfg.parallel.strategy = "shard_map"
+    default = cli.base_config().parallel.strategy
+    logging.info("Predicting with the %s strategy (the run's %s is not in the model file)",
+                 default, cfg.parallel.strategy)
+    cfg.parallel.strategy = default
 
 
 def _check_onnx(file: modelfile.ModelFile) -> None:
