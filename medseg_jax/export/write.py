@@ -45,10 +45,10 @@ def export_run(workdir: str, which: str, output: str, name: str | None = None,
   if os.path.exists(output) and not overwrite:
     raise MedsegError(f"{output}: exists (pass --overwrite to replace it)")
   checkpoint.require_checkpoint(workdir)
+  started = time.perf_counter()
   run = read_run(workdir, checkpoint.parse_which(which, "--checkpoint"))
   if jax.process_index() != 0:
     return None
-  started = time.perf_counter()
   members = build_members(run)
   modelfile.write(output, members, summary(run, name))
   logging.info("Exported step %d of %s to %s (%.1f MiB) in %.1f s", run.step, workdir, output,
