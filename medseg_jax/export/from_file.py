@@ -7,6 +7,7 @@ run's checkpoint does, so it writes the same bytes and runs on GPUs; `onnxruntim
 file's ONNX graph on the CPU in one process.
 """
 
+import copy
 import dataclasses
 import os
 
@@ -104,9 +105,10 @@ def _jax_run(model: Model) -> predict.Run:
   """The compiled predict step over every device with the file's parameters, as
   `training.modes` runs it with a checkpoint's."""
   cfg = model.cfg
-  cfg.model.name = network_spec(model.file, cfg.model.name)
+  network_cfg = copy.deepcopy(cfg.model)
+  network_cfg.name = network_spec(model.file, cfg.model.name)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  network = models.build_model(cfg.model, model.info["num_classes"], cfg.data.image_size,
+  network = models.build_model(network_cfg, model.info["num_classes"], cfg.data.image_size,
                                par.bn_axis_name)
   variables = model.file.variables()
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
