@@ -22,6 +22,7 @@ LEVELS = (
     {"parallel"},
     {"monitor", "evaluation"},
     {"training"},
+    {"export"},
     {"tuning"},
     {"config"},
     {"main"},
