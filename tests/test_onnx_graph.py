@@ -21,6 +21,10 @@ from medseg_jax.export import onnx_graph  # noqa: E402  (after the skip)
 CHANNELS = 2
 NETWORKS = {
     "unet": ("--config.model.depth=2", "--config.model.base_features=4"),
+    "unet_group_norm": ("--config.model.depth=2", "--config.model.base_features=4",
+                        "--config.model.norm=group"),
+    "unet_batch_norm": ("--config.model.depth=2", "--config.model.base_features=4",
+                        "--config.model.norm=batch"),
     "fcn": ("--config.model.name=fcn", "--config.model.base_features=4",
             "--config.model.fc_features=8"),
     "attention_unet": (
@@ -31,8 +35,9 @@ NETWORKS = {
 
 
 def _probabilities(name: str, size: int = 32):
-  """The softmax forward pass of network `name` with random weights (biases included,
-  which initialise to zero) on images [B,size,size,CHANNELS]."""
+  """The softmax forward pass of network `name` with random weights (biases and
+  normalisation statistics included, which initialise to constants) on images
+  [B,size,size,CHANNELS]."""
   cfg = helpers.config(*NETWORKS[name])
   model = build_model(cfg.model, 3, size)
   variables = helpers.init_variables(model, np.zeros((1, size, size, CHANNELS), np.float32))
