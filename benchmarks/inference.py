@@ -26,7 +26,7 @@ import optax  # noqa: E402
 
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.training import setup, step  # noqa: E402
-from medseg_jax.data import synthetic  # noqa: E402
+from medseg_jax.data import preprocess, synthetic  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 
 VOLUME_SHAPE = (240, 240, 155)
@@ -59,14 +59,14 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
     jax.block_until_ready(predict_fn(state, put()))
     times.append(time.perf_counter() - start)
   per_batch = float(np.median(times))
-  run = lambda slices: predict._run_batched(par, predict_fn, state, slices, batch)
-  info = {"modalities": ["T1w"]}
+  run = predict.mesh_run(par, predict_fn, state, batch)
   cfg.data.modalities = ()
   volume_times = []
   with tempfile.TemporaryDirectory() as out:
     for _ in range(2):  # the first pass compiles the padded last batch
       start = time.perf_counter()
-      probs = predict._predict_volume(cfg, info, volume_path, run)
+      probs = predict.predict_volume(preprocess.settings_from_config(cfg.data), ("T1w",),
+                                      volume_path, run)
       predict.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
       volume_times.append(time.perf_counter() - start)
   params = sum(x.size for x in jax.tree.leaves(state.params))

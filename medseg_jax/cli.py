@@ -26,10 +26,13 @@ BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs", "base.py")
 
 
-def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]], list[str]]:
+def flags_parser(check: Callable[[], None] | None = None,
+                 config_optional: Callable[[], bool] | None = None
+                 ) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` for every flag form absl reads: any problem with the flags, the
   config file, its keys or its overrides is one line and exit code 2. `check` validates
-  the parsed flags further."""
+  the parsed flags further. `--config` is required unless `config_optional()` says the
+  command line needs none (a command that reads a saved config instead)."""
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)  # --help and its kin print and exit here
@@ -40,14 +43,16 @@ def flags_parser(check: Callable[[], None] | None = None) -> Callable[[list[str]
     except (AttributeError, KeyError, OSError):
       fail(_override_error(argv), 2)
     if "config" in flags.FLAGS:  # a command without a config (the zoo) has no --config
-      _check_config_flag(flags.FLAGS["config"])
+      _check_config_flag(flags.FLAGS["config"], config_optional)
     if check is not None:
       check()
     return rest
   return parse
 
 
-def _check_config_flag(config: flags.Flag) -> None:
+def _check_config_flag(config: flags.Flag, optional: Callable[[], bool] | None) -> None:
+  if not config.present and optional is not None and optional():
+    return
   if not config.present:
     fail("--config is required", 2)
   path = config.config_filename.split(":", 1)[0]
@@ -79,6 +84,47 @@ def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
 FREE_FORM = ("model.kwargs", "train.plugin_kwargs")
 
 
+def config_from_saved(saved: dict, where: str) -> ml_collections.ConfigDict:
+  """A locked config from a saved one (`cfg.to_dict()` as JSON: a checkpoint's or a model
+  file's) on top of configs/base.py's defaults, so that what an older medseg_jax saved
+  keeps loading: lists become tuples where base.py has tuples, a saved key that base.py no
+  longer has (or of another kind) is dropped with a warning naming `where`, and a key
+  base.py added since keeps its default."""
+  cfg = base_config()
+  dropped: list[str] = []
+  _merge_saved(cfg, saved, "", dropped)
+  if dropped:
+    logging.warning("%s: saved config keys this medseg_jax does not have (or has with another "
+                    "type) are left at their defaults: %s", where, ", ".join(dropped))
+  cfg.lock()
+  return cfg
+
+
+def _merge_saved(node: ml_collections.ConfigDict, saved: dict, prefix: str,
+                 dropped: list[str]) -> None:
+  for key, value in saved.items():
+    name = prefix + key
+    if key not in node:
+      dropped.append(name)
+    elif name in FREE_FORM and isinstance(value, dict):
+      node[key] = ml_collections.ConfigDict(value)
+    elif isinstance(node[key], ml_collections.ConfigDict):
+      if isinstance(value, dict):
+        _merge_saved(node[key], value, name + ".", dropped)
+      else:
+        dropped.append(name)
+    else:
+      try:
+        node[key] = _tuples(value) if isinstance(node[key], tuple) else value
+      except (TypeError, ValueError):
+        dropped.append(name)
+
+
+def _tuples(value):
+  """JSON's lists back to the tuples a config holds."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
   """The dotted names of the config's values: {"seed", "model.name", ...}; a free-form
   section counts as one value."""
@@ -89,6 +135,11 @@ def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
     else:
       found.add(prefix + key)
   return found
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """configs/base.py's defaults."""
+  return _load_config(BASE_CONFIG)
 
 
 def _load_config(config_arg: str) -> ml_collections.ConfigDict:

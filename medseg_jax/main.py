@@ -1,4 +1,5 @@
-"""Entry point: python -m medseg_jax.main --config=configs/NAME.py [--workdir=DIR] [--mode=...]."""
+"""Entry point: python -m medseg_jax.main --config=configs/NAME.py [--workdir=DIR] [--mode=...];
+--mode=export --workdir=DIR and --mode=predict --model=FILE need no --config."""
 
 import os
 
@@ -8,21 +9,32 @@ from absl import app, flags, logging
 from medseg_jax import cli, components, config
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.export import from_file, write
 from medseg_jax.parallel import distributed, multihost, strategies
 from medseg_jax.training import checkpoint, loop, modes
 
-MODES = ("train", "evaluate", "predict")
+MODES = ("train", "evaluate", "predict", "export")
 
 _CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs; "
                                 "default runs/<config file name>.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES,
-                          "train (then test), evaluate a checkpoint, or predict NIfTI files.")
+                          "train (then test), evaluate a checkpoint, predict NIfTI files, or "
+                          "export a checkpoint as one model file.")
 _INPUT = flags.DEFINE_string("input", None, "predict: a NIfTI file or a directory of them.")
-_OUTPUT = flags.DEFINE_string("output", None, "predict: output file (*.nii.gz) or directory.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
-                                  "evaluate/predict: 'latest', 'best' (validation Dice) or a step.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: output file (*.nii.gz) or directory; "
+                              "export: the model file.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "evaluate/predict/export: 'latest', "
+                                  "'best' (validation Dice) or a step.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict/export: replace existing outputs.")
+_MODEL = flags.DEFINE_string("model", None, "predict: from a model file, or a model NAME in "
+                             "the zoo, instead of a run (no --config, no --workdir).")
+_MODELS_DIR = flags.DEFINE_string("models_dir", None, "The zoo's directory for --model=NAME; "
+                                  "default $MEDSEG_MODELS, else ~/.cache/medseg_jax/models.")
+_ENGINE = flags.DEFINE_enum("engine", "jax", from_file.ENGINES,
+                            "predict --model: jax (every device, GPUs included; the same bytes "
+                            "as the run's checkpoint) or onnxruntime (CPU, one process).")
+_NAME = flags.DEFINE_string("name", None, "export: the model's name (default: the workdir's).")
 _PROBABILITIES = flags.DEFINE_bool("probabilities", False,
                                    "predict: also write per-class probability maps.")
 _FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False,
@@ -35,9 +47,23 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
                                    "Multi-process: the local devices this process uses.")
 
 
+def _without_config() -> bool:
+  """Export and predicting from a model file read a saved config, not a config file."""
+  return _MODE.value == "export" or (_MODE.value == "predict" and _MODEL.value is not None)
+
+
 def _check_flags() -> None:
   if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
     cli.fail("--mode=predict needs --input and --output", 2)
+  if _MODE.value == "export" and not (_WORKDIR.value and _OUTPUT.value):
+    cli.fail("--mode=export needs --workdir and --output", 2)
+  if _without_config() and flags.FLAGS["config"].present:
+    saved = "the checkpoint's" if _MODE.value == "export" else "the model file's"
+    cli.fail(f"--config: --mode={_MODE.value} uses {saved} own config; drop --config", 2)
+  if _MODEL.value is not None and (_MODE.value != "predict" or _WORKDIR.value):
+    cli.fail("--model: only with --mode=predict, and without --workdir", 2)
+  if _ENGINE.value != "jax" and _MODEL.value is None:
+    cli.fail(f"--engine={_ENGINE.value}: only with --model", 2)
   try:
     checkpoint.parse_which(_CHECKPOINT.value, "--checkpoint")
   except ConfigError as e:
@@ -47,7 +73,7 @@ def _check_flags() -> None:
              "comma-separated", 2)
 
 
-def _start_processes(cfg, workdir: str):
+def _start_processes(cfg, workdir: str | None):
   """GPU memory settings, then the process group; only process 0 keeps INFO logs.
 
   Returns the context inside which the loss of another process ends this one with one
@@ -57,7 +83,7 @@ def _start_processes(cfg, workdir: str):
   launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
   watch = distributed.initialize(launch, local, cfg.parallel.distributed_timeout_seconds,
-                                 checkpoint.directory(workdir))
+                                 checkpoint.directory(workdir) if workdir else None)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   return watch
@@ -85,10 +111,38 @@ def _check_before_data(cfg, workdir: str) -> strategies.Parallel:
   return par
 
 
+def _export() -> None:
+  """--mode=export; the process group starts with base.py's settings (the run's config is
+  read from the checkpoint, after JAX has started)."""
+  with _start_processes(cli.base_config(), _WORKDIR.value):
+    write.export_run(_WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value, _NAME.value,
+                     _OVERWRITE.value)
+    multihost.barrier("end of export")
+
+
+def _predict_from_file() -> None:
+  """--mode=predict --model: the file is read and checked before JAX starts."""
+  model = from_file.load(_MODEL.value, _MODELS_DIR.value, _ENGINE.value)
+  with _start_processes(model.cfg, None):
+    from_file.predict_files(model, _INPUT.value, _OUTPUT.value, _ENGINE.value,
+                            _OVERWRITE.value, _PROBABILITIES.value)
+    multihost.barrier("end of prediction")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  if _without_config():
+    try:
+      if _MODE.value == "export":
+        _export()
+      else:
+        _predict_from_file()
+    except MedsegError as e:
+      logging.flush()
+      cli.fail(str(e), e.exit_code)
+    return
   cfg = _CONFIG.value
   config_file = flags.FLAGS["config"].config_filename
   components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
@@ -113,4 +167,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(_check_flags))
+  app.run(main, flags_parser=cli.flags_parser(_check_flags, _without_config))

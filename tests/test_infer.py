@@ -47,7 +47,8 @@ def test_resizing_is_undone(dataset_dir):
                                         preprocess.settings_from_config(cfg.data),
                                         keep=np.arange(label.shape[2]))
   oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))  # a perfect model
-  probs = predict._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
+  probs = predict.predict_volume(preprocess.settings_from_config(cfg.data), ("T1w",),
+                                 image_path, oracle)
   assert probs.shape[:3] == label.shape
   assert np.mean(np.argmax(probs, -1) == label) > 0.97
 
@@ -100,7 +101,8 @@ def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, resize, e
                                          preprocess.settings_from_config(cfg.data),
                                          keep=np.arange(canonical.shape[2]))
   oracle = lambda slices: np.asarray(jax.nn.one_hot(label_slices, 3))
-  probs = predict._predict_volume(cfg, {"modalities": ["T1w"]}, image_path, oracle)
+  probs = predict.predict_volume(preprocess.settings_from_config(cfg.data), ("T1w",),
+                                 image_path, oracle)
   out = str(tmp_path / "pred.nii.gz")
   predict.write_prediction(image_path, probs, out, str(tmp_path / "probs.nii.gz"))
   written, source = nib.load(out), nib.load(label_path)

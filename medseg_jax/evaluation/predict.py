@@ -1,7 +1,8 @@
 """Inference: NIfTI volumes in, label-map NIfTI volumes out, in the input's space.
 
-The caller hands in the train state and the compiled predict step (`training.modes`
-restores a run's checkpoint for them).
+The volume loop is handed `run(slices) -> probabilities`: the compiled predict step over
+the mesh with a train state (`mesh_run`; `training.modes` restores a run's checkpoint,
+`export` reads a model file), or ONNX Runtime on a model file's graph (`export`).
 """
 
 import glob
@@ -10,7 +11,6 @@ import os
 from typing import Callable
 
 import jax
-import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import logging
@@ -89,25 +89,32 @@ def plan(input_path: str, output: str, info: dict, overwrite: bool = False,
   return list(zip(inputs, outputs))
 
 
-def predict(cfg: ml_collections.ConfigDict, info: dict, par: strategies.Parallel,
-            predict_fn: Callable, state, planned: list[tuple[str, tuple[str, str | None]]],
-            batch: int) -> None:
-  """Predicts every planned volume with the compiled `predict_fn` of `par` and `state`
-  (placed on its mesh), in global batches of `batch` slices; process 0 writes."""
-  run = lambda slices: _run_batched(par, predict_fn, state, slices, batch)
+Run = Callable[[np.ndarray], np.ndarray]
+
+
+def predict(settings: preprocess.Settings, modalities: tuple[str, ...],
+            planned: list[tuple[str, tuple[str, str | None]]], run: Run) -> None:
+  """Predicts every planned volume: its slices, preprocessed with `settings` from a volume
+  with the dataset's `modalities`, go through `run(slices [N,H,W,C]) -> probabilities
+  [N,H,W,classes]` (every process takes part); process 0 writes."""
   for src, (labels_dst, probs_dst) in planned:
-    probs = _predict_volume(cfg, info, src, run)  # every process takes part
-    if jax.process_index() == 0:  # and one writes
+    probs = predict_volume(settings, tuple(modalities), src, run)
+    if jax.process_index() == 0:
       write_prediction(src, probs, labels_dst, probs_dst)
       logging.info("Wrote %s", labels_dst)
 
 
-def _predict_volume(cfg, info: dict, path: str, run) -> np.ndarray:
+def mesh_run(par: strategies.Parallel, predict_fn: Callable, state, batch: int) -> Run:
+  """`run` for `predict`: the compiled `predict_fn` of `par` with `state` (placed on its
+  mesh), over global batches of `batch` slices."""
+  return lambda slices: _run_batched(par, predict_fn, state, slices, batch)
+
+
+def predict_volume(settings: preprocess.Settings, modalities: tuple[str, ...], path: str,
+                    run: Run) -> np.ndarray:
   """Class probabilities [X,Y,Z,C] in the canonical (RAS) voxel grid of the volume."""
-  settings = preprocess.settings_from_config(cfg.data)
   image = decathlon.load_nifti(path).data
-  image = preprocess.select_channels(image, settings.modalities,
-                                     tuple(info["modalities"]), path)
+  image = preprocess.select_channels(image, settings.modalities, modalities, path)
   image = preprocess.normalise(image, settings)
   axis = settings.slice_axis
   every = np.arange(image.shape[axis])

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import optax
 
+from medseg_jax.data import preprocess
 from medseg_jax.evaluation import evaluate, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
@@ -36,6 +37,7 @@ def predict_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   template = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                                optax.constant_schedule(0.0), jax.random.key(0))
   state = checkpoint.restore_state(cfg, workdir, which, par, template)
-  predict.predict(cfg, info, par, par.predict_step(step.predict_step), state, planned,
-                  setup.eval_batch(cfg, par.num_devices))
+  run = predict.mesh_run(par, par.predict_step(step.predict_step), state,
+                         setup.eval_batch(cfg, par.num_devices))
+  predict.predict(preprocess.settings_from_config(cfg.data), info["modalities"], planned, run)
   return [outputs for _, outputs in planned]

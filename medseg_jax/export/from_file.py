@@ -1,0 +1,146 @@
+"""--mode=predict --model=FILE|NAME: prediction from a model file, with no workdir, dataset
+or config file, on this machine's devices.
+
+Two engines run the same network: `jax` (the default) builds it from the file's config and
+parameters and runs the compiled predict step over every device, as predicting from the
+run's checkpoint does, so it writes the same bytes and runs on GPUs; `onnxruntime` runs the
+file's ONNX graph on the CPU in one process.
+"""
+
+import copy
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from medseg_jax import cli, files, modelfile, models, zoo
+from medseg_jax.data import preprocess
+from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.evaluation import predict
+from medseg_jax.export import onnx_graph
+from medseg_jax.parallel import strategies
+from medseg_jax.training import setup, step
+from medseg_jax.training.state import TrainState
+
+ENGINES = ("jax", "onnxruntime")
+# model.json's keys that prediction reads.
+_NEEDED = ("modalities", "num_classes", "channels", "classes", "preprocessing")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model file read and checked, with the config to predict with on this machine."""
+
+  file: modelfile.ModelFile
+  cfg: ml_collections.ConfigDict   # the saved config; parallel.* for this machine
+  info: dict                       # model.json
+
+  @property
+  def settings(self) -> preprocess.Settings:
+    """The preprocessing the model was trained with, as model.json records it."""
+    fields = {f.name for f in dataclasses.fields(preprocess.Settings)}
+    saved = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in self.info["preprocessing"].items() if k in fields}
+    return preprocess.Settings(**saved)
+
+
+def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model:
+  """The model `spec` names (a file, or a model NAME in the zoo), every member checked, and
+  `engine` checked to be able to run it. Reads files only (nothing is written), and starts
+  no JAX backend: the process group may start after it."""
+  path = zoo.resolve(spec, models_dir)
+  file = modelfile.read(path)
+  info = file.json(modelfile.MODEL)
+  missing = [k for k in _NEEDED if k not in info]
+  if missing:
+    raise MedsegError(f"{path}: {modelfile.MODEL} lacks {', '.join(missing)} (not written "
+                      "by medseg_jax's export)")
+  cfg = cli.config_from_saved(file.json(modelfile.CONFIG), f"{path}: {modelfile.CONFIG}")
+  _for_this_machine(cfg)
+  if engine == "onnxruntime":
+    _check_onnx(file)
+  return Model(file=file, cfg=cfg, info=info)
+
+
+def _for_this_machine(cfg: ml_collections.ConfigDict) -> None:
+  """Every device of this machine (of every process, when several run), whatever the
+  training run used; a strategy of the user's own, not carried by the file, gives way to
+  the default one (any strategy computes the same probabilities)."""
+  cfg.parallel.num_devices = 0
+  if cfg.parallel.strategy not in strategies.STRATEGIES:
+    default = cli.base_config().parallel.strategy
+    logging.info("Predicting with the %s strategy (the run's %s is not in the model file)",
+                 default, cfg.parallel.strategy)
+    cfg.parallel.strategy = default
+
+
+def _check_onnx(file: modelfile.ModelFile) -> None:
+  """The file carries a graph (ONNX Runtime itself is looked for when its session starts,
+  before anything is written: it is the one part of the extra prediction needs)."""
+  if file.onnx is None:
+    raise MedsegError(f"{file.path}: no ONNX graph ({modelfile.ONNX}) in the model file (it "
+                      "was exported without the ONNX extra); use --engine=jax, or export "
+                      "it again with the extra installed")
+
+
+def predict_files(model: Model, input_path: str, output: str, engine: str = "jax",
+                  overwrite: bool = False, probabilities: bool = False
+                  ) -> list[tuple[str, str | None]]:
+  """Label maps (and probabilities) of every NIfTI volume under `input_path`; every input
+  is checked before anything is computed or written."""
+  if engine == "onnxruntime" and jax.process_count() > 1:
+    raise ConfigError("--engine=onnxruntime runs in one process; start one, or use "
+                      "--engine=jax")
+  planned = predict.plan(input_path, output, model.info, overwrite, probabilities)
+  run = _onnx_run(model) if engine == "onnxruntime" else _jax_run(model)
+  predict.predict(model.settings, model.info["modalities"], planned, run)
+  return [outputs for _, outputs in planned]
+
+
+def _jax_run(model: Model) -> predict.Run:
+  """The compiled predict step over every device with the file's parameters, as
+  `training.modes` runs it with a checkpoint's."""
+  cfg = model.cfg
+  network_cfg = copy.deepcopy(cfg.model)
+  network_cfg.name = network_spec(model.file, cfg.model.name)
+  par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
+  network = models.build_model(network_cfg, model.info["num_classes"], cfg.data.image_size,
+                               par.bn_axis_name)
+  variables = model.file.variables()
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     model_state=variables["model_state"], opt_state=(),
+                     apply_fn=network.apply, tx=optax.identity())
+  return predict.mesh_run(par, par.predict_step(step.predict_step), par.put_state(state),
+                          setup.eval_batch(cfg, par.num_devices))
+
+
+def _onnx_run(model: Model) -> predict.Run:
+  session = onnx_graph.session(model.file.onnx)
+  batch = setup.eval_batch(model.cfg, 1)
+  return lambda slices: onnx_graph.run(session, slices, batch)
+
+
+def network_spec(file: modelfile.ModelFile, name: str) -> str:
+  """`model.name` for a network the file carries: its source written to this user's cache,
+  in a directory named by its SHA-256 (written once, read by every later prediction);
+  `name` itself when the network is a built-in."""
+  carried = file.network_source()
+  if carried is None:
+    return name
+  filename, source = carried
+  digest = modelfile.sha256(source)
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.path.join(cache, "medseg_jax", "networks", digest, filename)
+  if not (os.path.isfile(path) and _sha256_of(path) == digest):
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      f.write(source)
+  return f"{path}:{name.rpartition(':')[2]}"
+
+
+def _sha256_of(path: str) -> str:
+  with open(path, "rb") as f:
+    return modelfile.sha256(f.read())

@@ -1,0 +1,214 @@
+"""--mode=export: one checkpoint of a run, with everything prediction needs, as one model
+file (`medseg_jax.modelfile` lists its members).
+
+The config is the one the checkpoint was saved with (its `meta`), so exporting needs no
+config file; the arrays are read with orbax, as `--mode=evaluate` reads them.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from medseg_jax import cli, modelfile, models
+from medseg_jax.data import pipeline, preprocess
+from medseg_jax.errors import MedsegError
+from medseg_jax.export import card, onnx_graph
+from medseg_jax.training import checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What an export reads from a run's workdir."""
+
+  workdir: str
+  which: str | int            # as --checkpoint named it
+  step: int
+  cfg: ml_collections.ConfigDict   # the checkpoint's own config
+  meta: dict                  # the checkpoint's meta item
+  variables: dict             # {"params", "model_state"} as numpy arrays
+  info: dict                  # WORKDIR/data_info.json
+  manifest: dict              # WORKDIR/manifest.json ({} if absent)
+  test: dict | None           # the test metrics of this step, if the run recorded them
+
+
+def export_run(workdir: str, which: str, output: str, name: str | None = None,
+               overwrite: bool = False) -> str | None:
+  """Writes the model file of the checkpoint `which` ('latest', 'best' or a step) of the
+  run in `workdir` to `output`. Every process reads the checkpoint; process 0 alone writes,
+  atomically. Returns `output` (None on the other processes)."""
+  if os.path.exists(output) and not overwrite:
+    raise MedsegError(f"{output}: exists (pass --overwrite to replace it)")
+  checkpoint.require_checkpoint(workdir)
+  started = time.perf_counter()
+  run = read_run(workdir, checkpoint.parse_which(which, "--checkpoint"))
+  if jax.process_index() != 0:
+    return None
+  members = build_members(run)
+  modelfile.write(output, members, summary(run, name))
+  logging.info("Exported step %d of %s to %s (%.1f MiB) in %.1f s", run.step, workdir, output,
+               os.path.getsize(output) / 2**20, time.perf_counter() - started)
+  return output
+
+
+def read_run(workdir: str, which: str | int) -> Run:
+  """The checkpoint `which` of the run in `workdir`, with its config and the run's records."""
+  reader = checkpoint.Checkpointer(workdir)
+  try:
+    step = reader.step(which)
+    meta = reader.read_meta(step)
+    directory = reader.directory
+  finally:
+    reader.close()
+  step_dir = os.path.join(directory, str(step))
+  if not meta or "config" not in meta:
+    raise MedsegError(f"{step_dir}: the checkpoint holds no config (not saved by a "
+                      "training run of medseg_jax)")
+  tree = checkpoint.read_state_tree(step_dir)
+  variables = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
+  info = _read_json(os.path.join(workdir, "data_info.json"), required=True)
+  return Run(workdir=workdir, which=which, step=step,
+             cfg=cli.config_from_saved(meta["config"], step_dir), meta=meta,
+             variables=variables, info=info,
+             manifest=_read_json(os.path.join(workdir, "manifest.json")) or {},
+             test=_test_metrics(workdir, step))
+
+
+def _read_json(path: str, required: bool = False) -> dict | None:
+  if not os.path.isfile(path):
+    if required:
+      raise MedsegError(f"{path}: not found; --workdir must hold a training run")
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedsegError(f"{path}: unreadable ({e})") from e
+
+
+def _test_metrics(workdir: str, step: int) -> dict | None:
+  """The test metrics the run recorded for `step`: WORKDIR/eval/test_metrics.json (written
+  by training's test and by --mode=evaluate), else the manifest's final metrics."""
+  found = _read_json(os.path.join(workdir, "eval", "test_metrics.json"))
+  if found and found.get("step") == step:
+    return found
+  final = ((_read_json(os.path.join(workdir, "manifest.json")) or {})
+           .get("final_metrics") or {}).get("test")
+  return final if final and final.get("step") == step else None
+
+
+def build_members(run: Run) -> dict[str, bytes]:
+  """Every member of the model file but its index."""
+  source = _network_source(run)
+  model_info = model_json(run, source)
+  metrics = metrics_json(run)
+  members = {modelfile.CONFIG: _json_bytes(run.cfg.to_dict()),
+             modelfile.MODEL: _json_bytes(model_info),
+             modelfile.PARAMS: modelfile.params_bytes(run.variables["params"],
+                                                      run.variables["model_state"]),
+             modelfile.METRICS: _json_bytes(metrics)}
+  if source is not None:
+    members[modelfile.NETWORK_DIR + os.path.basename(source[0])] = source[1]
+  graph = _onnx_graph(run)
+  if graph is not None:
+    members[modelfile.ONNX] = graph
+  members[modelfile.CARD] = card.render(summary(run, None), model_info, metrics,
+                                        run.manifest, run.cfg, run.meta,
+                                        onnx=graph is not None).encode()
+  return members
+
+
+def _json_bytes(obj) -> bytes:
+  return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
+  """model.json: data_info.json's content, the classes, the preprocessing settings, the
+  network (`carried`: its source file, when it is a user's) and the checkpoint."""
+  cfg, info = run.cfg, run.info
+  return dict(
+      info,
+      classes=pipeline.class_names(cfg, info),
+      class_labels=list(range(info["num_classes"])),
+      preprocessing=preprocess.settings_from_config(cfg.data).to_dict(),
+      network={"name": cfg.model.name, "class": cfg.model.name.rpartition(":")[2],
+               "compute_dtype": cfg.model.compute_dtype, "kwargs": cfg.model.kwargs.to_dict(),
+               "source": (modelfile.NETWORK_DIR + os.path.basename(carried[0])
+                          if carried else None)},
+      components=run.meta.get("components", {}),
+      step=run.step,
+      checkpoint={"requested": str(run.which), "step": run.step,
+                  "directory": os.path.join(checkpoint.directory(run.workdir), str(run.step))})
+
+
+def metrics_json(run: Run) -> dict:
+  """metrics.json: the test metrics of the exported step (or why there are none) and the
+  run's manifest without its config (config.json has it)."""
+  out = {"step": run.step, "test": run.test,
+         "manifest": {k: v for k, v in run.manifest.items() if k != "config"}}
+  if run.test is None:
+    out["test_note"] = (f"the run recorded no test metrics for step {run.step}; "
+                        f"--mode=evaluate --checkpoint={run.step} on the run measures them")
+  return out
+
+
+def summary(run: Run, name: str | None) -> dict:
+  """The index's summary, which `python -m medseg_jax.zoo list` shows."""
+  info, cfg = run.info, run.cfg
+  test_dice = run.test.get("dice_foreground") if run.test else None
+  return {"name": name or os.path.basename(os.path.abspath(run.workdir)),
+          "task": _task(info), "classes": pipeline.class_names(cfg, info),
+          "labels": list(range(info["num_classes"])), "modalities": list(info["modalities"]),
+          "image_size": cfg.data.image_size, "channels": info["channels"],
+          "test_dice": test_dice, "step": run.step, "network": cfg.model.name,
+          "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds")}
+
+
+def _task(info: dict) -> str:
+  """dataset.json's name and description, where the dataset is still there."""
+  found = _read_json(os.path.join(info.get("root", ""), "dataset.json")) or {}
+  name = found.get("name") or info.get("dataset", "")
+  return f"{name}: {found['description']}" if found.get("description") else name
+
+
+def _network_source(run: Run) -> tuple[str, bytes] | None:
+  """(path, content) of the network's source file when it is a user's component."""
+  record = run.meta.get("components", {}).get("model.name") or {}
+  path = record.get("source")
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise MedsegError(f"{path}: the source of model.name={record.get('spec')!r} is gone; "
+                      "the model file carries the network's source file")
+  with open(path, "rb") as f:
+    source = f.read()
+  if record.get("sha256") and modelfile.sha256(source) != record["sha256"]:
+    logging.warning("%s has changed since the checkpoint was saved (its SHA-256 differs); "
+                    "the model file carries it as it is now", path)
+  return path, source
+
+
+def _onnx_graph(run: Run) -> bytes | None:
+  """The forward pass as ONNX (float32 compute, softmax probabilities, any batch), or None
+  with one warning when the ONNX extra is not installed."""
+  if not onnx_graph.available():
+    logging.warning("No ONNX graph in the model file: the ONNX extra is not installed "
+                    "(%s); --engine=onnxruntime will not run it", onnx_graph.EXTRA_INSTALL)
+    return None
+  cfg, info = run.cfg, run.info
+  model = models.build_model(cfg.model, info["num_classes"], cfg.data.image_size)
+  model = model.clone(dtype=models.DTYPES["float32"])
+  variables = {"params": run.variables["params"], **run.variables["model_state"]}
+  def probabilities(images):
+    return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+  size = cfg.data.image_size
+  started = time.perf_counter()
+  graph = onnx_graph.forward_graph(probabilities, (size, size, info["channels"]))
+  logging.info("ONNX graph of the forward pass: %.1f s", time.perf_counter() - started)
+  return graph
