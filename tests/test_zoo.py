@@ -92,7 +92,8 @@ def expected_row(path):
   summary = summary_of(path)
   dice = summary["test_dice"]
   size = summary["image_size"]
-  return [summary["task"], ",".join(summary["classes"]), ",".join(summary["modalities"]),
+  task = summary["task"]  # a long task is cut to 40 characters
+  return [task if len(task) <= 40 else task[:39] + "…", ",".join(summary["classes"]), ",".join(summary["modalities"]),
           f"{size}x{size}x{summary['channels']}", "-" if dice is None else f"{dice:.4f}",
           summary["exported"][:10], size_text(os.path.getsize(path))]
 
