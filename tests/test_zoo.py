@@ -93,7 +93,8 @@ def expected_row(path):
   dice = summary["test_dice"]
   size = summary["image_size"]
   task = summary["task"]  # a long task is cut to 40 characters
-  return [task if len(task) <= 40 else task[:39] + "…", ",".join(summary["classes"]), ",".join(summary["modalities"]),
+  return [task if len(task) <= 40 else task[:39] + "…", ",".join(summary["classes"]),
+          ",".join(summary["modalities"]),
           f"{size}x{size}x{summary['channels']}", "-" if dice is None else f"{dice:.4f}",
           summary["exported"][:10], size_text(os.path.getsize(path))]
 
@@ -320,6 +321,13 @@ def test_another_network_or_a_damaged_file_is_refused_before_data_work(source, t
   with pytest.raises(ConfigError, match=rf"^model.init_from={re.escape(model)}: params/"
                                         r"ConvBlock_0/Conv_0/bias has shape \[4\] in the "
                                         r"model file but \[8\] in the model$"):
+    config.check(wider)
+  # The same rule, by the same check, for a run's checkpoint.
+  wider = helpers.config(*RUN, "--config.model.base_features=8",
+                         f"--config.model.init_from={source[0]}")
+  with pytest.raises(ConfigError, match=r"^model.init_from=\S+/checkpoints/2: params/ConvBlock_0/"
+                                        r"Conv_0/bias has shape \[4\] in the checkpoint but "
+                                        r"\[8\] in the model$"):
     config.check(wider)
   (tmp_path / "bad").mkdir()
   for path, message in damaged_copies(model, str(tmp_path / "bad")).values():
