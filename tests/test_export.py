@@ -310,6 +310,23 @@ def test_a_saved_config_loads_on_top_of_todays_defaults(caplog):
   assert "retired_key" not in cfg.model and cfg.data.image_size == 32
 
 
+def test_a_model_file_of_an_older_medseg_jax_still_predicts(run, tmp_path):
+  """Its config.json has a key this version no longer has and lacks one added since."""
+  workdir, model, from_run, _ = run
+  config = json.loads(zipfile.ZipFile(model).read("config.json"))
+  config["model"]["retired_key"] = 1
+  del config["train"]["divergence_patience"]
+  data = json.dumps(config).encode()
+  def rehash(index):
+    index["members"]["config.json"] = hashlib.sha256(data).hexdigest()
+  old = _rewrite(model, tmp_path / "old.zip", change={"config.json": data},
+                 index_change=rehash)
+  proc = _ok(run_main("--mode=predict", f"--model={old}", f"--input={workdir}/data/imagesTs",
+                      f"--output={tmp_path}/out", "--probabilities"))
+  assert "model.retired_key" in proc.stderr
+  assert _files(tmp_path / "out") == _files(from_run)
+
+
 def test_a_users_network_travels_in_the_model_file(tmp_path):
   """The Attention U-Net example, trained from a copy that is deleted before predicting:
   the file's own copy of the source builds the network, in another directory, and writes
