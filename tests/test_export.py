@@ -22,6 +22,7 @@ import pytest
 import helpers
 from helpers import REPO, TINY as TINY_RUN
 from medseg_jax import cli
+from medseg_jax.export import onnx_graph
 from medseg_jax.training import checkpoint
 
 # Checkpoints at steps 2 and 3, both validated: one of them is the best, tested at the end.
@@ -174,6 +175,23 @@ def test_onnx_runtime_predicts_what_jax_predicts(run, tmp_path):
     ort_labels = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj)
     assert np.array_equal(jax_labels[~near_tie], ort_labels[~near_tie])
     assert len(np.unique(jax_labels)) > 1
+
+
+def test_without_the_onnx_extra_the_file_has_no_graph_and_says_how_to_add_one(run, tmp_path):
+  """The export in a Python where jax2onnx cannot be imported, as when the extra is not
+  installed: one warning naming the install command, and a file without model.onnx."""
+  workdir, _, _, _ = run
+  out = tmp_path / "no_extra.zip"
+  without = ("import runpy, sys; sys.modules['jax2onnx'] = None; "
+             "runpy.run_module('medseg_jax.main', run_name='__main__', alter_sys=True)")
+  proc = _ok(subprocess.run([sys.executable, "-c", without, "--mode=export",
+                             f"--workdir={workdir}", f"--output={out}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300))
+  warnings = [l for l in proc.stderr.splitlines() if "No ONNX graph" in l]
+  assert len(warnings) == 1 and onnx_graph.EXTRA_INSTALL in warnings[0]
+  _, members = _read_independently(out)
+  assert "model.onnx" not in members and "params.msgpack" in members
+  assert "carries no ONNX graph" in members["MODEL.md"].decode()
 
 
 def _rewrite(source, target, change=None, drop=(), index_change=None):
