@@ -22,6 +22,7 @@ import pytest
 import helpers
 from helpers import REPO, TINY as TINY_RUN
 from medseg_jax import cli
+from medseg_jax.export import onnx_graph
 from medseg_jax.training import checkpoint
 
 # Checkpoints at steps 2 and 3, both validated: one of them is the best, tested at the end.
@@ -176,6 +177,23 @@ def test_onnx_runtime_predicts_what_jax_predicts(run, tmp_path):
     assert len(np.unique(jax_labels)) > 1
 
 
+def test_without_the_onnx_extra_the_file_has_no_graph_and_says_how_to_add_one(run, tmp_path):
+  """The export in a Python where jax2onnx cannot be imported, as when the extra is not
+  installed: one warning naming the install command, and a file without model.onnx."""
+  workdir, _, _, _ = run
+  out = tmp_path / "no_extra.zip"
+  without = ("import runpy, sys; sys.modules['jax2onnx'] = None; "
+             "runpy.run_module('medseg_jax.main', run_name='__main__', alter_sys=True)")
+  proc = _ok(subprocess.run([sys.executable, "-c", without, "--mode=export",
+                             f"--workdir={workdir}", f"--output={out}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300))
+  warnings = [l for l in proc.stderr.splitlines() if "No ONNX graph" in l]
+  assert len(warnings) == 1 and onnx_graph.EXTRA_INSTALL in warnings[0]
+  _, members = _read_independently(out)
+  assert "model.onnx" not in members and "params.msgpack" in members
+  assert "carries no ONNX graph" in members["MODEL.md"].decode()
+
+
 def _rewrite(source, target, change=None, drop=(), index_change=None):
   """A copy of the model file `source` at `target` with member contents replaced
   (`change`: name -> bytes), members dropped from the archive, and the index changed."""
@@ -308,6 +326,23 @@ def test_a_saved_config_loads_on_top_of_todays_defaults(caplog):
   assert cfg.train.divergence_patience == reference.train.divergence_patience
   assert cfg.data.synthetic_shape == (32, 32, 8) and cfg.data.label_map == (0, 1, 1)
   assert "retired_key" not in cfg.model and cfg.data.image_size == 32
+
+
+def test_a_model_file_of_an_older_medseg_jax_still_predicts(run, tmp_path):
+  """Its config.json has a key this version no longer has and lacks one added since."""
+  workdir, model, from_run, _ = run
+  config = json.loads(zipfile.ZipFile(model).read("config.json"))
+  config["model"]["retired_key"] = 1
+  del config["train"]["divergence_patience"]
+  data = json.dumps(config).encode()
+  def rehash(index):
+    index["members"]["config.json"] = hashlib.sha256(data).hexdigest()
+  old = _rewrite(model, tmp_path / "old.zip", change={"config.json": data},
+                 index_change=rehash)
+  proc = _ok(run_main("--mode=predict", f"--model={old}", f"--input={workdir}/data/imagesTs",
+                      f"--output={tmp_path}/out", "--probabilities"))
+  assert "model.retired_key" in proc.stderr
+  assert _files(tmp_path / "out") == _files(from_run)
 
 
 def test_a_users_network_travels_in_the_model_file(tmp_path):

@@ -66,10 +66,10 @@ def read_run(workdir: str, which: str | int) -> Run:
   finally:
     reader.close()
   step_dir = os.path.join(directory, str(step))
+  tree = checkpoint.read_state_tree(step_dir)  # an unreadable checkpoint is named first
   if not meta or "config" not in meta:
     raise MedsegError(f"{step_dir}: the checkpoint holds no config (not saved by a "
                       "training run of medseg_jax)")
-  tree = checkpoint.read_state_tree(step_dir)
   variables = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
   info = _read_json(os.path.join(workdir, "data_info.json"), required=True)
   return Run(workdir=workdir, which=which, step=step,
@@ -196,7 +196,8 @@ def _network_source(run: Run) -> tuple[str, bytes] | None:
 
 def _onnx_graph(run: Run) -> bytes | None:
   """The forward pass as ONNX (float32 compute, softmax probabilities, any batch), or None
-  with one warning when the ONNX extra is not installed."""
+  with one warning when the ONNX extra is not installed or the network does not convert
+  (the file still predicts with --engine=jax)."""
   if not onnx_graph.available():
     logging.warning("No ONNX graph in the model file: the ONNX extra is not installed "
                     "(%s); --engine=onnxruntime will not run it", onnx_graph.EXTRA_INSTALL)
@@ -209,6 +210,11 @@ def _onnx_graph(run: Run) -> bytes | None:
     return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
   size = cfg.data.image_size
   started = time.perf_counter()
-  graph = onnx_graph.forward_graph(probabilities, (size, size, info["channels"]))
+  try:
+    graph = onnx_graph.forward_graph(probabilities, (size, size, info["channels"]))
+  except MedsegError as e:
+    logging.warning("No ONNX graph in the model file (--engine=onnxruntime will not run "
+                    "it): %s", e)
+    return None
   logging.info("ONNX graph of the forward pass: %.1f s", time.perf_counter() - started)
   return graph
