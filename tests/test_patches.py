@@ -39,6 +39,11 @@ def test_a_draw_is_a_function_of_seed_epoch_and_index():
   other_epoch = [first.draw(3, 5, i) for i in range(30)]
   assert sum(a != b for a, b in zip(draws, other_seed)) > 20
   assert sum(a != b for a, b in zip(draws, other_epoch)) > 20
+  # The corner alone (same volume) changes with the seed, the epoch and the index.
+  unforced = _sampler(labels, fraction=0.0)
+  corners = {(s, e, i): unforced.place(s, e, i, 0).corner
+             for s in (3, 4) for e in (2, 5) for i in range(20)}
+  assert len(set(corners.values())) > 70
   # Every volume appears once in each pass over the volumes (the loader's epoch order).
   for start in range(0, 28, 4):
     assert sorted(d.volume for d in draws[start:start + 4]) == [0, 1, 2, 3]

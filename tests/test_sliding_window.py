@@ -150,3 +150,11 @@ def test_run_returning_the_wrong_shape_is_reported():
 def test_bad_settings_name_their_key(overlap, sigma, key):
   with pytest.raises(ConfigError, match=key):
     sliding_window.check_settings(overlap, sigma)
+
+
+def test_a_volume_smaller_than_the_patch_is_centred_in_its_window():
+  volume = _volume((2, 6, 2), 1, seed=6)  # short along D (by 2) and W (by 3)
+  got = sliding_window.sliding_window(volume, _position_network, PATCH, pad_value=0.0)
+  # Reference: pad by hand (1 before and 1 after along D, 1 and 2 along W), run, crop.
+  window = np.pad(volume, ((1, 1), (0, 0), (1, 2), (0, 0)))[None]
+  np.testing.assert_allclose(got, _position_network(window)[0, 1:3, :, 1:3], rtol=1e-6)

@@ -96,6 +96,7 @@ def sliding_window(volume: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
   check_settings(overlap, gaussian_sigma)
   padded, crop = _pad_to(volume, patch, pad_value)
   weights = gaussian_map(patch, gaussian_sigma)
+  per_class = weights[..., None]
   jobs = [(corner, axes) for corner in window_corners(padded.shape[:3], patch, overlap)
           for axes in flips(mirror)]
   total = summed = None
@@ -105,7 +106,7 @@ def sliding_window(volume: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
       summed = np.zeros(padded.shape[:3], np.float64)
     for (corner, axes), prob in zip(chunk, probs):
       where = tuple(slice(c, c + p) for c, p in zip(corner, patch))
-      total[where] += weights[..., None] * np.flip(prob, axes)
+      total[where] += per_class * np.flip(prob, axes)
       summed[where] += weights
   return (total / summed[..., None])[crop].astype(np.float32)
 
