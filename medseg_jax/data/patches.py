@@ -142,7 +142,8 @@ def global_batch_draws(sampler: Sampler, seed: int, epoch: int, process_index: i
                        draws: int = 0) -> Iterator[list[Draw]]:
   """This process's contiguous part of each full global batch of one epoch of `draws`
   patches (`data.augment.samples_per_epoch`; 0: one per volume), from `offset` draws
-  into the epoch (the loader position a checkpoint keeps), as `loader.train_batches`."""
+  into the epoch (the loader position a checkpoint keeps), as `loader.train_batches`.
+  An epoch of fewer draws than the global batch has no full batch and yields nothing."""
   batch = sampler.global_batch
   if batch % process_count:
     raise ValueError(f"global batch {batch} does not split over {process_count} processes")
