@@ -10,7 +10,7 @@ Images are interpolated linearly (order 1), not with cubic splines (order 3, nnU
 choice): a linear value lies between its neighbours', so the zero background stays zero
 next to the head, CT values stay inside their clipping bounds and probabilities stay
 non-negative and sum to one; order 3 overshoots at every sharp edge (the skull, the
-volume's border after z-scoring) and took 2.6 times as long on this CPU (BENCHMARKS.md).
+volume's border after z-scoring) and took 9 times as long here (BENCHMARKS.md).
 
 Label maps are resampled per class: each class's indicator is interpolated linearly and
 every voxel takes the class of highest value (the lower class on a tie), as nnU-Net does

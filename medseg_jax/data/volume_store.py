@@ -15,10 +15,12 @@ target spacing (`resample`; default the dataset's median spacing, from the heade
 Normalising first keeps the background outside the head at zero until resampling, as
 nnU-Net does.
 
-Images are float32: a store is a cache and float32 reads back exactly the array the
-preprocessing computed; float16 halves the disk, but a random patch read took about as
-long (decoding dominates; BENCHMARKS.md). Chunks are 32^3 voxels with all channels: a
-random 64^3 patch touches at most 27 of them (BENCHMARKS.md compares 16^3, 32^3, 64^3).
+Images are float32: the store reads back exactly the array the preprocessing computed;
+float16 would halve the disk (compressed: 6.9 against 12.5 MB for a 160x160x128x4
+phantom) but its random patch reads were no faster from the page cache (3.3 against 2.9
+ms), so it saves only disk. Chunks are 32^3 voxels with all channels: a random 64^3 patch
+touches at most 27 of them, and read faster than from 16^3 or 64^3 chunks (2.9 against
+4.4 and 5.2 ms; BENCHMARKS.md, `benchmarks/volume_store.py`).
 The key (`store.cache_key`: dataset files and settings) and the atomic build
 (`store.build_atomically`) are the slice store's.
 """
