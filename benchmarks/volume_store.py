@@ -2,7 +2,7 @@
 the cost of resampling a volume (image order 1 against 3, labels per class against
 nearest neighbour).
 
-    python benchmarks/volume_store.py          # --shape=160,160,128 --patch=64 --reads=20 --rounds=5
+    python benchmarks/volume_store.py   # --shape=160,160,128 --patch=64 --reads=20 --rounds=5
 
 One synthetic four-modality phantom (z-scored as MRI) is written with
 `volume_store.create_arrays` once per chunking (16^3, 32^3, 64^3 voxels x all channels)

@@ -12,8 +12,8 @@ A subject is read and checked by `validate.read_case` (reoriented to RAS), norma
 per channel on its own grid (`preprocess.normalise_volume`; CT statistics come from a
 first pass over every training subject's labelled foreground), then resampled to the
 target spacing (`resample`; default the dataset's median spacing, from the headers).
-Normalising first keeps the background outside the head at zero until resampling, as
-nnU-Net does.
+Normalising before resampling (nnU-Net's order) takes the statistics over the voxels as
+acquired: z-scoring's non-zero mask is the head itself, not a rim blurred by interpolation.
 
 Images are float32: the store reads back exactly the array the preprocessing computed;
 float16 would halve the disk (compressed: 6.9 against 12.5 MB for a 160x160x128x4
