@@ -111,6 +111,18 @@ def canonical_shape(path: str) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def canonical_spacing(path: str) -> tuple[float, float, float]:
+  """The voxel size in mm `load_nifti` would return (along the canonical axes), read from
+  the header alone."""
+  img = read_header(path)
+  ornt = nib.orientations.io_orientation(img.affine)
+  sizes = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+  spacing = [0.0, 0.0, 0.0]
+  for axis, (target, _) in enumerate(ornt):
+    spacing[int(target)] = float(sizes[axis])
+  return tuple(spacing)
+
+
 @contextlib.contextmanager
 def _nifti_errors(path: str):
   """Any failure to read `path` becomes one DataError naming it."""

@@ -1,4 +1,6 @@
-"""Turning volumes into normalised 2D slices of one in-plane size, and back (for inference)."""
+"""Turning volumes into normalised 2D slices of one in-plane size, and back (for inference);
+the per-channel normalisation of whole volumes (3D: z-score for MRI, clip then z-score
+with the training foreground's statistics for CT)."""
 
 import dataclasses
 
@@ -10,6 +12,8 @@ from medseg_jax.errors import ConfigError, DataError
 SELECTIONS = ("central", "all", "foreground")
 RESIZE_MODES = ("resize", "pad_crop")
 NORMALISATIONS = ("zscore_nonzero", "percentile")
+VOLUME_NORMALISATIONS = ("auto", "ct", "mri")  # auto: CT for a modality named CT
+FOREGROUND_INTENSITIES = 100_000  # voxels per subject and channel behind the CT statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,53 @@ def percentile_clip(image: np.ndarray, low: float, high: float) -> np.ndarray:
     lo, hi = np.percentile(channel, [low, high])
     if hi > lo:
       out[..., c] = (np.clip(channel, lo, hi) - lo) / (hi - lo)
+  return out
+
+
+def channel_schemes(names: tuple[str, ...], forced: str = "auto") -> tuple[str, ...]:
+  """The volume normalisation of each channel named `names`: `forced` ("ct" or "mri") for
+  all, or with "auto" "ct" for a modality named CT (any case), "mri" for any other."""
+  if forced != "auto":
+    return (forced,) * len(names)
+  return tuple("ct" if str(n).casefold() == "ct" else "mri" for n in names)
+
+
+def foreground_intensities(image: np.ndarray, label: np.ndarray,
+                           cap: int = FOREGROUND_INTENSITIES) -> np.ndarray:
+  """Intensities [n,C] of the voxels where `label` > 0 (image [X,Y,Z,C], label [X,Y,Z]);
+  of more than `cap` voxels, `cap` evenly spaced in voxel order."""
+  inside = np.flatnonzero(label > 0)
+  if len(inside) > cap:
+    inside = inside[np.linspace(0, len(inside) - 1, cap).round().astype(np.int64)]
+  return image.reshape(-1, image.shape[-1])[inside].astype(np.float32)
+
+
+def ct_statistics(samples: list[np.ndarray], percentiles: tuple[float, float]) -> dict:
+  """Per channel, from the foreground intensities of every training volume [n_i,C]
+  pooled: the `percentiles` (low, high) to clip to, and the mean and standard deviation
+  of the (unclipped) foreground, as nnU-Net's CT normalisation takes them."""
+  pooled = np.concatenate(samples).astype(np.float64) if samples else np.zeros((0, 0))
+  if not len(pooled):
+    raise DataError("no foreground voxel in the training labels to take the CT intensity "
+                    "statistics from (set the normalisation to mri)")
+  low, high = np.percentile(pooled, percentiles, axis=0)
+  return {"low": low.tolist(), "high": high.tolist(), "mean": pooled.mean(0).tolist(),
+          "std": pooled.std(0).tolist(), "voxels": len(pooled)}
+
+
+def normalise_volume(image: np.ndarray, schemes: tuple[str, ...],
+                     ct: dict | None = None) -> np.ndarray:
+  """Image [X,Y,Z,C] -> float32, per channel: "mri" z-scored over its non-zero voxels
+  (`zscore_nonzero`), "ct" clipped to `ct`'s bounds, then z-scored with its mean and
+  standard deviation (`ct_statistics`)."""
+  out = np.empty(image.shape, np.float32)
+  for c, scheme in enumerate(schemes):
+    channel = image[..., c:c + 1]
+    if scheme == "ct":
+      clipped = np.clip(channel.astype(np.float64), ct["low"][c], ct["high"][c])
+      out[..., c:c + 1] = (clipped - ct["mean"][c]) / max(ct["std"][c], 1e-6)
+    else:
+      out[..., c:c + 1] = zscore_nonzero(channel)
   return out
 
 

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import tensorstore as ts
@@ -89,15 +90,23 @@ def build(path: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
 
   Problems are collected over the whole dataset and raised together (InvalidDatasetError,
   exit code 2) unless `skip_invalid`, which leaves the bad subjects out with a warning."""
+  build_atomically(path, lambda tmp: _write_slices(tmp, dataset, settings, skip_invalid,
+                                                   processes), "slice store")
+
+
+def build_atomically(path: str, write: Callable[[str], dict], what: str) -> None:
+  """Runs `write(tmp)` in a new directory beside `path`, saves the dict it returns as
+  tmp/meta.json and renames tmp to `path`. Any failure removes tmp, so a later run never
+  opens a partial store; a full disk is one DataError naming `what` (e.g. "slice store")."""
   parent = os.path.dirname(path)
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   except OSError as e:
-    raise DataError(f"data.cache_dir: cannot write the slice store under {parent} ({e}); "
+    raise DataError(f"data.cache_dir: cannot write the {what} under {parent} ({e}); "
                     "set data.cache_dir to a writable directory")
   try:
-    meta = _write_slices(tmp, dataset, settings, skip_invalid, processes)
+    meta = write(tmp)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f)
     try:
@@ -110,7 +119,7 @@ def build(path: str, dataset: decathlon.Dataset, settings: preprocess.Settings,
     shutil.rmtree(tmp, ignore_errors=True)
     reason = files.disk_full(e) if isinstance(e, Exception) else None
     if reason:
-      raise DataError(f"{path}: disk full ({reason}) while writing the slice store; free "
+      raise DataError(f"{path}: disk full ({reason}) while writing the {what}; free "
                       "space, or set data.cache_dir to another disk") from e
     raise
 
@@ -124,7 +133,7 @@ def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Set
   arrays, row, volumes, bad = None, 0, [], {}
   jobs = [(case, dataset, settings) for case in dataset.training]
   results = pool.pool_map(_ingest, jobs, processes)
-  for case, (problems, out) in zip(dataset.training, _progress(results, len(jobs))):
+  for case, (problems, out) in zip(dataset.training, progress(results, len(jobs))):
     if problems:
       bad[case.name] = problems
     if problems or (bad and not skip_invalid):
@@ -165,7 +174,7 @@ def _create(directory: str, slice_shape: tuple) -> tuple:
   return image, label
 
 
-def _progress(results, total: int):
+def progress(results, total: int):
   """Yields `results`, showing progress: a bar on a terminal, a log line per tenth else."""
   if sys.stderr.isatty():
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
