@@ -152,7 +152,7 @@ def test_action_order_when_nothing_improves(tmp_path):
     assert trial["parallel.num_devices"] == 8 and trial["lr.policy"] == "grescale"
     assert trial["lr.scaling"] == "linear" and trial["seed"] == 0
   assert fake.calls[0][1] == {"parallel.num_devices": 1, "train.per_device_batch_size": 16,
-                              "seed": 0}
+                              "seed": 0, "data.split_seed": 0}
   assert [h["decision"] for h in tuner.history[2:]] == ["not better: next action"] * 5
 
 

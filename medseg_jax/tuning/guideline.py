@@ -14,6 +14,9 @@
    with the next seed: the model validation), when the actions are exhausted, or when
    `--budget` runs (the baseline included) are spent.
 
+Every run keeps the config's split (`data.split_seed`, unset: the config's `seed`), so
+the confirming run's other seed changes initialisation and batch order, not the data.
+
 Decisions compare the metrics of `--split` (default `val`: the validation metrics of
 each run's tested checkpoint), by `--comparison`, with differences below `--tolerance`
 as ties; the test metrics are reported beside them and decide nothing. The tuner's
@@ -33,6 +36,7 @@ import ml_collections
 from absl import flags
 
 from medseg_jax import cli, files, optim
+from medseg_jax.data import split
 from medseg_jax.monitor import manifest
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.tuning import actions, guideline_settings, report, runs
@@ -181,16 +185,21 @@ class Tuner:
     self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
              f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
 
+  def _seeds(self, seed: int | None = None) -> dict:
+    """The run's seed (the config's unless given) and the config's split seed, which every
+    run keeps: the confirming run's other seed validates on the baseline's split."""
+    return {"seed": self.cfg.seed if seed is None else seed,
+            "data.split_seed": split.split_seed(self.cfg)}
+
   def _overrides(self, params: actions.Params, seed: int | None = None) -> dict:
     fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
-    return {**fixed, **params, "seed": self.cfg.seed if seed is None else seed}
+    return {**fixed, **params, **self._seeds(seed)}
 
   def run(self) -> str:
     """Runs the guideline to its end; returns the status (a key of STATUS)."""
     reference = self.cfg.lr.reference_batch_size or self.cfg.train.per_device_batch_size
     base = self._train("baseline", {"parallel.num_devices": 1,
-                                    "train.per_device_batch_size": reference,
-                                    "seed": self.cfg.seed})
+                                    "train.per_device_batch_size": reference, **self._seeds()})
     self._decide("baseline")
     params = actions.start_params(self.cfg)
     current = self._train("grescale", self._overrides(params))

@@ -6,9 +6,11 @@
 `--guideline=DIR` adds the policy `guideline`: the settings the GreScale guideline tuner
 chose in DIR (its guideline_state.json), trained like the others.
 
-Each combination is a normal run of `medseg_jax.main` in DIR/runs/<policy>_dev<N>_seed<S>,
-so it resumes if interrupted and is skipped once it has its test metrics. The
-results go to DIR/study.csv, DIR/study.md and DIR/study.png.
+Seeds 0, 1, ... vary initialisation and batch order; every run has the same split and
+data, those of the config's `data.split_seed` (unset: its `seed`), so runs with the same
+seed are paired. Each combination is a normal run of `medseg_jax.main` in
+DIR/runs/<policy>_dev<N>_seed<S>, so it resumes if interrupted and is skipped once it has
+its test metrics. The results go to DIR/study.csv, DIR/study.md and DIR/study.png.
 """
 
 import os
@@ -18,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
+from medseg_jax.data import split
 from medseg_jax.monitor import manifest
 from medseg_jax.errors import MedsegError
 from medseg_jax.tuning import guideline, runs
@@ -41,11 +44,12 @@ def run_name(policy: str, devices: int, seed: int) -> str:
 
 
 def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str]],
-            devices: list[int], seeds: int, cpu_devices: int,
+            devices: list[int], seeds: int, cpu_devices: int, split_seed: int,
             skip: set[tuple[str, int]] = frozenset()) -> tuple[list[dict], list[str]]:
-  """Trains every (policy, devices, seed) not in `skip` and not yet complete; `policies`
-  maps a name to its config arguments. Returns the metrics of the runs that have their
-  test metrics, and the names of those that failed."""
+  """Trains every (policy, devices, seed) not in `skip` and not yet complete, each on the
+  split (and synthetic data) of `split_seed`; `policies` maps a name to its config
+  arguments. Returns the metrics of the runs that have their test metrics, and the names
+  of those that failed."""
   rows, failed = [], []
   for policy, policy_args in policies.items():
     for n in devices:
@@ -54,7 +58,7 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
       for seed in range(seeds):
         workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
         args = [*config_args, *policy_args, f"--config.parallel.num_devices={n}",
-                f"--config.seed={seed}"]
+                f"--config.seed={seed}", f"--config.data.split_seed={split_seed}"]
         if runs.train(args, workdir, cpu_devices, "study"):
           rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
           manifest.record_repeats(workdir, list(range(seeds)), "medseg_jax.tuning.study",
@@ -134,7 +138,7 @@ def _plot(study_dir: str, table: list[dict]) -> None:
 
 def _cli() -> None:
   """The command: flags, then every run, then the comparison; errors are one line."""
-  cli.config_flag()
+  config = cli.config_flag()
   flags.adopt_module_key_flags(cli)  # --config is this command's: in --help
   workdir = flags.DEFINE_string("workdir", None, "Directory of the study.")
   devices = flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare.")
@@ -175,7 +179,8 @@ def _cli() -> None:
     skip = {(p, counts[0]) for p in table if p != baseline.value} if baseline_only.value \
         else set()
     rows, failed = run_all(cli.config_args(sys.argv), workdir.value, table, counts,
-                           seeds.value, runs.cpu_devices(cpu.value, max(counts)), skip)
+                           seeds.value, runs.cpu_devices(cpu.value, max(counts)),
+                           split.split_seed(config.value), skip)
     if rows:
       write_reports(workdir.value, summarize(rows, baseline.value), baseline.value)
       files.write_json(os.path.join(workdir.value, "study_runs.json"), rows)
