@@ -13,17 +13,17 @@ DIR/runs/<policy>_dev<N>_seed<S>, so it resumes if interrupted and is skipped on
 its test metrics. The results go to DIR/study.csv, DIR/study.md and DIR/study.png.
 """
 
+import math
 import os
 import sys
 
-import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
 from medseg_jax.data import split
 from medseg_jax.monitor import manifest
 from medseg_jax.errors import MedsegError
-from medseg_jax.tuning import guideline, runs
+from medseg_jax.tuning import guideline, paired, runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -37,6 +37,8 @@ POLICIES = {
     "grescale": ["--config.lr.scaling=linear", "--config.lr.policy=grescale"],
 }
 METRICS = runs.METRICS
+COLUMNS = {"dice": "Dice", "mean_accuracy": "mean acc.", "mean_iou": "mean IoU",
+           "pixel_accuracy": "pixel acc.", "fw_iou": "fw IoU"}
 
 
 def run_name(policy: str, devices: int, seed: int) -> str:
@@ -81,38 +83,13 @@ def collect(workdir: str) -> dict:
   return {**runs.metrics_on_test(workdir), "train_seconds": runs.train_seconds(workdir)}
 
 
-def summarize(rows: list[dict], baseline_policy: str) -> list[dict]:
-  """Mean and std over seeds per (policy, devices), with the Dice gap to the baseline."""
-  groups: dict[tuple, list[dict]] = {}
-  for r in rows:
-    groups.setdefault((r["policy"], r["devices"]), []).append(r)
-  fewest = min(r["devices"] for r in rows)
-  base = groups.get((baseline_policy, fewest))
-  base_dice = float(np.mean([r["dice"] for r in base])) if base else None
-  table = []
-  for (policy, devices), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    entry = {"policy": policy, "devices": devices, "runs": len(group)}
-    for m in METRICS + ("train_seconds",):
-      values = np.array([r[m] for r in group], np.float64)
-      entry[m], entry[f"{m}_std"] = float(values.mean()), float(values.std())
-    entry["dice_gap"] = entry["dice"] - base_dice if base_dice is not None else None
-    table.append(entry)
-  return table
-
-
-def write_reports(study_dir: str, table: list[dict], baseline_policy: str) -> None:
+def write_reports(study_dir: str, rows: list[dict], baseline_policy: str) -> None:
+  """study.csv (one line per policy and device count, the paired columns included),
+  study.md (the table, its reading and every run's Dice per seed) and study.png."""
+  table = paired.summarize(rows, baseline_policy, METRICS)
   files.write_csv(os.path.join(study_dir, "study.csv"), table)
-  lines = ["| policy | devices | runs | Dice | mean acc. | mean IoU | pixel acc. | fw IoU "
-           "| Dice gap | train s |", "|---" * 10 + "|"]
-  for e in table:
-    cells = [f"{e[m]:.4f} ± {e[m + '_std']:.4f}" for m in METRICS]
-    gap = "" if e["dice_gap"] is None else f"{e['dice_gap']:+.4f}"
-    lines.append(f"| {e['policy']} | {e['devices']} | {e['runs']} | {' | '.join(cells)} | "
-                 f"{gap} | {e['train_seconds']:.0f} |")
-  note = (f"Test-split metrics, mean ± std over seeds. Dice gap: against `{baseline_policy}` "
-          "on the fewest devices.\n")
   files.write_text(os.path.join(study_dir, "study.md"),
-                   "# Scaling study\n\n" + note + "\n" + "\n".join(lines) + "\n")
+                   paired.markdown(table, rows, baseline_policy, COLUMNS))
   _plot(study_dir, table)
 
 
@@ -124,8 +101,10 @@ def _plot(study_dir: str, table: list[dict]) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   for policy in dict.fromkeys(e["policy"] for e in table):
     entries = [e for e in table if e["policy"] == policy]
-    ax.errorbar([e["devices"] for e in entries], [e["dice"] for e in entries],
-                yerr=[e["dice_std"] for e in entries], marker="o", capsize=3, label=policy)
+    ax.errorbar([e["devices"] for e in entries],  # no Dice (every run diverged): no point
+                [math.nan if e["dice"] is None else e["dice"] for e in entries],
+                yerr=[e["dice_std"] or 0.0 for e in entries], marker="o", capsize=3,
+                label=policy)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("devices (k)")
   ax.set_ylabel("test Dice")
@@ -182,7 +161,7 @@ def _cli() -> None:
                            seeds.value, runs.cpu_devices(cpu.value, max(counts)),
                            split.split_seed(config.value), skip)
     if rows:
-      write_reports(workdir.value, summarize(rows, baseline.value), baseline.value)
+      write_reports(workdir.value, rows, baseline.value)
       files.write_json(os.path.join(workdir.value, "study_runs.json"), rows)
       print(open(os.path.join(workdir.value, "study.md")).read())
     if failed:
