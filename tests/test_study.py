@@ -126,6 +126,51 @@ def test_paired_interval_on_hand_made_results(tmp_path):
   assert "| linear | 8 | 5 | 0 |" in text and "| — (diverged) |" in text
 
 
+DIVERGING = ["--config.optim.name=sgd", "--config.optim.lr=1e8"]  # NaN at the second step
+
+
+def test_diverged_runs_are_rows_with_the_dice_of_their_best_checkpoint(tmp_path):
+  """Validating every step, each run keeps a best checkpoint (step 1) before the guard
+  stops it at step 2: a row marked diverged, with that checkpoint's test Dice. Both seeds
+  have the same split."""
+  args = ["--config=configs/quickstart.py", "--devices=1", "--policies=linear", "--seeds=2",
+          f"--workdir={tmp_path}", *TINY, "--config.train.eval_every_steps=1", *DIVERGING]
+  proc = run("medseg_jax.tuning.study", *args)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rows = json.loads((tmp_path / "study_runs.json").read_text())
+  assert [(r["seed"], r["diverged"]) for r in rows] == [(0, True), (1, True)]
+  for r in rows:
+    workdir = tmp_path / "runs" / f"linear_dev1_seed{r['seed']}"
+    test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
+    assert test["step"] == 1 and r["dice"] == pytest.approx(test["dice"])
+    assert r["error"].startswith("error: training diverged at step 2")
+    assert json.loads((workdir / "manifest.json").read_text())["runs"]["count"] == 2
+  splits = [(tmp_path / "runs" / f"linear_dev1_seed{s}" / "split.json").read_text()
+            for s in (0, 1)]
+  assert splits[0] == splits[1]
+  with open(tmp_path / "study.csv") as f:
+    (entry,) = csv.DictReader(f)
+  assert (entry["runs"], entry["diverged"]) == ("2", "2")
+  assert float(entry["dice"]) == pytest.approx(sum(r["dice"] for r in rows) / 2)
+  assert "(diverged)" in (tmp_path / "study.md").read_text()
+  again = run("medseg_jax.tuning.study", *args)  # a diverged run is a result: not retried
+  assert again.returncode == 0 and "[study]" not in again.stdout
+  assert json.loads((tmp_path / "study_runs.json").read_text()) == rows
+
+
+def test_a_run_diverged_before_any_validation_is_a_row_without_dice(tmp_path):
+  proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py", "--devices=1",
+             "--policies=linear", "--seeds=1", f"--workdir={tmp_path}", *TINY, *DIVERGING)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  (row,) = json.loads((tmp_path / "study_runs.json").read_text())
+  assert row["diverged"] and row["dice"] is None
+  assert not (tmp_path / "runs" / "linear_dev1_seed0" / "eval" / "test_metrics.json").exists()
+  with open(tmp_path / "study.csv") as f:
+    (entry,) = csv.DictReader(f)
+  assert (entry["runs"], entry["diverged"], entry["dice"]) == ("1", "1", "")
+  assert "| — (diverged) |" in (tmp_path / "study.md").read_text()
+
+
 def test_guideline_policy_without_its_directory_is_one_line(tmp_path):
   proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py",
              "--policies=linear,guideline", f"--workdir={tmp_path}")

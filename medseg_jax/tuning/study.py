@@ -50,8 +50,8 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
             skip: set[tuple[str, int]] = frozenset()) -> tuple[list[dict], list[str]]:
   """Trains every (policy, devices, seed) not in `skip` and not yet complete, each on the
   split (and synthetic data) of `split_seed`; `policies` maps a name to its config
-  arguments. Returns the metrics of the runs that have their test metrics, and the names
-  of those that failed."""
+  arguments. Returns a row per run that completed or diverged (a diverged run is a
+  result, marked so), and the names of those that failed otherwise."""
   rows, failed = [], []
   for policy, policy_args in policies.items():
     for n in devices:
@@ -61,12 +61,12 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
         workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
         args = [*config_args, *policy_args, f"--config.parallel.num_devices={n}",
                 f"--config.seed={seed}", f"--config.data.split_seed={split_seed}"]
-        if runs.train(args, workdir, cpu_devices, "study"):
-          rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
-          manifest.record_repeats(workdir, list(range(seeds)), "medseg_jax.tuning.study",
-                                  f"{policy} on {n} devices")
-        else:
+        if runs.run(args, workdir, cpu_devices, "study") == "failed":
           failed.append(run_name(policy, n, seed))
+          continue
+        rows.append({"policy": policy, "devices": n, "seed": seed, **collect(workdir)})
+        manifest.record_repeats(workdir, list(range(seeds)), "medseg_jax.tuning.study",
+                                f"{policy} on {n} devices")
   return rows, failed
 
 
@@ -79,8 +79,15 @@ def guideline_policy(directory: str) -> list[str]:
 
 
 def collect(workdir: str) -> dict:
-  """Test metrics and training time (sum of logged step times) of one finished run."""
-  return {**runs.metrics_on_test(workdir), "train_seconds": runs.train_seconds(workdir)}
+  """Test metrics and training time (sum of logged step times) of one finished run, and
+  whether the divergence guard stopped it: a diverged run has the test metrics of its
+  best checkpoint, or none without one (`paired` says how it counts)."""
+  record = runs.diverged(workdir)
+  evaluated = record is None or record["evaluated"]
+  metrics = runs.metrics_on_test(workdir) if evaluated else dict.fromkeys(METRICS)
+  extra = {} if record is None else {"error": record["error"]}
+  return {**metrics, "train_seconds": runs.train_seconds(workdir),
+          "diverged": record is not None, **extra}
 
 
 def write_reports(study_dir: str, rows: list[dict], baseline_policy: str) -> None:
