@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -19,17 +20,30 @@ def run(module, *args, timeout=600):
                         text=True, timeout=timeout, env=env_with_devices(None))
 
 
-def _guideline_dir(tmp_path):
-  """A guideline tuner's state as it writes it: its chosen run lowered optim.lr."""
+def _guideline_dir(tmp_path, source="configs/quickstart.py"):
+  """A guideline tuner's chosen config as it writes it: the quickstart with its changes
+  (optim.lr lowered, and the TINY overrides it was tuned with)."""
   directory = tmp_path / "tuned"
   directory.mkdir()
-  fixed = {"parallel.num_devices": 8, "lr.policy": "grescale", "lr.scaling": "linear"}
-  history = [{"run": "00_baseline", "overrides": {"parallel.num_devices": 1, "seed": 0}},
-             {"run": "01_grescale", "overrides": {**fixed, "optim.lr": 0.002, "seed": 0}},
-             {"run": "02_decrease_initial_lr",
-              "overrides": {**fixed, "optim.lr": 0.001, "seed": 0}}]
-  (directory / "guideline_state.json").write_text(json.dumps(
-      {"history": history, "chosen": "02_decrease_initial_lr", "status": "budget_spent"}))
+  changes = {"parallel.num_devices": 8, "lr.policy": "grescale", "optim.lr": 0.001, "seed": 0,
+             "data.split_seed": 0, "train.num_epochs": 1}
+  (directory / "guideline_config.py").write_text(
+      "import importlib.util\nimport os\n\n"
+      f"SOURCE = {os.path.relpath(os.path.join(REPO, source), directory)!r}\n"
+      f"VARIANT = None\nCHANGES = {changes!r}\n\n\n"
+      "def get_config():\n"
+      "  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), SOURCE)\n"
+      "  spec = importlib.util.spec_from_file_location('source', path)\n"
+      "  module = importlib.util.module_from_spec(spec)\n"
+      "  spec.loader.exec_module(module)\n"
+      "  c = module.get_config()\n"
+      "  for key, value in CHANGES.items():\n"
+      "    *parents, leaf = key.split('.')\n"
+      "    node = c\n"
+      "    for part in parents:\n"
+      "      node = node[part]\n"
+      "    node[leaf] = value\n"
+      "  return c\n")
   return directory
 
 
@@ -69,6 +83,8 @@ def test_two_device_counts_two_policies_and_the_guideline_study(tmp_path):
     config = json.load(f)
   assert config["lr"]["policy"] == "grescale" and config["optim"]["lr"] == 0.001
   assert config["parallel"]["num_devices"] == 2 and config["seed"] == 0  # the study's own
+  assert config["data"]["image_size"] == 32  # the study's overrides of unchanged keys
+  assert f"--config={tmp_path / 'tuned' / 'guideline_config.py'}" in proc.stdout
   summary, by_seed = (tmp_path / "study.md").read_text().split("Test Dice per seed:")
   assert summary.count("\n| ") == 5 and by_seed.count("\n| ") == 5  # header + 4 rows each
   assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
@@ -179,7 +195,12 @@ def test_guideline_policy_without_its_directory_is_one_line(tmp_path):
   proc = run("medseg_jax.tuning.study", "--config=configs/quickstart.py",
              "--policies=linear,guideline", f"--guideline={tmp_path / 'none'}",
              f"--workdir={tmp_path}", *TINY)
-  assert proc.returncode == 1 and "guideline_state.json: cannot read" in proc.stderr
+  assert proc.returncode == 1 and "guideline_config.py: cannot read" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+  proc = run("medseg_jax.tuning.study", "--config=configs/large_batch_study.py",
+             "--policies=linear,guideline", f"--guideline={_guideline_dir(tmp_path)}",
+             f"--workdir={tmp_path}", *TINY)
+  assert proc.returncode == 2 and "builds on" in proc.stderr and "quickstart.py" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 

@@ -256,20 +256,6 @@ def _chosen(history: list[dict], chosen: str | None) -> dict | None:
   return next((h["overrides"] for h in history if h["run"] == chosen), None)
 
 
-def chosen_overrides(workdir: str) -> dict:
-  """The config overrides of the run the tuner in `workdir` chose, from its state file."""
-  path = os.path.join(workdir, STATE)
-  try:
-    with open(path) as f:
-      state = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read the guideline's state ({e})") from e
-  overrides = _chosen(state.get("history", []), state.get("chosen"))
-  if overrides is None:
-    raise DataError(f"{path}: no chosen run; finish the guideline first")
-  return overrides
-
-
 def record_repeats(history: list[dict], runs_dir: str) -> None:
   """Records in each run's manifest how often the tuner trained its settings (the chosen
   settings twice when the model validation ran), with which seeds."""
@@ -310,7 +296,9 @@ def _cli() -> None:
     record_repeats(tuner.history, os.path.join(workdir.value, "runs"))
     doc = (f"GreScale settings for {k} devices chosen by medseg_jax.tuning.guideline "
            f"(run {tuner.chosen}: {STATUS[status]}).")
-    chosen = report.config_source(report.chosen_config(cfg, tuner.chosen_overrides()), doc)
+    chosen = report.changes_source(flags.FLAGS["config"].config_filename,
+                                   report.chosen_config(cfg, tuner.chosen_overrides()), doc,
+                                   workdir.value)
     print(report.write(workdir.value, tuner.history, STATUS[status], tuner.g.split, chosen))
 
   cli.run(main, check)

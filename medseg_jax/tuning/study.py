@@ -3,8 +3,9 @@
     python -m medseg_jax.tuning.study --config=configs/quickstart.py --devices=1,2,4,8 \\
         --policies=linear,linear_gradual,grescale --seeds=2 --workdir=DIR [--config.key=value]
 
-`--guideline=DIR` adds the policy `guideline`: the settings the GreScale guideline tuner
-chose in DIR (its guideline_state.json), trained like the others.
+`--guideline=DIR` adds the policy `guideline`: the config the GreScale guideline tuner
+chose in DIR (DIR/guideline_config.py, the study's config with the tuner's changes),
+trained like the others.
 
 Seeds 0, 1, ... vary initialisation and batch order; every run has the same split and
 data, those of the config's `data.split_seed` (unset: its `seed`), so runs with the same
@@ -15,6 +16,7 @@ its test metrics. The results go to DIR/study.csv, DIR/study.md and DIR/study.pn
 
 import math
 import os
+import re
 import sys
 
 from absl import flags
@@ -22,8 +24,8 @@ from absl import flags
 from medseg_jax import cli, files
 from medseg_jax.data import split
 from medseg_jax.monitor import manifest
-from medseg_jax.errors import MedsegError
-from medseg_jax.tuning import guideline, paired, runs
+from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.tuning import paired, report, runs
 
 POLICIES = {
     "none": ["--config.lr.scaling=none", "--config.lr.policy=standard", "--config.lr.warmup=none"],
@@ -45,13 +47,14 @@ def run_name(policy: str, devices: int, seed: int) -> str:
   return f"{policy}_dev{devices}_seed{seed}"
 
 
-def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str]],
-            devices: list[int], seeds: int, cpu_devices: int, split_seed: int,
+def run_all(study_dir: str, policies: dict[str, list[str]], devices: list[int], seeds: int,
+            cpu_devices: int, split_seed: int,
             skip: set[tuple[str, int]] = frozenset()) -> tuple[list[dict], list[str]]:
   """Trains every (policy, devices, seed) not in `skip` and not yet complete, each on the
   split (and synthetic data) of `split_seed`; `policies` maps a name to its config
-  arguments. Returns a row per run that completed or diverged (a diverged run is a
-  result, marked so), and the names of those that failed otherwise."""
+  arguments (`--config=FILE` and overrides). Returns a row per run that completed or
+  diverged (a diverged run is a result, marked so), and the names of those that failed
+  otherwise."""
   rows, failed = [], []
   for policy, policy_args in policies.items():
     for n in devices:
@@ -59,8 +62,8 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
         continue
       for seed in range(seeds):
         workdir = os.path.join(study_dir, "runs", run_name(policy, n, seed))
-        args = [*config_args, *policy_args, f"--config.parallel.num_devices={n}",
-                f"--config.seed={seed}", f"--config.data.split_seed={split_seed}"]
+        args = [*policy_args, f"--config.parallel.num_devices={n}", f"--config.seed={seed}",
+                f"--config.data.split_seed={split_seed}"]
         if runs.run(args, workdir, cpu_devices, "study") == "failed":
           failed.append(run_name(policy, n, seed))
           continue
@@ -70,12 +73,32 @@ def run_all(config_args: list[str], study_dir: str, policies: dict[str, list[str
   return rows, failed
 
 
-def guideline_policy(directory: str) -> list[str]:
-  """The config arguments of the settings the guideline tuner chose in `directory`
-  (without its seed and device count, which the study sets)."""
-  overrides = {k: v for k, v in guideline.chosen_overrides(directory).items()
-               if k not in ("seed", "parallel.num_devices")}
-  return runs.override_args(overrides)
+def guideline_policy(directory: str, config_args: list[str]) -> list[str]:
+  """The config arguments of the policy `guideline`: the chosen config the tuner wrote in
+  `directory` (its source config and its changes), with the study's overrides of the keys
+  it does not change; the study sets seed, devices and split as for every policy. Its
+  source must be the study's --config, so every policy starts from the same config."""
+  path = os.path.join(directory, "guideline_config.py")
+  source, changed = report.read_changes(path)
+  study_config = next(a.split("=", 1)[1] for a in config_args if a.startswith("--config="))
+  if not _same_config(source, study_config):
+    raise ConfigError(f"--guideline={directory}: its guideline_config.py builds on {source}, "
+                      f"not on the study's --config={study_config}")
+  kept = [a for a in config_args if not a.startswith("--config=")
+          and _override_key(a) not in changed]
+  return [f"--config={path}", *kept]
+
+
+def _same_config(a: str, b: str) -> bool:
+  """Whether two PATH[:VARIANT] arguments name the same config file and variant."""
+  (path_a, _, variant_a), (path_b, _, variant_b) = a.partition(":"), b.partition(":")
+  return os.path.realpath(path_a) == os.path.realpath(path_b) and variant_a == variant_b
+
+
+def _override_key(arg: str) -> str | None:
+  """The KEY of `--config.KEY=VALUE` (or a boolean's `--[no]config.KEY`)."""
+  match = re.fullmatch(r"--(?:no)?config\.([^=]+)(?:=.*)?", arg)
+  return match.group(1) if match else None
 
 
 def collect(workdir: str) -> dict:
@@ -160,12 +183,13 @@ def _cli() -> None:
 
   def main() -> None:
     counts = sorted(int(d) for d in devices.value)
-    table = {p: guideline_policy(guideline.value) if p == "guideline" else POLICIES[p]
-             for p in policies.value}
+    config_args = cli.config_args(sys.argv)
+    table = {p: guideline_policy(guideline.value, config_args) if p == "guideline"
+             else [*config_args, *POLICIES[p]] for p in policies.value}
     skip = {(p, counts[0]) for p in table if p != baseline.value} if baseline_only.value \
         else set()
-    rows, failed = run_all(cli.config_args(sys.argv), workdir.value, table, counts,
-                           seeds.value, runs.cpu_devices(cpu.value, max(counts)),
+    rows, failed = run_all(workdir.value, table, counts, seeds.value,
+                           runs.cpu_devices(cpu.value, max(counts)),
                            split.split_seed(config.value), skip)
     if rows:
       write_reports(workdir.value, rows, baseline.value)
