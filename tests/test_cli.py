@@ -22,7 +22,7 @@ COMMANDS = sorted(
     if 'if __name__ == "__main__":' in open(p).read())
 # A complete config written before data.augment.samples_per_epoch (and model.init_from,
 # model.init_checkpoint) existed.
-OLD_CONFIG = "benchmarks/results/large_batch/guideline_config.py"
+OLD_CONFIG = "tests/old_config.py"
 
 
 def run(module, *args, env=None):
