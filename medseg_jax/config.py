@@ -45,6 +45,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
+  split.check_split_seed(cfg)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
   augment.from_config(cfg.data.augment)
