@@ -71,6 +71,13 @@ def atomic_path(path: str) -> Iterator[str]:
       raise
 
 
+def user_cache(*parts: str) -> str:
+  """A path under this user's medseg_jax cache: $XDG_CACHE_HOME/medseg_jax, by default
+  ~/.cache/medseg_jax."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "medseg_jax", *parts)
+
+
 def write_json(path: str, obj) -> None:
   with atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)

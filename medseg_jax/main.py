@@ -129,38 +129,38 @@ def _predict_from_file() -> None:
     multihost.barrier("end of prediction")
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
-  if _without_config():
-    try:
-      if _MODE.value == "export":
-        _export()
-      else:
-        _predict_from_file()
-    except MedsegError as e:
-      logging.flush()
-      cli.fail(str(e), e.exit_code)
-    return
+def _run_config() -> None:
+  """Every mode that reads a config file: train, evaluate, predict from a run."""
   cfg = _CONFIG.value
   config_file = flags.FLAGS["config"].config_filename
   components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
   workdir = _WORKDIR.value or default_workdir(config_file)
+  with _start_processes(cfg, workdir):
+    par = _check_before_data(cfg, workdir)
+    if _MODE.value == "train":
+      os.makedirs(workdir, exist_ok=True)
+      loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
+    elif _MODE.value == "evaluate":
+      modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
+    else:
+      modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
+                               _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
+    # Process 0 writes the last files alone; the others wait here rather than in JAX's
+    # shutdown, whose timeout is shorter than a slow disk.
+    multihost.barrier("end of run")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   try:
-    with _start_processes(cfg, workdir):
-      par = _check_before_data(cfg, workdir)
-      if _MODE.value == "train":
-        os.makedirs(workdir, exist_ok=True)
-        loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
-      elif _MODE.value == "evaluate":
-        modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
-      else:
-        modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
-                                 _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
-      # Process 0 writes the last files alone; the others wait here rather than in JAX's
-      # shutdown, whose timeout is shorter than a slow disk.
-      multihost.barrier("end of run")
+    if not _without_config():
+      _run_config()
+    elif _MODE.value == "export":
+      _export()
+    else:
+      _predict_from_file()
   except MedsegError as e:
     logging.flush()
     cli.fail(str(e), e.exit_code)

@@ -34,8 +34,7 @@ def models_dir(flag_value: str | None = None) -> str:
     return flag_value
   if os.environ.get(ENV):
     return os.environ[ENV]
-  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(cache, "medseg_jax", "models")
+  return files.user_cache("models")
 
 
 def path_of(name: str, directory: str) -> str:

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from medseg_jax import cli, files, modelfile, models, zoo
+from medseg_jax import cli, components, files, modelfile, models, zoo
 from medseg_jax.data import preprocess
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.evaluation import predict
@@ -133,14 +133,9 @@ def network_spec(file: modelfile.ModelFile, name: str) -> str:
     return name
   filename, source = carried
   digest = modelfile.sha256(source)
-  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  path = os.path.join(cache, "medseg_jax", "networks", digest, filename)
-  if not (os.path.isfile(path) and _sha256_of(path) == digest):
+  path = files.user_cache("networks", digest, filename)
+  if not (os.path.isfile(path) and components.file_sha256(path) == digest):
     with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
       f.write(source)
   return f"{path}:{name.rpartition(':')[2]}"
 
-
-def _sha256_of(path: str) -> str:
-  with open(path, "rb") as f:
-    return modelfile.sha256(f.read())
