@@ -74,8 +74,11 @@ def read_run_info(workdir: str) -> dict:
   info_path = os.path.join(workdir, "data_info.json")
   if not os.path.isfile(info_path):
     raise MedsegError(f"{info_path}: not found; --workdir must hold a training run")
-  with open(info_path) as f:
-    return json.load(f)
+  try:
+    with open(info_path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise MedsegError(f"{info_path}: unreadable ({e})") from e
 
 
 def plan(input_path: str, output: str, info: dict, overwrite: bool = False,

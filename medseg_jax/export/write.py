@@ -18,6 +18,7 @@ from absl import logging
 from medseg_jax import cli, modelfile, models
 from medseg_jax.data import pipeline, preprocess
 from medseg_jax.errors import MedsegError
+from medseg_jax.evaluation import predict
 from medseg_jax.export import card, onnx_graph
 from medseg_jax.training import checkpoint
 
@@ -71,18 +72,15 @@ def read_run(workdir: str, which: str | int) -> Run:
     raise MedsegError(f"{step_dir}: the checkpoint holds no config (not saved by a "
                       "training run of medseg_jax)")
   variables = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
-  info = _read_json(os.path.join(workdir, "data_info.json"), required=True)
+  manifest = _read_json(os.path.join(workdir, "manifest.json")) or {}
   return Run(workdir=workdir, which=which, step=step,
              cfg=cli.config_from_saved(meta["config"], step_dir), meta=meta,
-             variables=variables, info=info,
-             manifest=_read_json(os.path.join(workdir, "manifest.json")) or {},
-             test=_test_metrics(workdir, step))
+             variables=variables, info=predict.read_run_info(workdir), manifest=manifest,
+             test=_test_metrics(workdir, step, manifest))
 
 
-def _read_json(path: str, required: bool = False) -> dict | None:
+def _read_json(path: str) -> dict | None:
   if not os.path.isfile(path):
-    if required:
-      raise MedsegError(f"{path}: not found; --workdir must hold a training run")
     return None
   try:
     with open(path) as f:
@@ -91,14 +89,13 @@ def _read_json(path: str, required: bool = False) -> dict | None:
     raise MedsegError(f"{path}: unreadable ({e})") from e
 
 
-def _test_metrics(workdir: str, step: int) -> dict | None:
+def _test_metrics(workdir: str, step: int, manifest: dict) -> dict | None:
   """The test metrics the run recorded for `step`: WORKDIR/eval/test_metrics.json (written
   by training's test and by --mode=evaluate), else the manifest's final metrics."""
   found = _read_json(os.path.join(workdir, "eval", "test_metrics.json"))
   if found and found.get("step") == step:
     return found
-  final = ((_read_json(os.path.join(workdir, "manifest.json")) or {})
-           .get("final_metrics") or {}).get("test")
+  final = (manifest.get("final_metrics") or {}).get("test")
   return final if final and final.get("step") == step else None
 
 
