@@ -20,7 +20,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 REQUIRED = ["seed", "model.name", "data.root", "data.image_size", "train.per_device_batch_size",
             "train.num_epochs", "train.num_steps", "parallel.strategy", "parallel.num_devices",
             "checkpoint.every_steps"]
-SECTIONS = ["model", "data", "optim", "lr", "train", "parallel", "checkpoint", "monitor"]
+SECTIONS = ["model", "data", "optim", "lr", "train", "evaluation", "parallel", "checkpoint",
+            "monitor"]
 
 
 def load(path):
