@@ -1,0 +1,124 @@
+"""3D runs through the training loop and `medseg_jax.main`: 8 devices against one on the
+same global batch of patches, a run killed and restarted against an uninterrupted one,
+and a run's checkpoint against its exported model file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+import helpers
+from helpers import REPO, checkpoint_arrays, env_with_devices
+from medseg_jax.parallel import strategies
+
+NETWORKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_net3d.py")
+# The quickstart on 8 phantoms of 24x20x12 voxels, trained on patches of 16x16x8.
+# (Each key once: absl appends a repeated tuple override to the first.)
+RUN3D = ["--config=configs/quickstart.py", "--config.data.spatial_dims=3",
+         "--config.data.synthetic_volumes=8", "--config.data.preprocess_workers=1",
+         "--config.train.eval_every_steps=0", "--config.monitor.log_every_steps=1",
+         "--config.monitor.enabled=False"]
+SMALL = ["--config.data.synthetic_shape=(24, 20, 12)", "--config.data.patch_size=(16, 16, 8)"]
+STEPS = 3
+
+
+def _config(*overrides):
+  return helpers.config(*RUN3D[1:], *SMALL, *overrides)
+
+
+def _train(workdir, devices, per_device, strategy="shard_map"):
+  """STEPS steps at the global batch 8 of patches; the LR does not depend on the devices."""
+  cfg = _config(f"--config.model.name={NETWORKS}:Tiny3D", "--config.lr.scaling=none",
+                f"--config.parallel.num_devices={devices}",
+                f"--config.parallel.strategy={strategy}",
+                f"--config.train.per_device_batch_size={per_device}",
+                "--config.data.augment.samples_per_epoch=16",
+                f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=1")
+  return helpers.train(cfg, str(workdir))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The reference: one device, the whole global batch of 8 patches per step."""
+  workdir = tmp_path_factory.mktemp("one")
+  _train(workdir, 1, 8)
+  return workdir
+
+
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
+def test_a_3d_run_on_8_devices_equals_one_device(one_device, tmp_path, strategy, devices8):
+  """The same patches in every step, split over 8 devices: the losses and the parameters
+  after STEPS steps are those of one device (the 2D tests' tolerance for runs)."""
+  _train(tmp_path, 8, 1, strategy)
+  np.testing.assert_allclose(_losses(tmp_path), _losses(one_device), rtol=1e-5)
+  for step in range(1, STEPS + 1):
+    ours, theirs = checkpoint_arrays(tmp_path, step), checkpoint_arrays(one_device, step)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with open(tmp_path / "data_info.json") as f:
+    assert json.load(f)["volumes"] == {"train": 6, "val": 1, "test": 1}
+
+
+# Killed and restarted: as tests/test_fault_tolerance.py, in 3D. Dropout makes the step's
+# rng matter; larger patches keep the run busy while the signal is sent.
+KILLED = RUN3D + [f"--config.model.name={NETWORKS}:Tiny3DDropout",
+                  "--config.data.synthetic_shape=(48, 40, 24)",
+                  "--config.data.patch_size=(32, 32, 16)",
+                  "--config.train.per_device_batch_size=2",
+                  "--config.data.augment.samples_per_epoch=12",
+                  "--config.checkpoint.every_steps=5"]
+KILLED_STEPS = 30
+
+
+def _command(workdir):
+  return [sys.executable, "-m", "medseg_jax.main", *KILLED,
+          f"--config.train.num_steps={KILLED_STEPS}", f"--workdir={workdir}"]
+
+
+def _steps(workdir):
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def _run(workdir):
+  proc = subprocess.run(_command(workdir), cwd=REPO, env=env_with_devices(2),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_a_killed_3d_run_restarts_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+  reference, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
+  _run(reference)
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=env_with_devices(2),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  first = os.path.join(workdir, "checkpoints", "5")
+  deadline = time.time() + 600
+  while not os.path.isdir(first):  # orbax renames a finished checkpoint into place
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL and KILLED_STEPS not in _steps(workdir)
+  restarted = _run(workdir)
+  assert "Resuming from checkpoint at step" in restarted.stderr
+  ours, theirs = checkpoint_arrays(workdir, KILLED_STEPS), checkpoint_arrays(reference,
+                                                                             KILLED_STEPS)
+  assert len(ours) == len(theirs)
+  for a, b in zip(ours, theirs):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  losses = _losses(workdir)
+  assert len(losses) == KILLED_STEPS and losses == _losses(reference)  # the same patches
