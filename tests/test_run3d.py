@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -122,3 +121,73 @@ def test_a_killed_3d_run_restarts_bitwise_equal_to_an_uninterrupted_one(tmp_path
     assert a.dtype == b.dtype and np.array_equal(a, b)
   losses = _losses(workdir)
   assert len(losses) == KILLED_STEPS and losses == _losses(reference)  # the same patches
+
+
+# Prediction: an odd eval batch, so the last batch of windows is padded.
+PREDICT = [*RUN3D, *SMALL, f"--config.model.name={NETWORKS}:Tiny3D",
+           "--config.train.eval_batch_size=3", "--config.train.per_device_batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory):
+  """A 3D run trained for 3 steps, and its test volumes predicted on one device (both in
+  this process): the reference."""
+  workdir = tmp_path_factory.mktemp("predict")
+  helpers.train(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=2",
+                               "--config.train.num_steps=3"), str(workdir))
+  helpers.predict(helpers.config(*PREDICT[1:], "--config.parallel.num_devices=1"),
+                  str(workdir), f"{workdir}/data/imagesTs", str(workdir / "one"),
+                  probabilities=True)
+  return workdir
+
+
+def _assert_same_predictions(reference, output):
+  names = sorted(os.listdir(reference))
+  assert names == sorted(os.listdir(output)) and len(names) == 4  # 2 volumes, labels + probs
+  for name in names:
+    theirs, ours = nib.load(reference / name), nib.load(output / name)
+    if name.endswith("_probs.nii.gz"):
+      np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), atol=1e-6)
+      continue
+    labels = np.asarray(theirs.dataobj)
+    assert len(np.unique(labels)) > 1  # windows told apart, so misplaced ones would show
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), labels)
+    assert (output / name).read_bytes() == (reference / name).read_bytes()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_two_processes_predict_3d_what_one_process_predicts(predicted, tmp_path, devices):
+  """Each process feeds its own windows of each batch; process 0 writes the result."""
+  output = tmp_path / "two"
+  launched = subprocess.run(
+      ["bash", "launch/local.sh", "2", *PREDICT, f"--workdir={predicted}", "--mode=predict",
+       f"--input={predicted}/data/imagesTs", f"--output={output}", "--probabilities"],
+      cwd=REPO, env=dict(env_with_devices(), CPU_DEVICES_PER_PROCESS=str(devices)),
+      capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  _assert_same_predictions(predicted / "one", output)
+  source = nib.load(f"{predicted}/data/imagesTs/phantom_008.nii.gz")
+  written = nib.load(output / "phantom_008.nii.gz")
+  assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+
+
+def test_a_3d_model_file_predicts_what_its_run_predicts(predicted, tmp_path):
+  """Exported with its 3D settings, the model file predicts the run's labels on every
+  device of this process (and the same probabilities with ONNX Runtime on its graph)."""
+  from medseg_jax.export import from_file, write  # pylint: disable=import-outside-toplevel
+  model_path = str(tmp_path / "model.zip")
+  write.export_run(str(predicted), "latest", model_path)
+  model = from_file.load(model_path)
+  assert model.info["preprocessing"]["spatial_dims"] == 3
+  assert model.info["preprocessing"]["patch_size"] == [16, 16, 8]
+  assert model.info["target_spacing"] == [1.0, 1.0, 2.0]
+  from_file.predict_files(model, f"{predicted}/data/imagesTs", str(tmp_path / "jax"),
+                          probabilities=True)
+  _assert_same_predictions(predicted / "one", tmp_path / "jax")
+  if model.file.onnx is not None:
+    from_file.predict_files(model, f"{predicted}/data/imagesTs", str(tmp_path / "onnx"),
+                            "onnxruntime", probabilities=True)
+    for name in os.listdir(tmp_path / "onnx"):
+      if name.endswith("_probs.nii.gz"):
+        np.testing.assert_allclose(nib.load(tmp_path / "onnx" / name).get_fdata(),
+                                   nib.load(predicted / "one" / name).get_fdata(), atol=1e-5)
