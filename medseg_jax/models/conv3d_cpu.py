@@ -1,11 +1,12 @@
 """A 3x3x3 convolution whose kernel gradient XLA's CPU backend is spared, where measured faster.
 
 XLA's CPU backend computes a convolution's kernel gradient as a convolution over the batch
-and spatial axes, which is slower than its forward pass (openxla/xla issue 34273). Here the
-kernel gradient of a 3x3x3 'SAME' convolution with stride 1 is written as what it is: for
-each of the 27 kernel offsets, one matrix product of the shifted input [N, C_in] with the
-output gradient [N, C_out] over all N = B*D*H*W voxels, which XLA runs as a plain GEMM.
-The forward pass and the input gradient stay XLA's own convolutions.
+and spatial axes, about twice as slow as its forward pass for the 3D U-Net's shapes
+(BENCHMARKS.md; openxla/xla issue 34273 reports worse). Here the kernel gradient of a
+3x3x3 'SAME' convolution with stride 1 is written as what it is: for each of the 27 kernel
+offsets, the input shifted by that offset [voxels, C_in] times the output gradient
+[voxels, C_out], as matrix products XLA runs as plain GEMMs. The forward pass and the input
+gradient stay XLA's own convolutions.
 
 `conv_general_dilated` has lax's signature, so `nn.Conv(conv_general_dilated=...)` takes it
 and the parameters stay those of `nn.Conv`. It uses the custom kernel gradient only on the
