@@ -8,7 +8,8 @@ median time of its forward pass, input gradient and kernel gradient as XLA compu
 and of the kernel gradient as matrix products over shifted inputs
 (`medseg_jax.models.conv3d_cpu.kernel_gradient`); then the whole train step (forward,
 backward, SGD update) with XLA's kernel gradients everywhere ("xla") and with the shifted
-one where `conv3d_cpu.use_shifted` takes it ("auto"). One CPU device, float32, jit,
+one where `conv3d_cpu.use_shifted` takes it ("auto"), and its forward pass and loss alone
+("forward only"). One CPU device, float32, jit,
 medians of --repeats runs after one warm-up, the variants compared timed in alternation
 (the machine may be shared).
 """
@@ -82,13 +83,13 @@ def measure_convs(args) -> list[dict]:
   return rows
 
 
-def build_step(args, rule: str):
-  """(compiled train step, its arguments, compile s) of UNet3D under one of RULES."""
+def step_inputs(args) -> tuple:
+  """(train state of UNet3D with SGD, a batch of random patches and binary labels)."""
   import jax
   import numpy as np
   import optax
-  from medseg_jax.models import conv3d_cpu, unet3d
-  from medseg_jax.training import losses, state as state_lib, step
+  from medseg_jax.models import unet3d
+  from medseg_jax.training import state as state_lib
   model = unet3d.UNet3D(num_classes=2, depth=args.depth, base_features=args.base,
                         norm="instance")
   shape = (args.patch,) * 3 + (1,)
@@ -96,6 +97,27 @@ def build_step(args, rule: str):
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(args.batch,) + shape).astype(np.float32),
            "label": rng.integers(0, 2, (args.batch,) + shape[:3]).astype(np.uint8)}
+  return state, batch
+
+
+def forward_only(args):
+  """(compiled loss of the train step without its gradients, its arguments)."""
+  import jax
+  import jax.numpy as jnp
+  from medseg_jax.training import losses
+  def loss(state, batch):
+    logits = state.apply_fn({"params": state.params}, batch["image"], train=True)
+    return jnp.mean(losses.dice_ce_loss(logits, batch["label"].astype(jnp.int32)))
+  state, batch = step_inputs(args)
+  return jax.jit(loss).lower(state, batch).compile(), (state, batch)
+
+
+def build_step(args, rule: str):
+  """(compiled train step, its arguments, compile s) of UNet3D under one of RULES."""
+  import jax
+  from medseg_jax.models import conv3d_cpu
+  from medseg_jax.training import losses, step
+  state, batch = step_inputs(args)
   fn = jax.jit(functools.partial(step.train_step, loss_fn=losses.dice_ce_loss,
                                  reduce_mean=lambda v: v))
   measured_rule = conv3d_cpu.MAX_VOXELS
@@ -111,10 +133,13 @@ def build_step(args, rule: str):
 
 
 def measure_steps(args) -> dict:
-  """rule -> (compile s, median step s), the two rules timed in alternation."""
+  """rule -> (compile s, median step s), and 'forward only' -> (None, median s), timed in
+  alternation."""
   built = {rule: build_step(args, rule) for rule in RULES}
-  medians = alternating_medians({rule: b[:2] for rule, b in built.items()}, args.repeats)
-  return {rule: (built[rule][2], medians[rule]) for rule in built}
+  calls = {rule: b[:2] for rule, b in built.items()}
+  calls["forward only"] = forward_only(args)
+  medians = alternating_medians(calls, args.repeats)
+  return {name: (built[name][2] if name in built else None, medians[name]) for name in calls}
 
 
 def print_tables(args, rows: list[dict], steps: dict) -> None:
@@ -133,10 +158,11 @@ def print_tables(args, rows: list[dict], steps: dict) -> None:
   print(f"| all | | | {totals['forward']:.3f} | {totals['input_grad']:.3f} | "
         f"{totals['kernel_grad']:.3f} | {totals['shifted']:.3f} | |")
   print()
-  print("| kernel gradient | compile s | median step s |")
+  print("| train step, kernel gradient | compile s | median s |")
   print("|---|---|---|")
   for rule, (compile_s, step_s) in steps.items():
-    print(f"| {rule} | {compile_s:.2f} | {step_s:.3f} |")
+    compiled = "" if compile_s is None else f"{compile_s:.2f}"
+    print(f"| {rule} | {compiled} | {step_s:.3f} |")
 
 
 def main():

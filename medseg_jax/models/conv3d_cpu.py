@@ -39,14 +39,17 @@ def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
   """d(sum(g * conv(x, k)))/dk for a 3x3x3 'SAME' stride-1 convolution: x [B,D,H,W,I],
-  g [B,D,H,W,O] -> [3,3,3,I,O], one matrix product per kernel offset."""
+  g [B,D,H,W,O] -> [3,3,3,I,O], as matrix products of shifted inputs with g."""
   d, h, w = x.shape[1:4]
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
-  # One matrix product per depth plane, summed after: measured faster on large volumes
-  # than one product over every voxel, whose single huge contraction parallelises poorly.
-  rows = [jnp.einsum("bdhwi,bdhwo->dio", padded[:, a:a + d, b:b + h, c:c + w], g,
+  # The three shifts along W side by side as channels [B,D+2,H+2,W,3I]: 9 products with
+  # 3I rows instead of 27 with I, which compile about three times faster.
+  shifted = jnp.concatenate([padded[..., c:c + w, :] for c in range(3)], axis=-1)
+  # One product per depth plane, summed after: measured faster on large volumes than one
+  # product over every voxel, whose single huge contraction parallelises poorly.
+  rows = [jnp.einsum("bdhwk,bdhwo->dko", shifted[:, a:a + d, b:b + h], g,
                      preferred_element_type=jnp.float32).sum(axis=0)
-          for a, b, c in itertools.product(range(3), repeat=3)]
+          for a, b in itertools.product(range(3), repeat=2)]
   return jnp.stack(rows).reshape(3, 3, 3, x.shape[-1], g.shape[-1])
 
 
