@@ -24,8 +24,9 @@ from medseg_jax import components
 from medseg_jax.errors import ConfigError, first_line
 from medseg_jax.models.fcn import FCN
 from medseg_jax.models.unet import UNet
+from medseg_jax.models.unet3d import NORMS as NORMS_3D, UNet3D
 
-MODELS = {"unet": UNet, "fcn": FCN}
+MODELS = {"unet": UNet, "fcn": FCN, "unet3d": UNet3D}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("none", "group", "batch")
 
@@ -56,6 +57,11 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int, image_size: in
 
 def _builtin_kwargs(cfg: ml_collections.ConfigDict, image_size: int) -> dict:
   """The built-in networks' settings, from their own `model.*` keys."""
+  if cfg.name == "unet3d":  # its patch size (data.patch_size) is checked on a call
+    if cfg.norm not in NORMS_3D:
+      raise ConfigError(f"model.norm={cfg.norm!r}: unet3d needs one of {list(NORMS_3D)}")
+    return dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm,
+                depth=cfg.depth)
   if cfg.norm not in NORMS:
     raise ConfigError(f"model.norm={cfg.norm!r}: choose from {list(NORMS)}")
   common = dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm)

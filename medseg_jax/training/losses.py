@@ -1,10 +1,10 @@
 """Segmentation losses, computed per sample so that any sharding of a batch gives the same value.
 
 Every loss, built-in or the user's own (`train.loss=module:name` or `file.py:name`), maps
-logits [B,H,W,C] and integer labels [B,H,W] (3D: [B,D,H,W,C] and [B,D,H,W]) to one value
-per sample [B]; the caller averages over the global batch. Per sample because that is exact under any sharding: a
-mean of equal-size shard means is the global mean, whereas a loss over a whole batch (a
-batch Dice, say) changes with the number of devices the batch is split over.
+logits [B,H,W,C] and integer labels [B,H,W] (in 3D, [B,D,H,W,C] and [B,D,H,W]) to one value
+per sample [B]; the caller averages over the global batch. Per sample because that is exact
+under any sharding: a mean of equal-size shard means is the global mean, whereas a loss over
+a whole batch (a batch Dice, say) changes with the number of devices the batch is split over.
 """
 
 from typing import Callable
@@ -16,6 +16,11 @@ from medseg_jax import components
 from medseg_jax.errors import first_line
 
 DICE_SMOOTH = 1.0  # keeps empty classes finite: empty truth + empty prediction -> Dice 1
+
+
+def _spatial_axes(logits: jax.Array) -> tuple:
+  """The axes between the batch and the classes: (H, W) in 2D, (D, H, W) in 3D."""
+  return tuple(range(1, logits.ndim - 1))
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -34,11 +39,6 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
   return jnp.mean(nll, axis=_spatial_axes(logits))
-
-
-def _spatial_axes(logits: jax.Array) -> tuple[int, ...]:
-  """The axes between the batch and the classes: (1, 2) in 2D, (1, 2, 3) in 3D."""
-  return tuple(range(1, logits.ndim - 1))
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
