@@ -52,7 +52,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   _check_volumes(cfg)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
-  augment.from_config(cfg.data.augment)
+  pipeline.augmentation(cfg.data)
   if cfg.data.spatial_dims == 2:  # a 3D epoch of repeated draws still draws new patches
     _check_samples_per_epoch(cfg.data.augment)
   profiler.check_steps(cfg.monitor.profile_steps)
@@ -93,9 +93,6 @@ def _check_volumes(cfg: ml_collections.ConfigDict) -> None:
     return
   patches.check_settings(tuple(cfg.data.patch_size), cfg.data.foreground_fraction)
   sliding_window.check_settings(cfg.evaluation.window_overlap, cfg.evaluation.gaussian_sigma)
-  if cfg.data.augment.enabled:
-    raise ConfigError("data.augment.enabled=True: the augmentation transforms 2D slices; "
-                      "with data.spatial_dims=3 set it False")
 
 
 def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:

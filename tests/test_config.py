@@ -90,7 +90,9 @@ BAD_3D = [
     ({"data__foreground_samples": 0}, "data.foreground_samples"),
     ({"evaluation__window_overlap": 1.0}, "evaluation.window_overlap"),
     ({"evaluation__gaussian_sigma": 0.0}, "evaluation.gaussian_sigma"),
-    ({"data__augment__enabled": True}, "data.augment.enabled"),
+    ({"data__augment__enabled": True, "data__augment__zoom": (1.2, 0.8)}, "data.augment.zoom"),
+    ({"data__augment__enabled": True, "data__augment__rotation_degrees": -5.0},
+     "data.augment.rotation_degrees"),
 ]
 BAD += [(dict(VOLUMES, **overrides), key) for overrides, key in BAD_3D]
 BAD += [({"data__spatial_dims": 2, "model__name": "unet3d"}, "model.name")]  # a 3D one on slices

@@ -5,6 +5,7 @@ input's space, read back with nibabel."""
 
 import os
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -171,3 +172,22 @@ def test_a_prediction_is_written_in_the_input_space(tmp_path, target, exact):
     np.testing.assert_array_equal(labels, label)
   else:
     assert np.mean(labels == label) > 0.9 and set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_3d_augmentation_comes_from_the_data_augment_keys(run_dir):
+  """With data.spatial_dims=3 the train step's augmentation transforms whole patches:
+  identity ranges leave a batch as it is; flip_probability=1 mirrors it along D, H, W."""
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 8, 6, 4, 1)).astype(np.float32)
+  labels = rng.integers(0, 2, size=(2, 8, 6, 4)).astype(np.int32)
+  identity = ["--config.data.augment.enabled=True", "--config.data.augment.rotation_degrees=0.0",
+              "--config.data.augment.zoom=(1.0, 1.0)"]
+  key = jax.random.key(0)
+  same = pipeline.augmentation(_config(run_dir, *identity).data)(key, images, labels)
+  np.testing.assert_allclose(same[0], images, atol=1e-6)
+  np.testing.assert_array_equal(same[1], labels)
+  flipped = pipeline.augmentation(_config(
+      run_dir, *identity, "--config.data.augment.flip_probability=1.0").data)(key, images, labels)
+  np.testing.assert_allclose(flipped[0], images[:, ::-1, ::-1, ::-1], atol=1e-6)
+  np.testing.assert_array_equal(flipped[1], labels[:, ::-1, ::-1, ::-1])
+  assert pipeline.augmentation(_config(run_dir).data) is None  # off by default

@@ -19,6 +19,7 @@ parallel one and is handed it).
 """
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -26,8 +27,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax.data import (augment, decathlon, loader, preprocess, split, store, synthetic,
-                             validate, volume_loader, volume_store)
+from medseg_jax.data import (augment, augment3d, decathlon, loader, preprocess, split, store,
+                             synthetic, validate, volume_loader, volume_store)
 from medseg_jax.errors import ConfigError, DataError
 
 Barrier = Callable[[str], None]  # waits until every process reaches the named point
@@ -94,6 +95,25 @@ def check_spatial_dims(data_cfg: ml_collections.ConfigDict) -> int:
   if dims == 3:
     volume_settings(data_cfg)
   return dims
+
+
+def augmentation(data_cfg: ml_collections.ConfigDict) -> Callable | None:
+  """The train step's on-device augmentation that `data.augment` asks for (None when
+  off), checked: of slices, or with `data.spatial_dims=3` of patches (`augment3d`,
+  `rotation_degrees` about each of the three axes; `translate_pixels` is not used, a
+  patch's position being drawn already)."""
+  section = data_cfg.augment
+  if data_cfg.spatial_dims != 3:
+    return augment.from_config(section)
+  if not section.enabled:
+    return None
+  ranges = augment3d.Ranges(rotation_degrees=(float(section.rotation_degrees),) * 3,
+                            zoom=tuple(float(z) for z in section.zoom),
+                            flip_probability=float(section.flip_probability),
+                            intensity_scale=float(section.intensity_scale),
+                            intensity_shift=float(section.intensity_shift))
+  augment3d.check(ranges)
+  return functools.partial(augment3d.augment_batch, ranges=ranges)
 
 
 def volume_settings(data_cfg: ml_collections.ConfigDict) -> volume_store.Settings:

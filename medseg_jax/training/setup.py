@@ -10,7 +10,7 @@ from absl import logging
 
 from medseg_jax import models, optim
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.data import augment, loader, pipeline, preprocess, volume_loader
+from medseg_jax.data import loader, pipeline, preprocess, volume_loader
 from medseg_jax.evaluation import evaluate, predict, sliding_window
 from medseg_jax.training import losses, plugins, step
 from medseg_jax.training.state import TrainState, init_state
@@ -62,7 +62,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel
                init_rng=step_rng,
                train_step=par.train_step(functools.partial(
                    step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
-                   augment=augment.from_config(cfg.data.augment))),
+                   augment=pipeline.augmentation(cfg.data))),
                evaluator=make_evaluator(cfg, workdir, par, num_classes,
                                         pipeline.class_names(cfg, info)),
                components=component_records(cfg))
