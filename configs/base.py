@@ -5,6 +5,7 @@ steps per epoch and the LR scaling factor are derived at build time and logged.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -60,8 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
                                    # forced patches on
   c.data.patch_size = (64, 64, 64)  # voxels (D, H, W) of a training patch and inference window
   c.data.foreground_fraction = 1 / 3  # share of every global batch centred on foreground
-  c.data.val_fraction = 0.15       # split by volume, from `seed`
+  c.data.val_fraction = 0.15       # split by volume, from data.split_seed
   c.data.test_fraction = 0.15
+  # Draws the split (and a synthetic dataset); unset = `seed`. Set, it holds the data fixed
+  # while `seed` varies initialisation and batch order (the study and the guideline do).
+  c.data.split_seed = config_dict.placeholder(int)
   c.data.augment = ml_collections.ConfigDict()  # on device, per example, training only
   c.data.augment.enabled = False
   c.data.augment.samples_per_epoch = 0     # draws per epoch, each slice floor/ceil as often,

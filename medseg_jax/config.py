@@ -50,6 +50,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
   _check_volumes(cfg)
+  split.check_split_seed(cfg)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
   pipeline.augmentation(cfg.data)

@@ -25,7 +25,7 @@ CONFIG_COMMANDS = [m for m in COMMANDS
                    if "cli.config_flag()" in open(os.path.join(REPO, *m.split(".")) + ".py").read()]
 # A complete config written before data.augment.samples_per_epoch (and model.init_from,
 # model.init_checkpoint) existed.
-OLD_CONFIG = "benchmarks/results/large_batch/guideline_config.py"
+OLD_CONFIG = "tests/old_config.py"
 
 
 def run(module, *args, env=None):

@@ -10,11 +10,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import helpers
 from configs import base, quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
-from medseg_jax import optim
+from medseg_jax import cli, optim
 from medseg_jax.errors import ConfigError
-from medseg_jax.tuning import guideline, guideline_settings, report
+from medseg_jax.tuning import guideline, guideline_settings, report, runs
 from medseg_jax.tuning.actions import after_action
 from medseg_jax.tuning.guideline_settings import Settings
 
@@ -152,7 +153,7 @@ def test_action_order_when_nothing_improves(tmp_path):
     assert trial["parallel.num_devices"] == 8 and trial["lr.policy"] == "grescale"
     assert trial["lr.scaling"] == "linear" and trial["seed"] == 0
   assert fake.calls[0][1] == {"parallel.num_devices": 1, "train.per_device_batch_size": 16,
-                              "seed": 0}
+                              "seed": 0, "data.split_seed": 0}
   assert [h["decision"] for h in tuner.history[2:]] == ["not better: next action"] * 5
 
 
@@ -318,19 +319,49 @@ def test_settings_from_flags():
                             tolerance=0.0, optimizers=("lars",))
 
 
-def test_chosen_config_file_loads_like_main(tmp_path):
-  cfg = quickstart.get_config()
-  overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-4, OPT: "sgd"}
+def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
+  """The file loads as main loads it, with exactly the keys of base.py, and equals the
+  source config with the changes applied by hand; it follows later edits of the source."""
+  source = tmp_path / "configs" / "source.py"
+  source.parent.mkdir()
+  source.write_text("from configs import quickstart\n\n\ndef get_config():\n"
+                    "  c = quickstart.get_config()\n  c.train.num_epochs = 3\n  return c\n")
+  overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-4, OPT: "sgd",
+               "seed": 0, "data.split_seed": 0}
+  cfg = report.load_source(str(source))
+  cfg.data.synthetic_shape = (32, 32, 8)  # as a command-line override of the tuner
   chosen = report.chosen_config(cfg, overrides)
-  path = tmp_path / "chosen.py"
-  path.write_text(report.config_source(chosen, "test"))
-  loaded = load_config(str(path))
-  assert loaded.optim.lr == 2.5e-4 and loaded.optim.name == "sgd"
-  assert loaded.parallel.num_devices == 8 and loaded.data.synthetic_shape == (96, 96, 48)
+  out = tmp_path / "tuned"
+  out.mkdir()
+  path = out / "guideline_config.py"
+  path.write_text(report.changes_source(str(source), chosen, "test", str(out)))
+  assert "import ml_collections" not in path.read_text()  # no snapshot of every value
   expected = quickstart.get_config().to_dict()
+  expected["train"]["num_epochs"], expected["data"]["synthetic_shape"] = 3, (32, 32, 8)
   expected["lr"]["policy"], expected["optim"]["lr"] = "grescale", 2.5e-4
   expected["optim"]["name"], expected["parallel"]["num_devices"] = "sgd", 8
+  expected["data"]["split_seed"] = 0
+  loaded = load_config(str(path))
+  cli.check_keys(loaded, str(path))
   assert loaded.to_dict() == expected
+  assert report.read_changes(str(path)) == (str(source), {
+      "data.synthetic_shape": (32, 32, 8), "data.split_seed": 0, "optim.name": "sgd",
+      "optim.lr": 2.5e-4, "lr.policy": "grescale", "parallel.num_devices": 8})
+  source.write_text(source.read_text().replace("num_epochs = 3", "num_epochs = 5"))
+  assert load_config(str(path)).train.num_epochs == 5  # the source's, not a copy
+
+
+def test_the_committed_chosen_config_loads_as_its_run_was_trained():
+  """benchmarks/results/large_batch/: the chosen file is configs/large_batch_study.py with
+  the chosen run's overrides from the tuner's state."""
+  directory = os.path.join(REPO, "benchmarks", "results", "large_batch")
+  path = os.path.join(directory, "guideline_config.py")
+  loaded = load_config(path)
+  cli.check_keys(loaded, path)
+  state = json.loads(open(os.path.join(directory, guideline.STATE)).read())
+  overrides = next(h["overrides"] for h in state["history"] if h["run"] == state["chosen"])
+  expected = helpers.config(*runs.override_args(overrides), path="configs/large_batch_study.py")
+  assert loaded.to_dict() == expected.to_dict()
 
 
 def load_config(path):

@@ -84,7 +84,8 @@ def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
   # An empty `root` stays in place until the complete dataset replaces it, so another
   # process never sees it missing.
   synthetic.write_synthetic_decathlon(root, cfg.data.synthetic_volumes, num_test=2,
-                                      shape=tuple(cfg.data.synthetic_shape), seed=cfg.seed)
+                                      shape=tuple(cfg.data.synthetic_shape),
+                                      seed=split.split_seed(cfg))
 
 
 def check_spatial_dims(data_cfg: ml_collections.ConfigDict) -> int:
@@ -186,10 +187,10 @@ def _splits(cfg: ml_collections.ConfigDict, workdir: str,
             opened: store.Store | volume_store.VolumeStore,
             dataset: decathlon.Dataset, record: bool) -> dict[str, list[str]]:
   """WORKDIR/split.json if there is one, else the store's subjects (those that passed
-  validation) split by `seed`, recorded there when `record`."""
+  validation) split by `split.split_seed`, recorded there when `record`."""
   return split.recorded_split(os.path.join(workdir, "split.json"),
                               [v["name"] for v in opened.volumes], cfg.data.val_fraction,
-                              cfg.data.test_fraction, cfg.seed, record=record,
+                              cfg.data.test_fraction, split.split_seed(cfg), record=record,
                               root=dataset.root)
 
 
@@ -241,7 +242,7 @@ def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str, barrier: Bar
     return sum(rows[name] for name in _splits(cfg, workdir, opened, dataset, False)["train"])
   by_name = {c.name: c for c in dataset.training}
   names = split.split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
-                            cfg.seed)["train"]
+                            split.split_seed(cfg))["train"]
   if volumes:
     return len(names)
   return sum(_header_slice_count(by_name[name], settings) for name in names)

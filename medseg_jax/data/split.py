@@ -3,6 +3,7 @@
 import json
 import os
 
+import ml_collections
 import numpy as np
 
 from medseg_jax import files
@@ -14,6 +15,18 @@ SPLITS = ("train", "val", "test")
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
   if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
     raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+
+
+def split_seed(cfg: ml_collections.ConfigDict) -> int:
+  """The seed that draws the split (and a synthetic dataset): `data.split_seed`, or `seed`
+  when it is unset, so a run without it splits as before."""
+  return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
+
+
+def check_split_seed(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.data.split_seed is not None and cfg.data.split_seed < 0:
+    raise ConfigError(f"data.split_seed={cfg.data.split_seed}: must be at least 0 "
+                      "(or unset: the split follows `seed`)")
 
 
 def split_cases(cases: list, val_fraction: float, test_fraction: float,

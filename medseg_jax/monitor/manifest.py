@@ -19,6 +19,7 @@ import jax
 import psutil
 
 from medseg_jax import files
+from medseg_jax.data import split
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "nibabel",
             "ml-collections", "tensorstore", "tensorboardX", "absl-py")
@@ -58,10 +59,19 @@ def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, 
                                 "end_epoch": p.end / steps_per_epoch,
                                 "lr_start": p.lr_start, "lr_end": p.lr_end}
                                for p in lr.phases]},
-      "seeds": {"seed": cfg.seed,
-                "derived": "split, batch order, initialisation and dropout all follow `seed`"},
+      "seeds": seed_record(cfg),
       "runs": repeats([cfg.seed]),
   }
+
+
+def seed_record(cfg) -> dict:
+  """The seeds of a run and what each draws: `data.split_seed` (unset: `seed`) the split
+  and a synthetic dataset, `seed` the rest."""
+  split_seed = split.split_seed(cfg)
+  split_from = "data.split_seed" if cfg.data.split_seed is not None else "seed"
+  return {"seed": cfg.seed, "split_seed": split_seed,
+          "derived": f"split and synthetic data follow {split_from} ({split_seed}); batch "
+                     "order, initialisation and dropout follow seed"}
 
 
 def repeats(seeds: list[int], tool: str | None = None, group: str | None = None) -> dict:
@@ -146,7 +156,8 @@ def dataset(cfg, info: dict, class_names: list[str]) -> dict:
             "classes": class_names, "spatial_dims": cfg.data.spatial_dims,
             "skipped_invalid": info.get("skipped", []), "volumes": info["volumes"],
             "split": {"val_fraction": cfg.data.val_fraction,
-                      "test_fraction": cfg.data.test_fraction, "seed": cfg.seed},
+                      "test_fraction": cfg.data.test_fraction,
+                      "seed": split.split_seed(cfg)},
             "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
                              else "none"),
             "synthetic": cfg.data.synthetic}

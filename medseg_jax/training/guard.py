@@ -18,6 +18,10 @@ from medseg_jax.errors import MedsegError
 class Diverged(MedsegError):
   """Training diverged; the checkpoints on disk predate it. Exit code 1."""
 
+  # How its message starts: the tools that run training as processes recognise a
+  # diverged run by its error line.
+  PREFIX = "training diverged at step"
+
 
 class DivergenceGuard:
   """Raises `Diverged` on a non-finite loss or gradient norm, or when the mean loss of the
@@ -65,5 +69,5 @@ class DivergenceGuard:
 
   def _fail(self, step: int, what: str) -> None:
     lr = float(self.learning_rate(step - 1))
-    raise Diverged(f"training diverged at step {step} (learning rate {lr:.4g}): {what}; "
+    raise Diverged(f"{Diverged.PREFIX} {step} (learning rate {lr:.4g}): {what}; "
                    "no checkpoint was written after it")

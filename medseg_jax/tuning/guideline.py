@@ -14,6 +14,9 @@
    with the next seed: the model validation), when the actions are exhausted, or when
    `--budget` runs (the baseline included) are spent.
 
+Every run keeps the config's split (`data.split_seed`, unset: the config's `seed`), so
+the confirming run's other seed changes initialisation and batch order, not the data.
+
 Decisions compare the metrics of `--split` (default `val`: the validation metrics of
 each run's tested checkpoint), by `--comparison`, with differences below `--tolerance`
 as ties; the test metrics are reported beside them and decide nothing. The tuner's
@@ -33,6 +36,7 @@ import ml_collections
 from absl import flags
 
 from medseg_jax import cli, files, optim
+from medseg_jax.data import split
 from medseg_jax.monitor import manifest
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.tuning import actions, guideline_settings, report, runs
@@ -181,16 +185,21 @@ class Tuner:
     self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
              f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
 
+  def _seeds(self, seed: int | None = None) -> dict:
+    """The run's seed (the config's unless given) and the config's split seed, which every
+    run keeps: the confirming run's other seed validates on the baseline's split."""
+    return {"seed": self.cfg.seed if seed is None else seed,
+            "data.split_seed": split.split_seed(self.cfg)}
+
   def _overrides(self, params: actions.Params, seed: int | None = None) -> dict:
     fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
-    return {**fixed, **params, "seed": self.cfg.seed if seed is None else seed}
+    return {**fixed, **params, **self._seeds(seed)}
 
   def run(self) -> str:
     """Runs the guideline to its end; returns the status (a key of STATUS)."""
     reference = self.cfg.lr.reference_batch_size or self.cfg.train.per_device_batch_size
     base = self._train("baseline", {"parallel.num_devices": 1,
-                                    "train.per_device_batch_size": reference,
-                                    "seed": self.cfg.seed})
+                                    "train.per_device_batch_size": reference, **self._seeds()})
     self._decide("baseline")
     params = actions.start_params(self.cfg)
     current = self._train("grescale", self._overrides(params))
@@ -247,20 +256,6 @@ def _chosen(history: list[dict], chosen: str | None) -> dict | None:
   return next((h["overrides"] for h in history if h["run"] == chosen), None)
 
 
-def chosen_overrides(workdir: str) -> dict:
-  """The config overrides of the run the tuner in `workdir` chose, from its state file."""
-  path = os.path.join(workdir, STATE)
-  try:
-    with open(path) as f:
-      state = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read the guideline's state ({e})") from e
-  overrides = _chosen(state.get("history", []), state.get("chosen"))
-  if overrides is None:
-    raise DataError(f"{path}: no chosen run; finish the guideline first")
-  return overrides
-
-
 def record_repeats(history: list[dict], runs_dir: str) -> None:
   """Records in each run's manifest how often the tuner trained its settings (the chosen
   settings twice when the model validation ran), with which seeds."""
@@ -301,7 +296,9 @@ def _cli() -> None:
     record_repeats(tuner.history, os.path.join(workdir.value, "runs"))
     doc = (f"GreScale settings for {k} devices chosen by medseg_jax.tuning.guideline "
            f"(run {tuner.chosen}: {STATUS[status]}).")
-    chosen = report.config_source(report.chosen_config(cfg, tuner.chosen_overrides()), doc)
+    chosen = report.changes_source(flags.FLAGS["config"].config_filename,
+                                   report.chosen_config(cfg, tuner.chosen_overrides()), doc,
+                                   workdir.value)
     print(report.write(workdir.value, tuner.history, STATUS[status], tuner.g.split, chosen))
 
   cli.run(main, check)

@@ -1,13 +1,16 @@
-"""What the guideline tuner writes: DIR/guideline.md, .csv, .png and the chosen config."""
+"""What the guideline tuner writes: DIR/guideline.md, .csv, .png and the chosen config
+(DIR/guideline_config.py: the source config and the guideline's changes to it)."""
 
 import copy
+import importlib.util
 import os
 import pprint
 import textwrap
 
 import ml_collections
 
-from medseg_jax import files
+from medseg_jax import cli, files
+from medseg_jax.errors import DataError
 from medseg_jax.tuning import runs
 
 COLUMNS = {"dice": "Dice", "pixel_accuracy": "pixel acc.", "mean_accuracy": "mean acc.",
@@ -81,12 +84,92 @@ def chosen_config(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 
 
 
-def config_source(cfg: ml_collections.ConfigDict, docstring: str) -> str:
-  """A config file that `medseg_jax.main --config=` accepts, holding every value of `cfg`."""
-  body = pprint.pformat(cfg.to_dict(), indent=1, width=92, sort_dicts=False)
-  docstring = textwrap.fill(docstring, 88)
-  return (f'"""{docstring}\n"""\n\nimport ml_collections\n\n\ndef get_config():\n'
-          f"  return ml_collections.ConfigDict(\n{textwrap.indent(body, '      ')})\n")
+# A chosen config as a file: the source config and the changes to it, so that keys added
+# to configs/base.py later reach it through the source (a snapshot of every value would
+# stop loading at the next new key).
+_CHANGES_FILE = '''"""{docstring}
+
+The source config and the guideline's changes to it: the tuner's command-line overrides
+and the chosen run's settings.
+"""
+
+import importlib.util
+import os
+
+SOURCE = {source!r}  # relative to this file
+VARIANT = {variant!r}  # get_config(VARIANT) of the source when set
+CHANGES = {changes}
+
+
+def get_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), SOURCE)
+  spec = importlib.util.spec_from_file_location("guideline_source", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(VARIANT) if VARIANT else module.get_config()
+  for key, value in CHANGES.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return c
+'''
+
+
+def load_source(config_arg: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `PATH` (`get_config(VARIANT)` for `PATH:VARIANT`)."""
+  path, _, variant = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("guideline_source", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """Dotted key -> value; a free-form section (model.kwargs, ...) is one value."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and prefix + key not in cli.FREE_FORM:
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def changes(source: ml_collections.ConfigDict, chosen: ml_collections.ConfigDict) -> dict:
+  """The values of `chosen` that differ from `source`, by dotted key, in config order."""
+  before = _flat(source.to_dict())
+  return {k: v for k, v in _flat(chosen.to_dict()).items() if k not in before or before[k] != v}
+
+
+def changes_source(config_arg: str, chosen: ml_collections.ConfigDict, docstring: str,
+                   directory: str) -> str:
+  """A config file for `directory` that `medseg_jax.main --config=` accepts: the config
+  `config_arg` (PATH or PATH:VARIANT) with the values in which `chosen` differs from it."""
+  path, _, variant = config_arg.partition(":")
+  body = pprint.pformat(changes(load_source(config_arg), chosen), indent=1, width=88,
+                        sort_dicts=False)
+  return _CHANGES_FILE.format(
+      docstring=textwrap.fill(docstring, 88),
+      source=os.path.relpath(os.path.abspath(path), os.path.abspath(directory)),
+      variant=variant or None, changes=textwrap.indent(body, " " * 10).lstrip())
+
+
+def read_changes(path: str) -> tuple[str, dict]:
+  """The source config (PATH or PATH:VARIANT, as a path from here) and the changes of a
+  chosen config file that `changes_source` wrote."""
+  try:
+    spec = importlib.util.spec_from_file_location("guideline_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except (OSError, SyntaxError) as e:
+    raise DataError(f"{path}: cannot read the guideline's chosen config ({e})") from e
+  if not all(hasattr(module, name) for name in ("SOURCE", "VARIANT", "CHANGES")):
+    raise DataError(f"{path}: not a chosen config written as its source config and changes "
+                    "(SOURCE, VARIANT, CHANGES); run the guideline again")
+  source = os.path.normpath(os.path.join(os.path.dirname(path), module.SOURCE))
+  return (f"{source}:{module.VARIANT}" if module.VARIANT else source), dict(module.CHANGES)
 
 
 def write(workdir: str, history: list[dict], status_line: str, split: str,

@@ -2,7 +2,8 @@
 
 A run lives in its own directory and is complete once it has `eval/test_metrics.json`;
 an incomplete one is started again with the same command and resumes from its newest
-checkpoint. Used by the scaling study and the GreScale guideline tuner.
+checkpoint. A run the divergence guard stopped is recorded as diverged and not started
+again. Used by the scaling study and the GreScale guideline tuner.
 """
 
 import json
@@ -13,9 +14,12 @@ from typing import Callable
 
 from absl import logging
 
+from medseg_jax import files
 from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.training import guard
 
 METRICS = ("dice", "mean_accuracy", "mean_iou", "pixel_accuracy", "fw_iou")
+DIVERGED = "diverged.json"
 
 
 def override_args(overrides: dict) -> list[str]:
@@ -36,12 +40,54 @@ def is_complete(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "eval", "test_metrics.json"))
 
 
-def train(args: list[str], workdir: str, simulated_devices: int, tool: str) -> bool:
-  """Runs `medseg_jax.main ARGS --workdir=WORKDIR` unless the run is complete, its output
-  appended to WORKDIR/<tool>_run.log; True if the run has its test metrics."""
+def diverged(workdir: str) -> dict | None:
+  """WORKDIR/diverged.json of a run the divergence guard stopped: its error line and
+  whether its best checkpoint was evaluated; None for any other run."""
+  path = os.path.join(workdir, DIVERGED)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def run(args: list[str], workdir: str, simulated_devices: int, tool: str) -> str:
+  """Trains with `medseg_jax.main ARGS --workdir=WORKDIR` unless the run is complete or
+  diverged, its output appended to WORKDIR/<tool>_run.log; returns "complete" (it has its
+  test metrics), "diverged" or "failed". A run the divergence guard stops is a result,
+  never retried: WORKDIR/diverged.json records it, then its best-on-validation checkpoint
+  (if it has one) is evaluated on the test split."""
+  record = diverged(workdir)
+  if record is not None:
+    if record["evaluated"] is None:  # interrupted before its evaluation finished
+      _evaluate_diverged(args, workdir, simulated_devices, tool, record["error"])
+    return "diverged"
   if is_complete(workdir):
     logging.info("%s: complete, skipped", workdir)
-    return True
+    return "complete"
+  code, error = _main(args, workdir, simulated_devices, tool)
+  if code == 0 and is_complete(workdir):
+    return "complete"
+  if error.startswith(f"error: {guard.Diverged.PREFIX}"):
+    print(f"[{tool}] {os.path.basename(workdir)} diverged: {error}", flush=True)
+    _evaluate_diverged(args, workdir, simulated_devices, tool, error)
+    return "diverged"
+  print(f"[{tool}] {os.path.basename(workdir)} failed with exit code {code}; see "
+        f"{os.path.join(workdir, f'{tool}_run.log')}", flush=True)
+  return "failed"
+
+
+def _evaluate_diverged(args: list[str], workdir: str, simulated_devices: int, tool: str,
+                       error: str) -> None:
+  """Records the divergence first (so the evaluation's test metrics never make the run
+  look complete), then evaluates the best checkpoint; without one the run has no Dice."""
+  path = os.path.join(workdir, DIVERGED)
+  files.write_json(path, {"error": error, "evaluated": None})
+  code, evaluation_error = _main([*args, "--mode=evaluate", "--checkpoint=best"], workdir,
+                                 simulated_devices, tool)
+  files.write_json(path, {"error": error, "evaluated": code == 0,
+                          "evaluation_error": evaluation_error or None})
+
+
+def _main(args: list[str], workdir: str, simulated_devices: int, tool: str) -> tuple[int, str]:
+  """Runs `medseg_jax.main ARGS --workdir=WORKDIR`, its output appended to
+  WORKDIR/<tool>_run.log; its exit code and its last `error:` line ("" if none)."""
   env = dict(os.environ)
   if simulated_devices:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} " \
@@ -51,11 +97,12 @@ def train(args: list[str], workdir: str, simulated_devices: int, tool: str) -> b
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, f"{tool}_run.log")
   with open(log_path, "a") as log:
+    start = log.tell()
     code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-  if code:
-    print(f"[{tool}] {os.path.basename(workdir)} failed with exit code {code}; see {log_path}",
-          flush=True)
-  return code == 0 and is_complete(workdir)
+  with open(log_path) as log:
+    log.seek(start)
+    errors = [line.strip() for line in log if line.startswith("error: ")]
+  return code, errors[-1] if code and errors else ""
 
 
 def trainer(config_args: list[str], runs_dir: str, simulated_devices: int,
@@ -64,8 +111,9 @@ def trainer(config_args: list[str], runs_dir: str, simulated_devices: int,
   "test": metrics} of the run in RUNS_DIR/<name>, trained unless complete."""
   def train_run(name: str, overrides: dict) -> dict:
     workdir = os.path.join(runs_dir, name)
-    if not train(config_args + override_args(overrides), workdir, simulated_devices, tool):
-      raise MedsegError(f"run {name} failed; see {workdir}/{tool}_run.log")
+    outcome = run(config_args + override_args(overrides), workdir, simulated_devices, tool)
+    if outcome != "complete":
+      raise MedsegError(f"run {name} {outcome}; see {workdir}/{tool}_run.log")
     try:
       val = metrics_on_val(workdir)
     except DataError:

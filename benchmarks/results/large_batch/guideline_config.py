@@ -1,79 +1,28 @@
 """GreScale settings for 8 devices chosen by medseg_jax.tuning.guideline (run
 03_decrease_initial_lr: reached the baseline, confirmed by a run with another seed).
+
+The source config and the guideline's changes to it: the tuner's command-line overrides
+and the chosen run's settings.
 """
 
-import ml_collections
+import importlib.util
+import os
+
+SOURCE = '../../../configs/large_batch_study.py'  # relative to this file
+VARIANT = None  # get_config(VARIANT) of the source when set
+CHANGES = {'lr.policy': 'grescale', 'optim.lr': 0.0025, 'parallel.num_devices': 8}
 
 
 def get_config():
-  return ml_collections.ConfigDict(
-      {'checkpoint': {'every_steps': 0, 'max_to_keep': 3},
-       'data': {'augment': {'enabled': False,
-                            'flip_probability': 0.0,
-                            'intensity_scale': 0.0,
-                            'intensity_shift': 0.0,
-                            'rotation_degrees': 45.0,
-                            'translate_pixels': 25.6,
-                            'zoom': (0.8, 1.2)},
-                'cache_dir': '',
-                'clip_percentiles': (0.5, 99.5),
-                'empty_slice_fraction': 0.0,
-                'image_size': 64,
-                'label_map': (0, 1, 1),
-                'modalities': (),
-                'normalisation': 'zscore_nonzero',
-                'preprocess_workers': 0,
-                'resize': 'resize',
-                'root': '',
-                'skip_invalid': False,
-                'slice_axis': 2,
-                'slice_selection': 'central',
-                'slices_per_volume': 32,
-                'synthetic': True,
-                'synthetic_shape': (96, 96, 48),
-                'synthetic_volumes': 16,
-                'test_fraction': 0.15,
-                'val_fraction': 0.15},
-       'lr': {'decay': 'none',
-              'grescale': {'decay_coefficient': 0.1,
-                           'decay_epochs': 0.0,
-                           'stabilisation_factor': 0.5,
-                           'warmup_epochs': 5.0},
-              'policy': 'grescale',
-              'poly_power': 0.9,
-              'reference_batch_size': 0,
-              'scaling': 'linear',
-              'step_epochs': (30.0, 60.0, 80.0),
-              'step_factor': 0.1,
-              'warmup': 'none',
-              'warmup_epochs': 5.0},
-       'model': {'base_features': 8,
-                 'compute_dtype': 'float32',
-                 'depth': 3,
-                 'dropout': 0.0,
-                 'fc_features': 4096,
-                 'name': 'unet',
-                 'norm': 'none'},
-       'monitor': {'enabled': True, 'log_every_steps': 50, 'system_interval_seconds': 10.0},
-       'optim': {'grad_clip_norm': 0.0,
-                 'lars_trust_coefficient': 0.001,
-                 'lr': 0.0025,
-                 'momentum': 0.9,
-                 'name': 'sgd',
-                 'nesterov': False,
-                 'weight_decay': 0.0},
-       'parallel': {'distributed_timeout_seconds': 60,
-                    'gpu_memory_fraction': 0.0,
-                    'gpu_preallocate': True,
-                    'num_devices': 8,
-                    'strategy': 'shard_map'},
-       'seed': 0,
-       'train': {'divergence_factor': 10.0,
-                 'divergence_patience': 50,
-                 'early_stopping_patience': 0,
-                 'eval_batch_size': 0,
-                 'eval_every_steps': 270,
-                 'loss': 'dice_ce',
-                 'num_epochs': 30,
-                 'num_steps': 0,
-                 'per_device_batch_size': 4}})
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), SOURCE)
+  spec = importlib.util.spec_from_file_location("guideline_source", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(VARIANT) if VARIANT else module.get_config()
+  for key, value in CHANGES.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return c
