@@ -269,3 +269,27 @@ def test_the_3d_quickstart_evaluates_its_best_checkpoint(quickstart3d):
   with open(workdir / "eval" / "test_metrics.json") as f:
     assert json.load(f) == json.loads(json.dumps(result["test"]))
   assert result["val"]["per_volume"]["hd95_1"]["count"] <= result["val"]["num_examples"]
+
+
+# Two processes against one: the 3D U-Net (with dropout: the step's rng matters) trained
+# with SGD for 2 steps on 4 devices, 2 x 2 or 1 x 4.
+TWO = [*RUN3D, *SMALL, "--config.model.name=unet3d", "--config.model.depth=1",
+       "--config.model.base_features=4", "--config.model.norm=instance",
+       "--config.model.dropout=0.1", "--config.optim.name=sgd", "--config.optim.lr=0.05",
+       "--config.train.per_device_batch_size=1", "--config.train.num_steps=2",
+       "--config.checkpoint.every_steps=1", "--config.data.augment.samples_per_epoch=8"]
+
+
+def test_two_processes_train_3d_like_one_with_the_same_global_batch(tmp_path):
+  """Each process reads its own patches of every global batch; the parameters after each
+  step are those of one process on as many devices (the 2D test's tolerance)."""
+  two, one = tmp_path / "two", tmp_path / "one"
+  launched = subprocess.run(["bash", "launch/local.sh", "2", *TWO, f"--workdir={two}"],
+                            cwd=REPO, env=dict(env_with_devices(), CPU_DEVICES_PER_PROCESS="2"),
+                            capture_output=True, text=True, timeout=600)
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  helpers.train(helpers.config(*TWO[1:], "--config.parallel.num_devices=4"), str(one))
+  for step in (1, 2):
+    for a, b in zip(checkpoint_arrays(two, step, "params"), checkpoint_arrays(one, step, "params")):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
