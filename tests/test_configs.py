@@ -82,7 +82,8 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert cfg.model.init_from.endswith("imagenet-vgg-verydeep-16.mat") == (model == "fcn")
 
 
-THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart"]
+THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart", "unet3d_brats",
+                  "unet3d_heart"]
 
 
 @pytest.mark.parametrize("name", THESIS_CONFIGS)
