@@ -1,7 +1,7 @@
 """A 3x3x3 convolution whose kernel gradient XLA's CPU backend is spared, where measured faster.
 
 XLA's CPU backend computes a convolution's kernel gradient as a convolution over the batch
-and spatial axes, about twice as slow as its forward pass for the 3D U-Net's shapes
+and spatial axes, 1.4-1.8x as slow as its forward pass for the 3D U-Net's shapes
 (BENCHMARKS.md; openxla/xla issue 34273 reports worse). Here the kernel gradient of a
 3x3x3 'SAME' convolution with stride 1 is written as what it is: for each of the 27 kernel
 offsets, the input shifted by that offset [voxels, C_in] times the output gradient
