@@ -62,18 +62,22 @@ def _uses_shifted(conv: nn.Module, x) -> bool:
   return "custom_vjp_call" in str(jaxpr)
 
 
-@pytest.mark.parametrize("settings,size,taken", [
-    (dict(kernel_size=(3, 3, 3), padding="SAME"), 8, True),
-    (dict(kernel_size=(3, 3, 3), padding="SAME", strides=2), 8, False),
-    (dict(kernel_size=(3, 3, 3), padding="VALID"), 8, False),
-    (dict(kernel_size=(3, 3, 3), padding="SAME", kernel_dilation=2), 8, False),
-    (dict(kernel_size=(1, 1, 1), padding="SAME"), 8, False),
-    (dict(kernel_size=(3, 3), padding="SAME"), 8, False),
-    (dict(kernel_size=(3, 3, 3), padding="SAME"), 65, False),  # beyond the measured sizes
+@pytest.mark.parametrize("settings,size,channels,taken", [
+    (dict(kernel_size=(3, 3, 3), padding="SAME"), 8, 2, True),
+    (dict(kernel_size=(3, 3, 3), padding="SAME"), 6, 64, True),
+    (dict(kernel_size=(3, 3, 3), padding="SAME"), 5, 64, False),  # below the measured rule
+    (dict(kernel_size=(3, 3, 3), padding="SAME"), 8, 1, False),   # one input channel
+    (dict(kernel_size=(3, 3, 3), padding="SAME"), 65, 2, False),  # beyond the measured sizes
+    (dict(kernel_size=(3, 3, 3), padding="SAME", strides=2), 8, 2, False),
+    (dict(kernel_size=(3, 3, 3), padding="VALID"), 8, 2, False),
+    (dict(kernel_size=(3, 3, 3), padding="SAME", kernel_dilation=2), 8, 2, False),
+    (dict(kernel_size=(1, 1, 1), padding="SAME"), 8, 2, False),
+    (dict(kernel_size=(3, 3), padding="SAME"), 8, 2, False),
 ])
-def test_nn_conv_takes_it_only_for_the_convolutions_it_is_made_for(settings, size, taken):
+def test_nn_conv_takes_it_only_for_the_convolutions_it_is_made_for(settings, size, channels,
+                                                                    taken):
   conv = nn.Conv(4, conv_general_dilated=conv3d_cpu.conv_general_dilated, **settings)
-  shape = (1,) + (size,) * (len(settings["kernel_size"])) + (2,)
+  shape = (1,) + (size,) * (len(settings["kernel_size"])) + (channels,)
   assert _uses_shifted(conv, jax.ShapeDtypeStruct(shape, jnp.float32)) == taken
   assert jax.default_backend() == "cpu"
 
@@ -81,8 +85,10 @@ def test_nn_conv_takes_it_only_for_the_convolutions_it_is_made_for(settings, siz
 def test_unet3d_gradients_equal_those_with_xla_convolutions(monkeypatch):
   model = UNet3D(num_classes=3, depth=1, base_features=4)
   rng = np.random.default_rng(2)
-  x = rng.normal(size=(2, 4, 6, 4, 1)).astype(np.float32)
-  target = rng.normal(size=(2, 4, 6, 4, 3)).astype(np.float32)
+  # Level 0 (8x6x8, 2 channels) takes the shifted kernel gradient, the bottleneck
+  # (4x3x4) XLA's.
+  x = rng.normal(size=(2, 8, 6, 8, 2)).astype(np.float32)
+  target = rng.normal(size=(2, 8, 6, 8, 3)).astype(np.float32)
   params = model.init(jax.random.key(0), x)["params"]
   # A new function for each rule: the rule is read while tracing, and traces are cached.
   loss = lambda: lambda params: jnp.sum(target * model.apply({"params": params}, x))

@@ -1,7 +1,7 @@
 """A 3x3x3 convolution whose kernel gradient XLA's CPU backend is spared, where measured faster.
 
 XLA's CPU backend computes a convolution's kernel gradient as a convolution over the batch
-and spatial axes, about twice as slow as its forward pass for the 3D U-Net's shapes
+and spatial axes, 1.4-1.8x as slow as its forward pass for the 3D U-Net's shapes
 (BENCHMARKS.md; openxla/xla issue 34273 reports worse). Here the kernel gradient of a
 3x3x3 'SAME' convolution with stride 1 is written as what it is: for each of the 27 kernel
 offsets, the input shifted by that offset [voxels, C_in] times the output gradient
@@ -27,9 +27,13 @@ DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 4, 1, 2, 3),
                                              rhs_spec=(4, 3, 0, 1, 2),
                                              out_spec=(0, 4, 1, 2, 3))
 # The measured rule (BENCHMARKS.md, "3D convolutions on CPU"): the shifted matrix products
-# beat XLA's kernel gradient for every 3x3x3 convolution measured, from 4^3 to 64^3 voxels
-# per example and 1 to 128 channels; larger volumes were not measured and stay XLA's.
+# beat XLA's kernel gradient from 6^3 to 64^3 voxels per example (the largest measured) and
+# 2 to 128 input channels. Below 6^3 the products per depth plane are too small (4^3 with
+# 64-128 channels measured 1.2-2.5x slower); with one input channel they measured 0.3-1.1x
+# XLA's time, so the first convolution of a single-modality network keeps XLA's.
+MIN_VOXELS = 6**3
 MAX_VOXELS = 64**3
+MIN_INPUT_CHANNELS = 2
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -78,7 +82,8 @@ def use_shifted(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
   CPU backend, for the shapes where it measured faster than XLA's."""
   if jax.default_backend() != "cpu" or tuple(kernel_shape[:3]) != (3, 3, 3):
     return False
-  return x_shape[1] * x_shape[2] * x_shape[3] <= MAX_VOXELS
+  voxels = x_shape[1] * x_shape[2] * x_shape[3]
+  return MIN_VOXELS <= voxels <= MAX_VOXELS and kernel_shape[3] >= MIN_INPUT_CHANNELS
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
