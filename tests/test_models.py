@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import pytest
 
 import helpers
@@ -119,13 +120,56 @@ def test_upconv_is_flax_conv_transpose_with_the_same_parameters():
   assert jnp.allclose(got, expected, atol=1e-5)
 
 
-def test_max_pool_matches_flax_values_and_gradients_after_relu():
+def test_max_pool_matches_flax_values_and_derivatives_with_ties():
   from medseg_jax.models.unet import max_pool_2x2
-  x = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 8, 6, 3)))  # ReLU: many ties at 0
+  # Integers in [0, 3): most windows hold their maximum more than once.
+  x = jax.random.randint(jax.random.key(2), (2, 8, 6, 3), 0, 3).astype(jnp.float32)
   reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
   assert jnp.array_equal(max_pool_2x2(x), reference(x))
-  loss = lambda pool: lambda x: jnp.sum(pool(jax.nn.relu(x)) ** 2)
-  assert jnp.allclose(jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(reference))(x))
+  cotangent = jax.random.normal(jax.random.key(3), (2, 4, 3, 3))
+  for transform in (lambda f: f, jax.jit):
+    vjp = lambda pool: transform(lambda x: jax.vjp(pool, x)[1](cotangent)[0])
+    assert jnp.array_equal(vjp(max_pool_2x2)(x), vjp(reference)(x))
+  tangent = jax.random.normal(jax.random.key(4), x.shape)
+  assert jnp.array_equal(jax.jvp(max_pool_2x2, (x,), (tangent,))[1],
+                         jax.jvp(reference, (x,), (tangent,))[1])
+
+
+class _FlaxPoolUNet(nn.Module):
+  """UNet(depth=1, norm="group") with nn.max_pool: the reference, same parameter names."""
+
+  @nn.compact
+  def __call__(self, x):
+    from medseg_jax.models.unet import ConvBlock, UpConv2x2
+    skip = ConvBlock(4, norm="group")(x, True)
+    x = ConvBlock(8, norm="group")(nn.max_pool(skip, (2, 2), strides=(2, 2)), True)
+    x = jnp.concatenate([skip, UpConv2x2(4, name="ConvTranspose_0")(x)], axis=-1)
+    return nn.Conv(2, (1, 1))(ConvBlock(4, norm="group")(x, True))
+
+
+def test_normalised_unet_gradients_hold_when_xla_rounds_an_activation_twice():
+  """XLA's CPU backend without LLVM optimisation fuses multiply-adds in some kernels and
+  not in others, so an activation it recomputes per kernel (GroupNorm + bias + ReLU,
+  read by the pool's forward and backward) is rounded in two ways. A pool gradient
+  that divides by the number of elements equal to the maximum then gives inf and NaN;
+  this one gives the reference's gradients."""
+  model = UNet(num_classes=2, depth=1, base_features=4, norm="group")
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 4))
+  labels = jax.random.randint(jax.random.key(1), (2, 32, 32), 0, 2)
+  loss = lambda net: lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      net.apply({"params": p}, x), labels))
+  params = helpers.init_variables(model, x[:1])["params"]
+  # One Adam step moves the norms' scales and biases off 1 and 0 (where a multiply-add is
+  # exact whether fused or not).
+  tx = optax.adam(2e-3)
+  grads = jax.jit(jax.grad(loss(_FlaxPoolUNet())))(params)
+  params = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+  without_llvm_opt = {"xla_backend_optimization_level": 0}
+  grads, expected = (jax.jit(jax.grad(loss(net))).lower(params).compile(
+      compiler_options=without_llvm_opt)(params) for net in (model, _FlaxPoolUNet()))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    assert jnp.all(jnp.isfinite(got))
+    assert jnp.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_unet_parameter_names_are_unchanged():

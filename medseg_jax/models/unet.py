@@ -4,6 +4,7 @@ import math
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -37,12 +38,34 @@ def make_norm(norm: str, features: int, axis_name: Optional[str], dtype, train: 
   raise ValueError(f"unknown norm {norm!r}")
 
 
+@jax.custom_jvp
 def max_pool_2x2(x):
-  """2x2 max-pool, stride 2, as a reshape and a max: the same values and, after a ReLU,
-  the same gradients as nn.max_pool, whose gradient XLA's CPU backend builds from a
-  scatter over index arrays."""
+  """2x2 max-pool, stride 2, as a reshape and a max: the values of nn.max_pool, whose
+  gradient XLA's CPU backend builds from a scatter over index arrays.
+
+  Its derivative (below) passes each window's tangent from one element, the window's
+  first maximum, as nn.max_pool's does. JAX's own rule for a max would compare every
+  element with the max and divide by the number of equal ones; XLA recomputes an
+  element such as norm(x) + bias in each kernel that reads it and may round it
+  differently in each (fused multiply-adds in one, not in another), so that count can
+  be 0 while an element is still chosen, and the gradient is inf or NaN."""
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  b, h, w, c = x.shape
+  windows = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  # The index of each window's first maximum, positions in row-major order (2 * row +
+  # column): one integer, so no float is compared with another computed elsewhere.
+  first = jnp.argmax(windows.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4),
+                     axis=-1)
+  position = (2 * jnp.arange(2)[:, None, None] + jnp.arange(2)).reshape(1, 1, 2, 1, 2, 1)
+  chosen = position == first[:, :, None, :, None, :]
+  tangent = jnp.where(chosen, t.reshape(windows.shape), 0).sum(axis=(2, 4))
+  return windows.max(axis=(2, 4)), tangent
 
 
 class UpConv2x2(nn.Module):
