@@ -134,3 +134,22 @@ def test_losses_per_sample_on_3d_tensors_match_numpy():
   np.testing.assert_allclose(losses.soft_dice_loss(logits, labels), dice, rtol=1e-5)
   np.testing.assert_allclose(losses.cross_entropy_loss(logits, labels), ce, rtol=1e-5)
   np.testing.assert_allclose(losses.dice_ce_loss(logits, labels), dice + ce, rtol=1e-5)
+
+
+def test_max_pool_matches_flax_values_and_derivatives_with_ties():
+  """The 3D pool passes each window's tangent from its first maximum, as nn.max_pool's:
+  a tie count XLA's rounding could change between two compilations (8 devices against
+  one) does not enter the gradient."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from medseg_jax.models.unet3d import max_pool_2x2x2  # pylint: disable=import-outside-toplevel
+  # Integers in [0, 3): most windows hold their maximum more than once.
+  x = jax.random.randint(jax.random.key(2), (2, 4, 6, 8, 3), 0, 3).astype(jnp.float32)
+  reference = lambda x: nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+  assert jnp.array_equal(max_pool_2x2x2(x), reference(x))
+  cotangent = jax.random.normal(jax.random.key(3), (2, 2, 3, 4, 3))
+  for transform in (lambda f: f, jax.jit):
+    vjp = lambda pool: transform(lambda x: jax.vjp(pool, x)[1](cotangent)[0])
+    assert jnp.array_equal(vjp(max_pool_2x2x2)(x), vjp(reference)(x))
+  tangent = jax.random.normal(jax.random.key(4), x.shape)
+  assert jnp.array_equal(jax.jvp(max_pool_2x2x2, (x,), (tangent,))[1],
+                         jax.jvp(reference, (x,), (tangent,))[1])

@@ -18,6 +18,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from medseg_jax.errors import ConfigError
@@ -56,10 +57,30 @@ class ConvBlock3D(nn.Module):
     return x
 
 
+@jax.custom_jvp
 def max_pool_2x2x2(x):
-  """2x2x2 max-pool, stride 2, as a reshape and a max (see unet.max_pool_2x2 for why)."""
+  """2x2x2 max-pool, stride 2, as a reshape and a max, with the derivative through each
+  window's first maximum (see unet.max_pool_2x2 for why: JAX's rule for a max divides by
+  a count of equal elements that XLA's rounding in two kernels can make 0, or make differ
+  between two compilations of the same step)."""
   b, d, h, w, c = x.shape
   return x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).max(axis=(2, 4, 6))
+
+
+@max_pool_2x2x2.defjvp
+def _max_pool_2x2x2_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  b, d, h, w, c = x.shape
+  windows = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c)
+  # The index of each window's first maximum in row-major order (4 * d + 2 * h + w).
+  first = jnp.argmax(windows.transpose(0, 1, 3, 5, 7, 2, 4, 6)
+                     .reshape(b, d // 2, h // 2, w // 2, c, 8), axis=-1)
+  two = jnp.arange(2)
+  position = (4 * two[:, None, None] + 2 * two[None, :, None] + two[None, None, :])
+  position = position.reshape(1, 1, 2, 1, 2, 1, 2, 1)
+  chosen = position == first[:, :, None, :, None, :, None, :]
+  tangent = jnp.where(chosen, t.reshape(windows.shape), 0).sum(axis=(2, 4, 6))
+  return windows.max(axis=(2, 4, 6)), tangent
 
 
 class UpConv2x2x2(nn.Module):
