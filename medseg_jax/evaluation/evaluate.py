@@ -106,14 +106,16 @@ def evaluate(ev: Evaluator, state, data: loader.SliceSet | volume_loader.VolumeS
   else:
     confusion, preds = predict_split(ev, state, data)
     rows = per_volume_rows(data, preds, ev.num_classes, surface)
-    picked = overlay.pick_slices(data.label, data.volume)
-    shown = zip(data.image[picked], data.label[picked], preds[picked])
+    shown = None  # read for the montage by process 0 alone
   result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
                 per_volume=metrics.summarize_volumes(rows))
   if jax.process_index() == 0:
     out = os.path.join(ev.workdir, "eval")
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
     files.write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
+    if shown is None:
+      picked = overlay.pick_slices(data.label, data.volume)
+      shown = zip(data.image[picked], data.label[picked], preds[picked])
     picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
                                     *_montage_rows(list(shown)), ev.class_names,
                                     f"{split}, step {step}")
