@@ -19,9 +19,10 @@ the dataset's shape (quickstart: its synthetic 96x96x48 volume, 48 slices resize
 to the compiled batch, as --mode=predict does; the others take it short); reading,
 normalising and writing NIfTI are the same numpy code for all and left out
 (benchmarks/inference.py times that whole path).
-The sides take turns, in --rounds rounds of --block calls each (per volume: one call), so
-load from other work on the machine hits them alike; each block starts with one untimed
-call, so no side pays for the thread pool of the side before it. Medians. PyTorch and ONNX
+The sides take turns, in --rounds rounds of --block calls each (per volume: one call, the
+batches having warmed every side up), so load from other work on the machine hits them
+alike; each block of batches starts with one untimed call, so no side pays for the
+threads of the side before it. Medians. PyTorch and ONNX
 Runtime run --threads threads within an operation; XLA's CPU runtime runs one per core.
 Needs the benchmark and ONNX requirements (benchmarks/requirements.txt, README).
 """
@@ -136,11 +137,12 @@ def check_same(name: str, sides: dict, images: np.ndarray) -> dict[str, float]:
 def interleave(sides: dict, kind: int, arg: np.ndarray, rounds: int, block: int,
                warm: bool) -> dict[str, list[float]]:
   """Seconds per call of each side's function `kind` (0 batch, 1 volume) on `arg`, the
-  sides taking turns in blocks of `block` calls, each block after an untimed call if
-  `warm`."""
+  sides taking turns in blocks of `block` calls; if `warm`, after one untimed call of
+  each side, and each block after an untimed call."""
   times = {side: [] for side in sides}
   for fns in sides.values():  # compilation, allocators, thread pools
-    fns[kind](arg)
+    if warm:
+      fns[kind](arg)
   for _ in range(rounds):
     for side, fns in sides.items():
       if warm:

@@ -71,7 +71,7 @@ def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
                       "ml_collections.ConfigDict")
-  reference, keys = _leaves(_load_config(BASE_CONFIG)), _leaves(cfg)
+  reference, keys = _leaves(load_config(BASE_CONFIG)), _leaves(cfg)
   missing, unknown = sorted(reference - keys), sorted(keys - reference)
   problems = [f"lacks config keys {', '.join(missing)}"] if missing else []
   problems += [f"has unknown config keys {', '.join(unknown)}"] if unknown else []
@@ -139,10 +139,10 @@ def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
 
 def base_config() -> ml_collections.ConfigDict:
   """configs/base.py's defaults."""
-  return _load_config(BASE_CONFIG)
+  return load_config(BASE_CONFIG)
 
 
-def _load_config(config_arg: str) -> ml_collections.ConfigDict:
+def load_config(config_arg: str) -> ml_collections.ConfigDict:
   """`get_config()` of the file `PATH` (`get_config(VARIANT)` for `PATH:VARIANT`)."""
   path, _, variant = config_arg.partition(":")
   spec = importlib.util.spec_from_file_location("_medseg_config", path)
@@ -185,7 +185,7 @@ def _override_error(argv: list[str]) -> str:
   path = config_arg.split(":", 1)[0]
   if not os.path.isfile(path):
     return f"--config: config file {path!r} not found"
-  cfg = _load_config(config_arg)
+  cfg = load_config(config_arg)
   for name, _, arg in _flag_arguments(argv):
     if re.fullmatch(r"(no)?config\..+", name):
       key = name.split(".", 1)[1]

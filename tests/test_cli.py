@@ -142,7 +142,7 @@ def test_the_keys_are_checked_from_any_directory(tmp_path):
                          ids=os.path.basename)
 def test_shipped_configs_have_the_keys_of_base(path):
   if "def get_config" in open(path).read():
-    cli.check_keys(cli._load_config(path), path)  # pylint: disable=protected-access
+    cli.check_keys(cli.load_config(path), path)
 
 
 def test_a_config_that_is_not_a_config_dict_is_named(tmp_path):

@@ -328,7 +328,7 @@ def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
                     "  c = quickstart.get_config()\n  c.train.num_epochs = 3\n  return c\n")
   overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-4, OPT: "sgd",
                "seed": 0, "data.split_seed": 0}
-  cfg = report.load_source(str(source))
+  cfg = cli.load_config(str(source))
   cfg.data.synthetic_shape = (32, 32, 8)  # as a command-line override of the tuner
   chosen = report.chosen_config(cfg, overrides)
   out = tmp_path / "tuned"

@@ -116,12 +116,27 @@ def build_atomically(path: str, write: Callable[[str], dict], what: str) -> None
         raise
       shutil.rmtree(tmp)  # another run built the same store meanwhile; keep theirs
   except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     reason = files.disk_full(e) if isinstance(e, Exception) else None
     if reason:
       raise DataError(f"{path}: disk full ({reason}) while writing the {what}; free "
                       "space, or set data.cache_dir to another disk") from e
     raise
+
+
+def _remove(tmp: str, seconds: float = 10.0) -> None:
+  """Removes the temporary store `tmp`. A failed tensorstore write returns at its first
+  failing chunk while the write's other chunks may still be landing from tensorstore's
+  threads (it has no call that waits for them), and a landing chunk recreates its
+  directory: so remove, let in-flight writes land, and remove again until it stays gone."""
+  deadline = time.monotonic() + seconds
+  while True:
+    shutil.rmtree(tmp, ignore_errors=True)
+    time.sleep(0.25)
+    if not os.path.exists(tmp) or time.monotonic() > deadline:
+      break
+  if os.path.exists(tmp):
+    logging.warning("Could not remove the temporary store %s", tmp)
 
 
 def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Settings,

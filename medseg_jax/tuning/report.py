@@ -117,15 +117,6 @@ def get_config():
 '''
 
 
-def load_source(config_arg: str) -> ml_collections.ConfigDict:
-  """`get_config()` of the config file `PATH` (`get_config(VARIANT)` for `PATH:VARIANT`)."""
-  path, _, variant = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("guideline_source", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def _flat(tree: dict, prefix: str = "") -> dict:
   """Dotted key -> value; a free-form section (model.kwargs, ...) is one value."""
   flat = {}
@@ -148,7 +139,7 @@ def changes_source(config_arg: str, chosen: ml_collections.ConfigDict, docstring
   """A config file for `directory` that `medseg_jax.main --config=` accepts: the config
   `config_arg` (PATH or PATH:VARIANT) with the values in which `chosen` differs from it."""
   path, _, variant = config_arg.partition(":")
-  body = pprint.pformat(changes(load_source(config_arg), chosen), indent=1, width=88,
+  body = pprint.pformat(changes(cli.load_config(config_arg), chosen), indent=1, width=88,
                         sort_dicts=False)
   return _CHANGES_FILE.format(
       docstring=textwrap.fill(docstring, 88),
