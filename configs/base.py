@@ -50,6 +50,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.normalisation = "zscore_nonzero"  # per volume and channel: zscore_nonzero (z-score
                                    # over non-zero voxels) | percentile (clip, rescale to [0, 1])
   c.data.clip_percentiles = (0.5, 99.5)  # percentile: the clipping range
+  c.data.spatial_dims = 2          # 2: slices (the keys above) | 3: whole volumes and patches
+  # 3D (data.spatial_dims=3): volumes resampled to one voxel spacing, trained on patches
+  c.data.target_spacing = ()       # mm along the RAS axes; () = the dataset's median spacing
+  c.data.volume_normalisation = "auto"  # per channel: auto (ct for a modality named CT,
+                                   # else mri) | mri (z-score over non-zero voxels) | ct
+  c.data.ct_clip_percentiles = (0.5, 99.5)  # ct: clip to these percentiles of the training
+                                   # foreground, then z-score with its mean and std
+  c.data.foreground_samples = 10000  # foreground voxels kept per class and volume to centre
+                                   # forced patches on
+  c.data.patch_size = (64, 64, 64)  # voxels (D, H, W) of a training patch and inference window
+  c.data.foreground_fraction = 1 / 3  # share of every global batch centred on foreground
   c.data.val_fraction = 0.15       # split by volume, from data.split_seed
   c.data.test_fraction = 0.15
   # Draws the split (and a synthetic dataset); unset = `seed`. Set, it holds the data fixed
@@ -60,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.samples_per_epoch = 0     # draws per epoch, each slice floor/ceil as often,
                                    # each freshly augmented; 0 = one pass over the training
                                    # slices. The thesis's 35,000 makes its epoch length in
-                                   # steps; without `enabled` it only repeats slices (warning)
+                                   # steps; without `enabled` it only repeats slices (warning).
+                                   # 3D: patches per epoch; 0 = one per training volume
   c.data.augment.rotation_degrees = 45.0   # uniform in [-r, r]
   c.data.augment.zoom = (0.8, 1.2)         # uniform scale range
   c.data.augment.translate_pixels = 25.6   # uniform shift in [-t, t] along each in-plane axis
@@ -110,6 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.early_stopping_patience = 0  # validations with no better Dice before stopping; 0 = off
   c.train.divergence_factor = 10.0   # stop when the mean loss of the last patience steps ...
   c.train.divergence_patience = 50   # ... exceeds factor x its lowest; factor 0 = only non-finite
+
+  c.evaluation = ml_collections.ConfigDict()  # 3D: sliding-window inference over whole
+                                   # volumes (validation, --mode=evaluate, --mode=predict)
+  c.evaluation.window_overlap = 0.5  # windows overlap by this share of the patch per axis
+  c.evaluation.gaussian_sigma = 0.125  # importance weights: sigma as a share of the patch
+  c.evaluation.mirror = False      # also predict each window flipped along every axis set
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd | your own: module:Class or

@@ -66,3 +66,40 @@ def training(c: ml_collections.ConfigDict, per_device_batch: int, epochs: int,
   c.train.num_epochs = epochs            # thesis, training settings
   c.train.loss = "dice_ce"               # ours: the thesis names no loss; Dice + cross-entropy
                                          # copes with the small share of foreground per slice
+
+
+def unet3d(c: ml_collections.ConfigDict, patch: tuple) -> None:
+  """A 3D U-Net on patches, for the thesis's tasks in 3D: the thesis trains 2D networks only,
+  so every value here is ours, after nnU-Net's 3d_fullres (Isensee et al. 2021)."""
+  c.data.spatial_dims = 3                # ours: whole volumes and patches
+  c.model.name = "unet3d"                # ours: 3D U-Net (Cicek et al. 2016)
+  c.model.base_features = 32             # ours: nnU-Net's 32 channels at the first level ...
+  c.model.depth = 4                      # ours: ... over four poolings
+  c.model.norm = "instance"              # ours: nnU-Net's instance norm (batch 2 per device)
+  c.data.target_spacing = ()             # ours: the dataset's median spacing, as nnU-Net
+  c.data.patch_size = patch              # ours: nnU-Net's patch for the task (config file)
+  c.data.foreground_fraction = 1 / 3     # ours: nnU-Net's share of foreground patches
+  c.data.augment.samples_per_epoch = 500  # ours: nnU-Net's epoch of 250 batches of 2
+  c.evaluation.mirror = True             # ours: nnU-Net's test-time mirroring
+  c.optim.name = "sgd"                   # ours: nnU-Net's SGD ...
+  c.optim.lr = 1e-2                      # ours: ... from 0.01 at a batch of 2 ...
+  c.optim.momentum = 0.99                # ours: ... with momentum 0.99 ...
+  c.optim.nesterov = True                # ours: ... Nesterov's ...
+  c.optim.weight_decay = 3e-5            # ours: ... and weight decay 3e-5
+  c.lr.scaling = "linear"                # thesis, LR policies: the linear scaling rule
+  c.lr.decay = "poly"                    # ours: nnU-Net's poly decay, power 0.9
+  c.train.per_device_batch_size = 2      # ours: nnU-Net's batch of 2 patches
+  c.train.num_epochs = 1000              # ours: nnU-Net's 1000 epochs
+  c.train.loss = "dice_ce"               # ours: nnU-Net's Dice + cross-entropy
+  c.train.eval_every_steps = 2000        # ours: sliding windows over every validation
+                                         # volume are costly; about every 16 epochs on 8 GPUs
+  c.checkpoint.every_steps = 2000        # ours: with each validation
+
+
+def augment3d(c: ml_collections.ConfigDict) -> None:
+  """On-device 3D augmentation per patch (the thesis augments the left atrium in 2D)."""
+  c.data.augment.enabled = True          # ours: nnU-Net augments both tasks
+  c.data.augment.rotation_degrees = 30.0  # ours: nnU-Net's +-30 degrees about each axis
+  c.data.augment.zoom = (0.7, 1.4)       # ours: nnU-Net's scaling range
+  c.data.augment.flip_probability = 0.5  # ours: nnU-Net mirrors along every axis
+  c.data.augment.intensity_scale = 0.25  # ours: nnU-Net's brightness in [0.75, 1.25]

@@ -14,8 +14,9 @@ from absl import logging
 
 from medseg_jax import models, optim
 from medseg_jax.training import losses, setup, warm_start
-from medseg_jax.data import augment, pipeline, preprocess, split
+from medseg_jax.data import augment, patches, pipeline, preprocess, split
 from medseg_jax.errors import ConfigError
+from medseg_jax.evaluation import sliding_window
 from medseg_jax.monitor import profiler
 from medseg_jax.parallel import multihost, strategies
 
@@ -29,6 +30,9 @@ _AT_LEAST = (
     ("model.depth", 1), ("model.base_features", 1), ("model.fc_features", 1),
     ("data.preprocess_workers", 0),
 )
+# The spatial dimensions of the built-in networks' inputs (a user's network is checked on
+# an input of the configured shape instead).
+_NETWORK_DIMS = {"unet": 2, "fcn": 2, "unet3d": 3}
 
 
 def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategies.Parallel:
@@ -45,11 +49,13 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
   _check_data(cfg.data)
+  _check_volumes(cfg)
   split.check_split_seed(cfg)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   batch = pipeline.global_batch(cfg, par.num_devices)
-  augment.from_config(cfg.data.augment)
-  _check_samples_per_epoch(cfg.data.augment)
+  pipeline.augmentation(cfg.data)
+  if cfg.data.spatial_dims == 2:  # a 3D epoch of repeated draws still draws new patches
+    _check_samples_per_epoch(cfg.data.augment)
   profiler.check_steps(cfg.monitor.profile_steps)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
   steps_per_epoch = 10
@@ -75,6 +81,21 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"data.synthetic_shape={shape}: need three positive sizes")
 
 
+def _check_volumes(cfg: ml_collections.ConfigDict) -> None:
+  """`data.spatial_dims`, and with 3 the patch, volume and sliding-window settings, and a
+  built-in network of as many dimensions."""
+  dims = pipeline.check_spatial_dims(cfg.data)
+  name = cfg.model.name
+  if _NETWORK_DIMS.get(name, dims) != dims:
+    wanted = [n for n, d in _NETWORK_DIMS.items() if d == dims]
+    raise ConfigError(f"model.name={name!r}: a {_NETWORK_DIMS[name]}D network; "
+                      f"data.spatial_dims={dims} needs {' or '.join(wanted)} (or your own)")
+  if dims == 2:
+    return
+  patches.check_settings(tuple(cfg.data.patch_size), cfg.data.foreground_fraction)
+  sliding_window.check_settings(cfg.evaluation.window_overlap, cfg.evaluation.gaussian_sigma)
+
+
 def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:
   # Longer epochs without augmentation are allowed (an ablation may keep an augmented
   # run's schedule in steps), but they only repeat the same slices: say so.
@@ -90,9 +111,10 @@ def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
   # The class count and channels come from the dataset; any values build the same layers.
   num_classes = _num_classes(cfg)
   channels = len(cfg.data.modalities) or 1
-  size = cfg.data.image_size
-  model = models.build_model(cfg.model, num_classes, size, par.bn_axis_name)
-  losses.check_loss(cfg.train.loss, num_classes)
+  model = models.build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
+  losses.check_loss(cfg.train.loss, num_classes, cfg.data.spatial_dims)
+  spatial = setup.input_shape(cfg, channels)[:-1]
+  size = spatial[0] if cfg.data.spatial_dims == 2 else spatial
   return models.abstract_variables(cfg.model, model, num_classes, size, channels)["params"]
 
 

@@ -154,8 +154,10 @@ def _row(name: str, index: dict, size: int) -> tuple[str, ...]:
   dice = summary.get("test_dice")
   task = text("task")
   image, channels = summary.get("image_size"), summary.get("channels")
+  patch = summary.get("patch_size")  # a 3D network's input is a patch
+  shape = "x".join(map(str, patch)) if isinstance(patch, list) else f"{image}x{image}"
   return (name, task if len(task) <= 40 else task[:39] + "…", text("classes"),
-          text("modalities"), f"{image}x{image}x{channels}",
+          text("modalities"), f"{shape}x{channels}",
           f"{dice:.4f}" if isinstance(dice, (int, float)) else "-",
           text("exported")[:10], _size(size))
 

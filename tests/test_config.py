@@ -74,6 +74,30 @@ BAD = [
 ]
 
 
+# 3D: the quickstart on volumes, with a 3D network of the user's (a file beside the tests).
+VOLUMES = {"data__spatial_dims": 3, "data__patch_size": (16, 16, 16),
+           "model__name": os.path.join(os.path.dirname(__file__), "tiny_net3d.py:Tiny3D")}
+BAD_3D = [
+    ({"data__spatial_dims": 4}, "data.spatial_dims"),
+    ({"model__name": "unet"}, "model.name"),  # a 2D network on volumes
+    ({"data__patch_size": (16, 16)}, "data.patch_size"),
+    ({"data__patch_size": (16, 16, 0)}, "data.patch_size"),
+    ({"data__foreground_fraction": 1.5}, "data.foreground_fraction"),
+    ({"data__target_spacing": (1.0, 0.0, 1.0)}, "data.target_spacing"),
+    ({"data__target_spacing": ("a", 1, 1)}, "data.target_spacing"),
+    ({"data__volume_normalisation": "minmax"}, "data.volume_normalisation"),
+    ({"data__ct_clip_percentiles": (99.5, 0.5)}, "data.ct_clip_percentiles"),
+    ({"data__foreground_samples": 0}, "data.foreground_samples"),
+    ({"evaluation__window_overlap": 1.0}, "evaluation.window_overlap"),
+    ({"evaluation__gaussian_sigma": 0.0}, "evaluation.gaussian_sigma"),
+    ({"data__augment__enabled": True, "data__augment__zoom": (1.2, 0.8)}, "data.augment.zoom"),
+    ({"data__augment__enabled": True, "data__augment__rotation_degrees": -5.0},
+     "data.augment.rotation_degrees"),
+]
+BAD += [(dict(VOLUMES, **overrides), key) for overrides, key in BAD_3D]
+BAD += [({"data__spatial_dims": 2, "model__name": "unet3d"}, "model.name")]  # a 3D one on slices
+
+
 @pytest.mark.parametrize("overrides,key", BAD, ids=[k for _, k in BAD])
 def test_a_bad_value_is_a_config_error_naming_its_key(overrides, key, devices8):
   cfg = quickstart_with(**overrides)
@@ -90,6 +114,14 @@ def test_good_edges_pass(devices8):
                         model__norm="batch", data__augment__enabled=True, optim__name="lars",
                         lr__policy="grescale", lr__decay="poly", lr__warmup="gradual")
   assert config.check(cfg).num_devices == 8
+
+
+def test_a_3d_config_passes_and_its_network_is_checked_on_a_patch(devices8):
+  """The check builds the network on x [1,*data.patch_size,C] (Tiny3D refuses any other
+  rank) and the loss on 3D logits."""
+  assert config.check(quickstart_with(**VOLUMES)).num_devices == 8
+  with pytest.raises(ConfigError, match=r"^model\.name=.*fails on x \[1,16,16,16,1\]"):
+    config.check(quickstart_with(**dict(VOLUMES, model__kwargs__features="four")))
 
 
 def test_samples_per_epoch_without_augmentation_only_warns(devices8, caplog):

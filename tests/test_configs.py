@@ -20,7 +20,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 REQUIRED = ["seed", "model.name", "data.root", "data.image_size", "train.per_device_batch_size",
             "train.num_epochs", "train.num_steps", "parallel.strategy", "parallel.num_devices",
             "checkpoint.every_steps"]
-SECTIONS = ["model", "data", "optim", "lr", "train", "parallel", "checkpoint", "monitor"]
+SECTIONS = ["model", "data", "optim", "lr", "train", "evaluation", "parallel", "checkpoint",
+            "monitor"]
 
 
 def load(path):
@@ -81,7 +82,8 @@ def test_thesis_settings(name, batch, epochs, lr, model):
   assert cfg.model.init_from.endswith("imagenet-vgg-verydeep-16.mat") == (model == "fcn")
 
 
-THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart"]
+THESIS_CONFIGS = ["unet_brats", "fcn_brats", "unet_heart", "fcn_heart", "unet3d_brats",
+                  "unet3d_heart"]
 
 
 @pytest.mark.parametrize("name", THESIS_CONFIGS)

@@ -289,8 +289,9 @@ def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
 
 
 # The data path in order: a module may import only the ones listed before it.
-DATA_STAGES = ("synthetic", "augment", "decathlon", "preprocess", "resample", "pool", "validate",
-               "store", "volume_store", "split", "loader", "patches", "pipeline")
+DATA_STAGES = ("synthetic", "augment", "augment3d", "decathlon", "preprocess", "resample",
+               "pool", "validate", "store", "volume_store", "split", "loader", "patches",
+               "volume_loader", "pipeline")
 
 
 def test_data_stages_import_only_the_stages_below_and_one_module_reads_nifti():

@@ -72,3 +72,23 @@ def test_empty_masks_give_finite_losses_and_gradients():
     assert np.isfinite(value) and np.all(np.isfinite(grad))
   confident = 50.0 * jax.nn.one_hot(labels, 3)
   assert float(jnp.max(losses.soft_dice_loss(confident, labels))) < 1e-3
+
+
+def _numpy_cross_entropy(logits, labels):
+  """Independent reference: mean negative log-likelihood per sample."""
+  shifted = logits - logits.max(-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+  return picked.reshape(len(labels), -1).mean(1) * -1
+
+
+def test_3d_losses_are_per_sample_over_every_voxel():
+  """Patches [B,D,H,W,C]: one value per patch over all its voxels, as the references."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 6, 5, 7, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(4, 6, 5, 7)).astype(np.int32)
+  np.testing.assert_allclose(losses.soft_dice_loss(logits, labels),
+                             _numpy_dice_loss(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy_loss(logits, labels),
+                             _numpy_cross_entropy(logits, labels), rtol=1e-5)
+  losses.check_loss("dice_ce", 3, spatial_dims=3)

@@ -125,3 +125,28 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
       config.check(cfg)
     config.check(cfg, starts_fresh=False)
     helpers.evaluate(cfg, str(tmp_path / "run"), "best")
+
+
+@pytest.mark.parametrize("name,classes", [
+    ("unet3d_brats", ["background", "edema+non-enhancing tumor+enhancing tumour"]),
+    ("unet3d_heart", ["background", "left atrium"])])
+def test_3d_config_trains_validates_and_tests(tasks, tmp_path, name, classes):
+  """The 3D configs on the same tasks: volumes at the median spacing, patches, windows."""
+  small = ["--config.data.patch_size=(16, 16, 8)", "--config.model.depth=1",
+           "--config.model.base_features=4", "--config.data.preprocess_workers=1",
+           "--config.parallel.num_devices=1", "--config.train.num_steps=2",
+           "--config.train.eval_every_steps=2", "--config.checkpoint.every_steps=2",
+           "--config.monitor.system_interval_seconds=0", "--config.evaluation.mirror=False",
+           f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  task = tasks["heart" if "heart" in name else "brats"]
+  cfg = helpers.config(*small, f"--config.data.root={task}", path=f"configs/{name}.py")
+  config.check(cfg)
+  result = helpers.train(cfg, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "data_info.json") as f:
+    info = json.load(f)
+  assert info["spatial_dims"] == 3 and info["target_spacing"] == [1.0, 1.0, 2.0]
+  assert info["channels"] == 1 and info["samples_per_epoch"] == 500
+  assert len(result["per_class"]) == len(classes) and 0 <= result["dice"] <= 1
+  assert pipeline.class_names(cfg, info) == classes
+  assert sum(c["support"] for c in result["per_class"]) == (
+      info["volumes"]["test"] * np.prod(SHAPE))

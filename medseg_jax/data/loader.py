@@ -32,6 +32,10 @@ class SliceSet:
   def __len__(self) -> int:
     return len(self.label)
 
+  @property
+  def channels(self) -> int:
+    return int(self.image.shape[-1])
+
 
 def from_store(opened: store.Store, names: list[str]) -> SliceSet:
   """The slices of the subjects `names`, in that order, read from the store on demand."""

@@ -1,6 +1,6 @@
 """The data path, run in order: read dataset.json, validate it, preprocess and write the
-slice store, split by subject, load. Each stage is one module that imports only the
-modules listed above it here, and none imports this one:
+slice store (3D: the volume store), split by subject, load. Each stage is one module that
+imports only the modules listed above it here, and none imports this one:
 
   decathlon   dataset.json and the one NIfTI reader (reorientation to RAS)
   preprocess  the data settings, the one label mapper, volumes to slices (numpy only)
@@ -9,6 +9,8 @@ modules listed above it here, and none imports this one:
   store       the tensorstore slice store: per subject, validate.read_case then preprocess
   split       subjects into train, validation and test
   loader      a split's slices, and each process's part of its batches
+  (3D, data.spatial_dims=3: resample, volume_store, patches and volume_loader in their
+  place: whole volumes at one voxel spacing, and patches drawn from them)
 
 Process 0 builds the slice store once per dataset and settings; every process opens it
 and reads only the rows it feeds. The functions that write for every process take the
@@ -17,18 +19,20 @@ parallel one and is handed it).
 """
 
 import dataclasses
+import functools
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax.data import (augment, decathlon, loader, preprocess, split, store, synthetic,
-                             validate)
+from medseg_jax.data import (augment, augment3d, decathlon, loader, preprocess, split, store,
+                             synthetic, validate, volume_loader, volume_store)
 from medseg_jax.errors import ConfigError, DataError
 
 Barrier = Callable[[str], None]  # waits until every process reaches the named point
+SPATIAL_DIMS = (2, 3)
 
 
 def dataset_root(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
@@ -84,10 +88,59 @@ def _write_synthetic(cfg: ml_collections.ConfigDict, root: str) -> None:
                                       seed=split.split_seed(cfg))
 
 
-def load_splits(cfg: ml_collections.ConfigDict, workdir: str,
-                barrier: Barrier) -> tuple[dict[str, loader.SliceSet], dict]:
+def check_spatial_dims(data_cfg: ml_collections.ConfigDict) -> int:
+  """`data.spatial_dims`, and with 3 the volume settings; a bad value is a ConfigError."""
+  dims = data_cfg.spatial_dims
+  if dims not in SPATIAL_DIMS or isinstance(dims, bool):
+    raise ConfigError(f"data.spatial_dims={dims!r}: must be 2 (slices) or 3 (volumes)")
+  if dims == 3:
+    volume_settings(data_cfg)
+  return dims
+
+
+def augmentation(data_cfg: ml_collections.ConfigDict) -> Callable | None:
+  """The train step's on-device augmentation that `data.augment` asks for (None when
+  off), checked: of slices, or with `data.spatial_dims=3` of patches (`augment3d`,
+  `rotation_degrees` about each of the three axes; `translate_pixels` is not used, a
+  patch's position being drawn already)."""
+  section = data_cfg.augment
+  if data_cfg.spatial_dims != 3:
+    return augment.from_config(section)
+  if not section.enabled:
+    return None
+  ranges = augment3d.Ranges(rotation_degrees=(float(section.rotation_degrees),) * 3,
+                            zoom=tuple(float(z) for z in section.zoom),
+                            flip_probability=float(section.flip_probability),
+                            intensity_scale=float(section.intensity_scale),
+                            intensity_shift=float(section.intensity_shift))
+  augment3d.check(ranges)
+  return functools.partial(augment3d.augment_batch, ranges=ranges)
+
+
+def volume_settings(data_cfg: ml_collections.ConfigDict) -> volume_store.Settings:
+  """The volume store's settings of a `data` config section (3D); checked."""
+  return volume_store.check_settings(volume_store.Settings(
+      modalities=tuple(data_cfg.modalities), label_map=tuple(data_cfg.label_map),
+      target_spacing=_numbers("data.target_spacing", data_cfg.target_spacing),
+      normalisation=data_cfg.volume_normalisation,
+      ct_clip_percentiles=_numbers("data.ct_clip_percentiles", data_cfg.ct_clip_percentiles),
+      foreground_samples=data_cfg.foreground_samples))
+
+
+def _numbers(key: str, values) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key}={values!r}: need numbers") from None
+
+
+def load_splits(cfg: ml_collections.ConfigDict, workdir: str, barrier: Barrier
+                ) -> tuple[dict[str, loader.SliceSet | volume_loader.VolumeSet], dict]:
   """Validates and preprocesses the dataset into its slice store (once), splits it by
-  subject and records the split in WORKDIR/split.json."""
+  subject and records the split in WORKDIR/split.json. With `data.spatial_dims=3` the
+  splits are whole volumes of the volume store (`load_volume_splits`)."""
+  if cfg.data.spatial_dims == 3:
+    return load_volume_splits(cfg, workdir, barrier)
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
   opened = open_store(cfg, dataset, preprocess.settings_from_config(cfg.data), barrier)
   splits = _splits(cfg, workdir, opened, dataset, record=jax.process_index() == 0)
@@ -100,7 +153,38 @@ def load_splits(cfg: ml_collections.ConfigDict, workdir: str,
   return sets, info
 
 
-def _splits(cfg: ml_collections.ConfigDict, workdir: str, opened: store.Store,
+def load_volume_splits(cfg: ml_collections.ConfigDict, workdir: str, barrier: Barrier
+                       ) -> tuple[dict[str, volume_loader.VolumeSet], dict]:
+  """The 3D `load_splits`: the volume store (built once), split by subject. The info
+  records what prediction repeats on a new volume: the target spacing, each channel's
+  normalisation and the CT statistics."""
+  dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
+  opened = open_store(cfg, dataset, volume_settings(cfg.data), barrier)
+  splits = _splits(cfg, workdir, opened, dataset, record=jax.process_index() == 0)
+  sets = {s: volume_loader.from_store(opened, splits[s], cfg.data.patch_size,
+                                      cfg.data.foreground_fraction) for s in split.SPLITS}
+  meta = opened.meta
+  info = {"dataset": dataset.name, "root": dataset.root, "modalities": dataset.modalities,
+          "labels": dataset.labels, "store": opened.path, "skipped": sorted(meta["skipped"]),
+          "volumes": {s: len(splits[s]) for s in split.SPLITS}, "spatial_dims": 3,
+          "target_spacing": meta["target_spacing"], "channel_names": meta["channels"],
+          "normalisation": meta["normalisation"], "ct_statistics": meta["ct_statistics"],
+          "patch_size": list(sets["train"].patch)}
+  return sets, info
+
+
+def train_batches(data: loader.SliceSet | volume_loader.VolumeSet, global_batch: int,
+                  seed: int, epoch: int, process_index: int = 0, process_count: int = 1,
+                  offset: int = 0, draws: int = 0) -> Iterator[dict]:
+  """This process's part of each global batch of one epoch: slices (`loader`) or, from
+  volumes, patches (`volume_loader`); the same order and loader position either way."""
+  source = volume_loader if isinstance(data, volume_loader.VolumeSet) else loader
+  return source.train_batches(data, global_batch, seed, epoch, process_index, process_count,
+                              offset, draws=draws)
+
+
+def _splits(cfg: ml_collections.ConfigDict, workdir: str,
+            opened: store.Store | volume_store.VolumeStore,
             dataset: decathlon.Dataset, record: bool) -> dict[str, list[str]]:
   """WORKDIR/split.json if there is one, else the store's subjects (those that passed
   validation) split by `split.split_seed`, recorded there when `record`."""
@@ -118,18 +202,21 @@ def cache_dir(cfg: ml_collections.ConfigDict, root: str) -> str:
 
 
 def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
-               settings: preprocess.Settings, barrier: Barrier) -> store.Store:
-  """The dataset's slice store for these settings, built by process 0 if absent, once
-  dataset.json agrees with the settings."""
-  problems = validate.check_dataset(dataset, settings)
+               settings: preprocess.Settings | volume_store.Settings,
+               barrier: Barrier) -> store.Store | volume_store.VolumeStore:
+  """The dataset's slice store for these settings (the volume store for volume settings),
+  built by process 0 if absent, once dataset.json agrees with the settings."""
+  volumes = isinstance(settings, volume_store.Settings)
+  kind = volume_store if volumes else store
+  problems = validate.check_dataset(dataset, settings.case_settings() if volumes else settings)
   if problems:
     raise validate.report(problems, dataset.root)
-  path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
-                          cfg.data.skip_invalid)
+  path = kind.store_path(cache_dir(cfg, dataset.root), dataset, settings,
+                         cfg.data.skip_invalid)
   if jax.process_index() == 0 and not os.path.isdir(path):
-    store.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
-  barrier("slice store")
-  opened = store.Store(path)
+    kind.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
+  barrier("volume store" if volumes else "slice store")
+  opened = volume_store.VolumeStore(path) if volumes else store.Store(path)
   skipped = opened.meta["skipped"]
   if skipped and jax.process_index() == 0:
     logging.warning("Skipped %d invalid subjects (data.skip_invalid=True):\n  %s",
@@ -138,23 +225,26 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str, barrier: Barrier) -> int:
-  """The training slices a run of `cfg` in WORKDIR trains on, without training.
+  """The training slices (3D: volumes) a run of `cfg` in WORKDIR trains on, without training.
 
-  With `data.skip_invalid=True`, or when the slice store for these settings exists, the
+  With `data.skip_invalid=True`, or when the store for these settings exists, the
   count comes from the store (built if absent: only validation, which reads every volume,
   knows the subjects a run leaves out), split as `load_splits` splits it. Otherwise it
   comes from the file headers (and, to find foreground slices, the label volumes)."""
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
-  settings = preprocess.settings_from_config(cfg.data)
-  path = store.store_path(cache_dir(cfg, dataset.root), dataset, settings,
-                          cfg.data.skip_invalid)
+  volumes = cfg.data.spatial_dims == 3
+  settings = volume_settings(cfg.data) if volumes else preprocess.settings_from_config(cfg.data)
+  kind = volume_store if volumes else store
+  path = kind.store_path(cache_dir(cfg, dataset.root), dataset, settings, cfg.data.skip_invalid)
   if cfg.data.skip_invalid or os.path.isdir(path):
     opened = open_store(cfg, dataset, settings, barrier)
-    rows = {v["name"]: v["stop"] - v["start"] for v in opened.volumes}
+    rows = {v["name"]: 1 if volumes else v["stop"] - v["start"] for v in opened.volumes}
     return sum(rows[name] for name in _splits(cfg, workdir, opened, dataset, False)["train"])
   by_name = {c.name: c for c in dataset.training}
   names = split.split_cases(list(by_name), cfg.data.val_fraction, cfg.data.test_fraction,
                             split.split_seed(cfg))["train"]
+  if volumes:
+    return len(names)
   return sum(_header_slice_count(by_name[name], settings) for name in names)
 
 
@@ -189,8 +279,9 @@ def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: i
   draws = loader.epoch_length(train_slices, samples)
   steps_per_epoch = draws // batch
   if steps_per_epoch == 0:
+    unit = "volumes" if cfg.data.spatial_dims == 3 else "slices"
     what = (f"data.augment.samples_per_epoch={samples} draws per epoch" if samples
-            else f"{train_slices} training slices")
+            else f"{train_slices} training {unit}")
     raise ConfigError(f"train.per_device_batch_size={per_device}: the global batch "
                       f"{batch} exceeds the {what}")
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch

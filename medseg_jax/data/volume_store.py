@@ -162,8 +162,8 @@ def _ingest(args) -> tuple[list[str], tuple | None]:
   if problems:
     return problems, None
   canonical = data.image.shape[:3]
-  shape = resample.target_shape(canonical, data.spacing, target)
-  image = resample.resample_image(preprocess.normalise_volume(data.image, schemes, ct), shape)
+  image = prepare_image(data.image, data.spacing, schemes, ct, target)
+  shape = image.shape[:3]
   label = resample.resample_label(data.label, shape).astype(np.uint8)
   locations, counts = foreground_locations(label, settings.foreground_samples)
   info = {"name": case.name, "image": case.image, "label": case.label,
@@ -174,6 +174,15 @@ def _ingest(args) -> tuple[list[str], tuple | None]:
           "class_voxels": {str(c): n for c, n in counts.items()},
           "foreground_rows": len(locations)}
   return [], (image, label, locations, info)
+
+
+def prepare_image(image: np.ndarray, spacing, schemes: tuple[str, ...], ct: dict | None,
+                  target) -> np.ndarray:
+  """A canonical image [X,Y,Z,C] of voxel `spacing` as the store keeps it: normalised per
+  channel (`schemes`, the CT statistics `ct`), then resampled to the `target` spacing.
+  Prediction prepares a new volume with the same function."""
+  shape = resample.target_shape(image.shape[:3], spacing, target)
+  return resample.resample_image(preprocess.normalise_volume(image, schemes, ct), shape)
 
 
 def foreground_locations(label: np.ndarray, cap: int) -> tuple[np.ndarray, dict]:

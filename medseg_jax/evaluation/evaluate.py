@@ -1,4 +1,9 @@
-"""Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage."""
+"""Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage.
+
+A split of slices goes through the compiled eval step in global batches; a split of
+whole volumes (3D) goes volume by volume through sliding-window inference, its windows
+spread over every device and host (`Evaluator.window_run`), and the confusion matrix is
+summed on the host from the whole predicted volume, which every process holds alike."""
 
 import dataclasses
 import os
@@ -10,8 +15,10 @@ from absl import logging
 
 from medseg_jax import files
 from medseg_jax.parallel import multihost
-from medseg_jax.data import loader
-from medseg_jax.evaluation import metrics, overlay
+from medseg_jax.data import loader, volume_loader
+from medseg_jax.evaluation import metrics, overlay, sliding_window
+
+MONTAGE_VOLUMES = 4  # the first volumes of a split shown in its montage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +31,9 @@ class Evaluator:
   num_classes: int
   class_names: list[str]
   workdir: str             # results go to WORKDIR/eval/
+  # 3D: the sliding-window settings, and (placed state) -> run(windows) -> probabilities
+  windows: sliding_window.Windows | None = None
+  window_run: Callable | None = None
 
 
 def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
@@ -51,24 +61,64 @@ def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
   return rows
 
 
-def evaluate(ev: Evaluator, state, data: loader.SliceSet, split: str, step: int,
-             surface: bool = False, monitor=None) -> dict | None:
+def predict_volumes(ev: Evaluator, state, data: volume_loader.VolumeSet, surface: bool
+                    ) -> tuple[np.ndarray, list[dict], list[tuple]]:
+  """(Confusion matrix over every voxel, per-volume rows, (image, label, prediction)
+  slices of the first volumes for the montage) of whole volumes by sliding windows."""
+  run = ev.window_run(state)
+  confusion = np.zeros((ev.num_classes,) * 2, np.int64)
+  rows, shown = [], []
+  for v, name in enumerate(data.names):
+    image, label = data.volume(v)
+    pred = np.argmax(ev.windows.apply(image, run), axis=-1).astype(np.uint8)
+    confusion += metrics.confusion_matrix(label, pred, ev.num_classes)
+    rows.append(dict(volume=name, **metrics.volume_metrics(
+        pred, label, data.spacing[v], ev.num_classes, surface)))
+    if v < MONTAGE_VOLUMES:
+      shown.append(_axial_slice(image, label, pred))
+  return confusion, rows, shown
+
+
+def _axial_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple:
+  """The slice across the last (RAS: S) axis with the most foreground (else the middle)."""
+  axial = lambda x: np.moveaxis(x, 2, 0)
+  row = overlay.pick_slices(axial(label), np.zeros(label.shape[2], np.int64), 1)[0]
+  return axial(image)[row], axial(label)[row], axial(pred)[row]
+
+
+def _montage_rows(shown: list[tuple]) -> list[np.ndarray]:
+  """Images, labels and predictions of `shown` slices stacked, each padded with zeros to
+  the largest (volumes differ in size)."""
+  size = np.max([s[1].shape for s in shown], axis=0)
+  def padded(x):
+    return np.pad(x, [(0, n - m) for n, m in zip(size, x.shape[:2])] + [(0, 0)] * (x.ndim - 2))
+  return [np.stack([padded(s[i]) for s in shown]) for i in range(3)]
+
+
+def evaluate(ev: Evaluator, state, data: loader.SliceSet | volume_loader.VolumeSet,
+             split: str, step: int, surface: bool = False, monitor=None) -> dict | None:
   """Metrics of `state` on `data` (the split named `split`), written to WORKDIR/eval/ (by
   process 0) and to the monitor's event files when one is given."""
   if not len(data):
     return None
-  confusion, preds = predict_split(ev, state, data)
-  rows = per_volume_rows(data, preds, ev.num_classes, surface)
+  if isinstance(data, volume_loader.VolumeSet):
+    confusion, rows, shown = predict_volumes(ev, state, data, surface)
+  else:
+    confusion, preds = predict_split(ev, state, data)
+    rows = per_volume_rows(data, preds, ev.num_classes, surface)
+    shown = None  # read for the montage by process 0 alone
   result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
                 per_volume=metrics.summarize_volumes(rows))
   if jax.process_index() == 0:
     out = os.path.join(ev.workdir, "eval")
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
     files.write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
-    shown = overlay.pick_slices(data.label, data.volume)
+    if shown is None:
+      picked = overlay.pick_slices(data.label, data.volume)
+      shown = zip(data.image[picked], data.label[picked], preds[picked])
     picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
-                                    data.image[shown], data.label[shown], preds[shown],
-                                    ev.class_names, f"{split}, step {step}")
+                                    *_montage_rows(list(shown)), ev.class_names,
+                                    f"{split}, step {step}")
     if monitor is not None:
       monitor.evaluation(split, step, result, picture)
   logging.info("%s at step %d: dice %.4f, mean IoU %.4f, pixel accuracy %.4f", split, step,

@@ -29,6 +29,12 @@ def _nanmean(x: np.ndarray) -> float | None:
   return float(x.mean()) if x.size else None
 
 
+def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+  """[true, predicted] voxel counts of integer maps of one shape, as int64."""
+  index = label.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
+  return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
 def segmentation_metrics(confusion: np.ndarray) -> dict:
   """Dice, pixel accuracy, mean accuracy, mean IoU and frequency-weighted IoU."""
   cm = np.asarray(confusion, np.float64)

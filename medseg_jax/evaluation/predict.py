@@ -3,8 +3,13 @@
 The volume loop is handed `run(slices) -> probabilities`: the compiled predict step over
 the mesh with a train state (`mesh_run`; `training.modes` restores a run's checkpoint,
 `export` reads a model file), or ONNX Runtime on a model file's graph (`export`).
+In 3D (`Volumetric` settings) `run` takes windows [N,d,h,w,C] instead: a volume is
+normalised and resampled to the target spacing as the volume store prepared the training
+volumes, predicted by sliding windows, and its probabilities resampled back to the
+input's grid before the argmax.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -16,8 +21,9 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files
-from medseg_jax.data import decathlon, preprocess
+from medseg_jax.data import decathlon, preprocess, resample, volume_store
 from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.evaluation import sliding_window
 from medseg_jax.parallel import multihost, strategies
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -95,13 +101,36 @@ def plan(input_path: str, output: str, info: dict, overwrite: bool = False,
 Run = Callable[[np.ndarray], np.ndarray]
 
 
-def predict(settings: preprocess.Settings, modalities: tuple[str, ...],
+@dataclasses.dataclass(frozen=True)
+class Volumetric:
+  """The 3D preprocessing and inference of a run (its data_info.json and config)."""
+
+  modalities: tuple              # data.modalities: the channels used, by name or index
+  schemes: tuple[str, ...]       # each channel's normalisation (mri | ct)
+  ct_statistics: dict | None     # the training foreground's CT statistics
+  target_spacing: tuple          # mm, the voxel spacing the network was trained at
+  windows: sliding_window.Windows
+
+
+def volumetric(info: dict, modalities, windows: sliding_window.Windows) -> Volumetric:
+  """`Volumetric` from what a 3D run records in data_info.json (or a model file in
+  model.json), `data.modalities` and the sliding-window settings."""
+  return Volumetric(modalities=tuple(modalities), schemes=tuple(info["normalisation"]),
+                    ct_statistics=info["ct_statistics"],
+                    target_spacing=tuple(info["target_spacing"]), windows=windows)
+
+
+def predict(settings: preprocess.Settings | Volumetric, modalities: tuple[str, ...],
             planned: list[tuple[str, tuple[str, str | None]]], run: Run) -> None:
   """Predicts every planned volume: its slices, preprocessed with `settings` from a volume
   with the dataset's `modalities`, go through `run(slices [N,H,W,C]) -> probabilities
-  [N,H,W,classes]` (every process takes part); process 0 writes."""
+  [N,H,W,classes]` (every process takes part); process 0 writes. With `Volumetric`
+  settings `run` maps windows [N,d,h,w,C] to [N,d,h,w,classes]."""
   for src, (labels_dst, probs_dst) in planned:
-    probs = predict_volume(settings, tuple(modalities), src, run)
+    if isinstance(settings, Volumetric):
+      probs = predict_volume_3d(settings, tuple(modalities), src, run)
+    else:
+      probs = predict_volume(settings, tuple(modalities), src, run)
     if jax.process_index() == 0:
       write_prediction(src, probs, labels_dst, probs_dst)
       logging.info("Wrote %s", labels_dst)
@@ -126,6 +155,18 @@ def predict_volume(settings: preprocess.Settings, modalities: tuple[str, ...], p
   probs = run(slices)                                       # [N,size,size,C]
   in_plane = tuple(int(n) for n in np.delete(np.array(image.shape[:3]), axis))
   return np.moveaxis(preprocess.from_slices(probs, in_plane, settings), 0, axis)
+
+
+def predict_volume_3d(settings: Volumetric, modalities: tuple[str, ...], path: str,
+                      run: Run) -> np.ndarray:
+  """Class probabilities [X,Y,Z,C] in the canonical (RAS) voxel grid of the volume, by
+  sliding windows at the target spacing."""
+  volume = decathlon.load_nifti(path)
+  image = preprocess.select_channels(volume.data, settings.modalities, modalities, path)
+  prepared = volume_store.prepare_image(image, volume.spacing, settings.schemes,
+                                        settings.ct_statistics, settings.target_spacing)
+  probs = settings.windows.apply(prepared, run)
+  return resample.resample_probabilities(probs, image.shape[:3])
 
 
 def _run_batched(par: strategies.Parallel, predict_fn, state, slices: np.ndarray,

@@ -23,6 +23,7 @@ the weighted mean of equal float32 values is that value exactly and the result d
 depend on the batch size; the result is float32.
 """
 
+import dataclasses
 import itertools
 import math
 from typing import Callable, Iterator, Sequence
@@ -42,6 +43,25 @@ def check_settings(overlap: float, gaussian_sigma: float) -> None:
   if not _is_number(gaussian_sigma) or not gaussian_sigma > 0.0:
     raise ConfigError(f"evaluation.gaussian_sigma={gaussian_sigma!r}: must be positive "
                       "(a fraction of the patch size, e.g. 0.125)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """The settings of `sliding_window`: `patch` is `data.patch_size`, `overlap`
+  `evaluation.window_overlap`, `gaussian_sigma` `evaluation.gaussian_sigma`, `mirror`
+  `evaluation.mirror`; `batch` windows go to `run` at a time."""
+
+  patch: tuple[int, int, int]
+  overlap: float = 0.5
+  gaussian_sigma: float = 0.125
+  mirror: bool = False
+  batch: int = 1
+
+  def apply(self, volume: np.ndarray, run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`sliding_window` of `volume` [D,H,W,C] with these settings: probabilities [D,H,W,K]."""
+    return sliding_window(volume, run, self.patch, overlap=self.overlap,
+                          gaussian_sigma=self.gaussian_sigma, batch=self.batch,
+                          mirror=self.mirror)
 
 
 def _is_number(value) -> bool:

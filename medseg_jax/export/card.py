@@ -15,17 +15,31 @@ def render(summary: dict, model: dict, metrics: dict, manifest: dict,
   checkpoint's config and meta, and whether the file carries an ONNX graph."""
   sections = [f"# {summary['name']}", "", _overview(summary, model), "",
               "## Data", "", *_data(model, manifest, cfg), "",
-              "## Metrics", "", *_metrics(metrics, model["classes"]), "",
+              "## Metrics", "", *_metrics(metrics, model["classes"], _is_3d(model)), "",
               "## Training", "", *_training(manifest, cfg, meta), "",
               "## Intended use and limits", "", *_limits(summary, model), "",
               "## How to predict", "", *_how_to(summary, onnx), ""]
   return "\n".join(sections)
 
 
+def _is_3d(model: dict) -> bool:
+  return model["preprocessing"].get("spatial_dims") == 3
+
+
+def _patch(pre: dict) -> str:
+  return "x".join(str(n) for n in pre["patch_size"])
+
+
 def _overview(summary: dict, model: dict) -> str:
   pre = model["preprocessing"]
   classes = ", ".join(f"{label} = {name}" for label, name in
                       zip(summary["labels"], summary["classes"]))
+  if _is_3d(model):
+    return (f"Task: {summary['task']}. A 3D network (`{summary['network']}`) that labels "
+            f"every voxel of a NIfTI volume with one of {len(summary['classes'])} classes "
+            f"({classes}), by sliding windows of {_patch(pre)} voxels at "
+            f"{pre['target_spacing']} mm over {summary['channels']} input channel(s). "
+            f"Exported from step {summary['step']} of its run.")
   return (f"Task: {summary['task']}. A 2D network (`{summary['network']}`) that labels every "
           f"voxel of a NIfTI volume with one of {len(summary['classes'])} classes "
           f"({classes}), slice by slice along axis {pre['slice_axis']}, from "
@@ -37,18 +51,26 @@ def _data(model: dict, manifest: dict, cfg: ml_collections.ConfigDict) -> list[s
   pre = model["preprocessing"]
   data = manifest.get("dataset", {})
   used = list(pre["modalities"]) or list(model["modalities"])
+  if _is_3d(model):
+    counts = ""
+    preprocessing = (f"per channel {pre['channel_normalisation']} (ct: clipped to the "
+                     f"{list(pre['ct_clip_percentiles'])} percentiles of the training "
+                     f"foreground, then z-scored), resampled to {pre['target_spacing']} mm; "
+                     f"training patches of {_patch(pre)} voxels")
+  else:
+    counts = f"; slices: {_splits(model.get('slices'))}"
+    preprocessing = (f"{data.get('normalisation', pre['normalisation'])}; slices "
+                     f"{pre['resize']} to {pre['image_size']}x{pre['image_size']}; training "
+                     f"slices {pre['slice_selection']}")
   return [
       f"- Dataset: {model.get('dataset', '?')}" + (" (synthetic phantoms)"
                                                    if cfg.data.synthetic else ""),
       f"- Input volumes: 3D, or 4D with the modalities {list(model['modalities'])} in this "
       f"order; the model reads {used}",
-      f"- Volumes per split (train/val/test): {_splits(model.get('volumes'))}; slices: "
-      f"{_splits(model.get('slices'))}",
+      f"- Volumes per split (train/val/test): {_splits(model.get('volumes'))}{counts}",
       f"- Split: by volume, validation {cfg.data.val_fraction}, test "
       f"{cfg.data.test_fraction}, seed {cfg.seed}",
-      f"- Preprocessing: {data.get('normalisation', pre['normalisation'])}; slices "
-      f"{pre['resize']} to {pre['image_size']}x{pre['image_size']}; training slices "
-      f"{pre['slice_selection']}",
+      f"- Preprocessing: {preprocessing}",
       f"- Labels: data.label_map {list(pre['label_map']) or 'none (labels as in the dataset)'}"
       f" over the dataset's labels {list(model.get('labels', []))}",
   ]
@@ -60,11 +82,12 @@ def _splits(counts: dict | None) -> str:
   return "/".join(str(counts.get(s, "?")) for s in ("train", "val", "test"))
 
 
-def _metrics(metrics: dict, classes: list[str]) -> list[str]:
+def _metrics(metrics: dict, classes: list[str], volumes: bool = False) -> list[str]:
   test = metrics.get("test")
   if not test:
     return [f"No test metrics: {metrics.get('test_note', 'none recorded')}."]
-  lines = [f"On the test split ({test.get('num_examples', '?')} slices), step {test['step']}:",
+  unit = "volumes" if volumes else "slices"
+  lines = [f"On the test split ({test.get('num_examples', '?')} {unit}), step {test['step']}:",
            ""]
   lines += [f"- {label}: {_number(test.get(key))}" for key, label in _METRICS if key in test]
   per_class = test.get("per_class")
@@ -113,13 +136,20 @@ def _training(manifest: dict, cfg: ml_collections.ConfigDict, meta: dict) -> lis
 
 
 def _limits(summary: dict, model: dict) -> list[str]:
+  if _is_3d(model):
+    pre = model["preprocessing"]
+    sees = [f"- It sees {_patch(pre)} voxels at a time: context beyond a window is not used.",
+            f"- Inputs are resampled to {pre['target_spacing']} mm; fine structures below "
+            "that resolution are lost."]
+  else:
+    sees = ["- It sees one 2D slice at a time: context across slices is not used.",
+            f"- Inputs are resized to {summary['image_size']}x{summary['image_size']}; fine "
+            "structures below that resolution are lost."]
   return [
       "- For research on images like its training data: the same modalities in the same "
       f"order ({list(model['modalities'])}), a similar acquisition and resolution. It is "
       "not a medical device and was not validated for clinical use.",
-      "- It sees one 2D slice at a time: context across slices is not used.",
-      f"- Inputs are resized to {summary['image_size']}x{summary['image_size']}; fine "
-      "structures below that resolution are lost.",
+      *sees,
       "- Its metrics hold for its test split only; measure it on your own data first.",
   ]
 

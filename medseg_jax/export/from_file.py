@@ -40,8 +40,11 @@ class Model:
   info: dict                       # model.json
 
   @property
-  def settings(self) -> preprocess.Settings:
-    """The preprocessing the model was trained with, as model.json records it."""
+  def settings(self) -> preprocess.Settings | predict.Volumetric:
+    """The preprocessing the model was trained with, as model.json records it (3D: with
+    the sliding windows of its config, a global batch of windows over every device)."""
+    if self.cfg.data.spatial_dims == 3:
+      return setup.prediction_settings(self.cfg, self.info, jax.device_count())
     fields = {f.name for f in dataclasses.fields(preprocess.Settings)}
     saved = {k: tuple(v) if isinstance(v, list) else v
              for k, v in self.info["preprocessing"].items() if k in fields}

@@ -1,7 +1,8 @@
 """The ONNX graph of a network's forward pass, and running it with ONNX Runtime on the CPU.
 
-The graph maps images float32 [B,H,W,C] (input "image") to softmax probabilities
-[B,H,W,K] (output "probabilities") for any batch size B; the parameters are constants
+The graph maps images float32 [B,H,W,C] (input "image"; 3D patches [B,D,H,W,C]) to softmax
+probabilities [B,H,W,K] ([B,D,H,W,K]; output "probabilities") for any batch size B; the
+parameters are constants
 inside it, so the graph alone predicts. jax2onnx converts the traced JAX function, so a
 user's network converts like a built-in as long as its operations have an ONNX form.
 
@@ -68,23 +69,25 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
 
 
 def forward_graph(probabilities: Callable[[jax.Array], jax.Array],
-                  image_shape: tuple[int, int, int]) -> bytes:
+                  image_shape: tuple[int, ...]) -> bytes:
   """The serialized ONNX model of `probabilities` (images float32 [B,H,W,C] -> softmax
-  probabilities [B,H,W,K]) for images of `image_shape` (H, W, C) and any batch size B."""
+  probabilities [B,H,W,K]) for images of `image_shape` (H, W, C; a 3D patch: D, H, W, C)
+  and any batch size B."""
   jax2onnx = _import("jax2onnx", "ONNX export")
   _import("onnx", "ONNX export")
-  height, width, channels = (int(n) for n in image_shape)
+  shape = tuple(int(n) for n in image_shape)
   try:
     with _quiet(_CONVERTER_LOGGERS):
-      model = jax2onnx.to_onnx(probabilities, [(BATCH_DIM, height, width, channels)],
+      model = jax2onnx.to_onnx(probabilities, [(BATCH_DIM, *shape)],
                                model_name="medseg_jax", return_mode="proto",
                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     graph = model.SerializeToString()  # a ValueError past protobuf's 2 GiB
   except MedsegError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (a user's network may trace anything)
-    raise MedsegError(f"ONNX export of the network on images [{BATCH_DIM},{height},{width},"
-                      f"{channels}] failed: {type(e).__name__}: {first_line(e)}") from e
+    raise MedsegError(f"ONNX export of the network on images [{BATCH_DIM},"
+                      f"{','.join(map(str, shape))}] failed: {type(e).__name__}: "
+                      f"{first_line(e)}") from e
   return graph
 
 
@@ -118,11 +121,11 @@ def _cores() -> int:
 
 
 def run(sess: Any, images: np.ndarray, batch: int) -> np.ndarray:
-  """Softmax probabilities float32 [N,H,W,K] of `images` [N,H,W,C], fed to the session
-  `sess` in chunks of at most `batch` images."""
+  """Softmax probabilities float32 [N,H,W,K] of `images` [N,H,W,C] (3D: [N,D,H,W,C]), fed
+  to the session `sess` in chunks of at most `batch` images."""
   images = np.asarray(images, np.float32)
   expected = sess.get_inputs()[0].shape[1:]
-  if images.ndim != 4 or list(images.shape[1:]) != list(expected):
+  if list(images.shape[1:]) != list(expected):
     raise MedsegError(f"images of shape {list(images.shape)}: the ONNX graph takes "
                       f"[{BATCH_DIM},{','.join(str(n) for n in expected)}]")
   if batch < 1:

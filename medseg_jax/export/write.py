@@ -20,7 +20,7 @@ from medseg_jax.data import pipeline, preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.evaluation import predict
 from medseg_jax.export import card, onnx_graph
-from medseg_jax.training import checkpoint
+from medseg_jax.training import checkpoint, setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,7 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
       info,
       classes=pipeline.class_names(cfg, info),
       class_labels=list(range(info["num_classes"])),
-      preprocessing=preprocess.settings_from_config(cfg.data).to_dict(),
+      preprocessing=preprocessing(cfg, info),
       network={"name": cfg.model.name, "class": cfg.model.name.rpartition(":")[2],
                "compute_dtype": cfg.model.compute_dtype, "kwargs": cfg.model.kwargs.to_dict(),
                "source": (modelfile.NETWORK_DIR + os.path.basename(carried[0])
@@ -141,6 +141,19 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
       step=run.step,
       checkpoint={"requested": str(run.which), "step": run.step,
                   "directory": os.path.join(checkpoint.directory(run.workdir), str(run.step))})
+
+
+def preprocessing(cfg: ml_collections.ConfigDict, info: dict) -> dict:
+  """model.json's preprocessing: the slice settings, or in 3D the volume settings with the
+  target spacing, each channel's normalisation, the patch and the sliding windows."""
+  if cfg.data.spatial_dims != 3:
+    return preprocess.settings_from_config(cfg.data).to_dict()
+  return dict(pipeline.volume_settings(cfg.data).to_dict(), spatial_dims=3,
+              target_spacing=info["target_spacing"],
+              channel_normalisation=dict(zip(info["channel_names"], info["normalisation"])),
+              patch_size=list(cfg.data.patch_size),
+              window_overlap=cfg.evaluation.window_overlap,
+              gaussian_sigma=cfg.evaluation.gaussian_sigma, mirror=cfg.evaluation.mirror)
 
 
 def metrics_json(run: Run) -> dict:
@@ -158,7 +171,9 @@ def summary(run: Run, name: str | None) -> dict:
   """The index's summary, which `python -m medseg_jax.zoo list` shows."""
   info, cfg = run.info, run.cfg
   test_dice = run.test.get("dice_foreground") if run.test else None
-  return {"name": name or os.path.basename(os.path.abspath(run.workdir)),
+  # A 3D network's input is a patch (zoo list shows it).
+  patch = {"patch_size": list(cfg.data.patch_size)} if cfg.data.spatial_dims == 3 else {}
+  return {**patch, "name": name or os.path.basename(os.path.abspath(run.workdir)),
           "task": _task(info), "classes": pipeline.class_names(cfg, info),
           "labels": list(range(info["num_classes"])), "modalities": list(info["modalities"]),
           "image_size": cfg.data.image_size, "channels": info["channels"],
@@ -205,10 +220,9 @@ def _onnx_graph(run: Run) -> bytes | None:
   variables = {"params": run.variables["params"], **run.variables["model_state"]}
   def probabilities(images):
     return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
-  size = cfg.data.image_size
   started = time.perf_counter()
   try:
-    graph = onnx_graph.forward_graph(probabilities, (size, size, info["channels"]))
+    graph = onnx_graph.forward_graph(probabilities, setup.input_shape(cfg, info["channels"]))
   except MedsegError as e:
     logging.warning("No ONNX graph in the model file (--engine=onnxruntime will not run "
                     "it): %s", e)

@@ -24,8 +24,9 @@ from medseg_jax import components
 from medseg_jax.errors import ConfigError, first_line
 from medseg_jax.models.fcn import FCN
 from medseg_jax.models.unet import UNet
+from medseg_jax.models.unet3d import NORMS as NORMS_3D, UNet3D
 
-MODELS = {"unet": UNet, "fcn": FCN}
+MODELS = {"unet": UNet, "fcn": FCN, "unet3d": UNet3D}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("none", "group", "batch")
 
@@ -56,6 +57,11 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int, image_size: in
 
 def _builtin_kwargs(cfg: ml_collections.ConfigDict, image_size: int) -> dict:
   """The built-in networks' settings, from their own `model.*` keys."""
+  if cfg.name == "unet3d":  # its patch size (data.patch_size) is checked on a call
+    if cfg.norm not in NORMS_3D:
+      raise ConfigError(f"model.norm={cfg.norm!r}: unet3d needs one of {list(NORMS_3D)}")
+    return dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm,
+                depth=cfg.depth)
   if cfg.norm not in NORMS:
     raise ConfigError(f"model.norm={cfg.norm!r}: choose from {list(NORMS)}")
   common = dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm)
@@ -72,12 +78,15 @@ def _check_divisible(name: str, image_size: int, factor: int) -> None:
 
 
 def abstract_variables(cfg: ml_collections.ConfigDict, model: nn.Module, num_classes: int,
-                       size: int, channels: int) -> dict:
+                       size: int | tuple[int, ...], channels: int) -> dict:
   """The network's variables (shapes only, nothing computed), after checking that it
   initialises and maps x [1,size,size,channels] to logits [1,size,size,num_classes] in
-  both modes: a user's network that breaks the contract is one ConfigError."""
+  both modes: a user's network that breaks the contract is one ConfigError. A tuple
+  `size` is the spatial shape itself (a 3D patch: x [1,D,H,W,channels])."""
   component = network(cfg)
-  sample = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+  spatial = (size, size) if isinstance(size, int) else tuple(size)
+  sample = jax.ShapeDtypeStruct((1, *spatial, channels), jnp.float32)
+  shown = ",".join(str(n) for n in sample.shape)
   key = jax.eval_shape(lambda: jax.random.key(0))
   def train(variables, x, rng):
     return model.apply(variables, x, train=True, rngs={"dropout": rng},
@@ -92,14 +101,14 @@ def abstract_variables(cfg: ml_collections.ConfigDict, model: nn.Module, num_cla
   except ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (the user's code may raise anything)
-    raise component.error(f"fails on x [1,{size},{size},{channels}] with __call__(x, train): "
+    raise component.error(f"fails on x [{shown}] with __call__(x, train): "
                           f"{type(e).__name__}: {first_line(e)}") from e
-  expected = (1, size, size, num_classes)
+  expected = (1, *spatial, num_classes)
   for mode, logits in zip((False, True), outputs):
     if mode and model.axis_name is not None:
       logits = jax.ShapeDtypeStruct(logits.shape[1:], logits.dtype)  # vmap's axis
     if getattr(logits, "shape", None) != expected:
       raise component.error(f"returns {getattr(logits, 'shape', type(logits).__name__)} for "
-                            f"x [1,{size},{size},{channels}] with train={mode}; "
+                            f"x [{shown}] with train={mode}; "
                             f"logits {list(expected)} expected")
   return variables

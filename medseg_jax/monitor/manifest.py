@@ -148,24 +148,48 @@ def _cpu_model() -> str:
 
 
 def dataset(cfg, info: dict, class_names: list[str]) -> dict:
-  return {"name": info["dataset"], "root": os.path.abspath(info["root"]),
-          "fingerprint": fingerprint(info["root"]),
-          "modalities_available": list(info["modalities"]),
-          "modalities_used": list(cfg.data.modalities) or list(info["modalities"]),
-          "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
-          "classes": class_names, "image_size": cfg.data.image_size,
-          "slice_axis": cfg.data.slice_axis, "slices_per_volume": cfg.data.slices_per_volume,
-          "slice_selection": cfg.data.slice_selection,
-          "empty_slice_fraction": cfg.data.empty_slice_fraction, "resize": cfg.data.resize,
-          "skipped_invalid": info.get("skipped", []), "slice_store": info.get("store"),
-          "volumes": info["volumes"], "slices": info["slices"],
-          "split": {"val_fraction": cfg.data.val_fraction,
-                    "test_fraction": cfg.data.test_fraction, "seed": split.split_seed(cfg)},
-          "normalisation": NORMALISATION[cfg.data.normalisation].format(
-              list(cfg.data.clip_percentiles)),
-          "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
-                           else "none"),
-          "synthetic": cfg.data.synthetic}
+  common = {"name": info["dataset"], "root": os.path.abspath(info["root"]),
+            "fingerprint": fingerprint(info["root"]),
+            "modalities_available": list(info["modalities"]),
+            "modalities_used": list(cfg.data.modalities) or list(info["modalities"]),
+            "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
+            "classes": class_names, "spatial_dims": cfg.data.spatial_dims,
+            "skipped_invalid": info.get("skipped", []), "volumes": info["volumes"],
+            "split": {"val_fraction": cfg.data.val_fraction,
+                      "test_fraction": cfg.data.test_fraction,
+                      "seed": split.split_seed(cfg)},
+            "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
+                             else "none"),
+            "synthetic": cfg.data.synthetic}
+  if cfg.data.spatial_dims == 3:
+    return dict(common, **_volumes(cfg, info))
+  return dict(common, image_size=cfg.data.image_size, slice_axis=cfg.data.slice_axis,
+              slices_per_volume=cfg.data.slices_per_volume,
+              slice_selection=cfg.data.slice_selection,
+              empty_slice_fraction=cfg.data.empty_slice_fraction, resize=cfg.data.resize,
+              slice_store=info.get("store"), slices=info["slices"],
+              normalisation=NORMALISATION[cfg.data.normalisation].format(
+                  list(cfg.data.clip_percentiles)))
+
+
+def _volumes(cfg, info: dict) -> dict:
+  """The 3D record: spacing, normalisation, patches and their sampling, inference."""
+  return {"volume_store": info.get("store"),
+          "target_spacing": info["target_spacing"],
+          "target_spacing_source": ("data.target_spacing" if cfg.data.target_spacing
+                                    else "median of the training images"),
+          "normalisation": dict(zip(info["channel_names"], info["normalisation"])),
+          "ct_statistics": info["ct_statistics"],
+          "patch_size": list(cfg.data.patch_size),
+          "sampling": {"foreground_fraction": cfg.data.foreground_fraction,
+                       "foreground_samples": cfg.data.foreground_samples,
+                       "patches_per_epoch": info.get("samples_per_epoch"),
+                       "rule": "volume from the epoch's order, position from (seed, epoch, "
+                               "index); the last ceil(fraction x global batch) draws of "
+                               "each global batch centred on a foreground voxel"},
+          "inference": {"window_overlap": cfg.evaluation.window_overlap,
+                        "gaussian_sigma": cfg.evaluation.gaussian_sigma,
+                        "mirror": cfg.evaluation.mirror}}
 
 
 def fingerprint(root: str) -> str:

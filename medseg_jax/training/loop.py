@@ -18,7 +18,7 @@ from absl import logging
 
 from medseg_jax import files, optim
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.data import loader
+from medseg_jax.data import pipeline
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest, profiler
 from medseg_jax.training import checkpoint, decisions, plugins, preemption, warm_start
@@ -136,7 +136,7 @@ def _batches(setup: Setup, step: int,
   data, batch, draws = setup.data["train"], setup.global_batch, setup.epoch_draws
   while step < setup.num_steps:
     position = decisions.epoch_start(position, batch, draws)
-    for local in loader.train_batches(data, batch, setup.cfg.seed, position.epoch,
+    for local in pipeline.train_batches(data, batch, setup.cfg.seed, position.epoch,
                                         jax.process_index(), jax.process_count(),
                                         position.offset, draws=draws):
       step, position = step + 1, decisions.after_step(position, batch, draws)

@@ -1,10 +1,10 @@
 """Segmentation losses, computed per sample so that any sharding of a batch gives the same value.
 
 Every loss, built-in or the user's own (`train.loss=module:name` or `file.py:name`), maps
-logits [B,H,W,C] and integer labels [B,H,W] to one value per sample [B]; the caller
-averages over the global batch. Per sample because that is exact under any sharding: a
-mean of equal-size shard means is the global mean, whereas a loss over a whole batch (a
-batch Dice, say) changes with the number of devices the batch is split over.
+logits [B,H,W,C] and integer labels [B,H,W] (in 3D, [B,D,H,W,C] and [B,D,H,W]) to one value
+per sample [B]; the caller averages over the global batch. Per sample because that is exact
+under any sharding: a mean of equal-size shard means is the global mean, whereas a loss over
+a whole batch (a batch Dice, say) changes with the number of devices the batch is split over.
 """
 
 from typing import Callable
@@ -18,11 +18,16 @@ from medseg_jax.errors import first_line
 DICE_SMOOTH = 1.0  # keeps empty classes finite: empty truth + empty prediction -> Dice 1
 
 
+def _spatial_axes(logits: jax.Array) -> tuple:
+  """The axes between the batch and the classes: (H, W) in 2D, (D, H, W) in 3D."""
+  return tuple(range(1, logits.ndim - 1))
+
+
 def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """1 - soft Dice averaged over classes, per sample: [B,H,W,C], [B,H,W] -> [B]."""
+  """1 - soft Dice averaged over classes, per sample: [B,...,C], [B,...] -> [B]."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  axes = (1, 2)
+  axes = _spatial_axes(logits)
   intersection = jnp.sum(probs * onehot, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
   dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
@@ -33,7 +38,7 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Pixel-wise softmax cross-entropy averaged over pixels, per sample: -> [B]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  return jnp.mean(nll, axis=(1, 2))
+  return jnp.mean(nll, axis=_spatial_axes(logits))
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -59,15 +64,18 @@ def get_loss(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   return loss_component(spec).obj
 
 
-def check_loss(spec: str, num_classes: int) -> None:
-  """Raises a ConfigError unless the loss maps logits [2,8,8,C] and labels [2,8,8] to [2]."""
+def check_loss(spec: str, num_classes: int, spatial_dims: int = 2) -> None:
+  """Raises a ConfigError unless the loss maps logits [2,8,8,C] and labels [2,8,8] to [2]
+  (with `spatial_dims` 3: [2,8,8,8,C] and [2,8,8,8])."""
   component = loss_component(spec)
-  logits = jax.ShapeDtypeStruct((2, 8, 8, num_classes), jnp.float32)
-  labels = jax.ShapeDtypeStruct((2, 8, 8), jnp.int32)
+  spatial = (2,) + (8,) * spatial_dims
+  logits = jax.ShapeDtypeStruct(spatial + (num_classes,), jnp.float32)
+  labels = jax.ShapeDtypeStruct(spatial, jnp.int32)
+  shown = ",".join(map(str, spatial))
   try:
     out = jax.eval_shape(component.obj, logits, labels)
   except Exception as e:  # pylint: disable=broad-except  (the user's code may raise anything)
-    raise component.error(f"fails on logits [2,8,8,{num_classes}] and labels [2,8,8]: "
+    raise component.error(f"fails on logits [{shown},{num_classes}] and labels [{shown}]: "
                           f"{type(e).__name__}: {first_line(e)}") from e
   if getattr(out, "shape", None) != (2,):
     raise component.error(f"returns {getattr(out, 'shape', type(out).__name__)} for a batch "

@@ -6,7 +6,6 @@ import jax
 import ml_collections
 import optax
 
-from medseg_jax.data import preprocess
 from medseg_jax.evaluation import evaluate, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
@@ -39,5 +38,6 @@ def predict_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   state = checkpoint.restore_state(cfg, workdir, which, par, template)
   run = predict.mesh_run(par, par.predict_step(step.predict_step), state,
                          setup.eval_batch(cfg, par.num_devices))
-  predict.predict(preprocess.settings_from_config(cfg.data), info["modalities"], planned, run)
+  predict.predict(setup.prediction_settings(cfg, info, par.num_devices), info["modalities"],
+                  planned, run)
   return [outputs for _, outputs in planned]

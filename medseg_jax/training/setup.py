@@ -10,8 +10,8 @@ from absl import logging
 
 from medseg_jax import models, optim
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.data import augment, loader, pipeline
-from medseg_jax.evaluation import evaluate
+from medseg_jax.data import loader, pipeline, preprocess, volume_loader
+from medseg_jax.evaluation import evaluate, predict, sliding_window
 from medseg_jax.training import losses, plugins, step
 from medseg_jax.training.state import TrainState, init_state
 
@@ -23,7 +23,7 @@ class Setup:
   cfg: ml_collections.ConfigDict
   workdir: str
   par: strategies.Parallel
-  data: dict[str, loader.SliceSet]
+  data: dict[str, loader.SliceSet | volume_loader.VolumeSet]
   data_info: dict               # as WORKDIR/data_info.json records it
   lr: optim.ResolvedSchedule
   global_batch: int
@@ -44,7 +44,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel
   global_batch, steps_per_epoch, num_steps = (plan.global_batch, plan.steps_per_epoch,
                                               plan.num_steps)
   num_classes = pipeline.num_classes(cfg, info)
-  channels = int(data["train"].image.shape[-1])
+  channels = data["train"].channels
   info = dict(info, num_classes=num_classes, channels=channels,
               samples_per_epoch=plan.epoch_draws)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
@@ -62,7 +62,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel
                init_rng=step_rng,
                train_step=par.train_step(functools.partial(
                    step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
-                   augment=augment.from_config(cfg.data.augment))),
+                   augment=pipeline.augmentation(cfg.data))),
                evaluator=make_evaluator(cfg, workdir, par, num_classes,
                                         pipeline.class_names(cfg, info)),
                components=component_records(cfg))
@@ -72,19 +72,51 @@ def build_state(cfg: ml_collections.ConfigDict, par: strategies.Parallel, num_cl
                 channels: int, schedule: Callable, rng: jax.Array) -> TrainState:
   """A fresh host-side TrainState for the model and optimizer of `cfg`."""
   model = models.build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
-  size = cfg.data.image_size
-  return init_state(model, optim.make_optimizer(cfg, schedule), rng, (size, size, channels))
+  return init_state(model, optim.make_optimizer(cfg, schedule), rng,
+                    input_shape(cfg, channels))
+
+
+def input_shape(cfg: ml_collections.ConfigDict, channels: int) -> tuple[int, ...]:
+  """One example's shape: (image_size, image_size, channels), or with data.spatial_dims=3
+  a patch (D, H, W, channels) of data.patch_size."""
+  if cfg.data.spatial_dims == 3:
+    return tuple(int(n) for n in cfg.data.patch_size) + (channels,)
+  return (cfg.data.image_size, cfg.data.image_size, channels)
 
 
 def make_evaluator(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel,
                    num_classes: int, class_names: list[str]) -> evaluate.Evaluator:
-  """The compiled eval step with what evaluation needs to batch and report."""
+  """The compiled eval step (3D: predict step over sliding windows) with what evaluation
+  needs to batch and report."""
+  volumes = cfg.data.spatial_dims == 3
+  batch = eval_batch(cfg, par.num_devices)
+  predict_fn = par.predict_step(step.predict_step) if volumes else None
   return evaluate.Evaluator(eval_step=par.eval_step(functools.partial(
                                 step.eval_step, num_classes=num_classes)),
-                            put_batch=par.put_batch,
-                            global_batch=eval_batch(cfg, par.num_devices),
+                            put_batch=par.put_batch, global_batch=batch,
                             num_classes=num_classes, class_names=class_names,
-                            workdir=workdir)
+                            workdir=workdir,
+                            windows=windows(cfg, par.num_devices) if volumes else None,
+                            window_run=(lambda state: predict.mesh_run(
+                                par, predict_fn, state, batch)) if volumes else None)
+
+
+def windows(cfg: ml_collections.ConfigDict, num_devices: int) -> sliding_window.Windows:
+  """The sliding-window settings of `cfg` (3D), a global eval batch of windows at a time."""
+  ev = cfg.evaluation
+  return sliding_window.Windows(patch=tuple(int(n) for n in cfg.data.patch_size),
+                                overlap=float(ev.window_overlap),
+                                gaussian_sigma=float(ev.gaussian_sigma),
+                                mirror=bool(ev.mirror), batch=eval_batch(cfg, num_devices))
+
+
+def prediction_settings(cfg: ml_collections.ConfigDict, info: dict, num_devices: int
+                        ) -> preprocess.Settings | predict.Volumetric:
+  """How `evaluation.predict` prepares and predicts a new volume for the run of `cfg`,
+  whose data_info.json (or model.json) is `info`."""
+  if cfg.data.spatial_dims == 3:
+    return predict.volumetric(info, cfg.data.modalities, windows(cfg, num_devices))
+  return preprocess.settings_from_config(cfg.data)
 
 
 def eval_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
