@@ -6,6 +6,7 @@ import os
 import sys
 
 import jax
+import nibabel as nib
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -94,3 +95,20 @@ def predict(cfg, workdir: str, input_path: str, output: str, which: str = "lates
   from medseg_jax.training import modes  # pylint: disable=import-outside-toplevel
   return modes.predict_checkpoint(cfg, str(workdir), parallel(cfg), input_path, output, which,
                                   **kwargs)
+
+
+def assert_same_predictions(reference, output, volumes: int = 2) -> None:
+  """The prediction folder `output` holds the files of `reference` (label maps and
+  probabilities of `volumes` volumes), the label maps byte for byte, each with more than
+  one label (so misplaced rows or windows would show), the probabilities within 1e-6."""
+  names = sorted(os.listdir(reference))
+  assert names == sorted(os.listdir(output)) and len(names) == 2 * volumes
+  for name in names:
+    theirs, ours = nib.load(reference / name), nib.load(output / name)
+    if name.endswith("_probs.nii.gz"):
+      np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), atol=1e-6)
+      continue
+    labels = np.asarray(theirs.dataobj)
+    assert len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), labels)
+    assert (output / name).read_bytes() == (reference / name).read_bytes()

@@ -146,20 +146,6 @@ def predicted(tmp_path_factory):
   return workdir
 
 
-def _assert_same_predictions(reference, output):
-  names = sorted(os.listdir(reference))
-  assert names == sorted(os.listdir(output)) and len(names) == 4  # 2 volumes, labels + probs
-  for name in names:
-    theirs, ours = nib.load(reference / name), nib.load(output / name)
-    if name.endswith("_probs.nii.gz"):
-      np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), atol=1e-6)
-      continue
-    labels = np.asarray(theirs.dataobj)
-    assert len(np.unique(labels)) > 1  # windows told apart, so misplaced ones would show
-    np.testing.assert_array_equal(np.asarray(ours.dataobj), labels)
-    assert (output / name).read_bytes() == (reference / name).read_bytes()
-
-
 @pytest.mark.parametrize("devices", [1, 2])
 def test_two_processes_predict_3d_what_one_process_predicts(predicted, tmp_path, devices):
   """Each process feeds its own windows of each batch; process 0 writes the result."""
@@ -170,7 +156,7 @@ def test_two_processes_predict_3d_what_one_process_predicts(predicted, tmp_path,
       cwd=REPO, env=dict(env_with_devices(), CPU_DEVICES_PER_PROCESS=str(devices)),
       capture_output=True, text=True, timeout=300)
   assert launched.returncode == 0, launched.stderr[-3000:]
-  _assert_same_predictions(predicted / "one", output)
+  helpers.assert_same_predictions(predicted / "one", output)
   source = nib.load(f"{predicted}/data/imagesTs/phantom_008.nii.gz")
   written = nib.load(output / "phantom_008.nii.gz")
   assert written.shape == source.shape and np.allclose(written.affine, source.affine)
@@ -188,7 +174,7 @@ def test_a_3d_model_file_predicts_what_its_run_predicts(predicted, tmp_path):
   assert model.info["target_spacing"] == [1.0, 1.0, 2.0]
   from_file.predict_files(model, f"{predicted}/data/imagesTs", str(tmp_path / "jax"),
                           probabilities=True)
-  _assert_same_predictions(predicted / "one", tmp_path / "jax")
+  helpers.assert_same_predictions(predicted / "one", tmp_path / "jax")
   if model.file.onnx is not None:
     from_file.predict_files(model, f"{predicted}/data/imagesTs", str(tmp_path / "onnx"),
                             "onnxruntime", probabilities=True)
