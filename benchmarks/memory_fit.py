@@ -1,6 +1,8 @@
-"""The largest per-device batch of the thesis U-Net whose train step fits a device's memory.
+"""The largest per-device batch whose train step fits a device's memory: the thesis U-Net,
+or the network, input, optimizer, loss and augmentation of a config file (2D or 3D).
 
     python benchmarks/memory_fit.py      # --device_memory_gib=11 --size=256 (a GTX 1080 Ti)
+    python benchmarks/memory_fit.py --config=configs/unet3d_brats.py --device_memory_gib=16,24,40,80
 
 The memory of one train step (parameters, optimizer state, batch, activations kept
 for the backward pass, gradients, temporaries) comes from XLA's buffer assignment of
@@ -9,6 +11,14 @@ aliases + temporaries. No accelerator is needed: the step is compiled for this C
 the figures are XLA:CPU's buffer plan; a GPU's plan differs in fusion and adds the
 CUDA context and cuDNN workspaces. The budget is the device memory times JAX's default
 preallocated fraction (0.75) and times 1.0 (the whole card).
+
+With --config, the step is the one training builds from that config: its network
+(`model.*`), one example of `data.image_size` slices or `data.patch_size` patches
+(`data.spatial_dims`), its optimizer state, loss and on-device augmentation; the class
+count and channels are those of `data.label_map` and `data.modalities`, as the config
+check assumes. The batch is per device (a data-parallel step on N devices holds N times
+it globally). Each dtype of --dtypes is the compute dtype (`model.compute_dtype`); the
+parameters, gradients and optimizer state stay float32, as in training.
 """
 
 import argparse
@@ -17,33 +27,56 @@ import json
 import os
 import sys
 
+import ml_collections
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
 
-def step_memory(batch: int, size: int, dtype: str, base: int, depth: int) -> dict:
-  """XLA's memory analysis of the compiled train step at per-device `batch`."""
+def thesis_config(size: int, base: int, depth: int) -> ml_collections.ConfigDict:
+  """configs/base.py with the thesis U-Net at `size`x`size`: SGD with momentum, Dice + CE,
+  no augmentation."""
+  sys.path.insert(0, REPO)
+  from configs import base as base_config
+  cfg = base_config.get_config()
+  cfg.model.update({"name": "unet", "base_features": base, "depth": depth})
+  cfg.data.image_size = size
+  return cfg
+
+
+def example_shape(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One training example (slice or patch, channels last) of `cfg`."""
+  sys.path.insert(0, REPO)
+  from medseg_jax.training import setup
+  return setup.input_shape(cfg, len(cfg.data.modalities) or 1)
+
+
+def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict:
+  """XLA's memory analysis of the compiled train step of `cfg` at per-device `batch`."""
   sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
-  from configs import base as base_config
   from medseg_jax import optim
-  from medseg_jax.training import losses, state, step
+  from medseg_jax.data import pipeline
   from medseg_jax.models import build_model
+  from medseg_jax.training import losses, state, step
 
-  cfg = base_config.get_config()
-  cfg.model.update({"name": "unet", "base_features": base, "depth": depth,
-                    "compute_dtype": dtype})
-  model = build_model(cfg.model, 2, size)
-  tx = optim.make_optimizer(cfg, 1e-5)   # SGD with momentum, as the thesis
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.compute_dtype = dtype
+  num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
+  model = build_model(cfg.model, num_classes, cfg.data.image_size)
+  tx = optim.make_optimizer(cfg, float(cfg.optim.lr))
+  example = example_shape(cfg)
 
   def init():
-    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)))["params"]
+    params = model.init(jax.random.key(0), jnp.zeros((1,) + example))["params"]
     return state.TrainState.create(apply_fn=model.apply, params=params, model_state={}, tx=tx)
-  fn = functools.partial(step.train_step, loss_fn=losses.dice_ce_loss,
-                         reduce_mean=lambda tree: tree)
-  batch_shapes = {"image": jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
-                  "label": jax.ShapeDtypeStruct((batch, size, size), jnp.int32)}
+  fn = functools.partial(step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
+                         reduce_mean=lambda tree: tree,
+                         augment=pipeline.augmentation(cfg.data))
+  batch_shapes = {"image": jax.ShapeDtypeStruct((batch,) + example, jnp.float32),
+                  "label": jax.ShapeDtypeStruct((batch,) + example[:-1], jnp.int32)}
   compiled = jax.jit(fn, donate_argnums=0).lower(
       jax.eval_shape(init), batch_shapes, jax.random.key(0)).compile()
   m = compiled.memory_analysis()
@@ -51,6 +84,43 @@ def step_memory(batch: int, size: int, dtype: str, base: int, depth: int) -> dic
           + m.temp_size_in_bytes)
   return {"batch": batch, "peak": peak, "arguments": m.argument_size_in_bytes,
           "temp": m.temp_size_in_bytes}
+
+
+def residual_bytes(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict[str, int]:
+  """Bytes by dtype of what differentiation keeps from the forward pass for the backward
+  pass (the leaves of `jax.vjp`'s closure), before any compiler: this shows what a compute
+  dtype saves where XLA:CPU's plan cannot (it runs bfloat16 arithmetic in float32)."""
+  sys.path.insert(0, REPO)
+  import jax
+  import jax.numpy as jnp
+  from medseg_jax.models import build_model
+  from medseg_jax.training import losses
+
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.compute_dtype = dtype
+  num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
+  model = build_model(cfg.model, num_classes, cfg.data.image_size)
+  loss_fn = losses.get_loss(cfg.train.loss)
+  example = example_shape(cfg)
+
+  def kept(images, labels):
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    objective = lambda p: jnp.mean(loss_fn(model.apply({"params": p}, images, train=True),
+                                           labels))
+    return jax.vjp(objective, params)[1]
+  leaves = jax.tree.leaves(jax.eval_shape(
+      kept, jax.ShapeDtypeStruct((batch,) + example, jnp.float32),
+      jax.ShapeDtypeStruct((batch,) + example[:-1], jnp.int32)))
+  sizes = {}
+  for leaf in leaves:
+    sizes[str(leaf.dtype)] = sizes.get(str(leaf.dtype), 0) + leaf.size * leaf.dtype.itemsize
+  return sizes
+
+
+def residuals_per_example(cfg: ml_collections.ConfigDict, dtype: str) -> dict[str, float]:
+  """MiB per example, by dtype, kept for the backward pass (batch 2 minus batch 1)."""
+  one, two = residual_bytes(1, cfg, dtype), residual_bytes(2, cfg, dtype)
+  return {k: (two[k] - one.get(k, 0)) / 2**20 for k in two}
 
 
 def largest_batch(budget: float, measure) -> tuple[int, dict]:
@@ -73,35 +143,99 @@ def largest_batch(budget: float, measure) -> tuple[int, dict]:
   return b, cache
 
 
+def interpolated_batches(budgets: list[float], measure) -> tuple[list[int], dict]:
+  """The largest batch for each budget, compiled only for the largest budget (as
+  `largest_batch` finds it) and batches 1 and 2; the peaks of the other batches are
+  interpolated linearly between the compiled ones ("fitted"). A few compiles instead of
+  two per budget, where one compile takes minutes (3D at nnU-Net's patch sizes)."""
+  top, cache = largest_batch(max(budgets), measure)
+  known = sorted(cache)
+  for b in range(1, top + 2):
+    if b not in cache:
+      peak = float(np.interp(b, known, [cache[k]["peak"] for k in known]))
+      cache[b] = {"batch": b, "peak": peak, "fitted": True}
+  batches = [max([b for b in range(1, top + 1) if cache[b]["peak"] <= budget], default=0)
+             for budget in budgets]
+  return batches, cache
+
+
+def fit_rows(measure, dtype: str, memories: list[float], search: str) -> list[dict]:
+  """The largest batch of `dtype` for 75% and 100% of every device memory; the compiled
+  steps are shared between budgets."""
+  budgets = [fraction * memory * GIB for memory in memories for fraction in (0.75, 1.0)]
+  if search == "interpolated":
+    batches, cache = interpolated_batches(budgets, measure)
+  else:
+    batches, cache = [], {}
+    memo = lambda b: cache[b] if b in cache else measure(b)  # one compile per batch
+    for budget in budgets:
+      batch, found = largest_batch(budget, memo)
+      batches.append(batch)
+      cache.update(found)
+  per_example = (cache[2]["peak"] - cache[1]["peak"]) / GIB
+  fixed = cache[1]["peak"] / GIB - per_example
+  rows = []
+  for budget, batch in zip(budgets, batches):
+    memory, fraction = (memories[len(rows) // 2], (0.75, 1.0)[len(rows) % 2])
+    row = {"dtype": dtype, "device_memory_gib": memory, "fraction": fraction,
+           "budget_gib": budget / GIB, "largest_batch": batch,
+           "peak_gib": cache[batch]["peak"] / GIB if batch else None,
+           "next_peak_gib": cache[batch + 1]["peak"] / GIB,
+           "compiled": [b for b in (batch, batch + 1) if b and not cache[b].get("fitted")],
+           "per_slice_gib": per_example, "fixed_gib": fixed}
+    rows.append(row)
+    peak = f"{row['peak_gib']:.2f}" if batch else "-"
+    print(f"{dtype:8} budget {budget / GIB:5.2f} GiB ({fraction:.0%} of {memory:g}): "
+          f"largest batch {batch} (peak {peak} GiB; batch {batch + 1}: "
+          f"{row['next_peak_gib']:.2f} GiB); {per_example * 1024:.0f} MiB per example + "
+          f"{fixed * 1024:.0f} MiB fixed", flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--device_memory_gib", type=float, default=11.0)
+  p.add_argument("--device_memory_gib", default="11",
+                 help="device memories in GiB, comma-separated (e.g. 16,24,40,80)")
+  p.add_argument("--config", default="",
+                 help="a config file (configs/unet3d_brats.py): its network, input, optimizer, "
+                      "loss and augmentation; --size, --base_features and --depth are unused")
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--base_features", type=int, default=64)
   p.add_argument("--depth", type=int, default=4)
   p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--cpu_shifted_gradient", action="store_true",
+                 help="3D: keep the CPU backend's shifted kernel gradients "
+                      "(models/conv3d_cpu.py), which this CPU trains with; by default every "
+                      "convolution is XLA's own, as a GPU runs it")
+  p.add_argument("--search", choices=("exact", "interpolated"), default="exact",
+                 help="exact: compile the batches either side of every budget's boundary; "
+                      "interpolated: only those of the largest budget (and batches 1, 2), "
+                      "the peaks between interpolated")
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   args = p.parse_args()
-  print(f"U-Net base {args.base_features}, depth {args.depth}, {args.size}x{args.size}x1, "
-        f"2 classes, SGD momentum, Dice+CE; device memory {args.device_memory_gib} GiB")
-  result = {"device_memory_gib": args.device_memory_gib, "size": args.size, "rows": []}
+  sys.path.insert(0, REPO)
+  from medseg_jax import cli
+  from medseg_jax.models import conv3d_cpu
+  if not args.cpu_shifted_gradient:
+    conv3d_cpu.MAX_VOXELS = 0  # use_shifted then never applies: XLA's convolutions only
+  memories = [float(m) for m in args.device_memory_gib.split(",")]
+  cfg = (cli.load_config(args.config) if args.config
+         else thesis_config(args.size, args.base_features, args.depth))
+  example = example_shape(cfg)
+  m = cfg.model
+  print(f"{args.config or 'thesis U-Net'}: {m.name} base {m.base_features}, depth {m.depth}, "
+        f"norm {m.norm}, example {'x'.join(map(str, example))}, optimizer {cfg.optim.name}, "
+        f"loss {cfg.train.loss}, augmentation {'on' if cfg.data.augment.enabled else 'off'}; "
+        f"device memory {args.device_memory_gib} GiB", flush=True)
+  result = {"config": args.config, "device_memory_gib": memories, "size": args.size,
+            "search": args.search, "example": list(example), "rows": []}
   for dtype in args.dtypes.split(","):
-    measure = functools.partial(step_memory, size=args.size, dtype=dtype,
-                                base=args.base_features, depth=args.depth)
-    measured = {}
-    for fraction in (0.75, 1.0):
-      budget = fraction * args.device_memory_gib * GIB
-      batch, cache = largest_batch(budget, lambda b: measured.setdefault(b, measure(b)))
-      per_slice = (cache[2]["peak"] - cache[1]["peak"]) / GIB
-      fixed = cache[1]["peak"] / GIB - per_slice
-      row = {"dtype": dtype, "fraction": fraction, "budget_gib": budget / GIB,
-             "largest_batch": batch, "peak_gib": cache[batch]["peak"] / GIB if batch else None,
-             "next_peak_gib": cache[batch + 1]["peak"] / GIB, "per_slice_gib": per_slice,
-             "fixed_gib": fixed}
-      result["rows"].append(row)
-      print(f"{dtype:8} budget {budget / GIB:5.2f} GiB ({fraction:.0%}): largest batch {batch} "
-            f"(peak {row['peak_gib']:.2f} GiB; batch {batch + 1}: {row['next_peak_gib']:.2f} GiB)"
-            f"; {per_slice * 1024:.0f} MiB per slice + {fixed * 1024:.0f} MiB fixed")
+    measure = functools.partial(step_memory, cfg=cfg, dtype=dtype)
+    kept = residuals_per_example(cfg, dtype)
+    result.setdefault("kept_mib_per_example", {})[dtype] = kept
+    print(f"{dtype:8} kept for the backward pass: {sum(kept.values()):.1f} MiB per example ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kept.items())) + ")", flush=True)
+    result["rows"] += fit_rows(measure, dtype, memories, args.search)
   if args.json:
     print(json.dumps(result))
 

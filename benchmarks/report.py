@@ -135,7 +135,7 @@ def scaling_md(r: dict) -> list[str]:
 
 def memory_md(r: dict) -> list[str]:
   out = [f"Thesis U-Net (base 64, depth 4), {r['size']}×{r['size']}×1, SGD with momentum, "
-         f"device memory {r['device_memory_gib']} GiB.", "",
+         f"device memory {', '.join(f'{m:g}' for m in r['device_memory_gib'])} GiB.", "",
          "| compute dtype | budget GiB | largest batch | its peak GiB | MiB per slice | "
          "fixed MiB |", "|---|---|---|---|---|---|"]
   for row in r["rows"]:

@@ -235,7 +235,7 @@ def test_a_longer_augmented_epoch_resumes_mid_epoch_bitwise_equal(tmp_path, logs
   shutil.rmtree(os.path.join(workdir, "checkpoints", "13"))  # lost in a crash after step 9
   logs.clear()
   _train(workdir, *longer)
-  assert "Resuming from checkpoint at step 9 (epoch 0, slice 36 of its order)" in logs.text
+  assert "Resuming from checkpoint at step 9 (epoch 0, 36 slices into its order)" in logs.text
   _assert_same_state(workdir, reference, step=13)
 
 

@@ -12,6 +12,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 import helpers
 from helpers import REPO, checkpoint_arrays, env_with_devices
@@ -234,6 +235,26 @@ def test_the_3d_quickstart_trains_validates_and_tests_whole_volumes(quickstart3d
   assert dataset["augmentation"]["enabled"] is True
   with open(workdir / "config.json") as f:
     assert json.load(f)["model"]["name"] == "unet3d"
+
+
+def test_the_3d_quickstart_logs_its_throughput_in_patches(quickstart3d):
+  """A 3D batch holds patches: the log lines, metrics.jsonl and TensorBoard say patches/s,
+  the global batch of patches over the logged step time."""
+  _, workdir, proc = quickstart3d
+  with open(workdir / "manifest.json") as f:
+    global_batch = json.load(f)["training"]["global_batch"]
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  for r in records:
+    assert not any(key.startswith("slices") for key in r)
+    assert r["patches_per_sec"] == pytest.approx(global_batch / r["step_time"], rel=1e-6)
+  assert "patches/s" in proc.stderr and "slices/s" not in proc.stderr
+  assert "patches drawn per epoch)" in proc.stderr
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+  acc.Reload()
+  tags = set(acc.Tags()["scalars"])
+  assert {"train/patches_per_sec", "train/patches_per_sec_per_device"} <= tags
+  assert not any("slices" in tag for tag in tags)
 
 
 def test_the_3d_quickstart_predicts_its_test_volumes_in_their_space(quickstart3d):

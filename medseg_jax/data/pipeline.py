@@ -271,6 +271,12 @@ class EpochPlan:
   epoch_draws: int     # slices drawn per epoch (`loader.epoch_length`)
 
 
+def example_unit(data_cfg: ml_collections.ConfigDict) -> str:
+  """What a training example is, for log lines and throughput keys: "slices", or with
+  `data.spatial_dims=3` "patches"."""
+  return "patches" if data_cfg.spatial_dims == 3 else "slices"
+
+
 def epoch_plan(cfg: ml_collections.ConfigDict, train_slices: int, num_devices: int) -> EpochPlan:
   """Global batch, steps per epoch and the run's steps, for training and the LR plan alike."""
   per_device = cfg.train.per_device_batch_size

@@ -24,6 +24,9 @@ from medseg_jax import files
 from medseg_jax.parallel import multihost
 
 EMA_DECAYS = (0.9, 0.99, 0.999)
+# Throughput is logged per training example: slices, or patches in 3D
+# (data.pipeline.example_unit), as `<unit>_per_sec` and `<unit>_per_sec_per_device`.
+THROUGHPUT_UNITS = ("slices", "patches")
 
 
 def sample_system(devices) -> dict[str, float]:
@@ -209,17 +212,21 @@ class Monitor:
         self._ema[decay] = decay * previous + (1 - decay) * loss
         self._writer.add_scalar(f"train/loss_ema_{decay}", self._ema[decay], step)
     step = record["step"]
-    for key in ("learning_rate", "grad_norm", "slices_per_sec", "slices_per_sec_per_device",
-                "step_time", "data_wait_time", "compute_time"):
+    throughput = [f"{unit}_per_sec{each}" for unit in THROUGHPUT_UNITS
+                  for each in ("", "_per_device")]
+    for key in ("learning_rate", "grad_norm", *throughput, "step_time", "data_wait_time",
+                "compute_time"):
       if key in record:
         self._writer.add_scalar(f"train/{key}", record[key], step)
     for key, value in system.items():
       self._writer.add_scalar(key, value, step)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
+      rates = {f"{unit}_s": f"{record[f'{unit}_per_sec']:.1f}" for unit in THROUGHPUT_UNITS
+               if f"{unit}_per_sec" in record}
       self._bar.set_postfix(epoch=f"{step / self.steps_per_epoch:.2f}",
                             loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.3g}",
-                            slices_s=f"{record['slices_per_sec']:.1f}", refresh=False)
+                            **rates, refresh=False)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     """One TensorBoard scalar (a plugin's), on process 0."""

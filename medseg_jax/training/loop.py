@@ -232,8 +232,8 @@ def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
   meta, state, step = restored.meta, restored.state, restored.step
   position = Position(meta["epoch"], meta["offset"])
   if meta["global_batch"] == setup.global_batch:
-    logging.info("Resuming from checkpoint at step %d (epoch %d, slice %d of its order)",
-                 step, position.epoch, position.offset)
+    logging.info("Resuming from checkpoint at step %d (epoch %d, %d %s into its order)",
+                 step, position.epoch, position.offset, pipeline.example_unit(setup.cfg.data))
   else:
     step = decisions.renumbered_step(position, setup.steps_per_epoch, setup.global_batch)
     state = state.replace(step=jnp.asarray(step, state.step.dtype),
@@ -269,19 +269,20 @@ def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: di
   """Loss averaged over the window since the last record, LR, throughput and timing."""
   losses = [float(x) for x in multihost.to_host(losses)]
   steps = len(losses)
-  slices_per_sec = steps * setup.global_batch / elapsed
+  unit = pipeline.example_unit(setup.cfg.data)  # slices, or patches in 3D
+  per_sec = steps * setup.global_batch / elapsed
   lr = float(setup.lr.schedule(step - 1))
   record = {"epoch": step / setup.steps_per_epoch, "loss": float(np.mean(losses)),
             "learning_rate": lr, "grad_norm": float(multihost.to_host(step_metrics["grad_norm"])),
-            "slices_per_sec": slices_per_sec,
-            "slices_per_sec_per_device": slices_per_sec / setup.par.num_devices,
+            f"{unit}_per_sec": per_sec,
+            f"{unit}_per_sec_per_device": per_sec / setup.par.num_devices,
             "step_time": elapsed / steps, "data_wait_time": data_wait / steps,
             "compute_time": (elapsed - data_wait) / steps}
   system = mon.gather_system_samples()  # a collective: every process, at every record
   mon.train_window(step - steps + 1, losses, dict(record, step=step), system)
   record.update(system)
   if not mon.bar_active:
-    logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f slices/s", step,
-                 setup.num_steps, record["epoch"], record["loss"], lr, slices_per_sec)
+    logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f %s/s", step,
+                 setup.num_steps, record["epoch"], record["loss"], lr, per_sec, unit)
   return record
 

@@ -51,9 +51,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, par: strategies.Parallel
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch, num_steps)
   state = build_state(cfg, par, num_classes, channels, lr.schedule, init_rng)
   logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch "
-               "(%d slices drawn per epoch), %d steps", par.num_devices,
+               "(%d %s drawn per epoch), %d steps", par.num_devices,
                cfg.parallel.strategy, jax.process_count(), global_batch, steps_per_epoch,
-               plan.epoch_draws, num_steps)
+               plan.epoch_draws, pipeline.example_unit(cfg.data), num_steps)
   logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
   logging.info("Data: %s", info)
   return Setup(cfg=cfg, workdir=workdir, par=par, data=data, data_info=info, lr=lr,
