@@ -23,7 +23,8 @@ the same window, overlap, Gaussian (MONAI's sigma_scale = our gaussian_sigma) an
 per batch; also our `sliding_window` around the twin, which separates the stitching from
 the network, and the largest differences between the probability volumes (MONAI once more
 with our importance map: both floor the Gaussian at 1e-3, ours after scaling it to a
-maximum of 1, MONAI unscaled, its maximum below 1 for an even patch). Sides take turns in blocks
+maximum of 1, MONAI unscaled, its maximum below 1 for an even patch). Last, single 3x3x3
+convolutions forward (`--convs`), XLA's against PyTorch's. Sides take turns in blocks
 (`--block` calls per side per round), so a change of the shared machine's load falls on
 every side alike; figures are medians.
 Needs the benchmark requirements (benchmarks/requirements.txt).
@@ -347,6 +348,40 @@ def inference(shape: tuple, nets: tuple, args, loads: list) -> dict:
                                            != out["monai"].argmax(-1))))
 
 
+# -- one convolution ---------------------------------------------------------------------
+def conv_forward(spec: str, batch: int, repeats: int, loads: list) -> dict:
+  """One 3x3x3 'same' convolution without bias, edge³ x C_in -> C_out (`spec` is
+  "edge:cin:cout") on `batch` examples, forward only: XLA's against PyTorch's."""
+  import jax
+  import torch
+  edge, cin, cout = (int(n) for n in spec.split(":"))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, edge, edge, edge, cin)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 3, cin, cout)).astype(np.float32)
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
+  xj, kj = jax.device_put(x), jax.device_put(k)
+  xt, kt = to_torch(x), torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2)))
+  def torch_conv():
+    with torch.inference_mode():
+      torch.nn.functional.conv3d(xt, kt, padding=1)
+  medians = interleave({"xla": lambda: jax.block_until_ready(conv(xj, kj)),
+                        "pytorch": torch_conv}, repeats, 1, loads)
+  return dict(edge=edge, cin=cin, cout=cout, batch=batch,
+              median_s={name: m[0] for name, m in medians.items()},
+              median_cpu_s={name: m[1] for name, m in medians.items()})
+
+
+def print_convs(rows: list[dict]) -> None:
+  print("\nOne 3×3×3 convolution, forward, median wall s (process CPU s):")
+  print("| edge | C_in→C_out | batch | XLA | PyTorch | XLA / PyTorch (CPU s) |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    c = r["median_cpu_s"]
+    print(f"| {r['edge']}³ | {r['cin']}→{r['cout']} | {r['batch']} | "
+          f"{_both(r, 'xla')} | {_both(r, 'pytorch')} | {c['xla'] / c['pytorch']:.1f} |")
+
+
 # -- report -----------------------------------------------------------------------------
 def machine() -> dict:
   """CPU, cores, memory and the versions that matter."""
@@ -420,6 +455,8 @@ def main():
                  help=f"train settings, of {sorted(TRAIN_SETTINGS)}")
   p.add_argument("--volumes", default="64x64x32,96x96x64",
                  help="volumes D×H×W for sliding-window inference ('' for none)")
+  p.add_argument("--convs", default="32:16:16,48:16:16,16:32:32",
+                 help="single convolutions edge:C_in:C_out, forward, batch 2 ('' for none)")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--block", type=int, default=2, help="train steps per side per round")
   p.add_argument("--infer_rounds", type=int, default=3, help="inference calls per side")
@@ -434,19 +471,23 @@ def main():
   torch.set_num_threads(args.torch_threads or os.cpu_count())
   torch.manual_seed(0)
   loads = [os.getloadavg()[0]]
-  result = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M %Z"))
+  result = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M %Z"), args=vars(args))
   print(json.dumps(result["machine"]))
   print(f"{result['date']}; load average at the start {loads[0]:.1f}; rounds {args.rounds} x {args.block} "
         f"train steps per side, {args.infer_rounds} inference calls per side")
   result["train"] = [train_setting(name, args, loads)
                      for name in args.settings.split(",") if name]
-  print_train(result["train"])
+  if result["train"]:
+    print_train(result["train"])
   shapes = [tuple(int(n) for n in v.split("x")) for v in args.volumes.split(",") if v]
   nets = predictors(TRAIN_SETTINGS["quickstart_3d"]) if shapes else None
   result["inference"] = [inference(shape, nets, args, loads) for shape in shapes]
   result["network_max_abs_diff"] = nets and nets[3]
   if shapes:
     print_inference(result["inference"], result["network_max_abs_diff"])
+  result["convs"] = [conv_forward(spec, 2, 7, loads) for spec in args.convs.split(",") if spec]
+  if result["convs"]:
+    print_convs(result["convs"])
   result["load_average"] = load_summary(loads)
   print("\nload average (1 min): start {start:.1f}, end {end:.1f}, median {median:.1f} "
         "({min:.1f}–{max:.1f}) over {samples} samples".format(**result["load_average"]))
