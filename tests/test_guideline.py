@@ -351,16 +351,19 @@ def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
   assert load_config(str(path)).train.num_epochs == 5  # the source's, not a copy
 
 
-def test_the_committed_chosen_config_loads_as_its_run_was_trained():
-  """benchmarks/results/large_batch/: the chosen file is configs/large_batch_study.py with
-  the chosen run's overrides from the tuner's state."""
-  directory = os.path.join(REPO, "benchmarks", "results", "large_batch")
+@pytest.mark.parametrize("directory, source", [
+    ("large_batch", "configs/large_batch_contrast.py"),
+    ("large_batch/large_batch_study_2026-11-24", "configs/large_batch_study.py")])
+def test_the_committed_chosen_config_loads_as_its_run_was_trained(directory, source):
+  """benchmarks/results/large_batch/...: each chosen file is its study's config with the
+  chosen run's overrides from the tuner's state."""
+  directory = os.path.join(REPO, "benchmarks", "results", directory)
   path = os.path.join(directory, "guideline_config.py")
   loaded = load_config(path)
   cli.check_keys(loaded, path)
   state = json.loads(open(os.path.join(directory, guideline.STATE)).read())
   overrides = next(h["overrides"] for h in state["history"] if h["run"] == state["chosen"])
-  expected = helpers.config(*runs.override_args(overrides), path="configs/large_batch_study.py")
+  expected = helpers.config(*runs.override_args(overrides), path=source)
   assert loaded.to_dict() == expected.to_dict()
 
 

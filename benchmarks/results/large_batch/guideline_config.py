@@ -1,5 +1,6 @@
 """GreScale settings for 8 devices chosen by medseg_jax.tuning.guideline (run
-03_decrease_initial_lr: reached the baseline, confirmed by a run with another seed).
+04_increase_decay_coefficient: reached the baseline, confirmed by a run with another
+seed).
 
 The source config and the guideline's changes to it: the tuner's command-line overrides
 and the chosen run's settings.
@@ -8,9 +9,11 @@ and the chosen run's settings.
 import importlib.util
 import os
 
-SOURCE = '../../../configs/large_batch_study.py'  # relative to this file
+SOURCE = '../../../configs/large_batch_contrast.py'  # relative to this file
 VARIANT = None  # get_config(VARIANT) of the source when set
-CHANGES = {'lr.policy': 'grescale', 'optim.lr': 0.0025, 'parallel.num_devices': 8}
+CHANGES = {'lr.grescale.decay_coefficient': 0.3,
+           'lr.policy': 'grescale',
+           'parallel.num_devices': 8}
 
 
 def get_config():
