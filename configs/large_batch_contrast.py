@@ -3,9 +3,13 @@ split with 8 validation and 8 test volumes held fixed across seeds, and a base L
 which linear scaling without warmup to 8 devices loses Dice without diverging (the pilot
 in benchmarks/results/large_batch/pilot.md).
 
+    python -m medseg_jax.tuning.guideline --config=configs/large_batch_contrast.py \\
+        --num_devices=8 --threshold=8 --workdir=DIR/guideline
     python -m medseg_jax.tuning.study --config=configs/large_batch_contrast.py \\
-        --devices=1,8 --policies=linear,linear_gradual,grescale --baseline_only_on_fewest \\
-        --seeds=5 --workdir=DIR
+        --devices=1,8 --policies=linear,linear_gradual,grescale,guideline \\
+        --guideline=DIR/guideline --baseline_only_on_fewest --seeds=5 --workdir=DIR/study
+
+The study's results: benchmarks/results/large_batch/ and BENCHMARKS.md.
 """
 
 from configs import quickstart
