@@ -40,6 +40,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_pytorch import torch_dice_ce, torch_train_once  # noqa: E402  (benchmarks/)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 2
 LR = 2e-3  # configs/quickstart_3d.py: adam, optim.lr
@@ -125,21 +128,6 @@ def dynunet(depth: int, base: int):
                  res_block=False, deep_supervision=False)
 
 
-def torch_dice_ce(logits, labels):
-  """losses.dice_ce_loss in PyTorch, averaged over the batch: per-sample soft Dice
-  (smooth 1, mean over classes) plus voxel-mean cross-entropy."""
-  import torch
-  import torch.nn.functional as F
-  axes = tuple(range(2, logits.ndim))
-  probs = torch.softmax(logits, dim=1)
-  onehot = torch.movedim(F.one_hot(labels, logits.shape[1]), -1, 1).to(probs.dtype)
-  intersection = (probs * onehot).sum(axes)
-  total = probs.sum(axes) + onehot.sum(axes)
-  dice = 1.0 - ((2.0 * intersection + 1.0) / (total + 1.0)).mean(1)
-  ce = F.cross_entropy(logits, labels, reduction="none").mean(tuple(a - 1 for a in axes))
-  return (dice + ce).mean()
-
-
 def to_torch(images: np.ndarray):
   """[N,D,H,W,C] numpy -> [N,C,D,H,W] tensor."""
   import torch
@@ -160,16 +148,8 @@ def torch_side(model, images: np.ndarray, labels: np.ndarray) -> dict:
   import torch
   x, y = to_torch(images), torch.from_numpy(labels.astype(np.int64))
   opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-  def train_once():
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    loss = torch_dice_ce(model(x), y)
-    loss.backward()
-    opt.step()
-    loss.item()
-
-  return dict(fn=train_once, count=sum(p.numel() for p in model.parameters()))
+  return dict(fn=torch_train_once(model, opt, x, y),
+              count=sum(p.numel() for p in model.parameters()))
 
 
 # -- medseg_jax -----------------------------------------------------------------------

@@ -110,17 +110,32 @@ def monai_unet(base: int):
 
 
 def torch_dice_ce(logits, labels):
-  """medseg_jax.losses.dice_ce_loss averaged over the batch: per-sample soft Dice
-  (smooth 1, mean over classes) plus pixel-mean cross-entropy."""
+  """medseg_jax.losses.dice_ce_loss in PyTorch, averaged over the batch: per-sample soft
+  Dice (smooth 1, mean over classes) plus the mean cross-entropy over every pixel or voxel
+  (logits [N,K,...spatial], labels [N,...spatial])."""
   import torch
   import torch.nn.functional as F
+  axes = tuple(range(2, logits.ndim))
   probs = torch.softmax(logits, dim=1)
-  onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-  intersection = (probs * onehot).sum((2, 3))
-  total = probs.sum((2, 3)) + onehot.sum((2, 3))
+  onehot = torch.movedim(F.one_hot(labels, logits.shape[1]), -1, 1).to(probs.dtype)
+  intersection = (probs * onehot).sum(axes)
+  total = probs.sum(axes) + onehot.sum(axes)
   dice = 1.0 - ((2.0 * intersection + 1.0) / (total + 1.0)).mean(1)
-  ce = F.cross_entropy(logits, labels, reduction="none").mean((1, 2))
+  ce = F.cross_entropy(logits, labels, reduction="none").mean(tuple(a - 1 for a in axes))
   return (dice + ce).mean()
+
+
+def torch_train_once(model, opt, x, y):
+  """One PyTorch train step of `model` on (x, y) with Dice + CE and optimizer `opt`, as a
+  function of no arguments that waits for its result."""
+  def train_once():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = torch_dice_ce(model(x), y)
+    loss.backward()
+    opt.step()
+    loss.item()
+  return train_once
 
 
 def torch_side(model, images: np.ndarray, labels: np.ndarray):
@@ -131,13 +146,7 @@ def torch_side(model, images: np.ndarray, labels: np.ndarray):
   opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
   params = sum(p.numel() for p in model.parameters())
 
-  def train_once():
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    loss = torch_dice_ce(model(x), y)
-    loss.backward()
-    opt.step()
-    loss.item()
+  train_once = torch_train_once(model, opt, x, y)
 
   def infer_once():
     model.eval()
