@@ -207,14 +207,13 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
   """The dataset's slice store for these settings (the volume store for volume settings),
   built by process 0 if absent, once dataset.json agrees with the settings."""
   volumes = isinstance(settings, volume_store.Settings)
-  kind = volume_store if volumes else store
   problems = validate.check_dataset(dataset, settings.case_settings() if volumes else settings)
   if problems:
     raise validate.report(problems, dataset.root)
-  path = kind.store_path(cache_dir(cfg, dataset.root), dataset, settings,
-                         cfg.data.skip_invalid)
+  path = _store_path(cfg, dataset, settings)
   if jax.process_index() == 0 and not os.path.isdir(path):
-    kind.build(path, dataset, settings, cfg.data.skip_invalid, cfg.data.preprocess_workers)
+    _store_kind(settings).build(path, dataset, settings, cfg.data.skip_invalid,
+                                cfg.data.preprocess_workers)
   barrier("volume store" if volumes else "slice store")
   opened = volume_store.VolumeStore(path) if volumes else store.Store(path)
   skipped = opened.meta["skipped"]
@@ -222,6 +221,18 @@ def open_store(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
     logging.warning("Skipped %d invalid subjects (data.skip_invalid=True):\n  %s",
                     len(skipped), "\n  ".join(p for ps in skipped.values() for p in ps))
   return opened
+
+
+def _store_kind(settings: preprocess.Settings | volume_store.Settings):
+  """The store module for these settings: `volume_store` for volume settings, else `store`."""
+  return volume_store if isinstance(settings, volume_store.Settings) else store
+
+
+def _store_path(cfg: ml_collections.ConfigDict, dataset: decathlon.Dataset,
+                settings: preprocess.Settings | volume_store.Settings) -> str:
+  """Where the store of `dataset` for these settings lives."""
+  return _store_kind(settings).store_path(cache_dir(cfg, dataset.root), dataset, settings,
+                                          cfg.data.skip_invalid)
 
 
 def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str, barrier: Barrier) -> int:
@@ -234,9 +245,7 @@ def train_slice_count(cfg: ml_collections.ConfigDict, workdir: str, barrier: Bar
   dataset = decathlon.read_dataset(prepare_dataset_root(cfg, workdir, barrier))
   volumes = cfg.data.spatial_dims == 3
   settings = volume_settings(cfg.data) if volumes else preprocess.settings_from_config(cfg.data)
-  kind = volume_store if volumes else store
-  path = kind.store_path(cache_dir(cfg, dataset.root), dataset, settings, cfg.data.skip_invalid)
-  if cfg.data.skip_invalid or os.path.isdir(path):
+  if cfg.data.skip_invalid or os.path.isdir(_store_path(cfg, dataset, settings)):
     opened = open_store(cfg, dataset, settings, barrier)
     rows = {v["name"]: 1 if volumes else v["stop"] - v["start"] for v in opened.volumes}
     return sum(rows[name] for name in _splits(cfg, workdir, opened, dataset, False)["train"])
