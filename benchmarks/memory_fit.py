@@ -214,12 +214,12 @@ def main():
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   args = p.parse_args()
   sys.path.insert(0, REPO)
-  from medseg_jax import cli
+  from medseg_jax import config_schema
   from medseg_jax.models import conv3d_cpu
   if not args.cpu_shifted_gradient:
     conv3d_cpu.MAX_VOXELS = 0  # use_shifted then never applies: XLA's convolutions only
   memories = [float(m) for m in args.device_memory_gib.split(",")]
-  cfg = (cli.load_config(args.config) if args.config
+  cfg = (config_schema.load_config(args.config) if args.config
          else thesis_config(args.size, args.base_features, args.depth))
   example = example_shape(cfg)
   m = cfg.model

@@ -1,15 +1,14 @@
 """Shared command-line plumbing: config flag parsing with one-line errors, quiet logs."""
 
-import importlib.util
 import os
 import re
 import sys
 from typing import Callable, Iterator
 
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medseg_jax import config_schema
 from medseg_jax.errors import ConfigError, MedsegError, first_line
 
 
@@ -17,13 +16,6 @@ def fail(message: str, code: int) -> None:
   """Prints one `error:` line and exits with `code`."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
-
-
-# The defaults every config file starts from: a config must have exactly their keys. The
-# package runs from its repository (it is not installed), so it reads them from the file a
-# user reads, by path: the repository's `configs` package need not be importable.
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "base.py")
 
 
 def flags_parser(check: Callable[[], None] | None = None,
@@ -59,96 +51,14 @@ def _check_config_flag(config: flags.Flag, optional: Callable[[], bool] | None) 
   if not os.path.isfile(path):
     fail(f"--config: config file {path!r} not found", 2)
   try:
-    check_keys(config.value, path)
+    config_schema.check_keys(config.value, path)
   except ConfigError as e:
     fail(str(e), e.exit_code)
 
 
-def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
-  """Raises ConfigError naming every key of configs/base.py that the config from the file at
-  `path` lacks, and every key it has that base.py does not (a misspelling, or a key that no
-  longer exists)."""
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
-                      "ml_collections.ConfigDict")
-  reference, keys = _leaves(load_config(BASE_CONFIG)), _leaves(cfg)
-  missing, unknown = sorted(reference - keys), sorted(keys - reference)
-  problems = [f"lacks config keys {', '.join(missing)}"] if missing else []
-  problems += [f"has unknown config keys {', '.join(unknown)}"] if unknown else []
-  if problems:
-    raise ConfigError(f"{path}: {'; '.join(problems)} (a config has exactly the keys of "
-                      "configs/base.py)")
-
-
-# Sections whose keys are the user's: the keywords of a network and of plugins.
-FREE_FORM = ("model.kwargs", "train.plugin_kwargs")
-
-
-def config_from_saved(saved: dict, where: str) -> ml_collections.ConfigDict:
-  """A locked config from a saved one (`cfg.to_dict()` as JSON: a checkpoint's or a model
-  file's) on top of configs/base.py's defaults, so that what an older medseg_jax saved
-  keeps loading: lists become tuples where base.py has tuples, a saved key that base.py no
-  longer has (or of another kind) is dropped with a warning naming `where`, and a key
-  base.py added since keeps its default."""
-  cfg = base_config()
-  dropped: list[str] = []
-  _merge_saved(cfg, saved, "", dropped)
-  if dropped:
-    logging.warning("%s: saved config keys this medseg_jax does not have (or has with another "
-                    "type) are left at their defaults: %s", where, ", ".join(dropped))
-  cfg.lock()
-  return cfg
-
-
-def _merge_saved(node: ml_collections.ConfigDict, saved: dict, prefix: str,
-                 dropped: list[str]) -> None:
-  for key, value in saved.items():
-    name = prefix + key
-    if key not in node:
-      dropped.append(name)
-    elif name in FREE_FORM and isinstance(value, dict):
-      node[key] = ml_collections.ConfigDict(value)
-    elif isinstance(node[key], ml_collections.ConfigDict):
-      if isinstance(value, dict):
-        _merge_saved(node[key], value, name + ".", dropped)
-      else:
-        dropped.append(name)
-    else:
-      try:
-        node[key] = _tuples(value) if isinstance(node[key], tuple) else value
-      except (TypeError, ValueError):
-        dropped.append(name)
-
-
-def _tuples(value):
-  """JSON's lists back to the tuples a config holds."""
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
-  """The dotted names of the config's values: {"seed", "model.name", ...}; a free-form
-  section counts as one value."""
-  found = set()
-  for key, value in cfg.items():
-    if isinstance(value, ml_collections.ConfigDict) and prefix + key not in FREE_FORM:
-      found |= _leaves(value, f"{prefix}{key}.")
-    else:
-      found.add(prefix + key)
-  return found
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """configs/base.py's defaults."""
-  return load_config(BASE_CONFIG)
-
-
-def load_config(config_arg: str) -> ml_collections.ConfigDict:
-  """`get_config()` of the file `PATH` (`get_config(VARIANT)` for `PATH:VARIANT`)."""
-  path, _, variant = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("_medseg_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+# export/from_file.py and export/write.py read these two through cli.
+config_from_saved = config_schema.config_from_saved
+base_config = config_schema.base_config
 
 
 def _flag_arguments(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
@@ -185,15 +95,14 @@ def _override_error(argv: list[str]) -> str:
   path = config_arg.split(":", 1)[0]
   if not os.path.isfile(path):
     return f"--config: config file {path!r} not found"
-  cfg = load_config(config_arg)
+  cfg = config_schema.load_config(config_arg)
   for name, _, arg in _flag_arguments(argv):
     if re.fullmatch(r"(no)?config\..+", name):
       key = name.split(".", 1)[1]
-      node = cfg
-      for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node:
-          return f"{arg}: {path} has no config key {key!r}"
-        node = node[part]
+      try:
+        config_schema.lookup(cfg, key)
+      except KeyError:
+        return f"{arg}: {path} has no config key {key!r}"
   return f"{path}: an override names an unknown config key"
 
 

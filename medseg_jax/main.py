@@ -6,7 +6,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from medseg_jax import cli, components, config
+from medseg_jax import cli, components, config, config_schema
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.export import from_file, write
@@ -114,7 +114,7 @@ def _check_before_data(cfg, workdir: str) -> strategies.Parallel:
 def _export() -> None:
   """--mode=export; the process group starts with base.py's settings (the run's config is
   read from the checkpoint, after JAX has started)."""
-  with _start_processes(cli.base_config(), _WORKDIR.value):
+  with _start_processes(config_schema.base_config(), _WORKDIR.value):
     write.export_run(_WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value, _NAME.value,
                      _OVERWRITE.value)
     multihost.barrier("end of export")

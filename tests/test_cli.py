@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from helpers import REPO, env_with_devices
-from medseg_jax import cli
+from medseg_jax import cli, config_schema
 from medseg_jax.errors import ConfigError
 
 # Every module of the package that runs as a command.
@@ -142,12 +142,12 @@ def test_the_keys_are_checked_from_any_directory(tmp_path):
                          ids=os.path.basename)
 def test_shipped_configs_have_the_keys_of_base(path):
   if "def get_config" in open(path).read():
-    cli.check_keys(cli.load_config(path), path)
+    config_schema.check_keys(config_schema.load_config(path), path)
 
 
 def test_a_config_that_is_not_a_config_dict_is_named(tmp_path):
   with pytest.raises(ConfigError, match=r"^x\.py: get_config\(\) returned dict"):
-    cli.check_keys({"seed": 0}, "x.py")
+    config_schema.check_keys({"seed": 0}, "x.py")
 
 
 @pytest.fixture

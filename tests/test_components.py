@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import helpers
-from medseg_jax import cli, components, config
+from medseg_jax import components, config, config_schema
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import MODELS, UNet, build_model
 from medseg_jax.parallel import strategies
@@ -185,7 +185,7 @@ def test_the_examples_have_a_network_a_loss_and_a_plugin():
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_every_example_config_passes_the_checks_main_runs(path, devices8):
   cfg = helpers.config(path=path)
-  cli.check_keys(cfg, path)
+  config_schema.check_keys(cfg, path)
   components.absolute_specs(cfg, os.path.dirname(path))
   config.check(cfg)
 

@@ -21,7 +21,7 @@ import pytest
 
 import helpers
 from helpers import REPO, TINY as TINY_RUN
-from medseg_jax import cli
+from medseg_jax import config_schema
 from medseg_jax.export import onnx_graph
 from medseg_jax.training import checkpoint
 
@@ -320,7 +320,7 @@ def test_a_saved_config_loads_on_top_of_todays_defaults(caplog):
   saved = json.loads(json.dumps(helpers.config(*TINY[1:]).to_dict()))
   saved["model"]["retired_key"] = 1
   del saved["train"]["divergence_patience"]
-  cfg = cli.config_from_saved(saved, "old.zip: config.json")
+  cfg = config_schema.config_from_saved(saved, "old.zip: config.json")
   assert "old.zip: config.json" in caplog.text and "model.retired_key" in caplog.text
   reference = helpers.config()  # configs/quickstart.py as it is
   assert cfg.train.divergence_patience == reference.train.divergence_patience

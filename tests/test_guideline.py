@@ -13,7 +13,7 @@ from ml_collections import config_flags
 import helpers
 from configs import base, quickstart
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
-from medseg_jax import cli, optim
+from medseg_jax import config_schema, optim
 from medseg_jax.errors import ConfigError
 from medseg_jax.tuning import guideline, guideline_settings, report, runs
 from medseg_jax.tuning.actions import after_action
@@ -328,7 +328,7 @@ def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
                     "  c = quickstart.get_config()\n  c.train.num_epochs = 3\n  return c\n")
   overrides = {"parallel.num_devices": 8, "lr.policy": "grescale", INITIAL: 2.5e-4, OPT: "sgd",
                "seed": 0, "data.split_seed": 0}
-  cfg = cli.load_config(str(source))
+  cfg = config_schema.load_config(str(source))
   cfg.data.synthetic_shape = (32, 32, 8)  # as a command-line override of the tuner
   chosen = report.chosen_config(cfg, overrides)
   out = tmp_path / "tuned"
@@ -342,7 +342,7 @@ def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
   expected["optim"]["name"], expected["parallel"]["num_devices"] = "sgd", 8
   expected["data"]["split_seed"] = 0
   loaded = load_config(str(path))
-  cli.check_keys(loaded, str(path))
+  config_schema.check_keys(loaded, str(path))
   assert loaded.to_dict() == expected
   assert report.read_changes(str(path)) == (str(source), {
       "data.synthetic_shape": (32, 32, 8), "data.split_seed": 0, "optim.name": "sgd",
@@ -360,7 +360,7 @@ def test_the_committed_chosen_config_loads_as_its_run_was_trained(directory, sou
   directory = os.path.join(REPO, "benchmarks", "results", directory)
   path = os.path.join(directory, "guideline_config.py")
   loaded = load_config(path)
-  cli.check_keys(loaded, path)
+  config_schema.check_keys(loaded, path)
   state = json.loads(open(os.path.join(directory, guideline.STATE)).read())
   overrides = next(h["overrides"] for h in state["history"] if h["run"] == state["chosen"])
   expected = helpers.config(*runs.override_args(overrides), path=source)

@@ -17,6 +17,7 @@ MAX_FUNCTION_LINES = 60
 LEVELS = (
     {"errors"},
     {"files"},
+    {"config_schema"},
     {"cli", "components", "modelfile"},
     {"models", "data", "optim", "zoo"},
     {"parallel"},

@@ -14,7 +14,6 @@ step behind; the training run removes such unfinished writes when it starts.
 import contextlib
 import dataclasses
 import glob
-import json
 import os
 import shutil
 from typing import Any, Iterator
@@ -26,17 +25,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from medseg_jax import components, files
+from medseg_jax import components, config_schema, files
 from medseg_jax.errors import ConfigError, MedsegError, first_line
-from medseg_jax.parallel import multihost, strategies
-from medseg_jax.training import orbax_reports, setup
+from medseg_jax.parallel import multihost
+from medseg_jax.training import orbax_reports
 
 DIRECTORY = "checkpoints"
 STATE, META = "state", "meta"
 LATEST, BEST = "latest", "best"
 _DICE = "dice"
-# Model keys that say where a fresh run's weights came from, not what the model is.
-_NOT_THE_MODEL = ("model.init_from", "model.init_checkpoint")
 # Room a save asks for beyond its arrays' bytes: orbax's metadata files and the meta item.
 _SAVE_MARGIN, _SAVE_SLACK = 1.1, 2**20
 
@@ -109,35 +106,19 @@ def read_state_tree(step_dir: str, arrays: bool = True) -> dict:
     reader.close()
 
 
-def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str) -> None:
-  """Refuses a checkpoint of another model; logs every other setting that changed, and
-  every component source file whose content changed."""
-  if not meta or "config" not in meta:
+def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str,
+                 components_now: dict | None = None) -> None:
+  """Refuses a checkpoint (its `meta` item) of another model than `cfg`'s and logs every
+  other setting that changed (`config_schema.check_compatible`); given the component
+  records of `cfg`, also names every component source file whose content changed."""
+  if not meta:
     return
-  saved = _flatten(meta["config"])
-  now = _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples become lists, as saved
-  changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-  for key in changed:
-    if key.startswith("model.") and key not in _NOT_THE_MODEL:
-      raise ConfigError(f"{key}: {now.get(key)!r} in the config but {saved.get(key)!r} in the "
-                        f"checkpoints in {where} (use another --workdir, or --from_scratch)")
-  if changed:
-    logging.warning("Settings changed since the checkpoint: %s", ", ".join(
-        f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
-  for line in components.changed_sources(meta.get("components"),
-                                         setup.component_records(cfg)):
+  config_schema.check_compatible(meta.get("config"), cfg, where)
+  if components_now is None:
+    return
+  for line in components.changed_sources(meta.get("components"), components_now):
     logging.warning("A component's source file has changed since the checkpoints in %s "
                     "were saved (its SHA-256 differs): %s", where, line)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
 
 
 @dataclasses.dataclass
@@ -345,25 +326,3 @@ def _to_tree(state) -> dict:
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
   return ocp.args.Composite(**{STATE: ocp.args.StandardSave(_to_tree(state)),
                                META: ocp.args.JsonSave(meta)})
-
-
-def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
-                  par: strategies.Parallel, template: Any) -> Any:
-  """--mode=evaluate|predict: the checkpoint `which` ('latest', 'best' or a step) of the
-  run in `workdir` (the caller has required one), read into the shape of `template` and
-  placed on the mesh, after checking `cfg` against that checkpoint's own config.
-
-  The check comes before the restore: a checkpoint of another model would otherwise fail
-  as unreadable (and a 'latest' one be deleted as corrupt).
-  """
-  which = parse_which(which, "--checkpoint")
-  checkpointer = Checkpointer(workdir)
-  try:
-    meta = checkpointer.read_meta(which)
-    check_config(meta, cfg, checkpointer.directory)
-    restored = checkpointer.restore(template, par.replicated, which)
-    if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
-      check_config(restored.meta, cfg, checkpointer.directory)
-  finally:
-    checkpointer.close()
-  return par.put_state(restored.state)

@@ -2,6 +2,8 @@
 to NIfTI files. Both restore the checkpoint that `--checkpoint` names (checked against the
 config it was saved with) and hand it to `evaluation`."""
 
+from typing import Any
+
 import jax
 import ml_collections
 import optax
@@ -16,7 +18,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   """A checkpoint ('latest', 'best' or a step) on the validation and test splits."""
   checkpoint.require_checkpoint(workdir)
   run = setup.build(cfg, workdir, par)
-  state = checkpoint.restore_state(cfg, workdir, which, par, run.init_state)
+  state = restore_state(cfg, workdir, which, par, run.init_state)
   at = setup.step_of(par, state)
   return {split: evaluate.evaluate(run.evaluator, state, run.data[split], split, at,
                                    surface=True)
@@ -35,9 +37,32 @@ def predict_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
   # The optimizer is built only to give the checkpoint's tree its shape.
   template = setup.build_state(cfg, par, info["num_classes"], info["channels"],
                                optax.constant_schedule(0.0), jax.random.key(0))
-  state = checkpoint.restore_state(cfg, workdir, which, par, template)
+  state = restore_state(cfg, workdir, which, par, template)
   run = predict.mesh_run(par, par.predict_step(step.predict_step), state,
                          setup.eval_batch(cfg, par.num_devices))
   predict.predict(setup.prediction_settings(cfg, info, par.num_devices), info["modalities"],
                   planned, run)
   return [outputs for _, outputs in planned]
+
+
+def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
+                  par: strategies.Parallel, template: Any) -> Any:
+  """The checkpoint `which` ('latest', 'best' or a step) of the run in `workdir` (the
+  caller has required one), read into the shape of `template` and placed on the mesh,
+  after checking `cfg` and its components against that checkpoint's own.
+
+  The check comes before the restore: a checkpoint of another model would otherwise fail
+  as unreadable (and a 'latest' one be deleted as corrupt).
+  """
+  which = checkpoint.parse_which(which, "--checkpoint")
+  records = setup.component_records(cfg)
+  checkpointer = checkpoint.Checkpointer(workdir)
+  try:
+    meta = checkpointer.read_meta(which)
+    checkpoint.check_config(meta, cfg, checkpointer.directory, records)
+    restored = checkpointer.restore(template, par.replicated, which)
+    if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
+      checkpoint.check_config(restored.meta, cfg, checkpointer.directory, records)
+  finally:
+    checkpointer.close()
+  return par.put_state(restored.state)

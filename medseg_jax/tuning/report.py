@@ -9,7 +9,7 @@ import textwrap
 
 import ml_collections
 
-from medseg_jax import cli, files
+from medseg_jax import config_schema, files
 from medseg_jax.errors import DataError
 from medseg_jax.tuning import runs
 
@@ -75,11 +75,7 @@ def chosen_config(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collect
   """`cfg` with a run's overrides applied."""
   chosen = copy.deepcopy(cfg)
   for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = chosen
-    for part in path:
-      node = node[part]
-    node[last] = value
+    config_schema.assign(chosen, key, value)
   return chosen
 
 
@@ -117,21 +113,11 @@ def get_config():
 '''
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """Dotted key -> value; a free-form section (model.kwargs, ...) is one value."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and prefix + key not in cli.FREE_FORM:
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def changes(source: ml_collections.ConfigDict, chosen: ml_collections.ConfigDict) -> dict:
   """The values of `chosen` that differ from `source`, by dotted key, in config order."""
-  before = _flat(source.to_dict())
-  return {k: v for k, v in _flat(chosen.to_dict()).items() if k not in before or before[k] != v}
+  before = config_schema.flatten(source)
+  return {k: v for k, v in config_schema.flatten(chosen).items()
+          if k not in before or before[k] != v}
 
 
 def changes_source(config_arg: str, chosen: ml_collections.ConfigDict, docstring: str,
@@ -139,8 +125,8 @@ def changes_source(config_arg: str, chosen: ml_collections.ConfigDict, docstring
   """A config file for `directory` that `medseg_jax.main --config=` accepts: the config
   `config_arg` (PATH or PATH:VARIANT) with the values in which `chosen` differs from it."""
   path, _, variant = config_arg.partition(":")
-  body = pprint.pformat(changes(cli.load_config(config_arg), chosen), indent=1, width=88,
-                        sort_dicts=False)
+  body = pprint.pformat(changes(config_schema.load_config(config_arg), chosen), indent=1,
+                        width=88, sort_dicts=False)
   return _CHANGES_FILE.format(
       docstring=textwrap.fill(docstring, 88),
       source=os.path.relpath(os.path.abspath(path), os.path.abspath(directory)),
