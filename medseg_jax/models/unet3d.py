@@ -21,8 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Not `from medseg_jax.models import conv3d_cpu`: that reads the models package, whose
+# __init__ imports this module.
+import medseg_jax.models.conv3d_cpu as conv3d_cpu
 from medseg_jax.errors import ConfigError
-from medseg_jax.models import conv3d_cpu
 
 NORMS = ("instance", "group", "none")
 NEGATIVE_SLOPE = 0.01  # leaky ReLU, as nnU-Net's 3D U-Net
