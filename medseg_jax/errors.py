@@ -14,7 +14,8 @@ class ConfigError(MedsegError):
 
 
 class DataError(MedsegError):
-  """A dataset file or directory that cannot be read as expected."""
+  """A data file (a dataset's, or a run's JSON records) or a directory that cannot be read
+  as expected."""
 
 
 class InvalidDatasetError(DataError):

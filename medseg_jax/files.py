@@ -1,4 +1,5 @@
-"""Small file helpers: outputs appear whole or not at all, and a full disk is one line."""
+"""Small file helpers: outputs appear whole or not at all, a full disk is one line, and a
+JSON file that is missing or broken is one line too."""
 
 import contextlib
 import csv
@@ -6,9 +7,9 @@ import errno
 import json
 import os
 import tempfile
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import DataError, MedsegError, first_line
 
 # Writes that find no room: a full disk, a full quota, the file size limit (RLIMIT_FSIZE).
 _NO_ROOM = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
@@ -76,6 +77,23 @@ def user_cache(*parts: str) -> str:
   ~/.cache/medseg_jax."""
   cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(cache, "medseg_jax", *parts)
+
+
+def read_json(path: str, what: str, missing_ok: bool = False) -> Any:
+  """The JSON value in the file at `path`, which holds `what` (named in errors). A missing
+  file is a DataError (None if `missing_ok`), and so is one that cannot be read or is not
+  JSON: one line naming the file, what it should hold and what is wrong."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError as e:
+    if missing_ok:
+      return None
+    raise DataError(f"{path}: not found ({what})") from e
+  except ValueError as e:  # not JSON, or not text
+    raise DataError(f"{path}: not JSON ({what}): {first_line(e, 200)}") from e
+  except OSError as e:
+    raise DataError(f"{path}: unreadable ({what}): {first_line(e, 200)}") from e
 
 
 def write_json(path: str, obj) -> None:

@@ -11,7 +11,6 @@ input's grid before the argmax.
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Callable
 
@@ -77,14 +76,9 @@ def _probs_path(label_path: str) -> str:
 
 def read_run_info(workdir: str) -> dict:
   """WORKDIR/data_info.json: what the run's model was trained on (modalities, classes)."""
-  info_path = os.path.join(workdir, "data_info.json")
-  if not os.path.isfile(info_path):
-    raise MedsegError(f"{info_path}: not found; --workdir must hold a training run")
-  try:
-    with open(info_path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise MedsegError(f"{info_path}: unreadable ({e})") from e
+  return files.read_json(os.path.join(workdir, "data_info.json"),
+                         "what a training run's model was trained on; --workdir must hold "
+                         "a training run")
 
 
 def plan(input_path: str, output: str, info: dict, overwrite: bool = False,

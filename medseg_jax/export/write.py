@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import cli, modelfile, models
+from medseg_jax import cli, files, modelfile, models
 from medseg_jax.data import pipeline, preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.evaluation import predict
@@ -72,27 +72,19 @@ def read_run(workdir: str, which: str | int) -> Run:
     raise MedsegError(f"{step_dir}: the checkpoint holds no config (not saved by a "
                       "training run of medseg_jax)")
   variables = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
-  manifest = _read_json(os.path.join(workdir, "manifest.json")) or {}
+  manifest = files.read_json(os.path.join(workdir, "manifest.json"), "the run's manifest",
+                             missing_ok=True) or {}
   return Run(workdir=workdir, which=which, step=step,
              cfg=cli.config_from_saved(meta["config"], step_dir), meta=meta,
              variables=variables, info=predict.read_run_info(workdir), manifest=manifest,
              test=_test_metrics(workdir, step, manifest))
 
 
-def _read_json(path: str) -> dict | None:
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise MedsegError(f"{path}: unreadable ({e})") from e
-
-
 def _test_metrics(workdir: str, step: int, manifest: dict) -> dict | None:
   """The test metrics the run recorded for `step`: WORKDIR/eval/test_metrics.json (written
   by training's test and by --mode=evaluate), else the manifest's final metrics."""
-  found = _read_json(os.path.join(workdir, "eval", "test_metrics.json"))
+  found = files.read_json(os.path.join(workdir, "eval", "test_metrics.json"),
+                          "the run's test metrics", missing_ok=True)
   if found and found.get("step") == step:
     return found
   final = (manifest.get("final_metrics") or {}).get("test")
@@ -184,7 +176,8 @@ def summary(run: Run, name: str | None) -> dict:
 
 def _task(info: dict) -> str:
   """dataset.json's name and description, where the dataset is still there."""
-  found = _read_json(os.path.join(info.get("root", ""), "dataset.json")) or {}
+  found = files.read_json(os.path.join(info.get("root", ""), "dataset.json"),
+                          "the dataset's description", missing_ok=True) or {}
   name = found.get("name") or info.get("dataset", "")
   return f"{name}: {found['description']}" if found.get("description") else name
 

@@ -136,14 +136,13 @@ class Tuner:
     self.status = self.chosen = None
 
   def _load(self) -> dict:
-    if not os.path.exists(self.path):
+    state = files.read_json(self.path, "the guideline's state", missing_ok=True)
+    if state is None:
       return {}
     try:
-      with open(self.path) as f:
-        state = json.load(f)
       settings, done = state["settings"], state["runs"]
-    except (OSError, ValueError, KeyError) as e:
-      raise DataError(f"{self.path}: not a guideline state file ({e})") from e
+    except (TypeError, KeyError) as e:
+      raise DataError(f"{self.path}: not a guideline state file (no settings and runs)") from e
     if settings != self.settings:
       raise ConfigError(f"{self.path}: written for other settings "
                         f"({_first_difference(self.settings, settings)}); "

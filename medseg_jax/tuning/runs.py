@@ -44,7 +44,7 @@ def diverged(workdir: str) -> dict | None:
   """WORKDIR/diverged.json of a run the divergence guard stopped: its error line and
   whether its best checkpoint was evaluated; None for any other run."""
   path = os.path.join(workdir, DIVERGED)
-  return _read_json(path) if os.path.exists(path) else None
+  return files.read_json(path, "why the run stopped", missing_ok=True)
 
 
 def run(args: list[str], workdir: str, simulated_devices: int, tool: str) -> str:
@@ -123,11 +123,7 @@ def trainer(config_args: list[str], runs_dir: str, simulated_devices: int,
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read ({e})") from e
+  return files.read_json(path, "a run's record")
 
 
 def _log_records(workdir: str) -> list[dict]:
