@@ -9,6 +9,7 @@ import subprocess
 
 import jax
 import pytest
+import tensorboardX
 from tensorboard.backend.event_processing import event_accumulator
 
 import helpers
@@ -143,3 +144,23 @@ def test_two_processes_record_a_sample_of_each_host(tmp_path):
         assert events[step] == pytest.approx(value, rel=1e-6)
   assert not [k for r in records for k in r if k.startswith("system/") and
               k.split("/")[1] not in (f"{HOST}-p0", f"{HOST}-p1")]
+
+
+def test_the_tensorboardx_internals_the_full_disk_guard_wraps_are_there(tmp_path):
+  """events._stop_on_full_disk reaches tensorboardX's record writer through private
+  attributes; requirements.txt pins tensorboardX exactly for that. An upgrade that moves
+  them fails here, by name, rather than as a hang on the next full disk."""
+  with open(os.path.join(REPO, "requirements.txt")) as f:
+    pinned = next(line.split("==")[1].split()[0] for line in f
+                  if line.startswith("tensorboardX=="))
+  assert tensorboardX.__version__ == pinned, (
+      f"tensorboardX {tensorboardX.__version__} is installed, {pinned} pinned: check that "
+      "monitor/events.py's _stop_on_full_disk still reaches its record writer, then re-pin")
+  writer = tensorboardX.SummaryWriter(logdir=str(tmp_path))
+  try:
+    # pylint: disable-next=protected-access
+    records = writer._get_file_writer().event_writer._ev_writer._py_recordio_writer
+    assert all(callable(getattr(records, name)) for name in ("write", "flush", "close"))
+    assert os.path.dirname(records.path) == str(tmp_path)  # the object that owns the file
+  finally:
+    writer.close()

@@ -138,7 +138,10 @@ def _stop_on_full_disk(writer: SummaryWriter, logdir: str) -> None:
   tensorboardX writes the event file from a thread of its own: an OSError there ends the
   thread with a traceback, and its bounded queue then blocks the next event (and `close`)
   for ever. It offers no hook for that, so the methods of its record writer (the one
-  object that touches the file, from that thread and from `flush`) are wrapped."""
+  object that touches the file, from that thread and from `flush`) are wrapped. Its one
+  public way in, `record_writer.register_writer_factory`, is a process-wide registry keyed
+  by a URL scheme the logdir would have to carry; so private attributes are used, with
+  tensorboardX pinned exactly in requirements.txt and the chain tested (test_monitor)."""
   # pylint: disable-next=protected-access
   records = writer._get_file_writer().event_writer._ev_writer._py_recordio_writer
   close, failed = records.close, []
