@@ -1,5 +1,6 @@
 """Entry point: python -m medseg_jax.main --config=configs/NAME.py [--workdir=DIR] [--mode=...];
---mode=export --workdir=DIR and --mode=predict --model=FILE need no --config."""
+--mode=export --workdir=DIR and --mode=predict --model=FILE need no --config (export takes
+one, and says where it differs from the checkpoint's)."""
 
 import os
 
@@ -47,6 +48,12 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
                                    "Multi-process: the local devices this process uses.")
 
 
+# Settings of the exporting process itself, which it takes from --config: not a difference
+# between the model file's config and the command line's.
+_EXPORT_OWN_KEYS = ("parallel.distributed_timeout_seconds", "parallel.gpu_preallocate",
+                    "parallel.gpu_memory_fraction")
+
+
 def _without_config() -> bool:
   """Export and predicting from a model file read a saved config, not a config file."""
   return _MODE.value == "export" or (_MODE.value == "predict" and _MODEL.value is not None)
@@ -57,9 +64,8 @@ def _check_flags() -> None:
     cli.fail("--mode=predict needs --input and --output", 2)
   if _MODE.value == "export" and not (_WORKDIR.value and _OUTPUT.value):
     cli.fail("--mode=export needs --workdir and --output", 2)
-  if _without_config() and flags.FLAGS["config"].present:
-    saved = "the checkpoint's" if _MODE.value == "export" else "the model file's"
-    cli.fail(f"--config: --mode={_MODE.value} uses {saved} own config; drop --config", 2)
+  if _MODE.value == "predict" and _MODEL.value is not None and flags.FLAGS["config"].present:
+    cli.fail("--config: --mode=predict uses the model file's own config; drop --config", 2)
   if _MODEL.value is not None and (_MODE.value != "predict" or _WORKDIR.value):
     cli.fail("--model: only with --mode=predict, and without --workdir", 2)
   if _ENGINE.value != "jax" and _MODEL.value is None:
@@ -112,12 +118,36 @@ def _check_before_data(cfg, workdir: str) -> strategies.Parallel:
 
 
 def _export() -> None:
-  """--mode=export; the process group starts with base.py's settings (the run's config is
-  read from the checkpoint, after JAX has started)."""
-  with _start_processes(config_schema.base_config(), _WORKDIR.value):
+  """--mode=export; the process group starts with the settings of --config, else of
+  base.py (the run's config is read from the checkpoint, after JAX has started)."""
+  cfg = _command_line_config() if flags.FLAGS["config"].present else None
+  with _start_processes(cfg or config_schema.base_config(), _WORKDIR.value):
+    if cfg is not None:
+      checkpoint.require_checkpoint(_WORKDIR.value)
+      _warn_if_not_the_checkpoints(cfg, _WORKDIR.value, _CHECKPOINT.value)
     write.export_run(_WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value, _NAME.value,
                      _OVERWRITE.value)
     multihost.barrier("end of export")
+
+
+def _warn_if_not_the_checkpoints(cfg, workdir: str, which: str) -> None:
+  """One warning naming the first keys in which `cfg` differs from the config of the
+  checkpoint `which`: the model file carries the checkpoint's."""
+  reader = checkpoint.Checkpointer(workdir)
+  try:
+    meta = reader.read_meta(reader.step(checkpoint.parse_which(which, "--checkpoint")))
+  finally:
+    reader.close()
+  if not meta or "config" not in meta:
+    return  # the export says so
+  saved = config_schema.config_from_saved(meta["config"], reader.directory)
+  changed = config_schema.differences(saved, cfg, ignore=_EXPORT_OWN_KEYS)
+  if changed:
+    shown = [f"{k} {was!r} -> {now!r}" for k, (was, now) in list(changed.items())[:5]]
+    more = f" and {len(changed) - len(shown)} more" if len(changed) > len(shown) else ""
+    count = f"{len(changed)} key{'s' if len(changed) > 1 else ''}"
+    logging.warning("The model file uses the checkpoint's config, not --config, which differs "
+                    "from it in %s: %s%s", count, ", ".join(shown), more)
 
 
 def _predict_from_file() -> None:
@@ -129,11 +159,18 @@ def _predict_from_file() -> None:
     multihost.barrier("end of prediction")
 
 
-def _run_config() -> None:
-  """Every mode that reads a config file: train, evaluate, predict from a run."""
+def _command_line_config():
+  """--config with its overrides, its components' file paths made absolute as a run's are."""
   cfg = _CONFIG.value
   config_file = flags.FLAGS["config"].config_filename
   components.absolute_specs(cfg, os.path.dirname(os.path.abspath(config_file.partition(":")[0])))
+  return cfg
+
+
+def _run_config() -> None:
+  """Every mode that reads a config file: train, evaluate, predict from a run."""
+  cfg = _command_line_config()
+  config_file = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_file)
   with _start_processes(cfg, workdir):
     par = _check_before_data(cfg, workdir)

@@ -298,10 +298,31 @@ def test_onnx_runtime_on_a_file_without_a_graph_is_one_line(run, tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_export_takes_the_train_command_line_and_names_what_differs_once(run, tmp_path):
+  """With the run's own command line: no warning. With another optim.lr (and a setting of
+  the exporting process itself): one warning naming optim.lr alone. The model file holds
+  the checkpoint's config either way."""
+  workdir, model, _, _ = run
+  mark = "The model file uses the checkpoint's config"
+  same = _ok(run_main(*TINY, "--mode=export", f"--workdir={workdir}", "--checkpoint=best",
+                      f"--output={tmp_path}/same.zip"))
+  assert mark not in same.stderr
+  other = _ok(run_main(*TINY, "--config.optim.lr=0.5", "--config.parallel.gpu_memory_fraction=0.5",
+                       "--mode=export", f"--workdir={workdir}", "--checkpoint=best",
+                       f"--output={tmp_path}/other.zip"))
+  warnings = [line for line in other.stderr.splitlines() if mark in line]
+  assert len(warnings) == 1, other.stderr[-3000:]
+  assert warnings[0].endswith("differs from it in 1 key: optim.lr 0.002 -> 0.5"), warnings[0]
+  expected = zipfile.ZipFile(model).read("config.json")
+  for name in ("same.zip", "other.zip"):
+    assert zipfile.ZipFile(tmp_path / name).read("config.json") == expected
+
+
 @pytest.mark.parametrize("args,line", [
     (["--mode=export", "--output=m.zip"], "--mode=export needs --workdir and --output"),
-    (["--mode=export", "--workdir=w", "--output=m.zip", "--config=configs/quickstart.py"],
-     "--config: --mode=export uses the checkpoint's own config; drop --config"),
+    (["--mode=predict", "--model=m.zip", "--input=i", "--output=o",
+      "--config=configs/quickstart.py"],
+     "--config: --mode=predict uses the model file's own config; drop --config"),
     (["--mode=predict", "--model=m.zip", "--input=i"], "--mode=predict needs --input and --output"),
     (["--mode=predict", "--input=i", "--output=o"], "--config is required"),
     (["--mode=predict", "--model=m.zip", "--workdir=w", "--input=i", "--output=o"],
