@@ -58,8 +58,8 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   import jax
   from ml_collections import config_flags
   from medseg_jax import optim
-  from medseg_jax.training import losses, setup, step as step_lib
-  from medseg_jax.data import loader, pipeline
+  from medseg_jax.training import losses, settings, setup, step as step_lib
+  from medseg_jax.data import loader
   from medseg_jax.parallel import multihost, strategies
   now = mark("imports", now)
 
@@ -71,7 +71,8 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
   parts = {"mesh": time.perf_counter() - now}
   now = mark("build", now)
-  data, info = pipeline.load_splits(cfg, workdir, multihost.barrier)
+  run = settings.read(cfg)
+  data, info = run.kind.load_splits(run.source, workdir, multihost.barrier)
   now = mark("data_open", now)
   if prepare:
     return {}
@@ -80,7 +81,8 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   lr = optim.resolve_schedule(cfg, global_batch, steps_per_epoch,
                               cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch)
   start = time.perf_counter()
-  state = setup.build_state(cfg, par, pipeline.num_classes(cfg, info),
+  num_classes = run.source.num_classes(info["labels"])
+  state = setup.build_state(run, par, num_classes,
                             data["train"].image.shape[-1], lr.schedule,
                             jax.random.key(cfg.seed))
   parts["model_init_and_optimizer"] = time.perf_counter() - start
@@ -90,7 +92,7 @@ def child(argv: list[str], workdir: str, prepare: bool) -> dict:
   step = par.train_step(functools.partial(step_lib.train_step,
                                          loss_fn=losses.get_loss(cfg.train.loss)))
   par.eval_step(functools.partial(step_lib.eval_step,
-                                  num_classes=pipeline.num_classes(cfg, info)))
+                                  num_classes=num_classes))
   now = mark("build", now)
 
   batches = loader.train_batches(data["train"], global_batch, cfg.seed, 0)

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from medseg_jax.evaluation import predict  # noqa: E402
-from medseg_jax.training import setup, step  # noqa: E402
+from medseg_jax.training import settings, setup, step  # noqa: E402
 from medseg_jax.data import preprocess, synthetic  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 
@@ -44,7 +44,8 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
   cfg = load_config(name)
   par = strategies.make_parallel("shard_map", 1)
   batch = cfg.train.per_device_batch_size
-  state = setup.build_state(cfg, par, 2, 1, optax.constant_schedule(0.0), jax.random.key(0))
+  state = setup.build_state(settings.read(cfg), par, 2, 1, optax.constant_schedule(0.0),
+                            jax.random.key(0))
   state = par.put_state(state)
   predict_fn = par.predict_step(step.predict_step)
   size = cfg.data.image_size

@@ -49,7 +49,7 @@ import torch_twins  # noqa: E402
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.export import onnx_graph  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
-from medseg_jax.training import setup, step  # noqa: E402
+from medseg_jax.training import settings, setup, step  # noqa: E402
 
 NUM_CLASSES = 2
 TOLERANCE = 1e-4
@@ -65,8 +65,8 @@ def volume_slices(cfg) -> int:
 
 def jax_state(cfg, par: strategies.Parallel):
   """The train state of `cfg` on the host, its biases drawn from N(0, 0.1)."""
-  state = setup.build_state(cfg, par, NUM_CLASSES, 1, optax.constant_schedule(0.0),
-                            jax.random.key(0))
+  state = setup.build_state(settings.read(cfg), par, NUM_CLASSES, 1,
+                            optax.constant_schedule(0.0), jax.random.key(0))
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p + rng.normal(0, 0.1, p.shape).astype(np.float32)

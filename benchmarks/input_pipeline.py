@@ -32,7 +32,8 @@ sys.path.insert(0, REPO)
 
 def build(args):
   from configs import base
-  from medseg_jax.data import pipeline, store, synthetic
+  from medseg_jax.data import store, synthetic
+  from medseg_jax.training import settings
   from medseg_jax.parallel import multihost
   root = os.path.join(args.workdir, "Task01_Bench")
   if not os.path.exists(root):
@@ -44,7 +45,9 @@ def build(args):
   cfg.data.val_fraction = cfg.data.test_fraction = 0.0
   cfg.data.cache_dir = os.path.join(args.workdir, "cache")
   started = time.perf_counter()
-  sets, info = pipeline.load_splits(cfg, os.path.join(args.workdir, "run"), multihost.barrier)
+  run = settings.read(cfg)
+  sets, info = run.kind.load_splits(run.source, os.path.join(args.workdir, "run"),
+                                    multihost.barrier)
   print(f"store ready in {time.perf_counter() - started:.1f} s: {len(sets['train'])} slices")
   return cfg, sets["train"], store.Store(info["store"])
 
@@ -105,9 +108,9 @@ def naive(cfg, data, order, batch):
 def augment_rate(cfg, data, batch, repeats=5) -> float:
   import jax
   import numpy as np
-  from medseg_jax.data import augment
+  from medseg_jax.training import settings
   cfg.data.augment.enabled = True
-  transform = augment.from_config(cfg.data.augment)
+  transform = settings.read(cfg).kind.augmentation()
   # Augmentation alone, compiled on one device as the train step runs it.
   fn = jax.jit(lambda b, rng: transform(rng, b["image"], b["label"]))
   device_batch = jax.device_put({"image": data.image[:batch], "label": data.label[:batch]})

@@ -48,8 +48,8 @@ def thesis_config(size: int, base: int, depth: int) -> ml_collections.ConfigDict
 def example_shape(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """One training example (slice or patch, channels last) of `cfg`."""
   sys.path.insert(0, REPO)
-  from medseg_jax.training import setup
-  return setup.input_shape(cfg, len(cfg.data.modalities) or 1)
+  from medseg_jax import kinds
+  return kinds.from_config(cfg).input_shape(len(cfg.data.modalities) or 1)
 
 
 def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict:
@@ -58,7 +58,7 @@ def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from medseg_jax import optim
-  from medseg_jax.data import pipeline
+  from medseg_jax import kinds
   from medseg_jax.models import build_model
   from medseg_jax.training import losses, state, step
 
@@ -74,7 +74,7 @@ def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict:
     return state.TrainState.create(apply_fn=model.apply, params=params, model_state={}, tx=tx)
   fn = functools.partial(step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
                          reduce_mean=lambda tree: tree,
-                         augment=pipeline.augmentation(cfg.data))
+                         augment=kinds.from_config(cfg).augmentation())
   batch_shapes = {"image": jax.ShapeDtypeStruct((batch,) + example, jnp.float32),
                   "label": jax.ShapeDtypeStruct((batch,) + example[:-1], jnp.int32)}
   compiled = jax.jit(fn, donate_argnums=0).lower(

@@ -56,10 +56,6 @@ def _check_config_flag(config: flags.Flag, optional: Callable[[], bool] | None) 
     fail(str(e), e.exit_code)
 
 
-# export/from_file.py and export/write.py read these two through cli.
-config_from_saved = config_schema.config_from_saved
-base_config = config_schema.base_config
-
 
 def _flag_arguments(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
                     ) -> Iterator[tuple[str, str | None, str]]:

@@ -10,13 +10,11 @@ place. Nothing here reads the dataset or writes a file.
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
-from medseg_jax import models, optim
-from medseg_jax.training import losses, setup, warm_start
-from medseg_jax.data import augment, patches, pipeline, preprocess, split
+from medseg_jax import kinds, models, optim
+from medseg_jax.training import losses, settings, warm_start
+from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
-from medseg_jax.evaluation import sliding_window
 from medseg_jax.monitor import profiler
 from medseg_jax.parallel import multihost, strategies
 
@@ -35,11 +33,11 @@ _AT_LEAST = (
 _NETWORK_DIMS = {"unet": 2, "fcn": 2, "unet3d": 3}
 
 
-def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategies.Parallel:
-  """Raises ConfigError naming the first key of `cfg` that cannot be used; returns the
-  device mesh the config asks for (the device count is part of the check). The weights
-  of `model.init_from` are looked for only when a run `starts_fresh` (a resume, an
-  evaluation or a prediction reads the run's own checkpoint)."""
+def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
+  """Raises ConfigError naming the first key of `cfg` that cannot be used (the device
+  count is part of the check). The weights of `model.init_from` are looked for only when
+  a run `starts_fresh` (a resume, an evaluation or a prediction reads the run's own
+  checkpoint)."""
   for key, lowest in _AT_LEAST:
     value = _get(cfg, key)
     if value < lowest:
@@ -48,74 +46,43 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> strategi
     raise ConfigError("train.num_epochs=0 and train.num_steps=0: nothing to train")
   if not 0 <= cfg.model.dropout < 1:
     raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
-  _check_data(cfg.data)
-  _check_volumes(cfg)
-  split.check_split_seed(cfg)
+  run = settings.read(cfg)
+  _check_network_dims(cfg.model.name, run.kind)
   par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
-  batch = pipeline.global_batch(cfg, par.num_devices)
-  pipeline.augmentation(cfg.data)
-  if cfg.data.spatial_dims == 2:  # a 3D epoch of repeated draws still draws new patches
-    _check_samples_per_epoch(cfg.data.augment)
+  batch = pipeline.global_batch(cfg.train.per_device_batch_size, par.num_devices)
+  run.kind.warn(run.source.samples_per_epoch, cfg.data.augment.enabled)
   profiler.check_steps(cfg.monitor.profile_steps)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
   steps_per_epoch = 10
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch
   schedule = optim.resolve_schedule(cfg, batch, steps_per_epoch, num_steps).schedule
   tx = optim.make_optimizer(cfg, schedule)
-  params = _abstract_params(cfg, par)
-  _check_same_sources(setup.component_records(cfg))
+  params = _abstract_params(cfg, run.kind, par)
+  _check_same_sources(run.components)
   warm_start.check(cfg.model, params, starts_fresh, _num_classes(cfg))
   jax.eval_shape(tx.init, params)
-  return par
 
 
-def _check_data(data: ml_collections.ConfigDict) -> None:
-  preprocess.settings_from_config(data)
-  split.check_fractions(data.val_fraction, data.test_fraction)
-  if data.synthetic:
-    if data.synthetic_volumes < 3:
-      raise ConfigError(f"data.synthetic_volumes={data.synthetic_volumes}: need at least 3 "
-                        "(train, validation and test)")
-    shape = tuple(data.synthetic_shape)
-    if len(shape) != 3 or min(shape) < 1:
-      raise ConfigError(f"data.synthetic_shape={shape}: need three positive sizes")
-
-
-def _check_volumes(cfg: ml_collections.ConfigDict) -> None:
-  """`data.spatial_dims`, and with 3 the patch, volume and sliding-window settings, and a
-  built-in network of as many dimensions."""
-  dims = pipeline.check_spatial_dims(cfg.data)
-  name = cfg.model.name
-  if _NETWORK_DIMS.get(name, dims) != dims:
-    wanted = [n for n, d in _NETWORK_DIMS.items() if d == dims]
+def _check_network_dims(name: str, kind: kinds.DataKind) -> None:
+  """A built-in network of as many spatial dimensions as the run's examples."""
+  if _NETWORK_DIMS.get(name, kind.dims) != kind.dims:
+    wanted = [n for n, d in _NETWORK_DIMS.items() if d == kind.dims]
     raise ConfigError(f"model.name={name!r}: a {_NETWORK_DIMS[name]}D network; "
-                      f"data.spatial_dims={dims} needs {' or '.join(wanted)} (or your own)")
-  if dims == 2:
-    return
-  patches.check_settings(tuple(cfg.data.patch_size), cfg.data.foreground_fraction)
-  sliding_window.check_settings(cfg.evaluation.window_overlap, cfg.evaluation.gaussian_sigma)
+                      f"data.spatial_dims={kind.dims} needs {' or '.join(wanted)} "
+                      "(or your own)")
 
 
-def _check_samples_per_epoch(section: ml_collections.ConfigDict) -> None:
-  # Longer epochs without augmentation are allowed (an ablation may keep an augmented
-  # run's schedule in steps), but they only repeat the same slices: say so.
-  if augment.samples_per_epoch(section) and not section.enabled:
-    logging.warning("data.augment.samples_per_epoch=%d with data.augment.enabled=False: "
-                    "each epoch repeats the training slices unchanged",
-                    section.samples_per_epoch)
-
-
-def _abstract_params(cfg: ml_collections.ConfigDict, par: strategies.Parallel):
+def _abstract_params(cfg: ml_collections.ConfigDict, kind: kinds.DataKind,
+                     par: strategies.Parallel):
   """The model's parameter shapes, traced without computing (no real initialisation),
   once the network and the loss are checked against their contracts."""
   # The class count and channels come from the dataset; any values build the same layers.
   num_classes = _num_classes(cfg)
   channels = len(cfg.data.modalities) or 1
   model = models.build_model(cfg.model, num_classes, cfg.data.image_size, par.bn_axis_name)
-  losses.check_loss(cfg.train.loss, num_classes, cfg.data.spatial_dims)
-  spatial = setup.input_shape(cfg, channels)[:-1]
-  size = spatial[0] if cfg.data.spatial_dims == 2 else spatial
-  return models.abstract_variables(cfg.model, model, num_classes, size, channels)["params"]
+  losses.check_loss(cfg.train.loss, num_classes, kind.dims)
+  spatial = kind.input_shape(channels)[:-1]
+  return models.abstract_variables(cfg.model, model, num_classes, spatial, channels)["params"]
 
 
 def _check_same_sources(records: dict) -> None:

@@ -12,7 +12,7 @@ from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.export import from_file, write
 from medseg_jax.parallel import distributed, multihost, strategies
-from medseg_jax.training import checkpoint, loop, modes
+from medseg_jax.training import checkpoint, loop, modes, settings
 
 MODES = ("train", "evaluate", "predict", "export")
 
@@ -102,19 +102,20 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-def _check_before_data(cfg, workdir: str) -> strategies.Parallel:
+def _check_before_data(cfg, workdir: str) -> settings.RunSettings:
   """The whole config, and the dataset directory when the mode reads it, before anything
-  reads the data or writes into the workdir; returns the devices the config asks for."""
+  reads the data or writes into the workdir; returns the run's settings, read once."""
   # model.init_from is read only by a training run that does not resume.
   starts_fresh = _MODE.value == "train" and (_FROM_SCRATCH.value
                                              or not checkpoint.has_checkpoint(workdir))
-  par = config.check(cfg, starts_fresh)
+  config.check(cfg, starts_fresh)
+  run = settings.read(cfg)
   if _MODE.value != "predict":  # predict reads the run's data_info.json, not the dataset
-    pipeline.check_dataset_root(cfg, workdir)
+    pipeline.check_dataset_root(run.source, workdir)
   if not _WORKDIR.value:
     logging.info("Workdir: %s (the default for --config=%s)", workdir,
                  flags.FLAGS["config"].config_filename)
-  return par
+  return run
 
 
 def _export() -> None:
@@ -173,14 +174,15 @@ def _run_config() -> None:
   config_file = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_file)
   with _start_processes(cfg, workdir):
-    par = _check_before_data(cfg, workdir)
+    run = _check_before_data(cfg, workdir)
+    par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      loop.train_and_evaluate(cfg, workdir, par, _FROM_SCRATCH.value)
+      loop.train_and_evaluate(run, workdir, par, _FROM_SCRATCH.value)
     elif _MODE.value == "evaluate":
-      modes.evaluate_checkpoint(cfg, workdir, par, _CHECKPOINT.value)
+      modes.evaluate_checkpoint(run, workdir, par, _CHECKPOINT.value)
     else:
-      modes.predict_checkpoint(cfg, workdir, par, _INPUT.value, _OUTPUT.value,
+      modes.predict_checkpoint(run, workdir, par, _INPUT.value, _OUTPUT.value,
                                _CHECKPOINT.value, _OVERWRITE.value, _PROBABILITIES.value)
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.

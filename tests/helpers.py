@@ -78,23 +78,57 @@ def parallel(cfg):
   return strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
 
 
+def run_settings(cfg):
+  """The settings `medseg_jax.main` reads from `cfg` once and hands to every mode."""
+  from medseg_jax.training import settings  # pylint: disable=import-outside-toplevel
+  return settings.read(cfg)
+
+
+def data_source(cfg):
+  """The shared data settings of `cfg`."""
+  return run_settings(cfg).source
+
+
+def load_splits(cfg, workdir: str) -> tuple[dict, dict]:
+  """The splits and data_info of the run of `cfg` in `workdir`, as training loads them."""
+  from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
+  run = run_settings(cfg)
+  return run.kind.load_splits(run.source, str(workdir), multihost.barrier)
+
+
+def train_count(cfg, workdir: str) -> int:
+  """The training examples of the run of `cfg` in `workdir`, counted without training."""
+  from medseg_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
+  run = run_settings(cfg)
+  return run.kind.train_count(run.source, str(workdir), multihost.barrier)
+
+
+def epoch_plan(cfg, train_examples: int, num_devices: int):
+  from medseg_jax.training import setup  # pylint: disable=import-outside-toplevel
+  return setup.epoch_plan(run_settings(cfg), train_examples, num_devices)
+
+
+def class_names(cfg, info: dict) -> list[str]:
+  return data_source(cfg).class_names(info["labels"])
+
+
 def train(cfg, workdir: str, from_scratch: bool = False):
   """--mode=train in this process."""
   from medseg_jax.training import loop  # pylint: disable=import-outside-toplevel
-  return loop.train_and_evaluate(cfg, str(workdir), parallel(cfg), from_scratch)
+  return loop.train_and_evaluate(run_settings(cfg), str(workdir), parallel(cfg), from_scratch)
 
 
 def evaluate(cfg, workdir: str, which: str = "latest") -> dict:
   """--mode=evaluate in this process."""
   from medseg_jax.training import modes  # pylint: disable=import-outside-toplevel
-  return modes.evaluate_checkpoint(cfg, str(workdir), parallel(cfg), which)
+  return modes.evaluate_checkpoint(run_settings(cfg), str(workdir), parallel(cfg), which)
 
 
 def predict(cfg, workdir: str, input_path: str, output: str, which: str = "latest", **kwargs):
   """--mode=predict in this process."""
   from medseg_jax.training import modes  # pylint: disable=import-outside-toplevel
-  return modes.predict_checkpoint(cfg, str(workdir), parallel(cfg), input_path, output, which,
-                                  **kwargs)
+  return modes.predict_checkpoint(run_settings(cfg), str(workdir), parallel(cfg), input_path,
+                                  output, which, **kwargs)
 
 
 def assert_same_predictions(reference, output, volumes: int = 2) -> None:

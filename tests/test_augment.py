@@ -147,9 +147,9 @@ def test_a_slice_drawn_twice_in_one_epoch_is_augmented_differently(devices8):
 
 def test_config_section():
   cfg = base.get_config()
-  assert augment.from_config(cfg.data.augment) is None  # off by default
+  assert augment.ranges_from_config(cfg.data.augment) is None  # off by default
   cfg.data.augment.enabled = True
-  assert callable(augment.from_config(cfg.data.augment))
+  assert isinstance(augment.ranges_from_config(cfg.data.augment), augment.Ranges)
   cfg.data.augment.zoom = (1.2, 0.8)
   with pytest.raises(ConfigError, match="data.augment.zoom"):
-    augment.from_config(cfg.data.augment)
+    augment.ranges_from_config(cfg.data.augment)

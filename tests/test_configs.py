@@ -64,7 +64,7 @@ def test_config_resolves(path, devices8):
   losses.get_loss(cfg.train.loss)
   assert cfg.parallel.strategy in strategies.STRATEGIES
   preprocess.settings_from_config(cfg.data)
-  augment.from_config(cfg.data.augment)
+  augment.ranges_from_config(cfg.data.augment)
 
 
 @pytest.mark.parametrize("name,batch,epochs,lr,model", [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from medseg_jax.data import decathlon, loader, pipeline, preprocess, split, synthetic
+from medseg_jax.data import decathlon, loader, preprocess, split, synthetic
 from medseg_jax.errors import ConfigError, DataError
-from medseg_jax.parallel import multihost
+import helpers
 
 
 def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
@@ -103,7 +103,7 @@ def test_3d_anisotropic_odd_slices_match_nibabel(tmp_path):
   subjects = [(f"s{i}",) + phantom(i, (21, 17, 9)) + (affine,) for i in range(3)]
   root = write_task(str(tmp_path / "T"), subjects)
   cfg = config(root, tmp_path, image_size=21, resize="pad_crop", slice_selection="all")
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+  sets, info = helpers.load_splits(cfg, str(tmp_path / "w"))
   data = sets["train"]
   assert info["slices"]["train"] == 27 and data.image.shape == (27, 21, 21, 1)
   images, labels = all_rows(data)
@@ -127,7 +127,7 @@ def test_4d_modalities_central_slices_and_label_map(tmp_path):
   root = write_task(str(tmp_path / "T"), subjects, modalities, tensor_size="4D")
   cfg = config(root, tmp_path, image_size=16, modalities=("T2w", "FLAIR"),
                label_map=(0, 1, 1), slices_per_volume=5)
-  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+  sets, _ = helpers.load_splits(cfg, str(tmp_path / "w"))
   images, labels = all_rows(sets["train"])
   assert images.shape == (10, 16, 16, 2)
   for v, name in enumerate(sets["train"].names):
@@ -149,7 +149,7 @@ def test_foreground_selection_percentile_and_resize(tmp_path):
   cfg = config(root, tmp_path, image_size=6, slice_selection="foreground",
                empty_slice_fraction=0.25, normalisation="percentile",
                clip_percentiles=(5.0, 95.0))
-  sets, _ = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+  sets, _ = helpers.load_splits(cfg, str(tmp_path / "w"))
   images, labels = all_rows(sets["train"])
   # Empty slices 0,1,2,5..9 (8 of them); a quarter, evenly spaced: 0 and 9.
   kept = [0, 3, 4, 9]
@@ -164,7 +164,7 @@ def test_foreground_selection_percentile_and_resize(tmp_path):
 def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
   cfg.data.val_fraction = cfg.data.test_fraction = 0.2
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "a"), multihost.barrier)
+  sets, info = helpers.load_splits(cfg, str(tmp_path / "a"))
   with open(tmp_path / "a" / "split.json") as f:
     recorded = json.load(f)
   names = [n for s in split.SPLITS for n in recorded[s]]
@@ -173,10 +173,10 @@ def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
   assert sets["train"].image.shape == (16, 16, 16, 1)
   for s in split.SPLITS:  # each slice's subject is its split's
     assert sets[s].names == recorded[s] and len(sets[s]) == 4 * len(recorded[s])
-  again, _ = pipeline.load_splits(cfg, str(tmp_path / "b"), multihost.barrier)  # another run, the same seed
+  again, _ = helpers.load_splits(cfg, str(tmp_path / "b"))  # another run, the same seed
   assert {s: again[s].names for s in split.SPLITS} == recorded
   cfg.seed = 1  # a resumed run keeps its recorded split even if the seed changed
-  resumed, _ = pipeline.load_splits(cfg, str(tmp_path / "a"), multihost.barrier)
+  resumed, _ = helpers.load_splits(cfg, str(tmp_path / "a"))
   assert {s: resumed[s].names for s in split.SPLITS} == recorded
   np.testing.assert_allclose(sets["val"].spacing, [[2.0, 2.0, 2.0]])
 
@@ -184,28 +184,28 @@ def test_split_is_by_subject_recorded_and_stable(dataset_dir, tmp_path):
 def test_store_is_reused_and_invalidated(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
   cache = tmp_path / "cache"
-  first, _ = pipeline.load_splits(cfg, str(tmp_path / "w1"), multihost.barrier)
+  first, _ = helpers.load_splits(cfg, str(tmp_path / "w1"))
   (store_dir,) = os.listdir(cache)
   marker = os.path.getmtime(cache / store_dir / "meta.json")
-  again, _ = pipeline.load_splits(cfg, str(tmp_path / "w2"), multihost.barrier)  # another run, same settings
+  again, _ = helpers.load_splits(cfg, str(tmp_path / "w2"))  # another run, same settings
   assert os.listdir(cache) == [store_dir]
   assert os.path.getmtime(cache / store_dir / "meta.json") == marker
   np.testing.assert_array_equal(np.asarray(again["train"].label), np.asarray(first["train"].label))
   cfg.data.normalisation = "percentile"  # any preprocessing setting: a new store
-  pipeline.load_splits(cfg, str(tmp_path / "w3"), multihost.barrier)
+  helpers.load_splits(cfg, str(tmp_path / "w3"))
   assert len(os.listdir(cache)) == 2
   os.utime(os.path.join(dataset_dir, "labelsTr", "phantom_002.nii.gz"))  # a changed file
-  pipeline.load_splits(cfg, str(tmp_path / "w4"), multihost.barrier)
+  helpers.load_splits(cfg, str(tmp_path / "w4"))
   assert len(os.listdir(cache)) == 3
   assert not [n for n in os.listdir(cache) if n.startswith(".")]
 
 
 def test_store_is_built_by_several_processes(dataset_dir, tmp_path):
   one = config(dataset_dir, tmp_path, image_size=16, slices_per_volume=4)
-  sets_one, _ = pipeline.load_splits(one, str(tmp_path / "w1"), multihost.barrier)
+  sets_one, _ = helpers.load_splits(one, str(tmp_path / "w1"))
   two = config(dataset_dir, tmp_path / "two", image_size=16, slices_per_volume=4,
                preprocess_workers=2)
-  sets_two, _ = pipeline.load_splits(two, str(tmp_path / "w2"), multihost.barrier)
+  sets_two, _ = helpers.load_splits(two, str(tmp_path / "w2"))
   assert sets_two["train"].names == sets_one["train"].names
   np.testing.assert_array_equal(np.asarray(sets_two["train"].image),
                                 np.asarray(sets_one["train"].image))
@@ -213,7 +213,7 @@ def test_store_is_built_by_several_processes(dataset_dir, tmp_path):
 
 def _store_set(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=5)
-  return pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)[0]["train"]  # 30 slices
+  return helpers.load_splits(cfg, str(tmp_path / "w"))[0]["train"]  # 30 slices
 
 
 def test_two_processes_read_disjoint_shards_covering_the_epoch(dataset_dir, tmp_path):
@@ -275,7 +275,7 @@ def test_unwritable_cache_dir_is_one_clear_error(dataset_dir, tmp_path):
   cfg = config(dataset_dir, tmp_path, image_size=8, slices_per_volume=2)
   cfg.data.cache_dir = str(blocker / "cache")
   with pytest.raises(DataError, match="data.cache_dir"):
-    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+    helpers.load_splits(cfg, str(tmp_path / "w"))
 
 
 def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
@@ -289,7 +289,7 @@ def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
 
 
 # The data path in order: a module may import only the ones listed before it.
-DATA_STAGES = ("synthetic", "augment", "augment3d", "decathlon", "preprocess", "resample",
+DATA_STAGES = ("source", "synthetic", "augment", "augment3d", "decathlon", "preprocess", "resample",
                "pool", "validate", "store", "volume_store", "split", "loader", "patches",
                "volume_loader", "pipeline")
 
@@ -325,17 +325,17 @@ def test_plan_counts_the_slices_training_uses_when_invalid_subjects_are_skipped(
   root = _four_subjects_one_without_label(tmp_path)
   cfg = config(root, tmp_path, image_size=16, slices_per_volume=0, skip_invalid=True)
   cfg.data.val_fraction = 0.25
-  planned = pipeline.train_slice_count(cfg, str(tmp_path / "plan"), multihost.barrier)
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "train"), multihost.barrier)
+  planned = helpers.train_count(cfg, str(tmp_path / "plan"))
+  sets, info = helpers.load_splits(cfg, str(tmp_path / "train"))
   # By hand: s2 is left out; of the 3 others one is validation, so 2 x 6 slices train.
   assert "s2" not in sets["train"].names and info["skipped"] == ["s2"]
   assert len(sets["train"]) == 12
   assert planned == 12
   cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
-  plan = pipeline.epoch_plan(cfg, planned, num_devices=3)
+  plan = helpers.epoch_plan(cfg, planned, 3)
   assert (plan.global_batch, plan.steps_per_epoch, plan.num_steps) == (6, 2, 20)
   with pytest.raises(ConfigError, match="global batch 14 exceeds the 12 training slices"):
-    pipeline.epoch_plan(cfg, planned, num_devices=7)
+    helpers.epoch_plan(cfg, planned, 7)
 
 
 def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_dir, tmp_path):
@@ -344,22 +344,22 @@ def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_
     cfg = config(dataset_dir, tmp_path / selection, image_size=8, slice_selection=selection,
                  **extra)
     cfg.data.val_fraction = cfg.data.test_fraction = 0.2
-    planned = pipeline.train_slice_count(cfg, str(tmp_path / selection / "plan"), multihost.barrier)
+    planned = helpers.train_count(cfg, str(tmp_path / selection / "plan"))
     assert not os.path.exists(tmp_path / selection / "cache")  # from headers: no store built
-    sets, _ = pipeline.load_splits(cfg, str(tmp_path / selection / "train"), multihost.barrier)
+    sets, _ = helpers.load_splits(cfg, str(tmp_path / selection / "train"))
     assert planned == len(sets["train"]), selection
 
 
 def test_classes_merged_by_label_map_are_named_after_their_labels():
   cfg = base.get_config()
   info = {"labels": ("background", "oedema", "non-enhancing", "enhancing")}
-  assert pipeline.class_names(cfg, info) == list(info["labels"])
+  assert helpers.class_names(cfg, info) == list(info["labels"])
   cfg.data.label_map = (0, 1, 1, 1)
-  assert pipeline.class_names(cfg, info) == ["background", "oedema+non-enhancing+enhancing"]
+  assert helpers.class_names(cfg, info) == ["background", "oedema+non-enhancing+enhancing"]
   cfg.data.label_map = (0, 2, 2, 1)
-  assert pipeline.class_names(cfg, info) == ["background", "enhancing", "oedema+non-enhancing"]
+  assert helpers.class_names(cfg, info) == ["background", "enhancing", "oedema+non-enhancing"]
   cfg.data.label_map = (0, 3, 3, 3)  # classes 1 and 2 have no source label
-  assert pipeline.class_names(cfg, info) == ["background", "class 1", "class 2",
+  assert helpers.class_names(cfg, info) == ["background", "class 1", "class 2",
                                              "oedema+non-enhancing+enhancing"]
 
 
@@ -396,11 +396,11 @@ def test_plan_counts_steps_per_epoch_from_the_draws():
   cfg = base.get_config()
   cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
   cfg.data.augment.samples_per_epoch = 35000
-  plan = pipeline.epoch_plan(cfg, 1200, num_devices=8)
+  plan = helpers.epoch_plan(cfg, 1200, 8)
   # By hand: 35,000 draws / global batch 16 = 2187 steps per epoch, 21,870 steps.
   assert (plan.epoch_draws, plan.steps_per_epoch, plan.num_steps) == (35000, 2187, 21870)
   cfg.data.augment.samples_per_epoch = 0
-  assert pipeline.epoch_plan(cfg, 1200, num_devices=8).steps_per_epoch == 75  # 1200 // 16
+  assert helpers.epoch_plan(cfg, 1200, 8).steps_per_epoch == 75  # 1200 // 16
   cfg.data.augment.samples_per_epoch = 10
   with pytest.raises(ConfigError, match="global batch 16 exceeds the data.augment.samples"):
-    pipeline.epoch_plan(cfg, 1200, num_devices=8)
+    helpers.epoch_plan(cfg, 1200, 8)

@@ -1,9 +1,9 @@
 """The training loop's decisions, checked against hand-worked schedules."""
 
 from configs import base
-from medseg_jax.data import pipeline
 from medseg_jax.training import decisions
 from medseg_jax.training.decisions import Position, Stop
+import helpers
 
 
 def test_periodic_actions_run_every_n_steps_and_after_the_last():
@@ -51,7 +51,7 @@ def test_renumbering_counts_epochs_of_samples_per_epoch_draws():
   cfg = base.get_config()
   cfg.train.per_device_batch_size = 2
   cfg.data.augment.samples_per_epoch = 300
-  eight, two = pipeline.epoch_plan(cfg, 100, 8), pipeline.epoch_plan(cfg, 100, 2)
+  eight, two = helpers.epoch_plan(cfg, 100, 8), helpers.epoch_plan(cfg, 100, 2)
   assert (eight.steps_per_epoch, two.steps_per_epoch) == (18, 75)
   position = Position()
   for _ in range(18 + 3):  # one epoch and 3 steps on 8 devices

@@ -139,7 +139,8 @@ def mixed_workdir(tmp_path_factory):
   ckpt = checkpoint.Checkpointer(workdir, 5)
   for step, features in ((1, 4), (2, 8)):
     cfg = _tiny_config(features)
-    state = setup.build_state(cfg, par, 3, 1, optax.constant_schedule(0.0),
+    state = setup.build_state(helpers.run_settings(cfg), par, 3, 1,
+                              optax.constant_schedule(0.0),
                               jax.random.key(step))
     meta = {"step": step, "config": cfg.to_dict()}
     ckpt.save(step, state, meta)

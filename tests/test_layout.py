@@ -22,6 +22,7 @@ LEVELS = (
     {"models", "data", "optim", "zoo"},
     {"parallel"},
     {"monitor", "evaluation"},
+    {"kinds"},
     {"training"},
     {"export"},
     {"tuning"},
@@ -184,3 +185,38 @@ def test_collectives_and_meshes_live_in_the_parallel_package():
       continue
     source = open(path).read()
     assert not [w for w in words if w in source], f"{path} uses {[w for w in words if w in source]}"
+
+
+# The seam between 2D and 3D: the kind of data is chosen once from data.spatial_dims in
+# these modules; elsewhere the key may be named in a message or a file format, a few times.
+SEAM = ("medseg_jax.kinds", "medseg_jax.kinds.base", "medseg_jax.kinds.slices",
+        "medseg_jax.kinds.volumes")
+MAX_SPATIAL_DIMS_OUTSIDE_SEAM = 3
+
+
+def _spatial_dims_lines(modules: dict[str, str]) -> list[str]:
+  """'path:line' of every line naming spatial_dims outside the seam's modules."""
+  found = []
+  for module, path in sorted(modules.items()):
+    if module in SEAM:
+      continue
+    for number, line in enumerate(open(path).read().splitlines(), 1):
+      if "spatial_dims" in line:
+        found.append(f"{os.path.relpath(path, REPO)}:{number}")
+  return found
+
+
+def test_the_seam_modules_exist():
+  assert set(SEAM) <= set(_modules())
+
+
+def test_the_spatial_dims_count_sees_a_branch_outside_the_seam(tmp_path):
+  package = tmp_path / "medseg_jax" / "data"
+  package.mkdir(parents=True)
+  (package / "loader.py").write_text("if cfg.data.spatial_dims == 3:\n  pass\n")
+  assert _spatial_dims_lines({"medseg_jax.data.loader": str(package / "loader.py")}) != []
+
+
+def test_2d_or_3d_is_chosen_in_the_seam_only():
+  lines = _spatial_dims_lines(_modules())
+  assert len(lines) <= MAX_SPATIAL_DIMS_OUTSIDE_SEAM, lines

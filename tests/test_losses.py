@@ -91,4 +91,4 @@ def test_3d_losses_are_per_sample_over_every_voxel():
                              _numpy_dice_loss(logits, labels), rtol=1e-5)
   np.testing.assert_allclose(losses.cross_entropy_loss(logits, labels),
                              _numpy_cross_entropy(logits, labels), rtol=1e-5)
-  losses.check_loss("dice_ce", 3, spatial_dims=3)
+  losses.check_loss("dice_ce", 3, dims=3)

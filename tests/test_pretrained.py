@@ -253,7 +253,7 @@ def flat(tree):
 
 
 def start(cfg, workdir):
-  setup = loop.build(cfg, workdir, helpers.parallel(cfg))
+  setup = loop.build(helpers.run_settings(cfg), workdir, helpers.parallel(cfg))
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   try:
     return setup, loop.resume(setup, ckpt)

@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
 from helpers import REPO, TINY, config, env_with_devices
 from medseg_jax import config as config_check
-from medseg_jax.data import pipeline, split
+from medseg_jax.data import split
 from medseg_jax.errors import ConfigError
-from medseg_jax.parallel import multihost
 from medseg_jax.tuning import guideline
 from medseg_jax.tuning.guideline_settings import Settings
 
@@ -29,8 +29,7 @@ def hand_split(seed):
 def load(tmp_path, name, *overrides):
   """The split and one image file's bytes of a run of TINY in tmp_path/name."""
   workdir = tmp_path / name
-  sets, info = pipeline.load_splits(config(*TINY[1:], *overrides), str(workdir),
-                                    multihost.barrier)
+  sets, info = helpers.load_splits(config(*TINY[1:], *overrides), workdir)
   recorded = json.loads((workdir / "split.json").read_text())
   assert {s: sets[s].names for s in split.SPLITS} == recorded
   image = (workdir / "data" / "imagesTr" / "phantom_000.nii.gz").read_bytes()

@@ -13,7 +13,7 @@ import pytest
 
 import helpers
 from medseg_jax import config
-from medseg_jax.data import pipeline, synthetic
+from medseg_jax.data import synthetic
 from medseg_jax.errors import ConfigError
 from test_pretrained import vgg_arrays, write_h5, write_mat
 
@@ -114,7 +114,7 @@ def test_thesis_config_trains_validates_and_tests(tasks, tmp_path, caplog, name,
   with open(tmp_path / "run" / "eval" / "val_metrics.json") as f:
     assert json.load(f)["step"] == 2  # the one validation
   assert len(result["per_class"]) == len(classes) and 0 <= result["dice"] <= 1
-  assert pipeline.class_names(cfg, info) == classes
+  assert helpers.class_names(cfg, info) == classes
   assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")
           if "loss" in json.loads(line)] == [2]
   if vgg:  # 13 convolutions and fc6/fc7 from the file; the six score/upscore layers new
@@ -147,6 +147,6 @@ def test_3d_config_trains_validates_and_tests(tasks, tmp_path, name, classes):
   assert info["spatial_dims"] == 3 and info["target_spacing"] == [1.0, 1.0, 2.0]
   assert info["channels"] == 1 and info["samples_per_epoch"] == 500
   assert len(result["per_class"]) == len(classes) and 0 <= result["dice"] <= 1
-  assert pipeline.class_names(cfg, info) == classes
+  assert helpers.class_names(cfg, info) == classes
   assert sum(c["support"] for c in result["per_class"]) == (
       info["volumes"]["test"] * np.prod(SHAPE))

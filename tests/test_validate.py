@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from medseg_jax.data import pipeline
 from medseg_jax.errors import InvalidDatasetError
-from medseg_jax.parallel import multihost
 from test_data import config, phantom, write_task
+import helpers
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (12, 12, 8)
@@ -76,7 +75,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_built(bad_dir, tmp_pat
   root, expected = bad_dir
   cfg = config(root, tmp_path, image_size=12, slices_per_volume=5, preprocess_workers=2)
   with pytest.raises(InvalidDatasetError) as caught:
-    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+    helpers.load_splits(cfg, str(tmp_path / "w"))
   assert caught.value.exit_code == 2
   lines = str(caught.value).splitlines()[1:]
   assert len(lines) == len(expected), lines
@@ -90,7 +89,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_built(bad_dir, tmp_pat
 def test_skip_invalid_leaves_the_bad_subjects_out(bad_dir, tmp_path):
   root, expected = bad_dir
   cfg = config(root, tmp_path, image_size=12, slices_per_volume=5, skip_invalid=True)
-  sets, info = pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+  sets, info = helpers.load_splits(cfg, str(tmp_path / "w"))
   assert sets["train"].names == ["good0", "good1"] and len(sets["train"]) == 10
   assert len(info["skipped"]) == len(expected)
 
@@ -99,7 +98,7 @@ def test_dataset_level_problems_are_reported_together(tmp_path):
   root = write_task(str(tmp_path / "T"), [])
   cfg = config(root, tmp_path, modalities=("T1w", "T9"), label_map=(0, 1))
   with pytest.raises(InvalidDatasetError) as caught:
-    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+    helpers.load_splits(cfg, str(tmp_path / "w"))
   message = str(caught.value)
   assert "the 'training' list is empty" in message
   assert "data.modalities names 'T9'" in message
@@ -114,7 +113,7 @@ def test_3d_image_where_4d_is_declared(tmp_path):
   cfg = config(root, tmp_path, image_size=12, slices_per_volume=2)
   with pytest.raises(InvalidDatasetError, match=r"b.nii.gz: a 3D image .* declares "
                                                 "tensorImageSize 4D"):
-    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+    helpers.load_splits(cfg, str(tmp_path / "w"))
 
 
 def test_the_run_fails_with_exit_code_2_and_the_list(bad_dir, tmp_path):
@@ -138,4 +137,4 @@ def test_a_gzip_truncated_at_the_end_is_caught(tmp_path):
     f.write(raw[:-100])  # a whole gzip stream whose voxel data ends early
   cfg = config(root, tmp_path, image_size=12, slices_per_volume=2)
   with pytest.raises(InvalidDatasetError, match="a.nii.gz: cannot read as NIfTI"):
-    pipeline.load_splits(cfg, str(tmp_path / "w"), multihost.barrier)
+    helpers.load_splits(cfg, str(tmp_path / "w"))

@@ -3,6 +3,7 @@ cut from whole volumes with numpy; evaluation of whole volumes against confusion
 matrices and Dice counted by hand; prediction of NIfTI volumes written back in the
 input's space, read back with nibabel."""
 
+import functools
 import os
 
 import jax
@@ -11,9 +12,8 @@ import numpy as np
 import pytest
 
 import helpers
-from medseg_jax.data import patches, pipeline, synthetic, volume_loader
+from medseg_jax.data import patches, synthetic, volume_loader
 from medseg_jax.evaluation import evaluate, predict, sliding_window
-from medseg_jax.parallel import multihost
 
 PATCH = (16, 12, 8)
 VOLUMES = ["--config.data.spatial_dims=3", f"--config.data.patch_size={PATCH}",
@@ -37,7 +37,7 @@ def _config(run_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def splits(run_dir):
-  return pipeline.load_splits(_config(run_dir), str(run_dir), multihost.barrier)
+  return helpers.load_splits(_config(run_dir), str(run_dir))
 
 
 def _whole(data: volume_loader.VolumeSet):
@@ -77,12 +77,12 @@ def test_patch_batches_are_the_draws_cut_from_the_volumes(splits, processes):
   assert any(d.forced for d in epoch_draws) and got["label"].any()
 
 
-def test_a_resumed_epoch_reads_the_rest_of_the_same_patches(splits):
+def test_a_resumed_epoch_reads_the_rest_of_the_same_patches(splits, run_dir):
   """From the loader position (offset 4 into the epoch) the batches are those an
-  uninterrupted epoch reads after its first batch, through the pipeline's dispatch."""
-  data = splits[0]["train"]
-  whole = list(pipeline.train_batches(data, 4, 0, 1, draws=12))
-  rest = list(pipeline.train_batches(data, 4, 0, 1, offset=4, draws=12))
+  uninterrupted epoch reads after its first batch, through the kind of data's dispatch."""
+  data, kind = splits[0]["train"], helpers.run_settings(_config(run_dir)).kind
+  whole = list(kind.train_batches(data, 4, 0, 1, 0, 1, 0, 12))
+  rest = list(kind.train_batches(data, 4, 0, 1, 0, 1, 4, 12))
   assert len(whole) == 3 and len(rest) == 2
   for a, b in zip(whole[1:], rest):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -101,6 +101,7 @@ def test_evaluation_of_whole_volumes_counts_every_voxel(splits, tmp_path):
   data = splits[0]["train"]
   ev = evaluate.Evaluator(eval_step=None, put_batch=None, global_batch=3, num_classes=2,
                           class_names=["background", "tumour"], workdir=str(tmp_path),
+                          predict=evaluate.predict_volumes,
                           windows=sliding_window.Windows(PATCH, overlap=0.5, batch=3),
                           window_run=lambda state: _threshold_run)
   result = evaluate.evaluate(ev, None, data, "val", 5, surface=True)
@@ -163,7 +164,8 @@ def test_a_prediction_is_written_in_the_input_space(tmp_path, target, exact):
                                 windows=sliding_window.Windows(PATCH, overlap=0.5, batch=4))
   out = tmp_path / "out" / "case.nii.gz"
   planned = predict.plan(str(source), str(out), {"modalities": ["T1w"]})
-  predict.predict(settings, ("T1w",), planned, _sign_run)
+  predict.predict(functools.partial(predict.predict_volume_3d, settings, ("T1w",)), planned,
+                  _sign_run)
   written = nib.load(str(out))
   assert written.shape == label.shape and written.get_data_dtype() == np.uint8
   np.testing.assert_allclose(written.affine, affine)
@@ -183,11 +185,13 @@ def test_3d_augmentation_comes_from_the_data_augment_keys(run_dir):
   identity = ["--config.data.augment.enabled=True", "--config.data.augment.rotation_degrees=0.0",
               "--config.data.augment.zoom=(1.0, 1.0)"]
   key = jax.random.key(0)
-  same = pipeline.augmentation(_config(run_dir, *identity).data)(key, images, labels)
+  augmentation = lambda *overrides: helpers.run_settings(
+      _config(run_dir, *overrides)).kind.augmentation()
+  same = augmentation(*identity)(key, images, labels)
   np.testing.assert_allclose(same[0], images, atol=1e-6)
   np.testing.assert_array_equal(same[1], labels)
-  flipped = pipeline.augmentation(_config(
-      run_dir, *identity, "--config.data.augment.flip_probability=1.0").data)(key, images, labels)
+  flipped = augmentation(*identity, "--config.data.augment.flip_probability=1.0")(
+      key, images, labels)
   np.testing.assert_allclose(flipped[0], images[:, ::-1, ::-1, ::-1], atol=1e-6)
   np.testing.assert_array_equal(flipped[1], labels[:, ::-1, ::-1, ::-1])
-  assert pipeline.augmentation(_config(run_dir).data) is None  # off by default
+  assert augmentation() is None  # off by default

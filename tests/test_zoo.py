@@ -216,7 +216,7 @@ def test_a_damaged_file_is_not_installed_and_is_a_row_of_the_list(source, tmp_pa
 
 def start(cfg, workdir):
   """A run's first state as training would begin it (model.init_from applied)."""
-  setup = loop.build(cfg, str(workdir), helpers.parallel(cfg))
+  setup = loop.build(helpers.run_settings(cfg), str(workdir), helpers.parallel(cfg))
   ckpt = checkpoint.Checkpointer(str(workdir), cfg.checkpoint.max_to_keep)
   try:
     return setup, loop.resume(setup, ckpt)

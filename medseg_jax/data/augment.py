@@ -8,9 +8,7 @@ of a normalised image, and class 0). Evaluation never augments.
 """
 
 import dataclasses
-import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +42,8 @@ class Transform:
   offset: jax.Array    # intensity offset
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> Callable | None:
-  """`(key, images, labels) -> (images, labels)` for `data.augment`, or None when off."""
+def ranges_from_config(cfg: ml_collections.ConfigDict) -> Ranges | None:
+  """The checked 2D ranges of a `data.augment` section, or None when it is off."""
   if not cfg.enabled:
     return None
   ranges = Ranges(rotation_degrees=float(cfg.rotation_degrees),
@@ -55,7 +53,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> Callable | None:
                   intensity_scale=float(cfg.intensity_scale),
                   intensity_shift=float(cfg.intensity_shift))
   _check(ranges)
-  return functools.partial(augment_batch, ranges=ranges)
+  return ranges
 
 
 def samples_per_epoch(cfg: ml_collections.ConfigDict) -> int:
@@ -68,11 +66,19 @@ def samples_per_epoch(cfg: ml_collections.ConfigDict) -> int:
 
 
 def _check(r: Ranges) -> None:
+  check_ranges(r, ("rotation_degrees", "translate_pixels", "intensity_scale",
+                   "intensity_shift"))
+
+
+def check_ranges(r, nonnegative: tuple[str, ...]) -> None:
+  """Raises a ConfigError naming the `data.augment` key of a range of `r` (2D or 3D
+  `Ranges`) that makes no sense: the zoom, the flip probability, and the `nonnegative`
+  fields."""
   if len(r.zoom) != 2 or not 0 < r.zoom[0] <= r.zoom[1]:
     raise ConfigError(f"data.augment.zoom={r.zoom}: need (low, high) with 0 < low <= high")
   if not 0 <= r.flip_probability <= 1:
     raise ConfigError(f"data.augment.flip_probability={r.flip_probability}: must be in [0, 1]")
-  for key in ("rotation_degrees", "translate_pixels", "intensity_scale", "intensity_shift"):
+  for key in nonnegative:
     if getattr(r, key) < 0:
       raise ConfigError(f"data.augment.{key}={getattr(r, key)}: must not be negative")
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 
+from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
 
 
@@ -51,13 +52,7 @@ def check(r: Ranges) -> None:
   if len(r.rotation_degrees) != 3 or any(a < 0 for a in r.rotation_degrees):
     raise ConfigError(f"data.augment.rotation_degrees={r.rotation_degrees}: need three "
                       "angles of at least 0, about the D, H and W axes")
-  if len(r.zoom) != 2 or not 0 < r.zoom[0] <= r.zoom[1]:
-    raise ConfigError(f"data.augment.zoom={r.zoom}: need (low, high) with 0 < low <= high")
-  if not 0 <= r.flip_probability <= 1:
-    raise ConfigError(f"data.augment.flip_probability={r.flip_probability}: must be in [0, 1]")
-  for key in ("intensity_scale", "intensity_shift"):
-    if getattr(r, key) < 0:
-      raise ConfigError(f"data.augment.{key}={getattr(r, key)}: must not be negative")
+  augment.check_ranges(r, ("intensity_scale", "intensity_shift"))
 
 
 def sample(key: jax.Array, r: Ranges) -> Transform:

@@ -23,12 +23,6 @@ def split_seed(cfg: ml_collections.ConfigDict) -> int:
   return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
-def check_split_seed(cfg: ml_collections.ConfigDict) -> None:
-  if cfg.data.split_seed is not None and cfg.data.split_seed < 0:
-    raise ConfigError(f"data.split_seed={cfg.data.split_seed}: must be at least 0 "
-                      "(or unset: the split follows `seed`)")
-
-
 def split_cases(cases: list, val_fraction: float, test_fraction: float,
                 seed: int) -> dict[str, list]:
   """Shuffles subjects with `seed` and splits them; a subject is in exactly one split."""

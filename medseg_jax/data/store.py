@@ -145,17 +145,13 @@ def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Set
   logging.info("Preprocessing %d subjects of %s into %s with %d processes",
                len(dataset.training), dataset.root, tmp, processes)
   started = time.time()
-  arrays, row, volumes, bad = None, 0, [], {}
-  jobs = [(case, dataset, settings) for case in dataset.training]
-  results = pool.pool_map(_ingest, jobs, processes)
-  for case, (problems, out) in zip(dataset.training, progress(results, len(jobs))):
-    if problems:
-      bad[case.name] = problems
-    if problems or (bad and not skip_invalid):
-      continue  # keep reading: every problem is reported at once
+  arrays, volumes = None, []
+
+  def keep(case, out):
+    nonlocal arrays
     images, labels, spacing, affine, shape = out
-    if arrays is None:
-      arrays = _create(tmp, images.shape[1:])
+    arrays = arrays or _create(tmp, images.shape[1:])
+    row = volumes[-1]["stop"] if volumes else 0
     futures = [arrays[0][row:row + len(images)].write(images),
                arrays[1][row:row + len(labels)].write(labels)]
     for f in futures:  # both writes end before either's error is raised and tmp removed
@@ -165,20 +161,42 @@ def _write_slices(tmp: str, dataset: decathlon.Dataset, settings: preprocess.Set
     volumes.append({"name": case.name, "image": case.image, "label": case.label,
                     "start": row, "stop": row + len(images), "spacing": list(spacing),
                     "affine": affine, "shape": list(shape)})
-    row += len(images)
-  if bad and not skip_invalid:
-    raise validate.report([p for ps in bad.values() for p in ps], dataset.root)
-  if not volumes:
-    raise validate.report([f"{dataset.root}: no valid subject to train on"]
-                          + [p for ps in bad.values() for p in ps], dataset.root)
+
+  jobs = [(case, dataset, settings) for case in dataset.training]
+  bad = ingest_all(dataset, _ingest, jobs, processes, skip_invalid, keep)
+  row = volumes[-1]["stop"]
   for array in arrays:
     array.resize(exclusive_max=[row] + [None] * (array.rank - 1), shrink_only=True,
                  resize_metadata_only=True).result()
   logging.info("Preprocessed %d slices of %d subjects in %.1f s", row, len(volumes),
                time.time() - started)
   return {"format": FORMAT, "dataset": dataset.name, "root": os.path.abspath(dataset.root),
-          "settings": settings.to_dict(), "rows": row, "channels": int(images.shape[-1]),
+          "settings": settings.to_dict(), "rows": row, "channels": int(arrays[0].shape[-1]),
           "volumes": volumes, "skipped": bad}
+
+
+def ingest_all(dataset: decathlon.Dataset, ingest: Callable, jobs: list, processes: int,
+               skip_invalid: bool, keep: Callable) -> dict[str, list[str]]:
+  """Runs `ingest` (a worker: one job -> (problems, output)) over one job per training
+  subject in `processes` processes and hands each valid subject's output to
+  `keep(case, output)`, in dataset order. Returns the problems of the subjects left out
+  (`skip_invalid`); otherwise every problem of the dataset is raised at once (as when no
+  subject is valid)."""
+  bad, kept = {}, 0
+  results = pool.pool_map(ingest, jobs, processes)
+  for case, (problems, out) in zip(dataset.training, progress(results, len(jobs))):
+    if problems:
+      bad[case.name] = problems
+    if problems or (bad and not skip_invalid):
+      continue  # keep reading: every problem is reported at once
+    keep(case, out)
+    kept += 1
+  if bad and not skip_invalid:
+    raise validate.report([p for ps in bad.values() for p in ps], dataset.root)
+  if not kept:
+    raise validate.report([f"{dataset.root}: no valid subject to train on"]
+                          + [p for ps in bad.values() for p in ps], dataset.root)
+  return bad
 
 
 def _create(directory: str, slice_shape: tuple) -> tuple:
@@ -200,6 +218,13 @@ def progress(results, total: int):
     if i % step == 0 or i == total:
       logging.info("preprocessing: %d/%d subjects", i, total)
     yield result
+
+
+WHAT = "slice store"  # how errors and barriers name this kind of store
+
+
+def open_store(path: str) -> "Store":
+  return Store(path)
 
 
 class Store:

@@ -103,8 +103,7 @@ def build(path: str, dataset: decathlon.Dataset, settings: Settings, skip_invali
   """Validates, normalises and resamples every training subject of a dataset that passed
   `validate.check_dataset` into a new store at `path` (problems as `store.build`)."""
   store.build_atomically(path, lambda tmp: _write_volumes(tmp, dataset, settings,
-                                                          skip_invalid, processes),
-                         "volume store")
+                                                          skip_invalid, processes), WHAT)
 
 
 def _write_volumes(tmp: str, dataset: decathlon.Dataset, settings: Settings,
@@ -118,19 +117,9 @@ def _write_volumes(tmp: str, dataset: decathlon.Dataset, settings: Settings,
   logging.info("Preprocessing %d volumes of %s at %s mm (%s) into %s with %d processes",
                len(dataset.training), dataset.root, target, schemes, tmp, processes)
   jobs = [(case, dataset, settings, target, schemes, ct) for case in dataset.training]
-  results = pool.pool_map(_ingest, jobs, processes)
-  volumes, bad = [], {}
-  for case, (problems, out) in zip(dataset.training, store.progress(results, len(jobs))):
-    if problems:
-      bad[case.name] = problems
-    if problems or (bad and not skip_invalid):
-      continue  # keep reading: every problem is reported at once
-    volumes.append(_write_volume(tmp, len(volumes), *out))
-  if bad and not skip_invalid:
-    raise validate.report([p for ps in bad.values() for p in ps], dataset.root)
-  if not volumes:
-    raise validate.report([f"{dataset.root}: no valid subject to train on"]
-                          + [p for ps in bad.values() for p in ps], dataset.root)
+  volumes = []
+  bad = store.ingest_all(dataset, _ingest, jobs, processes, skip_invalid,
+                         lambda case, out: volumes.append(_write_volume(tmp, len(volumes), *out)))
   return {"format": FORMAT, "dataset": dataset.name, "root": os.path.abspath(dataset.root),
           "settings": settings.to_dict(), "target_spacing": list(target),
           "channels": list(channel_names(dataset, settings)), "normalisation": list(schemes),
@@ -231,6 +220,13 @@ def _spec(directory: str, kind: str, index: int, shape=None, chunks=None, dtype=
     spec["metadata"] = {"shape": shape, "chunks": chunks, "dtype": dtype,
                         "compressor": store.COMPRESSOR}
   return spec
+
+
+WHAT = "volume store"  # how errors and barriers name this kind of store
+
+
+def open_store(path: str) -> "VolumeStore":
+  return VolumeStore(path)
 
 
 class VolumeStore:

@@ -1,9 +1,11 @@
 """Evaluating a state on a split: exact metrics, per-volume metrics, CSV and a montage.
 
-A split of slices goes through the compiled eval step in global batches; a split of
-whole volumes (3D) goes volume by volume through sliding-window inference, its windows
-spread over every device and host (`Evaluator.window_run`), and the confusion matrix is
-summed on the host from the whole predicted volume, which every process holds alike."""
+How a split is predicted is the evaluator's `predict`, chosen once by the kind of data:
+`predict_slices` sends a split of slices through the compiled eval step in global
+batches; `predict_volumes` sends whole volumes (3D) volume by volume through
+sliding-window inference, its windows spread over every device and host
+(`Evaluator.window_run`), and sums the confusion matrix on the host from the whole
+predicted volume, which every process holds alike."""
 
 import dataclasses
 import os
@@ -31,6 +33,10 @@ class Evaluator:
   num_classes: int
   class_names: list[str]
   workdir: str             # results go to WORKDIR/eval/
+  # (evaluator, placed state, split, surface) -> (confusion, per-volume rows, a function
+  # returning the montage's (image, label, prediction) slices): `predict_slices` or
+  # `predict_volumes`
+  predict: Callable
   # 3D: the sliding-window settings, and (placed state) -> run(windows) -> probabilities
   windows: sliding_window.Windows | None = None
   window_run: Callable | None = None
@@ -50,6 +56,20 @@ def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarr
   return confusion, preds
 
 
+def predict_slices(ev: Evaluator, state, data: loader.SliceSet, surface: bool
+                   ) -> tuple[np.ndarray, list[dict], Callable[[], list[tuple]]]:
+  """`Evaluator.predict` of slices: the confusion matrix, per-volume rows, and the
+  montage's slices (read from the split only when asked for, by process 0)."""
+  confusion, preds = predict_split(ev, state, data)
+  rows = per_volume_rows(data, preds, ev.num_classes, surface)
+
+  def shown() -> list[tuple]:
+    picked = overlay.pick_slices(data.label, data.volume)
+    return list(zip(data.image[picked], data.label[picked], preds[picked]))
+
+  return confusion, rows, shown
+
+
 def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
                     surface: bool) -> list[dict]:
   """3D Dice (and HD95 in mm if `surface`) per volume, over the slices evaluated."""
@@ -62,9 +82,10 @@ def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
 
 
 def predict_volumes(ev: Evaluator, state, data: volume_loader.VolumeSet, surface: bool
-                    ) -> tuple[np.ndarray, list[dict], list[tuple]]:
-  """(Confusion matrix over every voxel, per-volume rows, (image, label, prediction)
-  slices of the first volumes for the montage) of whole volumes by sliding windows."""
+                    ) -> tuple[np.ndarray, list[dict], Callable[[], list[tuple]]]:
+  """`Evaluator.predict` of whole volumes by sliding windows: the confusion matrix over
+  every voxel, per-volume rows, and the montage's (image, label, prediction) slices of
+  the first volumes."""
   run = ev.window_run(state)
   confusion = np.zeros((ev.num_classes,) * 2, np.int64)
   rows, shown = [], []
@@ -76,7 +97,7 @@ def predict_volumes(ev: Evaluator, state, data: volume_loader.VolumeSet, surface
         pred, label, data.spacing[v], ev.num_classes, surface)))
     if v < MONTAGE_VOLUMES:
       shown.append(_axial_slice(image, label, pred))
-  return confusion, rows, shown
+  return confusion, rows, lambda: shown
 
 
 def _axial_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple:
@@ -101,23 +122,15 @@ def evaluate(ev: Evaluator, state, data: loader.SliceSet | volume_loader.VolumeS
   process 0) and to the monitor's event files when one is given."""
   if not len(data):
     return None
-  if isinstance(data, volume_loader.VolumeSet):
-    confusion, rows, shown = predict_volumes(ev, state, data, surface)
-  else:
-    confusion, preds = predict_split(ev, state, data)
-    rows = per_volume_rows(data, preds, ev.num_classes, surface)
-    shown = None  # read for the montage by process 0 alone
+  confusion, rows, shown = ev.predict(ev, state, data, surface)
   result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
                 per_volume=metrics.summarize_volumes(rows))
   if jax.process_index() == 0:
     out = os.path.join(ev.workdir, "eval")
     files.write_json(os.path.join(out, f"{split}_metrics.json"), result)
     files.write_csv(os.path.join(out, f"{split}_per_volume.csv"), rows)
-    if shown is None:
-      picked = overlay.pick_slices(data.label, data.volume)
-      shown = zip(data.image[picked], data.label[picked], preds[picked])
     picture = overlay.write_montage(os.path.join(out, "montage", f"{split}_step{step:07d}.png"),
-                                    *_montage_rows(list(shown)), ev.class_names,
+                                    *_montage_rows(list(shown())), ev.class_names,
                                     f"{split}, step {step}")
     if monitor is not None:
       monitor.evaluation(split, step, result, picture)

@@ -114,17 +114,14 @@ def volumetric(info: dict, modalities, windows: sliding_window.Windows) -> Volum
                     target_spacing=tuple(info["target_spacing"]), windows=windows)
 
 
-def predict(settings: preprocess.Settings | Volumetric, modalities: tuple[str, ...],
+def predict(probabilities: Callable[[str, Run], np.ndarray],
             planned: list[tuple[str, tuple[str, str | None]]], run: Run) -> None:
-  """Predicts every planned volume: its slices, preprocessed with `settings` from a volume
-  with the dataset's `modalities`, go through `run(slices [N,H,W,C]) -> probabilities
-  [N,H,W,classes]` (every process takes part); process 0 writes. With `Volumetric`
-  settings `run` maps windows [N,d,h,w,C] to [N,d,h,w,classes]."""
+  """Predicts every planned volume: `probabilities(path, run)` (`predict_volume` or
+  `predict_volume_3d` with the run's settings bound) preprocesses it and sends its slices
+  (3D: windows) through `run(examples) -> probabilities` (every process takes part);
+  process 0 writes."""
   for src, (labels_dst, probs_dst) in planned:
-    if isinstance(settings, Volumetric):
-      probs = predict_volume_3d(settings, tuple(modalities), src, run)
-    else:
-      probs = predict_volume(settings, tuple(modalities), src, run)
+    probs = probabilities(src, run)
     if jax.process_index() == 0:
       write_prediction(src, probs, labels_dst, probs_dst)
       logging.info("Wrote %s", labels_dst)

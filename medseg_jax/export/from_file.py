@@ -10,6 +10,7 @@ file's ONNX graph on the CPU in one process.
 import copy
 import dataclasses
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from medseg_jax import cli, components, files, modelfile, models, zoo
-from medseg_jax.data import preprocess
+from medseg_jax import components, config_schema, files, kinds, modelfile, models, zoo
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.evaluation import predict
 from medseg_jax.export import onnx_graph
@@ -40,15 +40,12 @@ class Model:
   info: dict                       # model.json
 
   @property
-  def settings(self) -> preprocess.Settings | predict.Volumetric:
-    """The preprocessing the model was trained with, as model.json records it (3D: with
-    the sliding windows of its config, a global batch of windows over every device)."""
-    if self.cfg.data.spatial_dims == 3:
-      return setup.prediction_settings(self.cfg, self.info, jax.device_count())
-    fields = {f.name for f in dataclasses.fields(preprocess.Settings)}
-    saved = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in self.info["preprocessing"].items() if k in fields}
-    return preprocess.Settings(**saved)
+  def probabilities(self) -> Callable:
+    """`(path, run) -> probabilities` of a new volume, prepared as model.json records it
+    (3D: with the sliding windows of its config, a global batch of windows over every
+    device)."""
+    kind = kinds.from_config(self.cfg).for_model(self.info)
+    return kind.probabilities(self.info, setup.eval_batch(self.cfg, jax.device_count()))
 
 
 def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model:
@@ -62,7 +59,7 @@ def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model
   if missing:
     raise MedsegError(f"{path}: {modelfile.MODEL} lacks {', '.join(missing)} (not written "
                       "by medseg_jax's export)")
-  cfg = cli.config_from_saved(file.json(modelfile.CONFIG), f"{path}: {modelfile.CONFIG}")
+  cfg = config_schema.config_from_saved(file.json(modelfile.CONFIG), f"{path}: {modelfile.CONFIG}")
   _for_this_machine(cfg)
   if engine == "onnxruntime":
     _check_onnx(file)
@@ -75,7 +72,7 @@ def _for_this_machine(cfg: ml_collections.ConfigDict) -> None:
   the default one (any strategy computes the same probabilities)."""
   cfg.parallel.num_devices = 0
   if cfg.parallel.strategy not in strategies.STRATEGIES:
-    default = cli.base_config().parallel.strategy
+    default = config_schema.base_config().parallel.strategy
     logging.info("Predicting with the %s strategy (the run's %s is not in the model file)",
                  default, cfg.parallel.strategy)
     cfg.parallel.strategy = default
@@ -100,7 +97,7 @@ def predict_files(model: Model, input_path: str, output: str, engine: str = "jax
                       "--engine=jax")
   planned = predict.plan(input_path, output, model.info, overwrite, probabilities)
   run = _onnx_run(model) if engine == "onnxruntime" else _jax_run(model)
-  predict.predict(model.settings, model.info["modalities"], planned, run)
+  predict.predict(model.probabilities, planned, run)
   return [outputs for _, outputs in planned]
 
 

@@ -15,12 +15,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from medseg_jax import cli, files, modelfile, models
-from medseg_jax.data import pipeline, preprocess
+from medseg_jax import config_schema, files, kinds, modelfile, models
 from medseg_jax.errors import MedsegError
 from medseg_jax.evaluation import predict
 from medseg_jax.export import card, onnx_graph
-from medseg_jax.training import checkpoint, setup
+from medseg_jax.training import checkpoint, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,7 @@ def read_run(workdir: str, which: str | int) -> Run:
   manifest = files.read_json(os.path.join(workdir, "manifest.json"), "the run's manifest",
                              missing_ok=True) or {}
   return Run(workdir=workdir, which=which, step=step,
-             cfg=cli.config_from_saved(meta["config"], step_dir), meta=meta,
+             cfg=config_schema.config_from_saved(meta["config"], step_dir), meta=meta,
              variables=variables, info=predict.read_run_info(workdir), manifest=manifest,
              test=_test_metrics(workdir, step, manifest))
 
@@ -122,9 +121,9 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
   cfg, info = run.cfg, run.info
   return dict(
       info,
-      classes=pipeline.class_names(cfg, info),
+      classes=settings.source(cfg).class_names(info["labels"]),
       class_labels=list(range(info["num_classes"])),
-      preprocessing=preprocessing(cfg, info),
+      preprocessing=kinds.from_config(cfg).model_preprocessing(info),
       network={"name": cfg.model.name, "class": cfg.model.name.rpartition(":")[2],
                "compute_dtype": cfg.model.compute_dtype, "kwargs": cfg.model.kwargs.to_dict(),
                "source": (modelfile.NETWORK_DIR + os.path.basename(carried[0])
@@ -133,19 +132,6 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
       step=run.step,
       checkpoint={"requested": str(run.which), "step": run.step,
                   "directory": os.path.join(checkpoint.directory(run.workdir), str(run.step))})
-
-
-def preprocessing(cfg: ml_collections.ConfigDict, info: dict) -> dict:
-  """model.json's preprocessing: the slice settings, or in 3D the volume settings with the
-  target spacing, each channel's normalisation, the patch and the sliding windows."""
-  if cfg.data.spatial_dims != 3:
-    return preprocess.settings_from_config(cfg.data).to_dict()
-  return dict(pipeline.volume_settings(cfg.data).to_dict(), spatial_dims=3,
-              target_spacing=info["target_spacing"],
-              channel_normalisation=dict(zip(info["channel_names"], info["normalisation"])),
-              patch_size=list(cfg.data.patch_size),
-              window_overlap=cfg.evaluation.window_overlap,
-              gaussian_sigma=cfg.evaluation.gaussian_sigma, mirror=cfg.evaluation.mirror)
 
 
 def metrics_json(run: Run) -> dict:
@@ -163,10 +149,9 @@ def summary(run: Run, name: str | None) -> dict:
   """The index's summary, which `python -m medseg_jax.zoo list` shows."""
   info, cfg = run.info, run.cfg
   test_dice = run.test.get("dice_foreground") if run.test else None
-  # A 3D network's input is a patch (zoo list shows it).
-  patch = {"patch_size": list(cfg.data.patch_size)} if cfg.data.spatial_dims == 3 else {}
-  return {**patch, "name": name or os.path.basename(os.path.abspath(run.workdir)),
-          "task": _task(info), "classes": pipeline.class_names(cfg, info),
+  return {**kinds.from_config(cfg).zoo_fields(),
+          "name": name or os.path.basename(os.path.abspath(run.workdir)),
+          "task": _task(info), "classes": settings.source(cfg).class_names(info["labels"]),
           "labels": list(range(info["num_classes"])), "modalities": list(info["modalities"]),
           "image_size": cfg.data.image_size, "channels": info["channels"],
           "test_dice": test_dice, "step": run.step, "network": cfg.model.name,
@@ -215,7 +200,8 @@ def _onnx_graph(run: Run) -> bytes | None:
     return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
   started = time.perf_counter()
   try:
-    graph = onnx_graph.forward_graph(probabilities, setup.input_shape(cfg, info["channels"]))
+    graph = onnx_graph.forward_graph(probabilities,
+                                     kinds.from_config(cfg).input_shape(info["channels"]))
   except MedsegError as e:
     logging.warning("No ONNX graph in the model file (--engine=onnxruntime will not run "
                     "it): %s", e)

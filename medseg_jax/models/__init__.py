@@ -42,7 +42,12 @@ def network(cfg: ml_collections.ConfigDict) -> components.Component:
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int,
                 axis_name: Optional[str] = None) -> nn.Module:
   """Builds the network that `cfg` (the `model` section) names, checking its settings."""
-  component = network(cfg)
+  return construct(network(cfg), cfg, num_classes, image_size, axis_name)
+
+
+def construct(component: components.Component, cfg: ml_collections.ConfigDict,
+              num_classes: int, image_size: int, axis_name: Optional[str] = None) -> nn.Module:
+  """The network of the resolved `component` (`network`) with the settings of `cfg`."""
   if cfg.compute_dtype not in DTYPES:
     raise ConfigError(f"model.compute_dtype={cfg.compute_dtype!r}: choose from {sorted(DTYPES)}")
   kwargs = _builtin_kwargs(cfg, image_size) if component.builtin else {}

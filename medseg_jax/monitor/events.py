@@ -25,7 +25,7 @@ from medseg_jax.parallel import multihost
 
 EMA_DECAYS = (0.9, 0.99, 0.999)
 # Throughput is logged per training example: slices, or patches in 3D
-# (data.pipeline.example_unit), as `<unit>_per_sec` and `<unit>_per_sec_per_device`.
+# (the kind of data's `unit`), as `<unit>_per_sec` and `<unit>_per_sec_per_device`.
 THROUGHPUT_UNITS = ("slices", "patches")
 
 

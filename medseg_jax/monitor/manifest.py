@@ -19,29 +19,23 @@ import jax
 import psutil
 
 from medseg_jax import files
-from medseg_jax.data import split
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "nibabel",
             "ml-collections", "tensorstore", "tensorboardX", "absl-py")
-NORMALISATION = {"zscore_nonzero":
-                 "z-score over the non-zero voxels of each volume and channel",
-                 "percentile": "clipped to the {} percentiles of each volume and channel, "
-                               "rescaled to [0, 1]"}
-
-
 def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, *,
              devices: int, global_batch: int, steps_per_epoch: int, num_steps: int,
-             components: dict) -> dict:
+             components: dict, data_record: dict, split_seed: int) -> dict:
   """The manifest's record of a run as it starts; `lr` is the resolved LR schedule
   (`optim.ResolvedSchedule`), `components` the record of every component by config key
-  (spec, source file, SHA-256)."""
+  (spec, source file, SHA-256), `data_record` what the run's kind of data (slices or
+  volumes) records of its settings, `split_seed` the seed that drew the split."""
   return {
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "config": cfg.to_dict(),
       "code": code_version(),
       "software": software(),
       "hardware": hardware(),
-      "dataset": dataset(cfg, data_info, class_names),
+      "dataset": dict(dataset(cfg, data_info, class_names, split_seed), **data_record),
       "model": {"name": cfg.model.name, "parameters": parameters,
                 "compute_dtype": cfg.model.compute_dtype},
       "components": components,
@@ -59,15 +53,14 @@ def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, 
                                 "end_epoch": p.end / steps_per_epoch,
                                 "lr_start": p.lr_start, "lr_end": p.lr_end}
                                for p in lr.phases]},
-      "seeds": seed_record(cfg),
+      "seeds": seed_record(cfg, split_seed),
       "runs": repeats([cfg.seed]),
   }
 
 
-def seed_record(cfg) -> dict:
+def seed_record(cfg, split_seed: int) -> dict:
   """The seeds of a run and what each draws: `data.split_seed` (unset: `seed`) the split
   and a synthetic dataset, `seed` the rest."""
-  split_seed = split.split_seed(cfg)
   split_from = "data.split_seed" if cfg.data.split_seed is not None else "seed"
   return {"seed": cfg.seed, "split_seed": split_seed,
           "derived": f"split and synthetic data follow {split_from} ({split_seed}); batch "
@@ -147,49 +140,21 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def dataset(cfg, info: dict, class_names: list[str]) -> dict:
-  common = {"name": info["dataset"], "root": os.path.abspath(info["root"]),
-            "fingerprint": fingerprint(info["root"]),
-            "modalities_available": list(info["modalities"]),
-            "modalities_used": list(cfg.data.modalities) or list(info["modalities"]),
-            "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
-            "classes": class_names, "spatial_dims": cfg.data.spatial_dims,
-            "skipped_invalid": info.get("skipped", []), "volumes": info["volumes"],
-            "split": {"val_fraction": cfg.data.val_fraction,
-                      "test_fraction": cfg.data.test_fraction,
-                      "seed": split.split_seed(cfg)},
-            "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
-                             else "none"),
-            "synthetic": cfg.data.synthetic}
-  if cfg.data.spatial_dims == 3:
-    return dict(common, **_volumes(cfg, info))
-  return dict(common, image_size=cfg.data.image_size, slice_axis=cfg.data.slice_axis,
-              slices_per_volume=cfg.data.slices_per_volume,
-              slice_selection=cfg.data.slice_selection,
-              empty_slice_fraction=cfg.data.empty_slice_fraction, resize=cfg.data.resize,
-              slice_store=info.get("store"), slices=info["slices"],
-              normalisation=NORMALISATION[cfg.data.normalisation].format(
-                  list(cfg.data.clip_percentiles)))
-
-
-def _volumes(cfg, info: dict) -> dict:
-  """The 3D record: spacing, normalisation, patches and their sampling, inference."""
-  return {"volume_store": info.get("store"),
-          "target_spacing": info["target_spacing"],
-          "target_spacing_source": ("data.target_spacing" if cfg.data.target_spacing
-                                    else "median of the training images"),
-          "normalisation": dict(zip(info["channel_names"], info["normalisation"])),
-          "ct_statistics": info["ct_statistics"],
-          "patch_size": list(cfg.data.patch_size),
-          "sampling": {"foreground_fraction": cfg.data.foreground_fraction,
-                       "foreground_samples": cfg.data.foreground_samples,
-                       "patches_per_epoch": info.get("samples_per_epoch"),
-                       "rule": "volume from the epoch's order, position from (seed, epoch, "
-                               "index); the last ceil(fraction x global batch) draws of "
-                               "each global batch centred on a foreground voxel"},
-          "inference": {"window_overlap": cfg.evaluation.window_overlap,
-                        "gaussian_sigma": cfg.evaluation.gaussian_sigma,
-                        "mirror": cfg.evaluation.mirror}}
+def dataset(cfg, info: dict, class_names: list[str], split_seed: int) -> dict:
+  """What every run records of its dataset, split and augmentation."""
+  return {"name": info["dataset"], "root": os.path.abspath(info["root"]),
+          "fingerprint": fingerprint(info["root"]),
+          "modalities_available": list(info["modalities"]),
+          "modalities_used": list(cfg.data.modalities) or list(info["modalities"]),
+          "labels": list(info["labels"]), "label_map": list(cfg.data.label_map),
+          "classes": class_names,
+          "skipped_invalid": info.get("skipped", []), "volumes": info["volumes"],
+          "split": {"val_fraction": cfg.data.val_fraction,
+                    "test_fraction": cfg.data.test_fraction,
+                    "seed": split_seed},
+          "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
+                           else "none"),
+          "synthetic": cfg.data.synthetic}
 
 
 def fingerprint(root: str) -> str:

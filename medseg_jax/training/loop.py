@@ -12,18 +12,17 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
 from medseg_jax import files, optim
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.data import pipeline
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest, profiler
 from medseg_jax.training import checkpoint, decisions, plugins, preemption, warm_start
 from medseg_jax.training.decisions import Position, Stop
 from medseg_jax.training.guard import DivergenceGuard
+from medseg_jax.training.settings import RunSettings
 from medseg_jax.training.setup import Setup, build, step_of
 from medseg_jax.training.state import TrainState
 
@@ -40,7 +39,7 @@ class Start:
   saved_step: int = 0      # the step as the checkpoint numbered it (another device count)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(settings: RunSettings, workdir: str,
                        par: strategies.Parallel, from_scratch: bool = False) -> dict | None:
   """Trains on the devices of `par`, validating periodically, then tests the best state.
 
@@ -49,7 +48,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   started = time.time()
   if from_scratch:
     checkpoint.remove_all(workdir)
-  setup = build(cfg, workdir, par)
+  setup = build(settings, workdir, par)
+  cfg = setup.cfg
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
   start = resume(setup, ckpt)
   if jax.process_index() == 0:
@@ -58,7 +58,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        cfg.monitor.system_interval_seconds, setup.num_steps, start.step,
                        setup.steps_per_epoch)
   try:
-    plugs = plugins.Plugins(cfg, workdir, mon.scalar)
+    plugs = plugins.Plugins(settings.plugins, cfg, workdir, mon.scalar)
     end = (start.state, start.position, Stop.EARLY_STOPPING)
     if not start.early_stopped:
       end = train(setup, ckpt, mon, plugs, start)
@@ -136,9 +136,9 @@ def _batches(setup: Setup, step: int,
   data, batch, draws = setup.data["train"], setup.global_batch, setup.epoch_draws
   while step < setup.num_steps:
     position = decisions.epoch_start(position, batch, draws)
-    for local in pipeline.train_batches(data, batch, setup.cfg.seed, position.epoch,
-                                        jax.process_index(), jax.process_count(),
-                                        position.offset, draws=draws):
+    for local in setup.kind.train_batches(data, batch, setup.cfg.seed, position.epoch,
+                                          jax.process_index(), jax.process_count(),
+                                          position.offset, draws):
       step, position = step + 1, decisions.after_step(position, batch, draws)
       yield step, position, local
       if step == setup.num_steps:
@@ -227,13 +227,13 @@ def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
   if ckpt.latest_step() is None:  # only a run that starts from scratch takes model.init_from
     state = warm_start.apply(setup.cfg, setup.init_state, setup.data_info["num_classes"])
     return Start(setup.par.put_state(state), 0, Position(), setup.init_rng)
-  checkpoint.check_config(ckpt.read_meta(), setup.cfg, ckpt.directory)
+  checkpoint.check_config(ckpt.read_meta(), setup.cfg, ckpt.directory, setup.components)
   restored = ckpt.restore(setup.init_state, setup.par.replicated)
   meta, state, step = restored.meta, restored.state, restored.step
   position = Position(meta["epoch"], meta["offset"])
   if meta["global_batch"] == setup.global_batch:
     logging.info("Resuming from checkpoint at step %d (epoch %d, %d %s into its order)",
-                 step, position.epoch, position.offset, pipeline.example_unit(setup.cfg.data))
+                 step, position.epoch, position.offset, setup.kind.unit)
   else:
     step = decisions.renumbered_step(position, setup.steps_per_epoch, setup.global_batch)
     state = state.replace(step=jnp.asarray(step, state.step.dtype),
@@ -261,7 +261,8 @@ def _write_run_files(setup: Setup, start: Start) -> None:
       setup.cfg, setup.data_info, setup.evaluator.class_names, parameters, setup.lr,
       devices=setup.par.num_devices, global_batch=setup.global_batch,
       steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps,
-      components=setup.components))
+      components=setup.components, data_record=setup.kind.record(setup.data_info),
+      split_seed=setup.split_seed))
 
 
 def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,
@@ -269,7 +270,7 @@ def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: di
   """Loss averaged over the window since the last record, LR, throughput and timing."""
   losses = [float(x) for x in multihost.to_host(losses)]
   steps = len(losses)
-  unit = pipeline.example_unit(setup.cfg.data)  # slices, or patches in 3D
+  unit = setup.kind.unit  # slices, or patches in 3D
   per_sec = steps * setup.global_batch / elapsed
   lr = float(setup.lr.schedule(step - 1))
   record = {"epoch": step / setup.steps_per_epoch, "loss": float(np.mean(losses)),

@@ -64,11 +64,11 @@ def get_loss(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   return loss_component(spec).obj
 
 
-def check_loss(spec: str, num_classes: int, spatial_dims: int = 2) -> None:
+def check_loss(spec: str, num_classes: int, dims: int = 2) -> None:
   """Raises a ConfigError unless the loss maps logits [2,8,8,C] and labels [2,8,8] to [2]
-  (with `spatial_dims` 3: [2,8,8,8,C] and [2,8,8,8])."""
+  (for examples of 3 spatial `dims`: [2,8,8,8,C] and [2,8,8,8])."""
   component = loss_component(spec)
-  spatial = (2,) + (8,) * spatial_dims
+  spatial = (2,) + (8,) * dims
   logits = jax.ShapeDtypeStruct(spatial + (num_classes,), jnp.float32)
   labels = jax.ShapeDtypeStruct(spatial, jnp.int32)
   shown = ",".join(map(str, spatial))

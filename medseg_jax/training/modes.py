@@ -11,37 +11,38 @@ import optax
 from medseg_jax.evaluation import evaluate, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
+from medseg_jax.training.settings import RunSettings, component_records
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+def evaluate_checkpoint(settings: RunSettings, workdir: str,
                         par: strategies.Parallel, which: str = "latest") -> dict:
   """A checkpoint ('latest', 'best' or a step) on the validation and test splits."""
   checkpoint.require_checkpoint(workdir)
-  run = setup.build(cfg, workdir, par)
-  state = restore_state(cfg, workdir, which, par, run.init_state)
+  built = setup.build(settings, workdir, par)
+  state = restore_state(settings.cfg, workdir, which, par, built.init_state)
   at = setup.step_of(par, state)
-  return {split: evaluate.evaluate(run.evaluator, state, run.data[split], split, at,
+  return {split: evaluate.evaluate(built.evaluator, state, built.data[split], split, at,
                                    surface=True)
           for split in ("val", "test")}
 
 
-def predict_checkpoint(cfg: ml_collections.ConfigDict, workdir: str,
+def predict_checkpoint(settings: RunSettings, workdir: str,
                        par: strategies.Parallel, input_path: str, output: str,
                        which: str = "latest", overwrite: bool = False,
                        probabilities: bool = False) -> list[tuple[str, str | None]]:
   """Label maps (and probabilities) of every NIfTI volume under `input_path`, from a
   checkpoint ('latest', 'best' or a step); every input is checked before any is read."""
   checkpoint.require_checkpoint(workdir)
+  cfg, kind = settings.cfg, settings.kind
   info = predict.read_run_info(workdir)
   planned = predict.plan(input_path, output, info, overwrite, probabilities)
   # The optimizer is built only to give the checkpoint's tree its shape.
-  template = setup.build_state(cfg, par, info["num_classes"], info["channels"],
+  template = setup.build_state(settings, par, info["num_classes"], info["channels"],
                                optax.constant_schedule(0.0), jax.random.key(0))
   state = restore_state(cfg, workdir, which, par, template)
-  run = predict.mesh_run(par, par.predict_step(step.predict_step), state,
-                         setup.eval_batch(cfg, par.num_devices))
-  predict.predict(setup.prediction_settings(cfg, info, par.num_devices), info["modalities"],
-                  planned, run)
+  batch = setup.eval_batch(cfg, par.num_devices)
+  run = predict.mesh_run(par, par.predict_step(step.predict_step), state, batch)
+  predict.predict(kind.probabilities(info, batch), planned, run)
   return [outputs for _, outputs in planned]
 
 
@@ -55,7 +56,7 @@ def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
   as unreadable (and a 'latest' one be deleted as corrupt).
   """
   which = checkpoint.parse_which(which, "--checkpoint")
-  records = setup.component_records(cfg)
+  records = component_records(cfg)
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
     meta = checkpointer.read_meta(which)

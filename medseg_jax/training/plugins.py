@@ -87,11 +87,13 @@ def plugin_components(cfg: ml_collections.ConfigDict) -> list[components.Compone
 class Plugins:
   """The run's plugins on this process; `call` runs one hook of each."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str,
-               scalar: Callable[[str, float, int], None]):
+  def __init__(self, found: list[components.Component], cfg: ml_collections.ConfigDict,
+               workdir: str, scalar: Callable[[str, float, int], None]):
+    """`found` are the plugins `train.plugins` of `cfg` names, resolved
+    (`plugin_components`)."""
     context = Context(workdir, cfg.to_dict(), jax.process_index(), scalar)
     self._plugins: list[tuple[components.Component, Any]] = []
-    for component in plugin_components(cfg):
+    for component in found:
       if jax.process_index() != 0 and not getattr(component.obj, "all_processes", False):
         continue
       kwargs = cfg.train.plugin_kwargs.get(component.name, ml_collections.ConfigDict())

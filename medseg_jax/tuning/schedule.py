@@ -13,9 +13,9 @@ import numpy as np
 from absl import flags
 
 from medseg_jax import cli, optim
-from medseg_jax.data import pipeline
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import multihost
+from medseg_jax.training import settings, setup
 from medseg_jax.tuning import actions
 
 
@@ -52,7 +52,8 @@ def count_train_slices(cfg: ml_collections.ConfigDict) -> int:
   stops the count also names --train_slices, which skips it."""
   try:
     with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
-      return pipeline.train_slice_count(cfg, tmp, multihost.barrier)
+      run = settings.read(cfg)
+      return run.kind.train_count(run.source, tmp, multihost.barrier)
   except MedsegError as e:
     raise type(e)(f"{e}; or give the count with --train_slices=N") from e
 
@@ -61,7 +62,7 @@ def _print_and_plot(cfg: ml_collections.ConfigDict, devices: int, slices: int,
                     action: str | None, png: str | None) -> None:
   after = actions.after_action(cfg, action) if action else None
   count = slices or count_train_slices(cfg)
-  plan = pipeline.epoch_plan(cfg, count, devices)
+  plan = setup.epoch_plan(settings.read(cfg), count, devices)
   resolve = lambda c: optim.resolve_schedule(c, plan.global_batch, plan.steps_per_epoch,
                                              plan.num_steps)
   resolved = resolve(cfg)
