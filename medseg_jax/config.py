@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from medseg_jax import kinds, models, optim
+from medseg_jax import config_schema, kinds, models, optim
 from medseg_jax.training import losses, settings, warm_start
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
@@ -39,7 +39,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
   a run `starts_fresh` (a resume, an evaluation or a prediction reads the run's own
   checkpoint)."""
   for key, lowest in _AT_LEAST:
-    value = _get(cfg, key)
+    value = config_schema.lookup(cfg, key)
     if value < lowest:
       raise ConfigError(f"{key}={value}: must be at least {lowest}")
   if not cfg.train.num_steps and not cfg.train.num_epochs:
@@ -101,9 +101,3 @@ def _check_same_sources(records: dict) -> None:
 def _num_classes(cfg: ml_collections.ConfigDict) -> int:
   return max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
 
-
-def _get(cfg: ml_collections.ConfigDict, key: str):
-  node = cfg
-  for part in key.split("."):
-    node = node[part]
-  return node

@@ -1,6 +1,5 @@
 """Splitting subjects into train, validation and test, and keeping a run's split."""
 
-import json
 import os
 
 import ml_collections
@@ -48,8 +47,7 @@ def recorded_split(path: str, names: list[str], val_fraction: float, test_fracti
     if record:
       files.write_json(path, splits)
     return splits
-  with open(path) as f:
-    splits = json.load(f)
+  splits = files.read_json(path, "the run's split of subjects")
   missing = [n for s in splits.values() for n in s if n not in names]
   if missing:
     raise DataError(f"{path}: subjects {missing[:3]} are not in the slice store of "

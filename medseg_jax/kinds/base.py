@@ -1,6 +1,7 @@
 """The interface of a kind of data, and the steps both kinds take the same way."""
 
 import abc
+import functools
 import os
 from types import ModuleType
 from typing import Callable, Iterator
@@ -22,6 +23,9 @@ class DataKind(abc.ABC):
   unit: str            # what a training example is, for logs and throughput keys
   counted: str         # what the training set is counted in
   store: ModuleType    # the store module: `data.store` or `data.volume_store`
+  loader: ModuleType   # the batches' module: `data.loader` or `data.volume_loader`
+  augmenter: ModuleType  # the augmentation's module: `data.augment` or `data.augment3d`
+  ranges: object       # the augmentation's ranges (the augmenter's `Ranges`), None if off
 
   @classmethod
   @abc.abstractmethod
@@ -47,15 +51,6 @@ class DataKind(abc.ABC):
   def store_info(self, opened, sets: dict) -> dict:
     """What data_info.json records of this kind's store and splits."""
 
-  @abc.abstractmethod
-  def train_batches(self, data, global_batch: int, seed: int, epoch: int,
-                    process_index: int, process_count: int, offset: int,
-                    draws: int) -> Iterator[dict]:
-    """This process's part of each global batch of one epoch of `draws` draws."""
-
-  @abc.abstractmethod
-  def augmentation(self) -> Callable | None:
-    """The train step's on-device augmentation (None when off)."""
 
   @abc.abstractmethod
   def input_shape(self, channels: int) -> tuple[int, ...]:
@@ -128,6 +123,20 @@ class DataKind(abc.ABC):
       chosen = pipeline.splits(source, workdir, opened, dataset, False)
       return sum(rows[name] for name in chosen["train"])
     return self._header_count(dataset, pipeline.new_split(source, dataset)["train"])
+
+  def train_batches(self, data, global_batch: int, seed: int, epoch: int,
+                    process_index: int, process_count: int, offset: int,
+                    draws: int) -> Iterator[dict]:
+    """This process's part of each global batch of one epoch of `draws` draws (slices, or
+    patches), from `offset` draws into the epoch."""
+    return self.loader.train_batches(data, global_batch, seed, epoch, process_index,
+                                     process_count, offset, draws=draws)
+
+  def augmentation(self) -> Callable | None:
+    """The train step's on-device augmentation (None when off)."""
+    if self.ranges is None:
+      return None
+    return functools.partial(self.augmenter.augment_batch, ranges=self.ranges)
 
   def evaluator(self, par: strategies.Parallel, eval_fn: Callable, predict_fn: Callable,
                 batch: int, num_classes: int, class_names: list[str],

@@ -3,7 +3,7 @@ compiled eval step and predicts a new volume slice by slice."""
 
 import dataclasses
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_collections
 from absl import logging
@@ -21,7 +21,8 @@ NORMALISATION = {"zscore_nonzero":
 
 @dataclasses.dataclass(frozen=True)
 class Slices(DataKind):
-  """Slices: `settings` make the stored slices, `ranges` bound the augmentation of training slices."""
+  """Slices: `settings` make the stored slices; `ranges` bound the augmentation of the
+  training slices."""
 
   settings: preprocess.Settings
   ranges: augment.Ranges | None = None   # None: no augmentation
@@ -30,6 +31,8 @@ class Slices(DataKind):
   unit = "slices"
   counted = "slices"
   store = store
+  loader = loader
+  augmenter = augment
 
   @classmethod
   def from_config(cls, data: ml_collections.ConfigDict,
@@ -50,17 +53,6 @@ class Slices(DataKind):
 
   def store_info(self, opened: store.Store, sets: dict) -> dict:
     return {"slices": {s: len(v) for s, v in sets.items()}}
-
-  def train_batches(self, data: loader.SliceSet, global_batch: int, seed: int, epoch: int,
-                    process_index: int, process_count: int, offset: int,
-                    draws: int) -> Iterator[dict]:
-    return loader.train_batches(data, global_batch, seed, epoch, process_index,
-                                process_count, offset, draws=draws)
-
-  def augmentation(self) -> Callable | None:
-    if self.ranges is None:
-      return None
-    return functools.partial(augment.augment_batch, ranges=self.ranges)
 
   def input_shape(self, channels: int) -> tuple[int, ...]:
     return (self.settings.image_size, self.settings.image_size, channels)

@@ -4,7 +4,7 @@ over every device and host."""
 
 import dataclasses
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_collections
 
@@ -34,6 +34,8 @@ class Volumes(DataKind):
   unit = "patches"
   counted = "volumes"
   store = volume_store
+  loader = volume_loader
+  augmenter = augment3d
 
   @classmethod
   def from_config(cls, data: ml_collections.ConfigDict,
@@ -65,17 +67,6 @@ class Volumes(DataKind):
     return {"spatial_dims": self.dims, "target_spacing": meta["target_spacing"],
             "channel_names": meta["channels"], "normalisation": meta["normalisation"],
             "ct_statistics": meta["ct_statistics"], "patch_size": list(self.patch)}
-
-  def train_batches(self, data: volume_loader.VolumeSet, global_batch: int, seed: int,
-                    epoch: int, process_index: int, process_count: int, offset: int,
-                    draws: int) -> Iterator[dict]:
-    return volume_loader.train_batches(data, global_batch, seed, epoch, process_index,
-                                       process_count, offset, draws=draws)
-
-  def augmentation(self) -> Callable | None:
-    if self.ranges is None:
-      return None
-    return functools.partial(augment3d.augment_batch, ranges=self.ranges)
 
   def input_shape(self, channels: int) -> tuple[int, ...]:
     return self.patch + (channels,)

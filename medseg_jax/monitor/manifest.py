@@ -173,10 +173,7 @@ def fingerprint(root: str) -> str:
 def write(workdir: str, update: dict) -> dict:
   """Merges `update` into manifest.json and rewrites MANIFEST.md from it."""
   path = os.path.join(workdir, "manifest.json")
-  current = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      current = json.load(f)
+  current = files.read_json(path, "the run's manifest", missing_ok=True) or {}
   current.update(update)
   files.write_json(path, current)
   with files.atomic_path(os.path.join(workdir, "MANIFEST.md")) as tmp, open(tmp, "w") as f:
