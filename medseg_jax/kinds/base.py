@@ -51,7 +51,6 @@ class DataKind(abc.ABC):
   def store_info(self, opened, sets: dict) -> dict:
     """What data_info.json records of this kind's store and splits."""
 
-
   @abc.abstractmethod
   def input_shape(self, channels: int) -> tuple[int, ...]:
     """One training example's shape, channels last."""
