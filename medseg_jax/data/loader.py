@@ -43,11 +43,12 @@ def from_store(opened: store.Store, names: list[str]) -> SliceSet:
   return SliceSet(image=image, label=label, volume=volume, names=list(names), spacing=spacing)
 
 
-def epoch_length(num_slices: int, samples_per_epoch: int = 0) -> int:
+def epoch_length(num_examples: int, samples_per_epoch: int = 0) -> int:
   """Draws in one training epoch: `data.augment.samples_per_epoch`, or one pass over the
-  slices when it is 0. The one source of the epoch length: the plan's steps per epoch,
-  the LR schedule's epochs and the loop's position all follow it."""
-  return samples_per_epoch or num_slices
+  `num_examples` training examples (slices, or the volumes patches are drawn from) when it
+  is 0. The one source of the epoch length: the plan's steps per epoch, the LR schedule's
+  epochs and the loop's position all follow it."""
+  return samples_per_epoch or num_examples
 
 
 def batch_starts(offset: int, global_batch: int, draws: int) -> range:
@@ -57,17 +58,18 @@ def batch_starts(offset: int, global_batch: int, draws: int) -> range:
   return range(offset, draws - global_batch + 1, global_batch)
 
 
-def epoch_order(num_slices: int, seed: int, epoch: int, draws: int = 0) -> np.ndarray:
-  """The epoch's order of `draws` slices (0: one pass, each slice once): from the seed and
-  the epoch only, so it does not depend on the global batch or the number of processes.
+def epoch_order(num_examples: int, seed: int, epoch: int, draws: int = 0) -> np.ndarray:
+  """The epoch's order of `draws` of the `num_examples` training examples (slices, or the
+  volumes patches are drawn from; 0: one pass, each once): from the seed and the epoch
+  only, so it does not depend on the global batch or the number of processes.
 
-  A longer epoch is consecutive permutations of the slices cut to `draws`, so each slice
-  is drawn floor or ceil of draws / slices times and its repeats are spread over the
+  A longer epoch is consecutive permutations of the examples cut to `draws`, so each is
+  drawn floor or ceil of draws / examples times and its repeats are spread over the
   epoch; the first permutation is the one-pass order."""
-  draws = epoch_length(num_slices, draws)
+  draws = epoch_length(num_examples, draws)
   rng = np.random.default_rng([seed, epoch])
-  passes = -(-draws // num_slices)
-  return np.concatenate([rng.permutation(num_slices) for _ in range(passes)])[:draws]
+  passes = -(-draws // num_examples)
+  return np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:draws]
 
 
 def train_batches(data: SliceSet, global_batch: int, seed: int, epoch: int,

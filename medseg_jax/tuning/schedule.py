@@ -47,12 +47,11 @@ def plot(curves: dict[str, optim.ResolvedSchedule], num_steps: int, path: str,
   plt.close(fig)
 
 
-def count_train_slices(cfg: ml_collections.ConfigDict) -> int:
-  """The training slices of the config's dataset, as a run counts them; an error that
-  stops the count also names --train_slices, which skips it."""
+def count_train_examples(run: settings.RunSettings) -> int:
+  """The training slices (3D: volumes) of the config's dataset, as a run counts them; an
+  error that stops the count also names --train_slices, which skips it."""
   try:
     with tempfile.TemporaryDirectory() as tmp:  # synthetic data is written there
-      run = settings.read(cfg)
       return run.kind.train_count(run.source, tmp, multihost.barrier)
   except MedsegError as e:
     raise type(e)(f"{e}; or give the count with --train_slices=N") from e
@@ -61,13 +60,15 @@ def count_train_slices(cfg: ml_collections.ConfigDict) -> int:
 def _print_and_plot(cfg: ml_collections.ConfigDict, devices: int, slices: int,
                     action: str | None, png: str | None) -> None:
   after = actions.after_action(cfg, action) if action else None
-  count = slices or count_train_slices(cfg)
-  plan = setup.epoch_plan(settings.read(cfg), count, devices)
+  run = settings.read(cfg)
+  count = slices or count_train_examples(run)
+  plan = setup.epoch_plan(run, count, devices)
   resolve = lambda c: optim.resolve_schedule(c, plan.global_batch, plan.steps_per_epoch,
                                              plan.num_steps)
   resolved = resolve(cfg)
   print(f"policy {cfg.lr.policy}, {devices} devices, global batch {plan.global_batch}, "
-        f"{count} training slices, {plan.epoch_draws} drawn per epoch, {plan.num_steps} steps")
+        f"{count} training {run.kind.counted}, {plan.epoch_draws} drawn per epoch, "
+        f"{plan.num_steps} steps")
   print(resolved.describe())
   curves = {"config": resolved}
   if after:
@@ -83,7 +84,8 @@ def _cli() -> None:
   config = cli.config_flag()
   devices = flags.DEFINE_integer("num_devices", 1, "Number of devices (workers) k.")
   slices = flags.DEFINE_integer("train_slices", 0,
-                                "Training slices; 0 = count them in the config's dataset.")
+                                "Training slices (3D: volumes); 0 = count them in the "
+                                "config's dataset.")
   png = flags.DEFINE_string("plot", None, "Write the LR over steps to this PNG.")
   action = flags.DEFINE_enum(
       "after_action", None, actions.SCHEDULE_ACTIONS,
