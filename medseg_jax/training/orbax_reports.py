@@ -11,10 +11,13 @@ from medseg_jax import files
 
 
 class _OrbaxRecords(logging.Filter):
-  """Drops log records of two things: orbax's warning that a save has no metrics (only a
-  new best has a Dice: periodic saves have none by design), and the tracebacks of a write
+  """Drops log records of three things: orbax's warning that a save has no metrics (only a
+  new best has a Dice: periodic saves have none by design), the tracebacks of a write
   that found the disk full, logged by orbax's threads and by asyncio for the operations
-  orbax abandoned (see _ClosedLoopCalls)."""
+  orbax abandoned (see _ClosedLoopCalls), and asyncio's "Task exception was never
+  retrieved" for the other reads of a checkpoint orbax gave up on (a truncated file: the
+  first failure reaches the Checkpointer, which reports it; the reads still in flight end
+  with the same error as tasks nobody awaits, as often as the timing allows)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name != "asyncio" and "/orbax/" not in record.pathname:
@@ -22,7 +25,19 @@ class _OrbaxRecords(logging.Filter):
     if record.getMessage().startswith("Requested `tracked_metric`"):
       return False
     error = record.exc_info[1] if record.exc_info else None
+    if record.name == "asyncio" and _raised_in_orbax(error):
+      return False
     return files.disk_full(error) is None and files.disk_full(record.getMessage()) is None
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+  """Whether `error` was raised in an orbax frame (an operation orbax runs on its loop)."""
+  traceback = error.__traceback__ if error is not None else None
+  while traceback is not None:
+    if "/orbax/" in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
 
 
 class _ClosedLoopCalls:
