@@ -48,12 +48,6 @@ _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
                                    "Multi-process: the local devices this process uses.")
 
 
-# Settings of the exporting process itself, which it takes from --config: not a difference
-# between the model file's config and the command line's.
-_EXPORT_OWN_KEYS = ("parallel.distributed_timeout_seconds", "parallel.gpu_preallocate",
-                    "parallel.gpu_memory_fraction")
-
-
 def _without_config() -> bool:
   """Export and predicting from a model file read a saved config, not a config file."""
   return _MODE.value == "export" or (_MODE.value == "predict" and _MODEL.value is not None)
@@ -125,30 +119,10 @@ def _export() -> None:
   with _start_processes(cfg or config_schema.base_config(), _WORKDIR.value):
     if cfg is not None:
       checkpoint.require_checkpoint(_WORKDIR.value)
-      _warn_if_not_the_checkpoints(cfg, _WORKDIR.value, _CHECKPOINT.value)
+      write.warn_if_config_differs(cfg, _WORKDIR.value, _CHECKPOINT.value)
     write.export_run(_WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value, _NAME.value,
                      _OVERWRITE.value)
     multihost.barrier("end of export")
-
-
-def _warn_if_not_the_checkpoints(cfg, workdir: str, which: str) -> None:
-  """One warning naming the first keys in which `cfg` differs from the config of the
-  checkpoint `which`: the model file carries the checkpoint's."""
-  reader = checkpoint.Checkpointer(workdir)
-  try:
-    meta = reader.read_meta(reader.step(checkpoint.parse_which(which, "--checkpoint")))
-  finally:
-    reader.close()
-  if not meta or "config" not in meta:
-    return  # the export says so
-  saved = config_schema.config_from_saved(meta["config"], reader.directory)
-  changed = config_schema.differences(saved, cfg, ignore=_EXPORT_OWN_KEYS)
-  if changed:
-    shown = [f"{k} {was!r} -> {now!r}" for k, (was, now) in list(changed.items())[:5]]
-    more = f" and {len(changed) - len(shown)} more" if len(changed) > len(shown) else ""
-    count = f"{len(changed)} key{'s' if len(changed) > 1 else ''}"
-    logging.warning("The model file uses the checkpoint's config, not --config, which differs "
-                    "from it in %s: %s%s", count, ", ".join(shown), more)
 
 
 def _predict_from_file() -> None:

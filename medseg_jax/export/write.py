@@ -22,6 +22,12 @@ from medseg_jax.export import card, onnx_graph
 from medseg_jax.training import checkpoint, settings
 
 
+# Settings of the exporting process itself, which it takes from --config: not a difference
+# between the model file's config and the command line's.
+EXPORT_OWN_KEYS = ("parallel.distributed_timeout_seconds", "parallel.gpu_preallocate",
+                   "parallel.gpu_memory_fraction")
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """What an export reads from a run's workdir."""
@@ -54,6 +60,26 @@ def export_run(workdir: str, which: str, output: str, name: str | None = None,
   logging.info("Exported step %d of %s to %s (%.1f MiB) in %.1f s", run.step, workdir, output,
                os.path.getsize(output) / 2**20, time.perf_counter() - started)
   return output
+
+
+def warn_if_config_differs(cfg: ml_collections.ConfigDict, workdir: str, which: str) -> None:
+  """One warning naming the first keys in which `cfg` differs from the config of the
+  checkpoint `which`: the model file carries the checkpoint's."""
+  reader = checkpoint.Checkpointer(workdir)
+  try:
+    meta = reader.read_meta(reader.step(checkpoint.parse_which(which, "--checkpoint")))
+  finally:
+    reader.close()
+  if not meta or "config" not in meta:
+    return  # the export says so
+  saved = config_schema.config_from_saved(meta["config"], reader.directory)
+  changed = config_schema.differences(saved, cfg, ignore=EXPORT_OWN_KEYS)
+  if changed:
+    shown = [f"{k} {was!r} -> {now!r}" for k, (was, now) in list(changed.items())[:5]]
+    more = f" and {len(changed) - len(shown)} more" if len(changed) > len(shown) else ""
+    count = f"{len(changed)} key{'s' if len(changed) > 1 else ''}"
+    logging.warning("The model file uses the checkpoint's config, not --config, which differs "
+                    "from it in %s: %s%s", count, ", ".join(shown), more)
 
 
 def read_run(workdir: str, which: str | int) -> Run:
