@@ -220,7 +220,7 @@ def test_every_kind_from_a_file_and_from_an_import_path(tmp_path, monkeypatch, d
     config.check(cfg)
     par = helpers.parallel(cfg)
     assert type(par).__name__ == "Counted" and isinstance(par, strategies.ShardMap)
-    records = settings.component_records(cfg)
+    records = settings.read(cfg).components
     for key, module in (("model.name", "userkinds_net"), ("train.loss", "userkinds_loss"),
                         ("parallel.strategy", "userkinds_strategy"),
                         ("train.plugins[0]", "userkinds_plugin")):

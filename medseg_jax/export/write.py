@@ -36,6 +36,8 @@ class Run:
   which: str | int            # as --checkpoint named it
   step: int
   cfg: ml_collections.ConfigDict   # the checkpoint's own config
+  kind: kinds.DataKind        # its kind of data, read from it once
+  classes: list[str]          # the class names of its label map
   meta: dict                  # the checkpoint's meta item
   variables: dict             # {"params", "model_state"} as numpy arrays
   info: dict                  # WORKDIR/data_info.json
@@ -99,9 +101,11 @@ def read_run(workdir: str, which: str | int) -> Run:
   variables = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
   manifest = files.read_json(os.path.join(workdir, "manifest.json"), "the run's manifest",
                              missing_ok=True) or {}
-  return Run(workdir=workdir, which=which, step=step,
-             cfg=config_schema.config_from_saved(meta["config"], step_dir), meta=meta,
-             variables=variables, info=predict.read_run_info(workdir), manifest=manifest,
+  cfg = config_schema.config_from_saved(meta["config"], step_dir)
+  info = predict.read_run_info(workdir)
+  return Run(workdir=workdir, which=which, step=step, cfg=cfg, kind=kinds.from_config(cfg),
+             classes=settings.source(cfg).class_names(info["labels"]), meta=meta,
+             variables=variables, info=info, manifest=manifest,
              test=_test_metrics(workdir, step, manifest))
 
 
@@ -147,9 +151,9 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
   cfg, info = run.cfg, run.info
   return dict(
       info,
-      classes=settings.source(cfg).class_names(info["labels"]),
+      classes=run.classes,
       class_labels=list(range(info["num_classes"])),
-      preprocessing=kinds.from_config(cfg).model_preprocessing(info),
+      preprocessing=run.kind.model_preprocessing(info),
       network={"name": cfg.model.name, "class": cfg.model.name.rpartition(":")[2],
                "compute_dtype": cfg.model.compute_dtype, "kwargs": cfg.model.kwargs.to_dict(),
                "source": (modelfile.NETWORK_DIR + os.path.basename(carried[0])
@@ -175,9 +179,9 @@ def summary(run: Run, name: str | None) -> dict:
   """The index's summary, which `python -m medseg_jax.zoo list` shows."""
   info, cfg = run.info, run.cfg
   test_dice = run.test.get("dice_foreground") if run.test else None
-  return {**kinds.from_config(cfg).zoo_fields(),
+  return {**run.kind.zoo_fields(),
           "name": name or os.path.basename(os.path.abspath(run.workdir)),
-          "task": _task(info), "classes": settings.source(cfg).class_names(info["labels"]),
+          "task": _task(info), "classes": run.classes,
           "labels": list(range(info["num_classes"])), "modalities": list(info["modalities"]),
           "image_size": cfg.data.image_size, "channels": info["channels"],
           "test_dice": test_dice, "step": run.step, "network": cfg.model.name,
@@ -227,7 +231,7 @@ def _onnx_graph(run: Run) -> bytes | None:
   started = time.perf_counter()
   try:
     graph = onnx_graph.forward_graph(probabilities,
-                                     kinds.from_config(cfg).input_shape(info["channels"]))
+                                     run.kind.input_shape(info["channels"]))
   except MedsegError as e:
     logging.warning("No ONNX graph in the model file (--engine=onnxruntime will not run "
                     "it): %s", e)

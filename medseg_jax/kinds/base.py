@@ -83,7 +83,7 @@ class DataKind(abc.ABC):
     """The manifest's record of this kind's data settings."""
 
   @abc.abstractmethod
-  def warn(self, samples_per_epoch: int, augment: bool) -> None:
+  def warn(self, samples_per_epoch: int, augment_enabled: bool) -> None:
     """Logs a setting that is valid but likely not meant."""
 
   @abc.abstractmethod

@@ -5,13 +5,12 @@ config it was saved with) and hand it to `evaluation`."""
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 
 from medseg_jax.evaluation import evaluate, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
-from medseg_jax.training.settings import RunSettings, component_records
+from medseg_jax.training.settings import RunSettings
 
 
 def evaluate_checkpoint(settings: RunSettings, workdir: str,
@@ -19,7 +18,7 @@ def evaluate_checkpoint(settings: RunSettings, workdir: str,
   """A checkpoint ('latest', 'best' or a step) on the validation and test splits."""
   checkpoint.require_checkpoint(workdir)
   built = setup.build(settings, workdir, par)
-  state = restore_state(settings.cfg, workdir, which, par, built.init_state)
+  state = restore_state(settings, workdir, which, par, built.init_state)
   at = setup.step_of(par, state)
   return {split: evaluate.evaluate(built.evaluator, state, built.data[split], split, at,
                                    surface=True)
@@ -39,24 +38,24 @@ def predict_checkpoint(settings: RunSettings, workdir: str,
   # The optimizer is built only to give the checkpoint's tree its shape.
   template = setup.build_state(settings, par, info["num_classes"], info["channels"],
                                optax.constant_schedule(0.0), jax.random.key(0))
-  state = restore_state(cfg, workdir, which, par, template)
+  state = restore_state(settings, workdir, which, par, template)
   batch = setup.eval_batch(cfg, par.num_devices)
   run = predict.mesh_run(par, par.predict_step(step.predict_step), state, batch)
   predict.predict(kind.probabilities(info, batch), planned, run)
   return [outputs for _, outputs in planned]
 
 
-def restore_state(cfg: ml_collections.ConfigDict, workdir: str, which: str,
+def restore_state(settings: RunSettings, workdir: str, which: str,
                   par: strategies.Parallel, template: Any) -> Any:
   """The checkpoint `which` ('latest', 'best' or a step) of the run in `workdir` (the
   caller has required one), read into the shape of `template` and placed on the mesh,
-  after checking `cfg` and its components against that checkpoint's own.
+  after checking the run's config and components against that checkpoint's own.
 
   The check comes before the restore: a checkpoint of another model would otherwise fail
   as unreadable (and a 'latest' one be deleted as corrupt).
   """
   which = checkpoint.parse_which(which, "--checkpoint")
-  records = component_records(cfg)
+  cfg, records = settings.cfg, settings.components
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
     meta = checkpointer.read_meta(which)

@@ -41,14 +41,9 @@ def read(cfg: ml_collections.ConfigDict) -> RunSettings:
                      components=_records(cfg, network, loss, found))
 
 
-def component_records(cfg: ml_collections.ConfigDict) -> dict:
-  """The spec, source file and SHA-256 of every component `cfg` names, by config key."""
-  return _records(cfg, models.network(cfg.model), losses.loss_component(cfg.train.loss),
-                  plugins.plugin_components(cfg))
-
-
 def _records(cfg: ml_collections.ConfigDict, network: components.Component,
              loss: components.Component, found) -> dict:
+  """The spec, source file and SHA-256 of every component `cfg` names, by config key."""
   records = {c.key: c.record() for c in
              (network, loss, strategies.strategy_component(cfg.parallel.strategy))}
   for index, plugin in enumerate(found):
