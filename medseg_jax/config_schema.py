@@ -1,6 +1,6 @@
 """What a config is: configs/base.py's keys, addressed by dotted names ("model.name"); a
 saved config (a checkpoint's or a model file's) migrated onto today's keys; and whether a
-checkpoint's saved config still fits the config at hand."""
+checkpoint's saved config and component sources still fit the run at hand."""
 
 import importlib.util
 import json
@@ -11,6 +11,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
+from medseg_jax import components
 from medseg_jax.errors import ConfigError
 
 # The defaults every config file starts from: a config must have exactly their keys. The
@@ -156,3 +157,18 @@ def check_compatible(saved: Mapping[str, Any] | None, cfg: ml_collections.Config
   if changed:
     logging.warning("Settings changed since the checkpoint: %s", ", ".join(
         f"{k} {before!r} -> {now!r}" for k, (before, now) in changed.items()))
+
+
+def check_checkpoint(meta: Mapping[str, Any] | None, cfg: ml_collections.ConfigDict,
+                     where: str, components_now: dict | None = None) -> None:
+  """Refuses a checkpoint (its `meta` item, None: none) of another model than `cfg`'s and
+  logs every other setting that changed (`check_compatible`); given the component records
+  of `cfg`, also names every component source file whose content changed."""
+  if not meta:
+    return
+  check_compatible(meta.get("config"), cfg, where)
+  if components_now is None:
+    return
+  for line in components.changed_sources(meta.get("components"), components_now):
+    logging.warning("A component's source file has changed since the checkpoints in %s "
+                    "were saved (its SHA-256 differs): %s", where, line)

@@ -15,7 +15,7 @@ import pytest
 
 from configs import base
 from helpers import REPO, TINY
-from medseg_jax import optim
+from medseg_jax import config_schema, optim
 from medseg_jax.training import checkpoint, warm_start
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.training.state import TrainState
@@ -184,17 +184,17 @@ def test_an_explicit_unreadable_step_is_an_error_naming_it(tmp_path):
   ckpt.close()
 
 
-def test_check_config_refuses_another_model_and_accepts_other_changes(caplog):
+def test_check_checkpoint_refuses_another_model_and_accepts_other_changes(caplog):
   saved = base.get_config()
   meta = {"config": saved.to_dict()}
   changed = base.get_config()
   changed.optim.lr = 0.5
-  checkpoint.check_config(meta, changed, "DIR")
+  config_schema.check_checkpoint(meta, changed, "DIR")
   assert "optim.lr 1e-05 -> 0.5" in caplog.text
   changed.model.base_features = 32
   with pytest.raises(ConfigError, match=r"^model.base_features: 32 in the config but 64 in the "
                                         r"checkpoints in DIR"):
-    checkpoint.check_config(meta, changed, "DIR")
+    config_schema.check_checkpoint(meta, changed, "DIR")
 
 
 def test_with_step_sets_every_optimizer_counter():

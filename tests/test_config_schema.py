@@ -10,7 +10,6 @@ import pytest
 from configs import base
 from medseg_jax import config_schema
 from medseg_jax.errors import ConfigError
-from medseg_jax.training import checkpoint
 
 
 def _nested() -> ml_collections.ConfigDict:
@@ -112,16 +111,16 @@ def test_check_compatible_refuses_another_model_and_logs_other_changes(caplog):
     config_schema.check_compatible(saved, changed, "DIR")
 
 
-def test_check_config_names_a_changed_component_source_only_given_todays_records(caplog):
+def test_check_checkpoint_names_a_changed_component_source_only_given_todays_records(caplog):
   meta = {"config": base.get_config().to_dict(),
           "components": {"model.name": {"source": "/x/net.py", "sha256": "aa"}}}
   cfg = base.get_config()
   with caplog.at_level(logging.WARNING):
-    checkpoint.check_config(meta, cfg, "DIR")
+    config_schema.check_checkpoint(meta, cfg, "DIR")
     assert "source file has changed" not in caplog.text
-    checkpoint.check_config(meta, cfg, "DIR", {"model.name": {"source": "/x/net.py",
+    config_schema.check_checkpoint(meta, cfg, "DIR", {"model.name": {"source": "/x/net.py",
                                                               "sha256": "aa"}})
     assert "source file has changed" not in caplog.text
-    checkpoint.check_config(meta, cfg, "DIR", {"model.name": {"source": "/x/net.py",
+    config_schema.check_checkpoint(meta, cfg, "DIR", {"model.name": {"source": "/x/net.py",
                                                               "sha256": "bb"}})
   assert "(its SHA-256 differs): model.name: /x/net.py" in caplog.text

@@ -17,8 +17,9 @@ MAX_FUNCTION_LINES = 60
 LEVELS = (
     {"errors"},
     {"files"},
+    {"components"},
     {"config_schema"},
-    {"cli", "components", "modelfile"},
+    {"cli", "modelfile"},
     {"models", "data", "optim", "zoo"},
     {"parallel"},
     {"monitor", "evaluation"},

@@ -17,7 +17,7 @@ import scipy.io
 
 import helpers
 from helpers import REPO, TINY
-from medseg_jax import config
+from medseg_jax import config, config_schema
 from medseg_jax.errors import ConfigError
 from medseg_jax.models.fcn import FCN
 from medseg_jax.models import pretrained
@@ -312,5 +312,5 @@ def test_a_checkpoint_saved_before_or_with_another_init_from_still_resumes(caplo
   saved = cfg.to_dict()
   del saved["model"]["init_from"], saved["model"]["init_checkpoint"]  # an older checkpoint
   changed = helpers.config(*RUN, "--config.model.init_from=runs/elsewhere")
-  checkpoint.check_config({"config": saved}, changed, "DIR")
+  config_schema.check_checkpoint({"config": saved}, changed, "DIR")
   assert "model.init_from None -> 'runs/elsewhere'" in caplog.text

@@ -58,6 +58,34 @@ def batch_starts(offset: int, global_batch: int, draws: int) -> range:
   return range(offset, draws - global_batch + 1, global_batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where the loader stands: `offset` draws into the order of epoch `epoch`."""
+
+  epoch: int = 0
+  offset: int = 0
+
+
+def renumbered_step(position: Position, steps_per_epoch: int, global_batch: int) -> int:
+  """The step that reaches `position` at `global_batch` slices per step: how a checkpoint
+  saved at another global batch (device count) continues at the same point of training."""
+  return position.epoch * steps_per_epoch + position.offset // global_batch
+
+
+def after_step(position: Position, global_batch: int, epoch_draws: int) -> Position:
+  """The loader position after one more step; an epoch (of `epoch_draws` slices,
+  `epoch_length`) ends when no full batch is left (`batch_starts`)."""
+  return epoch_start(Position(position.epoch, position.offset + global_batch), global_batch,
+                     epoch_draws)
+
+
+def epoch_start(position: Position, global_batch: int, epoch_draws: int) -> Position:
+  """`position`, or the start of the next epoch when its epoch has no full batch left."""
+  if not batch_starts(position.offset, global_batch, epoch_draws):
+    return Position(position.epoch + 1, 0)
+  return position
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int, draws: int = 0) -> np.ndarray:
   """The epoch's order of `draws` of the `num_examples` training examples (slices, or the
   volumes patches are drawn from; 0: one pass, each once): from the seed and the epoch

@@ -19,13 +19,12 @@ import shutil
 from typing import Any, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from medseg_jax import components, config_schema, files
+from medseg_jax import files
 from medseg_jax.errors import ConfigError, MedsegError, first_line
 from medseg_jax.parallel import multihost
 from medseg_jax.training import orbax_reports
@@ -104,21 +103,6 @@ def read_state_tree(step_dir: str, arrays: bool = True) -> dict:
     raise MedsegError(f"{step_dir}: unreadable checkpoint ({first_line(e, 200)})") from e
   finally:
     reader.close()
-
-
-def check_config(meta: dict | None, cfg: ml_collections.ConfigDict, where: str,
-                 components_now: dict | None = None) -> None:
-  """Refuses a checkpoint (its `meta` item) of another model than `cfg`'s and logs every
-  other setting that changed (`config_schema.check_compatible`); given the component
-  records of `cfg`, also names every component source file whose content changed."""
-  if not meta:
-    return
-  config_schema.check_compatible(meta.get("config"), cfg, where)
-  if components_now is None:
-    return
-  for line in components.changed_sources(meta.get("components"), components_now):
-    logging.warning("A component's source file has changed since the checkpoints in %s "
-                    "were saved (its SHA-256 differs): %s", where, line)
 
 
 @dataclasses.dataclass

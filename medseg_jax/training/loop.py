@@ -15,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from medseg_jax import files, optim
+from medseg_jax import config_schema, files, optim
+from medseg_jax.data import loader
+from medseg_jax.data.loader import Position
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.evaluation import evaluate
 from medseg_jax.monitor import events, manifest, profiler
 from medseg_jax.training import checkpoint, decisions, plugins, preemption, warm_start
-from medseg_jax.training.decisions import Position, Stop
+from medseg_jax.training.decisions import Stop
 from medseg_jax.training.guard import DivergenceGuard
 from medseg_jax.training.settings import RunSettings
-from medseg_jax.training.setup import Setup, build, step_of
+from medseg_jax.training.setup import Setup, build
 from medseg_jax.training.state import TrainState
 
 
@@ -37,6 +39,16 @@ class Start:
   rng: jax.Array
   early_stopped: bool = False
   saved_step: int = 0      # the step as the checkpoint numbered it (another device count)
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+  """Where training ended: the state and its step, the loader position, and why."""
+
+  state: TrainState
+  step: int
+  position: Position
+  stop: Stop
 
 
 def train_and_evaluate(settings: RunSettings, workdir: str,
@@ -59,11 +71,11 @@ def train_and_evaluate(settings: RunSettings, workdir: str,
                        setup.steps_per_epoch)
   try:
     plugs = plugins.Plugins(settings.plugins, cfg, workdir, mon.scalar)
-    end = (start.state, start.position, Stop.EARLY_STOPPING)
+    end = End(start.state, start.step, start.position, Stop.EARLY_STOPPING)
     if not start.early_stopped:
       end = train(setup, ckpt, mon, plugs, start)
-    result = None if end[2] is Stop.SIGNAL else test(setup, ckpt, mon, start, *end[:2])
-    plugs.call("on_end", step_of(setup.par, end[0]), result)
+    result = None if end.stop is Stop.SIGNAL else test(setup, ckpt, mon, end, start.rng)
+    plugs.call("on_end", end.step, result)
   finally:
     ckpt.close()  # pending writes finish, also when training stopped on an error
     mon.close()
@@ -73,10 +85,10 @@ def train_and_evaluate(settings: RunSettings, workdir: str,
 
 
 def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
-          plugs: plugins.Plugins, start: Start) -> tuple[TrainState, Position, Stop]:
+          plugs: plugins.Plugins, start: Start) -> End:
   """Steps from `start` to the last step, a stop signal, a plugin's request or early
-  stopping; the state at the end is checkpointed. Returns it, its loader position and why
-  training stopped."""
+  stopping; the state at the end is checkpointed. Returns it, its step, its loader
+  position and why training stopped."""
   cfg, par = setup.cfg, setup.par
   guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience,
                           setup.lr.schedule)
@@ -119,7 +131,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
       fetch_start = time.perf_counter()
   _save(setup, ckpt, guard, plugs, state, step, position, start.rng,
         early_stopped=stop in (Stop.EARLY_STOPPING, Stop.PLUGIN))
-  return state, position, stop
+  return End(state, step, position, stop)
 
 
 def _ask(signals: preemption.StopRequest, *reasons: str | None) -> None:
@@ -135,26 +147,26 @@ def _batches(setup: Setup, step: int,
   after `step` up to the last, across epochs of `setup.epoch_draws` slices."""
   data, batch, draws = setup.data["train"], setup.global_batch, setup.epoch_draws
   while step < setup.num_steps:
-    position = decisions.epoch_start(position, batch, draws)
+    position = loader.epoch_start(position, batch, draws)
     for local in setup.kind.train_batches(data, batch, setup.cfg.seed, position.epoch,
                                           jax.process_index(), jax.process_count(),
                                           position.offset, draws):
-      step, position = step + 1, decisions.after_step(position, batch, draws)
+      step, position = step + 1, loader.after_step(position, batch, draws)
       yield step, position, local
       if step == setup.num_steps:
         return
 
 
-def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, start: Start,
-         state: TrainState, position: Position) -> dict | None:
-  """Test metrics of the checkpoint with the best validation Dice (of `state` if none)."""
+def test(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor, end: End,
+         rng: jax.Array) -> dict | None:
+  """Test metrics of the checkpoint with the best validation Dice (of the state at `end`
+  if none)."""
+  state, step = end.state, end.step
   if ckpt.best_step() is None:  # e.g. resumed after the end of an older run
-    step = step_of(setup.par, state)
-    _validate(setup, ckpt, mon, None, state, step, position, start.rng)
+    _validate(setup, ckpt, mon, None, state, step, end.position, rng)
   if ckpt.best_step() is not None:
-    state = setup.par.put_state(ckpt.restore(setup.init_state, setup.par.replicated,
-                                             checkpoint.BEST).state)
-  step = step_of(setup.par, state)
+    best = ckpt.restore(setup.init_state, setup.par.replicated, checkpoint.BEST)
+    state, step = setup.par.put_state(best.state), best.step
   return evaluate.evaluate(setup.evaluator, state, setup.data["test"], "test", step,
                            surface=True, monitor=mon)
 
@@ -227,7 +239,7 @@ def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
   if ckpt.latest_step() is None:  # only a run that starts from scratch takes model.init_from
     state = warm_start.apply(setup.cfg, setup.init_state, setup.data_info["num_classes"])
     return Start(setup.par.put_state(state), 0, Position(), setup.init_rng)
-  checkpoint.check_config(ckpt.read_meta(), setup.cfg, ckpt.directory, setup.components)
+  config_schema.check_checkpoint(ckpt.read_meta(), setup.cfg, ckpt.directory, setup.components)
   restored = ckpt.restore(setup.init_state, setup.par.replicated)
   meta, state, step = restored.meta, restored.state, restored.step
   position = Position(meta["epoch"], meta["offset"])
@@ -235,7 +247,7 @@ def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
     logging.info("Resuming from checkpoint at step %d (epoch %d, %d %s into its order)",
                  step, position.epoch, position.offset, setup.kind.unit)
   else:
-    step = decisions.renumbered_step(position, setup.steps_per_epoch, setup.global_batch)
+    step = loader.renumbered_step(position, setup.steps_per_epoch, setup.global_batch)
     state = state.replace(step=jnp.asarray(step, state.step.dtype),
                           opt_state=optim.with_step(state.opt_state, step))
     logging.info("Resuming from checkpoint at step %d saved on %d devices (global batch %d) "
@@ -250,19 +262,20 @@ def resume(setup: Setup, ckpt: checkpoint.Checkpointer) -> Start:
 
 
 def _write_run_files(setup: Setup, start: Start) -> None:
-  """config.json, data_info.json, the manifest; metrics logged after the checkpoint that
+  """The manifest, config.json, data_info.json; metrics logged after the checkpoint that
   training resumes from are dropped (they are logged again)."""
   workdir = setup.workdir
-  files.write_json(os.path.join(workdir, "config.json"), setup.cfg.to_dict())
-  files.write_json(os.path.join(workdir, "data_info.json"), setup.data_info)
-  files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start.saved_step)
   parameters = int(sum(x.size for x in jax.tree.leaves(setup.init_state.params)))
-  manifest.write(workdir, manifest.at_start(
+  record = manifest.at_start(
       setup.cfg, setup.data_info, setup.evaluator.class_names, parameters, setup.lr,
       devices=setup.par.num_devices, global_batch=setup.global_batch,
       steps_per_epoch=setup.steps_per_epoch, num_steps=setup.num_steps,
       components=setup.components, data_record=setup.kind.record(setup.data_info),
-      split_seed=setup.split_seed))
+      split_seed=setup.split_seed)
+  manifest.write(workdir, record)
+  files.write_json(os.path.join(workdir, "config.json"), setup.cfg.to_dict())
+  files.write_json(os.path.join(workdir, "data_info.json"), setup.data_info)
+  files.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start.saved_step)
 
 
 def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: dict,

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import optax
 
+from medseg_jax import config_schema
 from medseg_jax.evaluation import evaluate, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
@@ -59,10 +60,10 @@ def restore_state(settings: RunSettings, workdir: str, which: str,
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
     meta = checkpointer.read_meta(which)
-    checkpoint.check_config(meta, cfg, checkpointer.directory, records)
+    config_schema.check_checkpoint(meta, cfg, checkpointer.directory, records)
     restored = checkpointer.restore(template, par.replicated, which)
     if meta is None or meta.get("step") != restored.step:  # 'latest' fell back to an older one
-      checkpoint.check_config(restored.meta, cfg, checkpointer.directory, records)
+      config_schema.check_checkpoint(restored.meta, cfg, checkpointer.directory, records)
   finally:
     checkpointer.close()
   return par.put_state(restored.state)

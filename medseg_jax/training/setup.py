@@ -45,19 +45,22 @@ def build(run: RunSettings, workdir: str, par: strategies.Parallel) -> Setup:
   cfg, kind, source = run.cfg, run.kind, run.source
   data, info = kind.load_splits(source, workdir, multihost.barrier)
   plan = epoch_plan(run, len(data["train"]), par.num_devices)
-  num_classes = source.num_classes(info["labels"])
-  channels = data["train"].channels
-  info = dict(info, num_classes=num_classes, channels=channels,
-              samples_per_epoch=plan.epoch_draws)
-  init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
-  lr = optim.resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
-  state = build_state(run, par, num_classes, channels, lr.schedule, init_rng)
   logging.info("%d devices (%s), %d processes, global batch %d, %d steps per epoch "
                "(%d %s drawn per epoch), %d steps", par.num_devices,
                cfg.parallel.strategy, jax.process_count(), plan.global_batch,
                plan.steps_per_epoch, plan.epoch_draws, kind.unit, plan.num_steps)
-  logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
+  num_classes = source.num_classes(info["labels"])
+  channels = data["train"].channels
+  info = dict(info, num_classes=num_classes, channels=channels,
+              samples_per_epoch=plan.epoch_draws)
   logging.info("Data: %s", info)
+  model = models.construct(run.network, cfg.model, num_classes, cfg.data.image_size,
+                           par.bn_axis_name)
+  lr = optim.resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
+  logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
+  tx = optim.make_optimizer(cfg, lr.schedule)
+  init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
+  state = init_state(model, tx, init_rng, kind.input_shape(channels))
   train_fn = functools.partial(step.train_step, loss_fn=run.loss.obj,
                                augment=kind.augmentation())
   return Setup(cfg=cfg, kind=kind, workdir=workdir, par=par, data=data, data_info=info,
