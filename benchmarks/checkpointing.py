@@ -33,13 +33,13 @@ def main():
   sys.path.insert(0, REPO)
   import jax
   import numpy as np
-  from configs import base
+  from medseg_jax import defaults
   from medseg_jax import optim
   from medseg_jax.training import checkpoint, decisions, losses, state as state_lib, step
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.model.update({"name": "unet", "depth": 4, "base_features": args.base_features})
   cfg.optim.name = "adam"
   par = strategies.make_parallel("shard_map", 1)

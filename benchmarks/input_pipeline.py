@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 
 
 def build(args):
-  from configs import base
+  from medseg_jax import defaults
   from medseg_jax.data import store, synthetic
   from medseg_jax.training import settings
   from medseg_jax.parallel import multihost
@@ -39,7 +39,7 @@ def build(args):
   if not os.path.exists(root):
     synthetic.write_synthetic_decathlon(root, args.volumes, 0, (256, 256, args.depth),
                                         multimodal=True, seed=0)
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.root, cfg.data.image_size, cfg.data.modalities = root, 256, ("T1w",)
   cfg.data.slices_per_volume, cfg.data.label_map = 70, (0, 1, 1)
   cfg.data.val_fraction = cfg.data.test_fraction = 0.0

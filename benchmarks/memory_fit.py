@@ -38,8 +38,8 @@ def thesis_config(size: int, base: int, depth: int) -> ml_collections.ConfigDict
   """configs/base.py with the thesis U-Net at `size`x`size`: SGD with momentum, Dice + CE,
   no augmentation."""
   sys.path.insert(0, REPO)
-  from configs import base as base_config
-  cfg = base_config.get_config()
+  from medseg_jax import defaults
+  cfg = defaults.get_config()
   cfg.model.update({"name": "unet", "base_features": base, "depth": depth})
   cfg.data.image_size = size
   return cfg

@@ -83,14 +83,14 @@ def thesis_models() -> dict:
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from configs import base  # pylint: disable=import-outside-toplevel
+  from medseg_jax import defaults  # pylint: disable=import-outside-toplevel
   from medseg_jax import optim  # pylint: disable=import-outside-toplevel
   from medseg_jax.training import losses, state, step
   from medseg_jax.models import build_model  # pylint: disable=import-outside-toplevel
 
   out = {}
   for name, setting in THESIS_SETTINGS.items():
-    cfg = base.get_config()
+    cfg = defaults.get_config()
     cfg.model.name = name
     size, batch = setting["size"], setting["batch"]
     model = build_model(cfg.model, 2, size)

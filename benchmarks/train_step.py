@@ -28,7 +28,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
   sys.path.insert(0, REPO)
   import jax
   import numpy as np
-  from configs import base
+  from medseg_jax import defaults
   from medseg_jax import optim
   from medseg_jax.training import losses, state as state_lib, step
   from medseg_jax.models import build_model
@@ -36,7 +36,7 @@ def measure(devices: int, size: int, global_batch: int, steps: int, strategy: st
 
   results = []
   for name, overrides in MODELS.items():
-    cfg = base.get_config()
+    cfg = defaults.get_config()
     cfg.model.update(overrides)
     cfg.train.per_device_batch_size = global_batch // devices
     par = strategies.make_parallel(strategy, devices)

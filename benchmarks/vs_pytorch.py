@@ -31,13 +31,13 @@ def jax_side(images: np.ndarray, labels: np.ndarray, depth: int, base: int):
   """(train step, predict step, parameter count) through medseg_jax's own build path."""
   sys.path.insert(0, REPO)
   import jax
-  from configs import base as base_config
+  from medseg_jax import defaults
   from medseg_jax import optim
   from medseg_jax.training import losses, state as state_lib, step as step_lib
   from medseg_jax.models import build_model
   from medseg_jax.parallel import strategies
 
-  cfg = base_config.get_config()
+  cfg = defaults.get_config()
   cfg.model.update({"name": "unet", "depth": depth, "base_features": base})
   cfg.optim.update({"name": "sgd", "momentum": MOMENTUM})
   size = images.shape[1]

@@ -1,10 +1,10 @@
 """A small U-Net on a synthetic Decathlon-format dataset written to WORKDIR/data; minutes on a CPU."""
 
-from configs import base
+from medseg_jax import defaults
 
 
 def get_config():
-  c = base.get_config()
+  c = defaults.get_config()
   c.model.name = "unet"
   c.model.depth = 3
   c.model.base_features = 16

@@ -1,11 +1,11 @@
 """A small 3D U-Net trained on patches of a synthetic Decathlon-format dataset written to
 WORKDIR/data, validated by sliding windows over whole volumes; minutes on a CPU."""
 
-from configs import base
+from medseg_jax import defaults
 
 
 def get_config():
-  c = base.get_config()
+  c = defaults.get_config()
   c.model.name = "unet3d"
   c.model.depth = 3
   c.model.base_features = 8

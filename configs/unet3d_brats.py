@@ -5,11 +5,12 @@ configs/thesis.py says where each shared value comes from; the values set here s
 their line: "thesis" (with the part of the thesis) or "ours" (with the reason).
 """
 
-from configs import base, thesis
+from configs import thesis
+from medseg_jax import defaults
 
 
 def get_config():
-  c = base.get_config()
+  c = defaults.get_config()
   thesis.brain_tumour(c)
   thesis.unet3d(c, patch=(128, 128, 128))  # ours: nnU-Net's BraTS patch (1 mm voxels)
   thesis.augment3d(c)                    # ours: nnU-Net augments; the thesis's 2D brain

@@ -4,11 +4,12 @@ configs/thesis.py says where each shared value comes from; the values set here s
 their line: "thesis" (with the part of the thesis) or "ours" (with the reason).
 """
 
-from configs import base, thesis
+from configs import thesis
+from medseg_jax import defaults
 
 
 def get_config():
-  c = base.get_config()
+  c = defaults.get_config()
   thesis.unet(c)
   thesis.brain_tumour(c)
   c.data.image_size = 240                # ours: the thesis gives no brain slice size;

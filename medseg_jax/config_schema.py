@@ -1,24 +1,18 @@
-"""What a config is: configs/base.py's keys, addressed by dotted names ("model.name"); a
-saved config (a checkpoint's or a model file's) migrated onto today's keys; and whether a
+"""What a config is: the keys of `medseg_jax/defaults.py`, addressed by dotted names
+("model.name"); a saved config (a checkpoint's or a model file's) migrated onto today's keys; and whether a
 checkpoint's saved config and component sources still fit the run at hand."""
 
 import importlib.util
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import logging
 from flax import traverse_util
 
-from medseg_jax import components
+from medseg_jax import components, defaults
 from medseg_jax.errors import ConfigError
 
-# The defaults every config file starts from: a config must have exactly their keys. The
-# package runs from its repository (it is not installed), so it reads them from the file a
-# user reads, by path: the repository's `configs` package need not be importable.
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "base.py")
 # Sections whose keys are the user's: the keywords of a network and of plugins.
 FREE_FORM = ("model.kwargs", "train.plugin_kwargs")
 # Model keys that say where a fresh run's weights came from, not what the model is.
@@ -37,8 +31,9 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """configs/base.py's defaults."""
-  return load_config(BASE_CONFIG)
+  """The defaults every config file starts from (`defaults.get_config()`): a config must
+  have exactly their keys."""
+  return defaults.get_config()
 
 
 def flatten(tree: Tree, whole: Sequence[str] = FREE_FORM) -> dict[str, Any]:
@@ -69,8 +64,8 @@ def assign(tree: Tree, key: str, value: Any) -> None:
 
 
 def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
-  """Raises ConfigError naming every key of configs/base.py that the config from the file at
-  `path` lacks, and every key it has that base.py does not (a misspelling, or a key that no
+  """Raises ConfigError naming every key of the defaults that the config from the file at
+  `path` lacks, and every key it has that they do not (a misspelling, or a key that no
   longer exists)."""
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
@@ -81,15 +76,15 @@ def check_keys(cfg: ml_collections.ConfigDict, path: str) -> None:
   problems += [f"has unknown config keys {', '.join(unknown)}"] if unknown else []
   if problems:
     raise ConfigError(f"{path}: {'; '.join(problems)} (a config has exactly the keys of "
-                      "configs/base.py)")
+                      "medseg_jax/defaults.py)")
 
 
 def config_from_saved(saved: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:
   """A locked config from a saved one (`cfg.to_dict()` as JSON: a checkpoint's or a model
-  file's) on top of configs/base.py's defaults, so that what an older medseg_jax saved
-  keeps loading: lists become tuples where base.py has tuples, a saved key that base.py no
-  longer has (or of another kind) is dropped with a warning naming `where`, and a key
-  base.py added since keeps its default."""
+  file's) on top of the defaults, so that what an older medseg_jax saved
+  keeps loading: lists become tuples where the defaults have tuples, a saved key they no
+  longer have (or of another kind) is dropped with a warning naming `where`, and a key
+  added since keeps its default."""
   cfg = base_config()
   dropped = [key for key, value in flatten(saved).items() if not _merge(cfg, key, value)]
   if dropped:

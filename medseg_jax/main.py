@@ -1,8 +1,9 @@
-"""Entry point: python -m medseg_jax.main --config=configs/NAME.py [--workdir=DIR] [--mode=...];
+"""Entry point: medseg-jax (or python -m medseg_jax.main) --config=configs/NAME.py [--workdir=DIR] [--mode=...];
 --mode=export --workdir=DIR and --mode=predict --model=FILE need no --config (export takes
 one, and says where it differs from the checkpoint's)."""
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -114,7 +115,7 @@ def _check_before_data(cfg, workdir: str) -> settings.RunSettings:
 
 def _export() -> None:
   """--mode=export; the process group starts with the settings of --config, else of
-  base.py (the run's config is read from the checkpoint, after JAX has started)."""
+  the defaults (the run's config is read from the checkpoint, after JAX has started)."""
   cfg = _command_line_config() if flags.FLAGS["config"].present else None
   with _start_processes(cfg or config_schema.base_config(), _WORKDIR.value):
     if cfg is not None:
@@ -179,5 +180,15 @@ def main(argv: list[str]) -> None:
     cli.fail(str(e), e.exit_code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `medseg-jax` command: `python -m medseg_jax.main` with the same flags and help."""
+  main_module = sys.modules["__main__"]
+  if main_module.__name__ != __name__:  # absl's --help shows the script's doc and flags
+    main_module.__doc__ = __doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main, flags_parser=cli.flags_parser(_check_flags, _without_config))
+
+
+if __name__ == "__main__":
+  run()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.training import losses, step
 from medseg_jax.data import augment
 from medseg_jax.errors import ConfigError
@@ -146,7 +146,7 @@ def test_a_slice_drawn_twice_in_one_epoch_is_augmented_differently(devices8):
 
 
 def test_config_section():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   assert augment.ranges_from_config(cfg.data.augment) is None  # off by default
   cfg.data.augment.enabled = True
   assert isinstance(augment.ranges_from_config(cfg.data.augment), augment.Ranges)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import base
+from medseg_jax import defaults
 from helpers import REPO, TINY
 from medseg_jax import config_schema, optim
 from medseg_jax.training import checkpoint, warm_start
@@ -185,9 +185,9 @@ def test_an_explicit_unreadable_step_is_an_error_naming_it(tmp_path):
 
 
 def test_check_checkpoint_refuses_another_model_and_accepts_other_changes(caplog):
-  saved = base.get_config()
+  saved = defaults.get_config()
   meta = {"config": saved.to_dict()}
-  changed = base.get_config()
+  changed = defaults.get_config()
   changed.optim.lr = 0.5
   config_schema.check_checkpoint(meta, changed, "DIR")
   assert "optim.lr 1e-05 -> 0.5" in caplog.text

@@ -1,5 +1,5 @@
 """The command line every command shares: the flag forms absl reads, a config file's keys
-against configs/base.py, and the interpreter the launchers start."""
+against the package's defaults, and the interpreter the launchers start."""
 
 import glob
 import os
@@ -98,9 +98,9 @@ def test_a_config_lacking_keys_of_base_is_one_line_naming_them(tmp_path, module)
   proc = run(module, f"--config={OLD_CONFIG}", *workdir)
   line = one_error_line(proc)
   prefix, suffix = f"error: {OLD_CONFIG}: lacks config keys ", (
-      " (a config has exactly the keys of configs/base.py)")
+      " (a config has exactly the keys of medseg_jax/defaults.py)")
   assert line.startswith(prefix) and line.endswith(suffix), line
-  # Keys added to base.py since, by when they came: the file has none of them.
+  # Keys added to the defaults since, by when they came: the file has none of them.
   named = line[len(prefix):-len(suffix)].split(", ")
   assert {"data.augment.samples_per_epoch", "model.init_checkpoint",
           "model.init_from"} <= set(named) and named == sorted(named)
@@ -109,7 +109,7 @@ def test_a_config_lacking_keys_of_base_is_one_line_naming_them(tmp_path, module)
 
 def _config_file(tmp_path, *lines):
   path = tmp_path / "mine.py"
-  path.write_text("from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n"
+  path.write_text("from medseg_jax import defaults\n\n\ndef get_config():\n  c = defaults.get_config()\n"
                   + "".join(f"  {line}\n" for line in lines) + "  return c\n")
   return str(path)
 
@@ -122,7 +122,7 @@ def test_every_missing_and_unknown_key_is_named(tmp_path):
   assert one_error_line(proc) == (
       f"error: {path}: lacks config keys data.augment.zoom, train.eval_batch_size; has "
       "unknown config keys optim.learning_rate (a config has exactly the keys of "
-      "configs/base.py)")
+      "medseg_jax/defaults.py)")
   assert not (tmp_path / "run").exists()
 
 

@@ -7,7 +7,7 @@ import logging
 import ml_collections
 import pytest
 
-from configs import base
+from medseg_jax import defaults
 from medseg_jax import config_schema
 from medseg_jax.errors import ConfigError
 
@@ -51,7 +51,7 @@ def test_base_config_keys_are_the_flattened_keys_of_base_py():
 
 
 def test_check_keys_names_missing_and_unknown_keys():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   config_schema.check_keys(cfg, "ok.py")
   del cfg.lr["poly_power"]
   cfg.optim.lrr = 1.0
@@ -61,7 +61,7 @@ def test_check_keys_names_missing_and_unknown_keys():
 
 
 def test_a_saved_config_is_migrated_key_by_key(caplog):
-  saved = json.loads(json.dumps(base.get_config().to_dict()))
+  saved = json.loads(json.dumps(defaults.get_config().to_dict()))
   saved["optim"]["lr"] = 0.25
   saved["data"]["patch_size"] = [8, 8, 8]            # JSON's list, a tuple in base.py
   saved["model"]["kwargs"] = {"width": 3}             # the user's keys, kept whole
@@ -84,8 +84,8 @@ def test_a_saved_config_is_migrated_key_by_key(caplog):
 
 
 def test_differences_compare_as_saved_and_name_free_form_keys_one_by_one():
-  saved = json.loads(json.dumps(base.get_config().to_dict()))
-  cfg = base.get_config()
+  saved = json.loads(json.dumps(defaults.get_config().to_dict()))
+  cfg = defaults.get_config()
   assert config_schema.differences(saved, cfg) == {}  # tuples against JSON's lists
   cfg.model.kwargs = ml_collections.ConfigDict({"width": 3})
   cfg.optim.lr = 0.5
@@ -96,8 +96,8 @@ def test_differences_compare_as_saved_and_name_free_form_keys_one_by_one():
 
 
 def test_check_compatible_refuses_another_model_and_logs_other_changes(caplog):
-  saved = base.get_config().to_dict()
-  changed = base.get_config()
+  saved = defaults.get_config().to_dict()
+  changed = defaults.get_config()
   changed.optim.lr = 0.5
   changed.model.init_from = "elsewhere"  # where weights came from, not what the model is
   with caplog.at_level(logging.WARNING):
@@ -112,9 +112,9 @@ def test_check_compatible_refuses_another_model_and_logs_other_changes(caplog):
 
 
 def test_check_checkpoint_names_a_changed_component_source_only_given_todays_records(caplog):
-  meta = {"config": base.get_config().to_dict(),
+  meta = {"config": defaults.get_config().to_dict(),
           "components": {"model.name": {"source": "/x/net.py", "sha256": "aa"}}}
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   with caplog.at_level(logging.WARNING):
     config_schema.check_checkpoint(meta, cfg, "DIR")
     assert "source file has changed" not in caplog.text

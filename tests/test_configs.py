@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from medseg_jax import config, optim
+from medseg_jax import config, defaults, optim
 from medseg_jax.errors import ConfigError
 from medseg_jax.training import losses
 from medseg_jax.data import augment, preprocess
@@ -33,7 +33,7 @@ def load(path):
 
 def test_expected_configs_exist():
   names = {os.path.basename(p) for p in CONFIGS}
-  assert {"base.py", "unet_brats.py", "fcn_brats.py", "unet_heart.py", "fcn_heart.py",
+  assert {"unet_brats.py", "fcn_brats.py", "unet_heart.py", "fcn_heart.py",
           "quickstart.py"} <= names
 
 
@@ -101,7 +101,7 @@ def test_thesis_config_says_where_each_value_comes_from(name):
                if line.strip().startswith("c.")]
   unexplained = [body[i].strip() for i, body in settings if not _explained(body, i)]
   assert not unexplained, unexplained
-  base = load(os.path.join(REPO, "configs", "base.py"))
+  base = defaults.get_config()
   cfg = load(os.path.join(REPO, "configs", f"{name}.py"))
   set_here = {body[i].strip().split(" = ")[0][2:] for i, body in settings
               if body[i].strip().startswith("c.")}
@@ -155,3 +155,8 @@ def _leaves(cfg, prefix=""):
 def test_configs_hold_training_sections_only(path):
   # The tools' settings (the guideline tuner's) are their own flags, not config sections.
   assert set(load(path)) == set(SECTIONS) | {"seed"}
+
+
+def test_configs_base_names_the_packages_defaults():
+  """Config files written as `from configs import base` keep loading."""
+  assert load(os.path.join(REPO, "configs", "base.py")) == defaults.get_config()

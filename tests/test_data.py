@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.data import decathlon, loader, preprocess, split, synthetic
 from medseg_jax.errors import ConfigError, DataError
 import helpers
@@ -32,7 +32,7 @@ def write_task(root, subjects, modalities=("T1w",), tensor_size=None, labels=3):
 
 
 def config(root, tmp_path, **data):
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.root, cfg.data.cache_dir = str(root), str(tmp_path / "cache")
   cfg.data.preprocess_workers = 1
   cfg.data.val_fraction = cfg.data.test_fraction = 0.0
@@ -351,7 +351,7 @@ def test_plan_counts_from_headers_what_training_uses_on_a_valid_dataset(dataset_
 
 
 def test_classes_merged_by_label_map_are_named_after_their_labels():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   info = {"labels": ("background", "oedema", "non-enhancing", "enhancing")}
   assert helpers.class_names(cfg, info) == list(info["labels"])
   cfg.data.label_map = (0, 1, 1, 1)
@@ -393,7 +393,7 @@ def test_a_longer_epoch_loads_its_draws_and_resumes_anywhere_in_them():
 
 
 def test_plan_counts_steps_per_epoch_from_the_draws():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.train.per_device_batch_size, cfg.train.num_epochs = 2, 10
   cfg.data.augment.samples_per_epoch = 35000
   plan = helpers.epoch_plan(cfg, 1200, 8)

@@ -11,7 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 
 import helpers
-from configs import base, quickstart
+from configs import quickstart
+from medseg_jax import defaults
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
 from medseg_jax import config_schema, optim
 from medseg_jax.errors import ConfigError
@@ -91,7 +92,7 @@ AFTER_PHASES = {
 
 
 def grescale_cfg():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.lr.policy, cfg.optim.lr, cfg.train.num_epochs = "grescale", 0.01, 40
   return cfg
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import helpers
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.training import checkpoint, setup
 from medseg_jax.evaluation import predict
 from medseg_jax.data import decathlon, preprocess, synthetic
@@ -39,7 +39,7 @@ def test_label_map_written_back_equals_the_label_file(dataset_dir, tmp_path):
 
 def test_resizing_is_undone(dataset_dir):
   """Slices resized to 32x32 and back agree with the original labels almost everywhere."""
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.image_size = 32
   image_path = os.path.join(dataset_dir, "imagesTr", "phantom_001.nii.gz")
   label = decathlon.load_nifti(os.path.join(dataset_dir, "labelsTr", "phantom_001.nii.gz")).data
@@ -93,7 +93,7 @@ def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, resize, e
   image_path, label_path = str(tmp_path / "img.nii.gz"), str(tmp_path / "lbl.nii.gz")
   nib.save(nib.Nifti1Image(image[..., 0], affine), image_path)
   nib.save(nib.Nifti1Image(label, affine), label_path)
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.image_size, cfg.data.resize = size, resize
   canonical = decathlon.load_nifti(label_path).data
   assert canonical.shape != label.shape or not np.array_equal(canonical, label)  # reoriented
@@ -122,7 +122,7 @@ def test_oblique_anisotropic_volume_round_trips(tmp_path, shape, size, resize, e
 
 
 def _tiny_config(features: int):
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.image_size, cfg.model.depth, cfg.model.base_features = 32, 2, features
   cfg.parallel.num_devices = 1  # compiles in a fraction of the time of 8
   return cfg

@@ -1,7 +1,7 @@
 """Where the loader stands after each step, and the step that reaches a position at another
 global batch, checked against hand-worked epochs."""
 
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.data import loader
 from medseg_jax.data.loader import Position
 import helpers
@@ -26,7 +26,7 @@ def test_the_loader_position_moves_by_a_global_batch_and_wraps_when_no_batch_is_
 def test_renumbering_counts_epochs_of_samples_per_epoch_draws():
   # 100 slices, 300 draws per epoch. 8 devices x 2 = 16 per step: 18 steps per epoch
   # (288 draws, 12 dropped); 2 devices x 2 = 4 per step: 75 steps per epoch.
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.train.per_device_batch_size = 2
   cfg.data.augment.samples_per_epoch = 300
   eight, two = helpers.epoch_plan(cfg, 100, 8), helpers.epoch_plan(cfg, 100, 2)

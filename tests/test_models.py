@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import helpers
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.models import FCN, UNet, build_model
 from medseg_jax.errors import ConfigError
 
@@ -75,7 +75,7 @@ def test_fcn_shape_and_parameter_count(f, fc, cin, classes, size):
 
 @pytest.mark.parametrize("name", ["unet", "fcn"])
 def test_bfloat16_compute_keeps_float32_params(name):
-  cfg = base.get_config().model
+  cfg = defaults.get_config().model
   cfg.name, cfg.base_features, cfg.depth, cfg.fc_features = name, 4, 2, 16
   cfg.compute_dtype = "bfloat16"
   model = build_model(cfg, num_classes=3, image_size=32)
@@ -91,7 +91,7 @@ def test_bfloat16_compute_keeps_float32_params(name):
 @pytest.mark.parametrize("key,value,size", [("name", "resnet", 32), ("norm", "layer", 32),
                                             ("compute_dtype", "float16", 32), ("name", "unet", 30)])
 def test_bad_model_settings_are_config_errors(key, value, size):
-  cfg = ml_collections.ConfigDict(base.get_config().model.to_dict())
+  cfg = ml_collections.ConfigDict(defaults.get_config().model.to_dict())
   cfg[key] = value
   with pytest.raises(ConfigError):
     build_model(cfg, num_classes=2, image_size=size)

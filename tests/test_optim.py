@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import base
+from medseg_jax import defaults
 from medseg_jax import optim
 from medseg_jax.training import losses, step
 from medseg_jax.errors import ConfigError
@@ -21,7 +21,7 @@ SPE = 10  # steps per epoch
 
 
 def cfg_with(**lr):
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.optim.lr = 0.1
   cfg.train.per_device_batch_size = 7
   for key, value in lr.items():
@@ -137,7 +137,7 @@ def test_bad_grescale_values_are_config_errors_under_any_policy(key, value):
 
 def test_grescale_has_no_initial_lr_of_its_own():
   # The thesis's initial LR is optim.lr; a second key would be a second, diverging eta.
-  assert "initial_lr" not in base.get_config().lr.grescale
+  assert "initial_lr" not in defaults.get_config().lr.grescale
 
 
 @pytest.mark.parametrize("key,value", [("policy", "cyclic"), ("warmup", "slow"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import base
+from medseg_jax import defaults
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import MODELS, build_model
 from medseg_jax.models.unet3d import UNet3D
@@ -65,7 +65,7 @@ def test_a_2d_batch_is_one_config_error():
 
 
 def _model_cfg(**settings):
-  cfg = ml_collections.ConfigDict(base.get_config().model.to_dict())
+  cfg = ml_collections.ConfigDict(defaults.get_config().model.to_dict())
   cfg.update(dict(name="unet3d", depth=1, base_features=4, norm="instance"), **settings)
   return cfg
 

@@ -1,6 +1,6 @@
 """The 3D loader: a split's stored volumes, and each process's part of its patch batches.
 
-The counterpart of `loader` for `data.spatial_dims=3`. An epoch is `loader.epoch_length`
+The counterpart of `loader` for volumes (`kinds.Volumes`). An epoch is `loader.epoch_length`
 draws over the training volumes (`data.augment.samples_per_epoch` patches, or one per
 volume); draw i of an epoch is `patches.Sampler.place(seed, epoch, i, volume)`, so the
 loader position a checkpoint keeps (epoch, offset into the epoch's order) names the same

@@ -81,7 +81,7 @@ def chosen_config(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 
 
 # A chosen config as a file: the source config and the changes to it, so that keys added
-# to configs/base.py later reach it through the source (a snapshot of every value would
+# to the defaults later reach it through the source (a snapshot of every value would
 # stop loading at the next new key).
 _CHANGES_FILE = '''"""{docstring}
 
