@@ -13,9 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from medseg_jax import defaults
 from helpers import REPO, TINY
-from medseg_jax import config_schema, optim
+from medseg_jax import config_schema, defaults, optim
 from medseg_jax.training import checkpoint, warm_start
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.training.state import TrainState
@@ -54,6 +53,22 @@ def _dice_on_disk(tmp_path) -> dict[int, float]:
     if path.exists():
       found[step] = json.loads(path.read_text())["dice"]
   return found
+
+
+def test_a_step_is_read_alone_as_numpy_arrays_without_orbax_warnings(tmp_path, caplog):
+  """read_state_tree (export, model.init_from) reads a step directory as orbax wrote it:
+  the arrays the manager restores, and no warning about the step's metadata."""
+  ckpt = _saved(tmp_path, steps=(2,))
+  restored = ckpt.restore(_state(0), None, 2).state
+  ckpt.close()
+  step_dir = os.path.join(checkpoint.directory(str(tmp_path)), "2")
+  with caplog.at_level("WARNING"):
+    tree = checkpoint.read_state_tree(step_dir)
+    shapes = checkpoint.read_state_tree(step_dir, arrays=False)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+  assert isinstance(tree["params"]["w"], np.ndarray)
+  np.testing.assert_array_equal(tree["params"]["w"], np.asarray(restored.params["w"]))
+  assert int(tree["step"]) == 2 and tuple(shapes["params"]["w"].shape) == (64, 64)
 
 
 def test_restore_reads_arrays_and_meta(tmp_path):

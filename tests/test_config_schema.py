@@ -7,8 +7,7 @@ import logging
 import ml_collections
 import pytest
 
-from medseg_jax import defaults
-from medseg_jax import config_schema
+from medseg_jax import config_schema, defaults
 from medseg_jax.errors import ConfigError
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import helpers
-from medseg_jax import defaults
-from medseg_jax import optim
+from medseg_jax import defaults, optim
 from medseg_jax.training import losses, step
 from medseg_jax.errors import ConfigError
 from medseg_jax.models import UNet

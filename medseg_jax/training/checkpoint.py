@@ -91,14 +91,16 @@ def read_state_tree(step_dir: str, arrays: bool = True) -> dict:
   """The `state` item of a step directory as numpy arrays (or only its metadata: the
   tree's paths and shapes), read by this process alone."""
   orbax_reports.quiet()
-  reader = ocp.PyTreeCheckpointer()
+  # The step directory as orbax wrote it: its items, and the step's metadata beside them.
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      **{STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()}))
   try:
-    metadata = reader.metadata(os.path.join(step_dir, STATE)).item_metadata.tree
+    metadata = reader.metadata(step_dir).item_metadata[STATE].tree
     if not arrays:
       return metadata
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return reader.restore(os.path.join(step_dir, STATE),
-                          args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return reader.restore(step_dir, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(restore_args=restore_args)}))[STATE]
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
     raise MedsegError(f"{step_dir}: unreadable checkpoint ({first_line(e, 200)})") from e
   finally:
