@@ -7,8 +7,15 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
+# Built from a copy of what the wheel holds, so the build leaves nothing in the repository.
+mkdir -p "$WORK/source/benchmarks"
+cp "$REPO"/{pyproject.toml,README.md,requirements.txt,requirements-onnx.txt,requirements-dev.txt} \
+  "$WORK/source/"
+cp "$REPO/benchmarks/requirements.txt" "$WORK/source/benchmarks/"
+cp -r "$REPO/medseg_jax" "$WORK/source/"
+find "$WORK/source" -name __pycache__ -prune -exec rm -rf {} +
 python3 -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -q \
-  -w "$WORK/wheels" "$REPO"
+  -w "$WORK/wheels" "$WORK/source"
 python3 -m venv "$WORK/venv"
 PIP=("$WORK/venv/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" "$(ls "$WORK"/wheels/medseg_jax-*.whl)[onnx]"
