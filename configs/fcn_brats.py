@@ -1,5 +1,5 @@
 """FCN-8s on Decathlon Task01_BrainTumour, the thesis's brain-tumour setting, from ImageNet
-VGG-16 (`model.init_from`, a file the user downloads: README, "Starting from pretrained
+VGG-16 (`model.init_from`, a file the user downloads: docs/components.md, "Starting from pretrained
 weights"; `--config.model.init_from=""` trains from scratch).
 
 configs/thesis.py says where each shared value comes from; the values set here say so on

@@ -1,5 +1,5 @@
 """FCN-8s on Decathlon Task02_Heart (the left atrium), the thesis's left-atrium setting,
-from ImageNet VGG-16 (`model.init_from`, a file the user downloads: README, "Starting from
+from ImageNet VGG-16 (`model.init_from`, a file the user downloads: docs/components.md, "Starting from
 pretrained weights"; `--config.model.init_from=""` trains from scratch).
 
 configs/thesis.py says where each value comes from: "thesis" (with the part of the

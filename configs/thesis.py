@@ -23,7 +23,7 @@ def fcn(c: ml_collections.ConfigDict) -> None:
   c.model.dropout = 0.5                  # thesis, models: dropout; ours: Long et al.'s 0.5
                                          # (the thesis gives no rate)
   # thesis, models: initialised from MatConvNet's ImageNet VGG-16 (transfer learning); the
-  # user downloads it (README), `--config.model.init_from=""` trains from scratch
+  # user downloads it (docs/components.md), `--config.model.init_from=""` trains from scratch
   c.model.init_from = VGG16_MAT
 
 

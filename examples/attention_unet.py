@@ -8,7 +8,7 @@ pixel, computed from x and the decoder's coarser features g (here after the up-c
 at x's resolution): alpha = sigmoid(psi(relu(W_x x + W_g g))). Where alpha is small the
 skip passes little, so the decoder attends to the structures the gating signal finds.
 
-A network component of medseg_jax (README, "Your own network, loss and plugins"): a Flax
+A network component of medseg_jax (docs/components.md, "Your own network, loss and plugins"): a Flax
 linen module built with the framework's keywords (num_classes, dtype, axis_name) and
 `model.kwargs`, mapping x [B,H,W,C] to logits [B,H,W,num_classes]. It reuses the
 package's 2x2 pooling and up-convolution, which XLA's CPU backend differentiates faster

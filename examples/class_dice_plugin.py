@@ -2,7 +2,7 @@
 
 The built-in early stopping (`train.early_stopping_patience`) follows the mean Dice over
 classes; on a task where one structure matters most (an enhancing tumour, a small organ)
-a run may be better stopped on that class alone. A plugin component of medseg_jax (README,
+a run may be better stopped on that class alone. A plugin component of medseg_jax (docs/components.md,
 "Your own network, loss and plugins"): it observes the validation metrics, writes a file
 and a TensorBoard scalar, and asks the loop to stop by returning a reason.
 """

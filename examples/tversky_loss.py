@@ -6,7 +6,7 @@ segmentation using 3D fully convolutional deep networks." MLMI workshop, MICCAI 
 arXiv:1706.05721.
 
 Tversky index per class c: TP / (TP + alpha FP + beta FN), with soft counts from the
-softmax; alpha = beta = 0.5 is the soft Dice. A loss component of medseg_jax (README,
+softmax; alpha = beta = 0.5 is the soft Dice. A loss component of medseg_jax (docs/components.md,
 "Your own network, loss and plugins"): logits [B,H,W,C] and integer labels [B,H,W] to one
 value per sample [B], so that any sharding of the batch gives the same mean.
 """

@@ -24,7 +24,7 @@ def _model(c: ml_collections.ConfigDict) -> None:
   """The network."""
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"            # unet | fcn | your own: module:Class or file.py:Class
-  c.model.kwargs = ml_collections.ConfigDict()  # to the network's constructor (README:
+  c.model.kwargs = ml_collections.ConfigDict()  # to the network's constructor (docs/components.md:
                                    # "Your own network, loss and plugins")
   c.model.base_features = 64       # U-Net first level / VGG first block width
   c.model.depth = 4                # U-Net pooling levels
@@ -167,4 +167,5 @@ def _running(c: ml_collections.ConfigDict) -> None:
   c.monitor.log_every_steps = 50
   c.monitor.enabled = True         # TensorBoard events, system sampling, progress bar
   c.monitor.system_interval_seconds = 10.0  # 0 = no system sampling
-  c.monitor.profile_steps = ()     # consecutive steps to trace, e.g. (10, 11); README
+  c.monitor.profile_steps = ()     # consecutive steps to trace with jax.profiler, e.g.
+                                   # (10, 11): docs/evaluation_and_monitoring.md

@@ -28,7 +28,7 @@ from medseg_jax.training import checkpoint
 # Checkpoints at steps 2 and 3, both validated: one of them is the best, tested at the end.
 TINY = TINY_RUN + ["--config.train.num_steps=3", "--config.train.eval_every_steps=2",
                    "--config.checkpoint.every_steps=2"]
-# Probabilities of ONNX Runtime and JAX agree within this (README, "Share a model").
+# Probabilities of ONNX Runtime and JAX agree within this (docs/export_and_zoo.md, "Share a model").
 ENGINE_TOLERANCE = 1e-5
 
 
