@@ -192,6 +192,12 @@ def test_without_the_onnx_extra_the_file_has_no_graph_and_says_how_to_add_one(ru
   _, members = _read_independently(out)
   assert "model.onnx" not in members and "params.msgpack" in members
   assert "carries no ONNX graph" in members["MODEL.md"].decode()
+  why = json.loads(members["model.json"])["no_onnx_graph"]
+  assert why == f"the ONNX extra was not installed at export ({onnx_graph.EXTRA_INSTALL})"
+  proc = run_main("--mode=predict", f"--model={out}", "--engine=onnxruntime",
+                  f"--input={workdir}/data/imagesTs", f"--output={tmp_path}/out")
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+      f"error: {out}: no ONNX graph (model.onnx) in the model file: {why}; use --engine=jax")
 
 
 def _rewrite(source, target, change=None, drop=(), index_change=None):
@@ -394,6 +400,48 @@ def test_a_users_network_travels_in_the_model_file(tmp_path):
   assert _files(other / "out") == _files(tmp_path / "from_run")
   cached = cache / "medseg_jax" / "networks" / hashlib.sha256(source).hexdigest()
   assert (cached / "attention_unet.py").read_bytes() == source
+
+
+# A user's network with a step ONNX has no form for: a call back into Python.
+HOST_CALLBACK_NET = """
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+class HostTanh(nn.Module):
+  num_classes: int
+  dtype: object = None
+  axis_name: object = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = jax.pure_callback(np.tanh, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+"""
+
+
+def test_a_network_without_an_onnx_form_records_why_and_onnx_runtime_says_it(tmp_path):
+  from medseg_jax.errors import MedsegError  # pylint: disable=import-outside-toplevel
+  from medseg_jax.export import from_file, write  # pylint: disable=import-outside-toplevel
+  net = tmp_path / "host_tanh.py"
+  net.write_text(HOST_CALLBACK_NET)
+  cfg = helpers.config(*TINY[1:], f"--config.model.name={net}:HostTanh",
+                       "--config.train.num_steps=1", "--config.train.eval_every_steps=0",
+                       "--config.checkpoint.every_steps=1")
+  workdir = tmp_path / "run"
+  helpers.train(cfg, workdir)
+  model = str(tmp_path / "host_tanh.zip")
+  write.export_run(str(workdir), "latest", model)
+  _, members = _read_independently(model)
+  assert "model.onnx" not in members
+  why = json.loads(members["model.json"])["no_onnx_graph"]
+  assert why.startswith("the network did not convert to ONNX: ONNX export of the network")
+  assert f"carries no ONNX graph ({why})" in members["MODEL.md"].decode()
+  with pytest.raises(MedsegError) as error:
+    from_file.load(model, engine="onnxruntime")
+  assert str(error.value) == (f"{model}: no ONNX graph (model.onnx) in the model file: {why}; "
+                              "use --engine=jax")
 
 
 def test_the_export_of_a_two_process_run_predicts_what_its_checkpoint_predicts(tmp_path):

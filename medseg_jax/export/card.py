@@ -10,7 +10,7 @@ _METRICS = (("dice_foreground", "Dice, mean over the foreground classes"),
 
 
 def render(summary: dict, model: dict, metrics: dict, manifest: dict,
-           cfg: ml_collections.ConfigDict, meta: dict, onnx: bool) -> str:
+           cfg: ml_collections.ConfigDict, meta: dict, no_graph: str | None) -> str:
   """The card, from the index's summary, model.json, metrics.json, the run's manifest, the
   checkpoint's config and meta, and whether the file carries an ONNX graph."""
   sections = [f"# {summary['name']}", "", _overview(summary, model), "",
@@ -18,7 +18,7 @@ def render(summary: dict, model: dict, metrics: dict, manifest: dict,
               "## Metrics", "", *_metrics(metrics, model["classes"], _is_3d(model)), "",
               "## Training", "", *_training(manifest, cfg, meta), "",
               "## Intended use and limits", "", *_limits(summary, model), "",
-              "## How to predict", "", *_how_to(summary, onnx), ""]
+              "## How to predict", "", *_how_to(summary, no_graph), ""]
   return "\n".join(sections)
 
 
@@ -154,7 +154,7 @@ def _limits(summary: dict, model: dict) -> list[str]:
   ]
 
 
-def _how_to(summary: dict, onnx: bool) -> list[str]:
+def _how_to(summary: dict, no_graph: str | None) -> list[str]:
   lines = ["```bash",
            "python3 -m medseg_jax.main --mode=predict --model=MODEL_FILE \\",
            "    --input=VOLUME.nii.gz|DIRECTORY --output=OUT.nii.gz|DIRECTORY "
@@ -162,11 +162,11 @@ def _how_to(summary: dict, onnx: bool) -> list[str]:
            "python3 -m medseg_jax.zoo install MODEL_FILE    # then --model=" + summary["name"],
            "```", "",
            "The output is a uint8 label map in the input's space (shape, affine, header)."]
-  if onnx:
+  if not no_graph:
     lines.append("On a CPU without JAX's speed, `--engine=onnxruntime` runs the file's ONNX "
                  "graph (`model.onnx`: input images [batch, size, size, channels] "
                  "preprocessed as above, output softmax probabilities).")
   else:
-    lines.append("This file carries no ONNX graph (the ONNX extra was not installed at "
-                 "export): only `--engine=jax` runs it.")
+    lines.append(f"This file carries no ONNX graph ({no_graph}): only `--engine=jax` "
+                 "runs it.")
   return lines

@@ -62,7 +62,7 @@ def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model
   cfg = config_schema.config_from_saved(file.json(modelfile.CONFIG), f"{path}: {modelfile.CONFIG}")
   _for_this_machine(cfg)
   if engine == "onnxruntime":
-    _check_onnx(file)
+    _check_onnx(file, info)
   return Model(file=file, cfg=cfg, info=info)
 
 
@@ -78,13 +78,14 @@ def _for_this_machine(cfg: ml_collections.ConfigDict) -> None:
     cfg.parallel.strategy = default
 
 
-def _check_onnx(file: modelfile.ModelFile) -> None:
+def _check_onnx(file: modelfile.ModelFile, info: dict) -> None:
   """The file carries a graph (ONNX Runtime itself is looked for when its session starts,
-  before anything is written: it is the one part of the extra prediction needs)."""
+  before anything is written: it is the one part of the extra prediction needs); if not,
+  the error says why, as the export recorded it."""
   if file.onnx is None:
-    raise MedsegError(f"{file.path}: no ONNX graph ({modelfile.ONNX}) in the model file (it "
-                      "was exported without the ONNX extra); use --engine=jax, or export "
-                      "it again with the extra installed")
+    why = info.get("no_onnx_graph") or "its export recorded no reason"
+    raise MedsegError(f"{file.path}: no ONNX graph ({modelfile.ONNX}) in the model file: "
+                      f"{why}; use --engine=jax")
 
 
 def predict_files(model: Model, input_path: str, output: str, engine: str = "jax",

@@ -123,7 +123,10 @@ def _test_metrics(workdir: str, step: int, manifest: dict) -> dict | None:
 def build_members(run: Run) -> dict[str, bytes]:
   """Every member of the model file but its index."""
   source = _network_source(run)
+  graph, no_graph = _onnx_graph(run)
   model_info = model_json(run, source)
+  if no_graph:
+    model_info["no_onnx_graph"] = no_graph  # why, for --engine=onnxruntime to say
   metrics = metrics_json(run)
   members = {modelfile.CONFIG: _json_bytes(run.cfg.to_dict()),
              modelfile.MODEL: _json_bytes(model_info),
@@ -132,12 +135,11 @@ def build_members(run: Run) -> dict[str, bytes]:
              modelfile.METRICS: _json_bytes(metrics)}
   if source is not None:
     members[modelfile.NETWORK_DIR + os.path.basename(source[0])] = source[1]
-  graph = _onnx_graph(run)
   if graph is not None:
     members[modelfile.ONNX] = graph
   members[modelfile.CARD] = card.render(summary(run, None), model_info, metrics,
                                         run.manifest, run.cfg, run.meta,
-                                        onnx=graph is not None).encode()
+                                        no_graph=no_graph).encode()
   return members
 
 
@@ -214,14 +216,15 @@ def _network_source(run: Run) -> tuple[str, bytes] | None:
   return path, source
 
 
-def _onnx_graph(run: Run) -> bytes | None:
-  """The forward pass as ONNX (float32 compute, softmax probabilities, any batch), or None
-  with one warning when the ONNX extra is not installed or the network does not convert
-  (the file still predicts with --engine=jax)."""
+def _onnx_graph(run: Run) -> tuple[bytes | None, str | None]:
+  """The forward pass as ONNX (float32 compute, softmax probabilities, any batch), or why
+  there is none, with one warning: the ONNX extra is not installed or the network does not
+  convert (the file still predicts with --engine=jax)."""
   if not onnx_graph.available():
-    logging.warning("No ONNX graph in the model file: the ONNX extra is not installed "
-                    "(%s); --engine=onnxruntime will not run it", onnx_graph.EXTRA_INSTALL)
-    return None
+    reason = f"the ONNX extra was not installed at export ({onnx_graph.EXTRA_INSTALL})"
+    logging.warning("No ONNX graph in the model file: %s; --engine=onnxruntime will not "
+                    "run it", reason)
+    return None, reason
   cfg, info = run.cfg, run.info
   model = models.build_model(cfg.model, info["num_classes"], cfg.data.image_size)
   model = model.clone(dtype=models.DTYPES["float32"])
@@ -233,8 +236,9 @@ def _onnx_graph(run: Run) -> bytes | None:
     graph = onnx_graph.forward_graph(probabilities,
                                      run.kind.input_shape(info["channels"]))
   except MedsegError as e:
+    reason = f"the network did not convert to ONNX: {e}"
     logging.warning("No ONNX graph in the model file (--engine=onnxruntime will not run "
-                    "it): %s", e)
-    return None
+                    "it): %s", reason)
+    return None, reason
   logging.info("ONNX graph of the forward pass: %.1f s", time.perf_counter() - started)
-  return graph
+  return graph, None
