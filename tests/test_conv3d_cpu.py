@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+import helpers
 from medseg_jax.models import conv3d_cpu
 from medseg_jax.models.unet3d import UNet3D
 
@@ -89,14 +90,14 @@ def test_unet3d_gradients_equal_those_with_xla_convolutions(monkeypatch):
   # (4x3x4) XLA's.
   x = rng.normal(size=(2, 8, 6, 8, 2)).astype(np.float32)
   target = rng.normal(size=(2, 8, 6, 8, 3)).astype(np.float32)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = helpers.init_variables(model, x)["params"]
   # A new function for each rule: the rule is read while tracing, and traces are cached.
   loss = lambda: lambda params: jnp.sum(target * model.apply({"params": params}, x))
   assert "custom_vjp_call" in str(jax.make_jaxpr(loss())(params))
-  got = jax.grad(loss())(params)
+  got = jax.jit(jax.grad(loss()))(params)  # one program, not one per operation
   monkeypatch.setattr(conv3d_cpu, "MAX_VOXELS", 0)  # XLA's kernel gradient everywhere
   assert "custom_vjp_call" not in str(jax.make_jaxpr(loss())(params))
-  expected = jax.grad(loss())(params)
+  expected = jax.jit(jax.grad(loss()))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(got):
     e = dict(jax.tree_util.tree_leaves_with_path(expected))[path]
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()),

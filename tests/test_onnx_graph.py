@@ -5,7 +5,9 @@ and one error line when the ONNX extra is missing or a graph cannot be made or l
 import os
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,8 +43,8 @@ def _probabilities(name: str, size: int = 32):
   cfg = helpers.config(*NETWORKS[name])
   model = build_model(cfg.model, 3, size)
   variables = helpers.init_variables(model, np.zeros((1, size, size, CHANNELS), np.float32))
-  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(variables))))
-  variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape),
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(p.dtype),
                            variables)
   return lambda images: jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
 
@@ -68,6 +70,45 @@ def test_onnx_runtime_gives_the_probabilities_of_jax_at_any_batch_size(name):
     assert got.shape == expected.shape == (batch, 32, 32, 3)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
   assert abs(expected.sum(-1) - 1).max() < 1e-5  # softmax, not logits
+
+
+class EveryLayer(nn.Module):
+  """The flax.linen layers a user's network may be built of, in 2D or 3D: pooling called
+  with its window and strides by position and by keyword, and a decoder's resize to the
+  shape of a skip connection (batch dimension included)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    two, three, one = ((n,) * (x.ndim - 2) for n in (2, 3, 1))
+    x = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, three)(x))
+    skip = nn.relu(x)
+    x = nn.GroupNorm(num_groups=2)(nn.max_pool(skip, two, two))
+    x = nn.LayerNorm()(nn.avg_pool(x, window_shape=two, strides=two, padding="SAME"))
+    x = nn.InstanceNorm()(nn.ConvTranspose(8, two, strides=two)(x))
+    x = jax.image.resize(x, skip.shape, "bilinear")
+    x = nn.Dropout(0.5, deterministic=not train)(jnp.concatenate([x, skip], axis=-1))
+    x = (nn.max_pool(x, window_shape=three, strides=one, padding="SAME")
+         + nn.avg_pool(x, three, one, "SAME"))
+    return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, CHANNELS), (8, 8, 8, CHANNELS)], ids=["2d", "3d"])
+def test_a_network_of_every_flax_layer_converts_and_predicts_what_jax_does(shape):
+  """Against jax.jit of the same function, through `run` at a run batch of 2 (the resize
+  makes a graph of a fixed batch, which `run` feeds one image at a time)."""
+  model = EveryLayer()
+  variables = helpers.init_variables(model, np.zeros((1, *shape), np.float32))
+  rng = np.random.default_rng(1)  # every statistic off its initial value, variances > 0
+  variables = jax.tree.map(lambda p: p + 0.1 * rng.uniform(size=p.shape).astype(p.dtype),
+                           variables)
+  probabilities = lambda images: jax.nn.softmax(model.apply(variables, images), axis=-1)
+  sess = onnx_graph.session(onnx_graph.forward_graph(probabilities, shape), threads=1)
+  for batch in (1, 3):
+    images = np.random.default_rng(batch).normal(size=(batch, *shape)).astype(np.float32)
+    got = onnx_graph.run(sess, images, 2)
+    expected = np.asarray(jax.jit(probabilities)(images))
+    assert got.shape == expected.shape == (batch, *shape[:-1], 3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def test_run_feeds_chunks_of_at_most_the_batch():
