@@ -142,7 +142,8 @@ class DataKind(abc.ABC):
                 workdir: str) -> evaluate.Evaluator:
     """The evaluator of a run on the devices of `par`: the pure eval and predict steps,
     compiled by `par`, a global batch of `batch` examples (3D: windows)."""
-    return evaluate.Evaluator(eval_step=par.eval_step(eval_fn), put_batch=par.put_batch,
+    return evaluate.Evaluator(eval_step=par.in_flight.wrap(par.eval_step(eval_fn)),
+                              put_batch=par.put_batch,
                               global_batch=batch, num_classes=num_classes,
                               class_names=class_names, workdir=workdir,
                               **self.predictor(par, predict_fn, batch))

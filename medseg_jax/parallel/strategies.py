@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from medseg_jax import components
 from medseg_jax.errors import ConfigError
+from medseg_jax.parallel.in_flight import Bound
 
 AXIS = "data"
 
@@ -68,6 +69,12 @@ class Parallel:
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
+
+  @functools.cached_property
+  def in_flight(self) -> Bound:
+    """The bound on queued steps that the steps with an all-reduce (train, eval) share:
+    wrap each compiled one with `in_flight.wrap` (a no-op off the CPU backend)."""
+    return Bound(list(self.mesh.devices.flat))
 
   @property
   def bn_axis_name(self) -> str | None:

@@ -66,7 +66,7 @@ def build(run: RunSettings, workdir: str, par: strategies.Parallel) -> Setup:
   return Setup(cfg=cfg, kind=kind, workdir=workdir, par=par, data=data, data_info=info,
                lr=lr, global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
                num_steps=plan.num_steps, epoch_draws=plan.epoch_draws, init_state=state,
-               init_rng=step_rng, train_step=par.train_step(train_fn),
+               init_rng=step_rng, train_step=par.in_flight.wrap(par.train_step(train_fn)),
                evaluator=make_evaluator(run, workdir, par, num_classes,
                                         source.class_names(info["labels"])),
                components=run.components, split_seed=source.split_seed)
