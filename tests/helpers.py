@@ -146,3 +146,36 @@ def assert_same_predictions(reference, output, volumes: int = 2) -> None:
     assert len(np.unique(labels)) > 1
     np.testing.assert_array_equal(np.asarray(ours.dataobj), labels)
     assert (output / name).read_bytes() == (reference / name).read_bytes()
+
+
+SIGNAL_PLUGIN = '''
+import os
+import signal
+
+
+class SignalAt:
+  """Sends {signal} to process {process} of the run once checkpoint {step} has been
+  started (orbax has finished every earlier one by then): once per workdir, so that the
+  same command restarted runs on."""
+
+  all_processes = True
+
+  def __init__(self, context):
+    self.process = context.process_index
+    self.done = os.path.join(context.workdir, "signalled_{signal}_{step}")
+
+  def on_checkpoint(self, step, path):
+    if step == {step} and self.process == {process} and not os.path.exists(self.done):
+      open(self.done, "w").close()
+      os.kill(os.getpid(), signal.{signal})
+'''
+
+
+def signal_at(directory, name: str, step: int, process: int = 0) -> str:
+  """A plugin file in `directory` that sends the signal `name` (e.g. "SIGKILL") to
+  process `process` of a run right after it starts checkpoint `step`: a deterministic
+  point for a crash or a preemption. Returns the override that names it."""
+  path = os.path.join(str(directory), f"signal_{name}_{step}_{process}.py")
+  with open(path, "w") as f:
+    f.write(SIGNAL_PLUGIN.format(signal=name, step=step, process=process))
+  return f"--config.train.plugins=('{path}:SignalAt',)"

@@ -1,5 +1,5 @@
 """Crashes and preemption through real `medseg_jax.main` processes compared with an
-uninterrupted run; corrupt checkpoints, divergence, device-count changes and early
+uninterrupted run in this process; corrupt checkpoints, divergence, device-count changes and early
 stopping through the training loop in this process."""
 
 import glob
@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,40 +17,27 @@ import helpers
 from helpers import REPO, checkpoint_arrays, env_with_devices
 from medseg_jax.errors import MedsegError
 
-# Slow enough (64x64 slices) that a signal lands mid-run; dropout makes the rng matter.
+# Dropout makes the rng matter; a plugin (helpers.signal_at) crashes or preempts a run at
+# a chosen checkpoint.
 RUN = ["--config=configs/quickstart.py", "--config.data.synthetic_volumes=6",
-       "--config.data.synthetic_shape=(64, 64, 8)", "--config.data.slices_per_volume=0",
-       "--config.data.image_size=64", "--config.model.depth=2",
-       "--config.model.base_features=8", "--config.model.dropout=0.1",
+       "--config.data.synthetic_shape=(32, 32, 8)", "--config.data.slices_per_volume=0",
+       "--config.data.image_size=32", "--config.model.depth=2",
+       "--config.model.base_features=4", "--config.model.dropout=0.1",
        "--config.train.per_device_batch_size=2", "--config.train.eval_every_steps=0",
        "--config.checkpoint.every_steps=5", "--config.monitor.log_every_steps=1",
-       "--config.monitor.enabled=False"]
+       "--config.monitor.enabled=False", "--config.data.preprocess_workers=1",
+       "--config.parallel.num_devices=2"]
 STEPS = 20
 
 
-def _command(workdir, *extra):
-  return [sys.executable, "-m", "medseg_jax.main", *RUN, f"--config.train.num_steps={STEPS}",
-          f"--workdir={workdir}", *extra]
-
-
-def _run(workdir, *extra, devices=2):
-  return subprocess.run(_command(workdir, *extra), cwd=REPO, env=env_with_devices(devices),
-                        capture_output=True, text=True, timeout=600)
-
-
-def _start(workdir):
-  return subprocess.Popen(_command(workdir), cwd=REPO, env=env_with_devices(2),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_checkpoint(workdir, step, proc, timeout=300):
-  """Returns once orbax has finalised checkpoint `step` (it renames a finished write)."""
-  path = os.path.join(workdir, "checkpoints", str(step))
-  deadline = time.time() + timeout
-  while not os.path.isdir(path):
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < deadline, "no checkpoint in time"
-    time.sleep(0.02)
+def _run(workdir, *extra):
+  """`medseg_jax.main` with RUN and `extra` in a process of its own, on 2 of 8 devices as
+  in this process (XLA:CPU's code for a step, and so its last bits, depends on how many
+  devices the process has)."""
+  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *RUN,
+                         f"--config.train.num_steps={STEPS}", f"--workdir={workdir}", *extra],
+                        cwd=REPO, env=env_with_devices(8), capture_output=True, text=True,
+                        timeout=600)
 
 
 def _steps(workdir):
@@ -66,51 +52,56 @@ def _assert_same_state(workdir, reference, step=STEPS):
     assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
+def _train(workdir, *extra, devices=2, from_scratch=False):
+  """The loop in this process, as `medseg_jax.main` runs it with RUN and `extra`."""
+  cfg = helpers.config(*RUN[1:], f"--config.train.num_steps={STEPS}", *extra,
+                       f"--config.parallel.num_devices={devices}")
+  return helpers.train(cfg, workdir, from_scratch)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """An uninterrupted run of STEPS steps."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  proc = _run(workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _steps(workdir)[-1] == STEPS, proc.stderr[-3000:]
+def in_process_reference(tmp_path_factory):
+  """An uninterrupted run of STEPS steps in this process: the reference of the runs
+  below, in processes of their own or in this one."""
+  workdir = str(tmp_path_factory.mktemp("in_process_reference"))
+  _train(workdir)
+  assert _steps(workdir)[-1] == STEPS
   return workdir
 
 
-def test_sigkill_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(reference, tmp_path):
-  workdir = str(tmp_path)
-  proc = _start(workdir)
-  _wait_for_checkpoint(workdir, 5, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL  # killed mid-run, not after finishing
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_sigkill_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(in_process_reference,
+                                                                        tmp_path):
+  workdir, kill = str(tmp_path / "run"), helpers.signal_at(tmp_path, "SIGKILL", 10)
+  killed = _run(workdir, kill)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]  # mid-run
   assert STEPS not in _steps(workdir)
-  restarted = _run(workdir)
+  restarted = _run(workdir, kill)  # the same command
   assert restarted.returncode == 0, restarted.stderr[-3000:]
   assert "Resuming from checkpoint at step" in restarted.stderr
-  _assert_same_state(workdir, reference)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  _assert_same_state(workdir, in_process_reference)
+  records = _records(workdir)
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-  with open(os.path.join(reference, "metrics.jsonl")) as f:
-    expected = [json.loads(line) for line in f]
+  expected = _records(in_process_reference)
   assert [r["loss"] for r in records] == [r["loss"] for r in expected]  # the same batches
 
 
-def test_sigterm_checkpoints_exits_0_and_the_restart_continues(reference, tmp_path):
-  workdir = str(tmp_path)
-  proc = _start(workdir)
-  _wait_for_checkpoint(workdir, 5, proc)
-  proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
-  assert "Stopped by SIGTERM after step" in stderr
-  stopped_at = _steps(workdir)[-1]
-  assert 5 <= stopped_at < STEPS
+def test_sigterm_checkpoints_exits_0_and_the_restart_continues(in_process_reference, tmp_path):
+  workdir, term = str(tmp_path / "run"), helpers.signal_at(tmp_path, "SIGTERM", 5)
+  stopped = _run(workdir, term)
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  # The signal came during step 5's checkpoint: the run stops after the next step.
+  assert "Stopped by SIGTERM after step 6" in stopped.stderr
+  assert _steps(workdir) == [5, 6]
   assert not os.path.exists(os.path.join(workdir, "eval", "test_metrics.json"))
-  restarted = _run(workdir)
+  restarted = _run(workdir, term)
   assert restarted.returncode == 0, restarted.stderr[-3000:]
-  assert f"Resuming from checkpoint at step {stopped_at}" in restarted.stderr
-  _assert_same_state(workdir, reference)
+  assert "Resuming from checkpoint at step 6" in restarted.stderr
+  _assert_same_state(workdir, in_process_reference)
 
 
 def _truncate(workdir, step):
@@ -122,27 +113,6 @@ def _truncate(workdir, step):
       f.truncate(os.path.getsize(path) // 2)
 
 
-
-
-# In this process no signal has to land mid-run: 32x32 slices and a narrower model.
-SMALL = ["--config.data.synthetic_shape=(32, 32, 8)", "--config.data.image_size=32",
-         "--config.model.base_features=4"]
-
-
-def _train(workdir, *extra, devices=2, from_scratch=False):
-  """The loop in this process, as `medseg_jax.main` runs it with RUN, SMALL and `extra`."""
-  cfg = helpers.config(*RUN[1:], *SMALL, f"--config.train.num_steps={STEPS}",
-                       f"--config.parallel.num_devices={devices}", *extra)
-  return helpers.train(cfg, workdir, from_scratch)
-
-
-@pytest.fixture(scope="module")
-def in_process_reference(tmp_path_factory):
-  """An uninterrupted run of STEPS steps in this process."""
-  workdir = str(tmp_path_factory.mktemp("in_process_reference"))
-  _train(workdir)
-  assert _steps(workdir)[-1] == STEPS
-  return workdir
 
 
 @pytest.fixture
