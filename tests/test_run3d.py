@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
@@ -77,48 +76,37 @@ def test_a_3d_run_on_8_devices_equals_one_device(one_device, tmp_path, strategy,
     assert json.load(f)["volumes"] == {"train": 6, "val": 1, "test": 1}
 
 
-# Killed and restarted: as tests/test_fault_tolerance.py, in 3D. Dropout makes the step's
-# rng matter; larger patches keep the run busy while the signal is sent.
-KILLED = RUN3D + [f"--config.model.name={NETWORKS}:Tiny3DDropout",
-                  "--config.data.synthetic_shape=(48, 40, 24)",
-                  "--config.data.patch_size=(32, 32, 16)",
-                  "--config.train.per_device_batch_size=2",
+# Killed and restarted: as tests/test_fault_tolerance.py, in 3D, on 2 of 8 devices as in
+# this process. Dropout makes the step's rng matter; augmented epochs of 12 patches make
+# the killed step fall inside an epoch.
+KILLED = RUN3D + [*SMALL, f"--config.model.name={NETWORKS}:Tiny3DDropout",
+                  "--config.train.per_device_batch_size=2", "--config.parallel.num_devices=2",
                   "--config.data.augment.samples_per_epoch=12",
-                  "--config.checkpoint.every_steps=5"]
-KILLED_STEPS = 30
+                  "--config.checkpoint.every_steps=4"]
+KILLED_STEPS = 12
 
 
-def _command(workdir):
-  return [sys.executable, "-m", "medseg_jax.main", *KILLED,
-          f"--config.train.num_steps={KILLED_STEPS}", f"--workdir={workdir}"]
+def _run(workdir, *extra):
+  return subprocess.run([sys.executable, "-m", "medseg_jax.main", *KILLED,
+                         f"--config.train.num_steps={KILLED_STEPS}", f"--workdir={workdir}",
+                         *extra], cwd=REPO, env=env_with_devices(8), capture_output=True,
+                        text=True, timeout=900)
 
 
 def _steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-def _run(workdir):
-  proc = subprocess.run(_command(workdir), cwd=REPO, env=env_with_devices(2),
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
 def test_a_killed_3d_run_restarts_bitwise_equal_to_an_uninterrupted_one(tmp_path):
   reference, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
-  _run(reference)
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=env_with_devices(2),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  first = os.path.join(workdir, "checkpoints", "5")
-  deadline = time.time() + 600
-  while not os.path.isdir(first):  # orbax renames a finished checkpoint into place
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < deadline, "no checkpoint in time"
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL and KILLED_STEPS not in _steps(workdir)
-  restarted = _run(workdir)
+  helpers.train(helpers.config(*KILLED[1:], f"--config.train.num_steps={KILLED_STEPS}"),
+                reference)
+  kill = helpers.signal_at(tmp_path, "SIGKILL", 8)
+  killed = _run(workdir, kill)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert KILLED_STEPS not in _steps(workdir)
+  restarted = _run(workdir, kill)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
   assert "Resuming from checkpoint at step" in restarted.stderr
   ours, theirs = checkpoint_arrays(workdir, KILLED_STEPS), checkpoint_arrays(reference,
                                                                              KILLED_STEPS)
@@ -279,12 +267,14 @@ def test_the_3d_quickstart_evaluates_its_best_checkpoint(quickstart3d):
 
 
 # Two processes against one: the 3D U-Net (with dropout: the step's rng matters) trained
-# with SGD for 2 steps on 4 devices, 2 x 2 or 1 x 4.
+# with SGD for 2 steps on 4 devices, 2 x 2 or 1 x 4, on every volume (evaluation across
+# processes is the prediction tests' part).
 TWO = [*RUN3D, *SMALL, "--config.model.name=unet3d", "--config.model.depth=1",
        "--config.model.base_features=4", "--config.model.norm=instance",
        "--config.model.dropout=0.1", "--config.optim.name=sgd", "--config.optim.lr=0.05",
        "--config.train.per_device_batch_size=1", "--config.train.num_steps=2",
-       "--config.checkpoint.every_steps=1", "--config.data.augment.samples_per_epoch=8"]
+       "--config.checkpoint.every_steps=1", "--config.data.augment.samples_per_epoch=8",
+       "--config.data.val_fraction=0", "--config.data.test_fraction=0"]
 
 
 def test_two_processes_train_3d_like_one_with_the_same_global_batch(tmp_path):
