@@ -8,7 +8,6 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import logging
-from flax import traverse_util
 
 from medseg_jax import components, defaults
 from medseg_jax.errors import ConfigError
@@ -40,6 +39,9 @@ def flatten(tree: Tree, whole: Sequence[str] = FREE_FORM) -> dict[str, Any]:
   """Dotted key -> value of a nested config or dict: {"seed": 0, "model.name": "unet", ...}.
   Each section named in `whole` (by default the free-form ones) is one value; other empty
   sections have no key."""
+  # Imported here: flax brings JAX along, which the commands that never flatten a config
+  # (medseg_jax.zoo, --help) would otherwise load for a second or more at every start.
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   if isinstance(tree, ml_collections.ConfigDict):
     tree = tree.to_dict()
   return traverse_util.flatten_dict(dict(tree), sep=".",

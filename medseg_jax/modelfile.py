@@ -27,7 +27,6 @@ import json
 import os
 import zipfile
 
-import flax.serialization
 import numpy as np
 
 from medseg_jax import files
@@ -51,8 +50,16 @@ def sha256(data: bytes) -> str:
 def params_bytes(params, model_state) -> bytes:
   """The network's variables as Flax msgpack."""
   tree = {"params": params, "model_state": model_state}
-  return flax.serialization.msgpack_serialize(
-      flax.serialization.to_state_dict(_to_numpy(tree)))
+  return _serialization().msgpack_serialize(
+      _serialization().to_state_dict(_to_numpy(tree)))
+
+
+def _serialization():
+  """flax.serialization, imported when parameters are written or read: flax brings JAX
+  along, and the zoo's commands, which read only a file's index and card, start without
+  it."""
+  import flax.serialization  # pylint: disable=import-outside-toplevel
+  return flax.serialization
 
 
 def _to_numpy(tree):
@@ -106,7 +113,7 @@ class ModelFile:
   def variables(self) -> dict:
     """{"params", "model_state"} as nested dicts of numpy arrays."""
     try:
-      tree = flax.serialization.msgpack_restore(self.members[PARAMS])
+      tree = _serialization().msgpack_restore(self.members[PARAMS])
     except Exception as e:  # pylint: disable=broad-except  (msgpack raises many kinds)
       raise MedsegError(f"{self.path}: {PARAMS} is not Flax msgpack ({first_line(e)})") from e
     if not isinstance(tree, dict) or set(tree) != {"params", "model_state"}:

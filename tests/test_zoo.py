@@ -331,3 +331,11 @@ def test_another_network_or_a_damaged_file_is_refused_before_data_work(source, t
     with pytest.raises(ConfigError, match=f"^model.init_from={re.escape(path)}: "
                                           f"{re.escape(message)}"):
       config.check(cfg)
+
+
+def test_the_zoo_commands_start_without_jax():
+  """They read a file's index and card: JAX (flax's import brings it) would add seconds."""
+  proc = subprocess.run([sys.executable, "-c", "import sys, medseg_jax.zoo; "
+                         "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
