@@ -76,8 +76,8 @@ def test_a_3d_run_on_8_devices_equals_one_device(one_device, tmp_path, strategy,
     assert json.load(f)["volumes"] == {"train": 6, "val": 1, "test": 1}
 
 
-# Killed and restarted: as tests/test_fault_tolerance.py, in 3D, on 2 of 8 devices as in
-# this process. Dropout makes the step's rng matter; augmented epochs of 12 patches make
+# Killed and restarted: as tests/test_fault_tolerance.py, in 3D and with a user's network
+# named by file, on 2 of 8 devices as in this process. Dropout makes the step's rng matter; augmented epochs of 12 patches make
 # the killed step fall inside an epoch.
 KILLED = RUN3D + [*SMALL, f"--config.model.name={NETWORKS}:Tiny3DDropout",
                   "--config.train.per_device_batch_size=2", "--config.parallel.num_devices=2",
@@ -266,12 +266,11 @@ def test_the_3d_quickstart_evaluates_its_best_checkpoint(quickstart3d):
   assert result["val"]["per_volume"]["hd95_1"]["count"] <= result["val"]["num_examples"]
 
 
-# Two processes against one: the 3D U-Net (with dropout: the step's rng matters) trained
-# with SGD for 2 steps on 4 devices, 2 x 2 or 1 x 4, on every volume (evaluation across
-# processes is the prediction tests' part).
-TWO = [*RUN3D, *SMALL, "--config.model.name=unet3d", "--config.model.depth=1",
-       "--config.model.base_features=4", "--config.model.norm=instance",
-       "--config.model.dropout=0.1", "--config.optim.name=sgd", "--config.optim.lr=0.05",
+# Two processes against one: a user's 3D network named by file (with dropout: the step's
+# rng matters) trained with SGD for 2 steps on 4 devices, 2 x 2 or 1 x 4, on every volume
+# (evaluation across processes is the prediction tests' part).
+TWO = [*RUN3D, *SMALL, f"--config.model.name={NETWORKS}:Tiny3DDropout",
+       "--config.optim.name=sgd", "--config.optim.lr=0.05",
        "--config.train.per_device_batch_size=1", "--config.train.num_steps=2",
        "--config.checkpoint.every_steps=1", "--config.data.augment.samples_per_epoch=8",
        "--config.data.val_fraction=0", "--config.data.test_fraction=0"]
