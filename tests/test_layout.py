@@ -27,9 +27,9 @@ LEVELS = (
     {"kinds"},
     {"training"},
     {"export"},
-    {"tuning"},
+    {"tuning", "planning"},
     {"config"},
-    {"main"},
+    {"main", "plan"},
 )
 
 
