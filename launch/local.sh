@@ -6,7 +6,8 @@
 # MEDSEG_PORT picks the coordinator port (default: a free one).
 # PYTHON names the interpreter (default python3, the first on PATH), e.g.
 # PYTHON=/path/venv/bin/python.
-# Exits with the first non-zero exit code of the processes (0 if all succeed).
+# Exits with the first non-zero exit code of the processes (0 if all succeed); each runs
+# through launch/process.sh.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "${here}/common.sh"
@@ -28,7 +29,7 @@ trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
   args=(--coordinator_address="127.0.0.1:${port}" --num_processes="${n}" --process_id="${i}" "$@")
   echo "launching process ${i}/${n}: ${python} -m medseg_jax.main ${args[*]}" >&2
-  "${python}" -m medseg_jax.main "${args[@]}" &
+  "${here}/process.sh" "${i}" "${python}" -m medseg_jax.main "${args[@]}" &
   pids+=($!)
 done
 wait_all

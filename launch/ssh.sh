@@ -27,7 +27,7 @@ python=$(printf '%q' "${PYTHON:-python3}")
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
-  cmd="cd $(printf '%q' "${repo}") && ${python} -m medseg_jax.main --coordinator_address=${coordinator} --num_processes=${n} --process_id=${i} ${quoted}"
+  cmd="cd $(printf '%q' "${repo}") && launch/process.sh ${i} ${python} -m medseg_jax.main --coordinator_address=${coordinator} --num_processes=${n} --process_id=${i} ${quoted}"
   echo "launching on ${hosts[i]}: ${cmd}" >&2
   ssh -o BatchMode=yes "${hosts[i]}" "${cmd}" &
   pids+=($!)

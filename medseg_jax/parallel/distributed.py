@@ -6,8 +6,9 @@ MPI's environment (OMPI_COMM_WORLD_*); otherwise a single process. JAX's own
 distributed runtime (a coordinator plus gloo collectives on CPU, NCCL on GPU)
 carries the training.
 
-`PeerWatch` ends a process whose peer was lost with one line and exit code
-`PEER_LOST_EXIT_CODE`, instead of the runtime's abort.
+`JoinDeadline` (joining) and `PeerWatch` (the run) end a process whose group did not form,
+or whose peer was lost or failed, with one line and exit code `PEER_LOST_EXIT_CODE`,
+instead of the runtime's abort; `ending` orders the processes' exits so that none aborts.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from jax._src import distributed as jax_distributed  # private: see client()
 from jax.errors import JaxRuntimeError
 
 from medseg_jax.errors import ConfigError, MedsegError, first_line
+from medseg_jax.parallel import ending
 
 # EX_TEMPFAIL: another process of the group was lost; the same command on every process
 # continues from the newest checkpoint.
@@ -111,25 +113,38 @@ def initialize(launch: Launch, local_device_ids: list[int] | None, timeout_secon
   # preemption service would catch SIGTERM in C++ until the loop's handler replaces it,
   # so a SIGTERM during start-up would be ignored.
   jax.config.update("jax_enable_preemption_service", False)
-  # The runtime aborts every process once it misses a process's heartbeats; PeerWatch
-  # notices the loss within `timeout_seconds` and ends this process cleanly before that.
-  kwargs = dict(initialization_timeout=timeout_seconds,
-                heartbeat_timeout_seconds=2 * timeout_seconds,
-                shutdown_timeout_seconds=timeout_seconds)
+  kwargs = dict(initialization_timeout=runtime_timeout(timeout_seconds),
+                heartbeat_timeout_seconds=2 * runtime_timeout(timeout_seconds),
+                shutdown_timeout_seconds=ending.SHUTDOWN_BARRIER_SECONDS)
   if launch.source == "flags":
     if launch.process_id != 0:  # process 0 starts the coordinator; the others must reach it
       wait_for_coordinator(launch.coordinator_address, timeout_seconds)
     kwargs.update(coordinator_address=launch.coordinator_address,
                   num_processes=launch.num_processes, process_id=launch.process_id)
   try:
-    jax.distributed.initialize(local_device_ids=local_device_ids, **kwargs)
+    with JoinDeadline(timeout_seconds, launch, checkpoints):
+      jax.distributed.initialize(local_device_ids=local_device_ids, **kwargs)
   except Exception as e:  # the runtime raises several types; all mean "no process group"
     raise MedsegError(f"jax.distributed ({launch.source}) could not start: "
                       f"{first_line(e)}") from e
+  ending.last_out_at_exit(client(), timeout_seconds)
   logging.info("Process %d of %d (%s), %d local devices of %d", jax.process_index(),
                jax.process_count(), launch.source, jax.local_device_count(),
                jax.device_count())
   return PeerWatch(timeout_seconds, checkpoints)
+
+
+def runtime_timeout(timeout_seconds: float) -> int:
+  """The runtime's own bound on joining, and half its heartbeat timeout: later than ours.
+
+  Each of the runtime's bounds ends a process with an abort when it expires (connecting:
+  the failed registration calls the missed-heartbeat callback; heartbeats: the service
+  tells every process that one is dead, and each one's callback aborts it). Its heartbeats
+  go every half timeout, so it can declare a process dead half a timeout after its death.
+  Our bounds (`JoinDeadline`, `PeerWatch`: `timeout_seconds` plus at most 2 polls of 5 s)
+  end the process with one line first, by 20 s at least.
+  """
+  return int(timeout_seconds) + 30
 
 
 def client() -> Any:
@@ -138,21 +153,63 @@ def client() -> Any:
   return jax_distributed.global_state.client
 
 
-class PeerWatch:
-  """Inside this context, a process of the group that falls silent ends this one: one
-  `error:` line naming it, its host and the newest checkpoint, and PEER_LOST_EXIT_CODE.
+class JoinDeadline:
+  """Inside this context (joining the group), a group that has not formed within
+  `timeout` seconds ends this process with one `error:` line and PEER_LOST_EXIT_CODE.
 
-  Our own watch, because JAX's runtime ends the others with an abort (SIGABRT and a C++
-  stack dump) when the coordination service misses a process's heartbeats, and offers no
+  The runtime's own deadline (`runtime_timeout`, later) would abort it: a failed
+  registration calls the client's missed-heartbeat callback, LOG(QFATAL). The main
+  thread is inside that C++ call, so a thread of ours ends the process.
+  """
+
+  def __init__(self, timeout: float, launch: Launch, checkpoints: str | None):
+    self._timeout, self._launch, self._checkpoints = timeout, launch, checkpoints
+    self._joined = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="JoinDeadline", daemon=True)
+
+  def __enter__(self) -> "JoinDeadline":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._joined.set()
+
+  def _watch(self) -> None:
+    if self._joined.wait(self._timeout):
+      return
+    group = f"of {self._launch.num_processes} processes " if self._launch.num_processes else ""
+    where = f" at {self._launch.coordinator_address}" if self._launch.coordinator_address else ""
+    logging.flush()
+    # Nobody else to tell: the group never formed, so no process is connected to this one.
+    os.write(2, (f"error: the group {group}did not form{where} within {self._timeout:g} s "
+                 f"(a process was not started, or ended before joining); "
+                 f"{restart_hint(self._checkpoints)}\n").encode())
+    os._exit(PEER_LOST_EXIT_CODE)  # pylint: disable=protected-access
+
+
+class PeerWatch:
+  """Inside this context, a process of the group that falls silent or fails ends this one:
+  one `error:` line naming it, its host and the newest checkpoint, and
+  PEER_LOST_EXIT_CODE; leaving this context with an error tells the others this one
+  failed.
+
+  Our own watch, because JAX's runtime ends the others with an abort (a C++ stack dump and
+  SIGABRT) when the coordination service misses a process's heartbeats, and offers no
   usable alternative in jaxlib 0.10: the client's `missed_heartbeat_callback` cannot call
   Python (converting its absl::Status fails with std::bad_cast), and
-  `jax_enable_recoverability` leaves the others blocked in their collectives on CPU and
-  lets process 0 stop the service at the end of a run before the others have shut down
-  (which aborts them). So each process bumps a counter in the service's key-value store; a process whose
-  counter stands still for `timeout` seconds is lost, and this one ends before the
-  runtime's heartbeat timeout (twice as long) would abort it. The loss of process 0,
-  which hosts the service, still ends the others with the runtime's abort: they lose
-  the service at once.
+  `jax_enable_recoverability` leaves the others blocked in their collectives on CPU. So
+  each process bumps a counter in the service's key-value store; a process whose counter
+  stands still for `timeout` seconds is lost. A poll every `timeout / 5` seconds (at most
+  5) notices it within `timeout` plus two polls of its death, well before the runtime's
+  heartbeat check can (`runtime_timeout`). A process that fails with its own error says
+  so under `failed/`, and the others end at their next poll, naming its error. Each ends
+  through `ending.end_process`, in the order in which no process aborts.
+
+  The loss of process 0, which hosts the service, still ends the others with the
+  runtime's abort: their clients' error polls fail at once when its sockets close, and
+  the abort comes from the runtime's thread before any of ours can act. The launchers
+  start each process through launch/process.sh, which turns that abort into one line
+  and exit code 75.
   """
 
   def __init__(self, timeout: float, checkpoints: str | None):
@@ -174,18 +231,30 @@ class PeerWatch:
     if exc_type is not None and issubclass(exc_type, JaxRuntimeError):
       self._wait_for_verdict()
     self._done.set()
+    if exc_type is not None:
+      self._announce_failure(exc)
     # Ended before Python's exit, which would kill it inside a call into the runtime
     # (an abort).
     self._thread.join(self._interval + 30)
+
+  def _announce_failure(self, exc: BaseException) -> None:
+    """Tells the others this process leaves the run with an error (they end at their next
+    poll); it then exits as usual, with its own error line."""
+    try:
+      self._client.key_value_set(f"{_KEYS}failed/{self._me}", first_line(exc),
+                                 allow_overwrite=True)
+    except JaxRuntimeError:
+      pass  # the service is gone: so are the others
 
   def _wait_for_verdict(self) -> None:
     """A collective fails at once when a process it waits for dies (gloo: "Connection
     reset by peer"), before the watch can tell that process is lost: waits until the
     watch has ended this process, or every other process has moved its counter twice
-    since (once could be a move from before the failure), so the error is not a loss."""
+    since (once could be a move from before the failure), so the error is not a loss.
+    No deadline of its own: the watch decides within its bound, or has returned because
+    the service is gone."""
     since = dict(self._changes)
-    deadline = time.monotonic() + self._timeout + 2 * self._interval
-    while time.monotonic() < deadline and self._thread.is_alive():
+    while self._thread.is_alive():
       if all(self._changes[p] >= since[p] + 2 for p in self._peers):
         return
       time.sleep(0.1)
@@ -199,6 +268,8 @@ class PeerWatch:
         self._client.key_value_set(f"{_KEYS}beat/{self._me}", str(beat), allow_overwrite=True)
         beats = dict(self._client.key_value_dir_get(f"{_KEYS}beat/"))
         gone = dict(self._client.key_value_dir_get(f"{_KEYS}gone/"))
+        failed = {int(key.rsplit("/", 1)[1]): error for key, error
+                  in self._client.key_value_dir_get(f"{_KEYS}failed/")}
       except JaxRuntimeError:  # the service went with process 0: the runtime ends this one
         return
       now = time.monotonic()
@@ -206,43 +277,37 @@ class PeerWatch:
         if beats.get(f"{_KEYS}beat/{p}") != heard[p][0]:
           heard[p] = (beats.get(f"{_KEYS}beat/{p}"), now)
           self._changes[p] += 1
-      silent = [p for p in self._peers if now - heard[p][1] > self._timeout]
-      if (silent or gone) and not self._done.is_set():
-        self._end(silent[0] if silent else int(next(iter(gone.values()))), silent)
+      silent = tuple(p for p in self._peers if now - heard[p][1] > self._timeout)
+      if self._done.is_set():
+        return
+      failed.pop(self._me, None)  # this one's own failure, announced as its loop ended
+      if failed:
+        peer, error = next(iter(failed.items()))
+        self._end(peer, f"failed: {error}", silent)
+      if silent or gone:
+        self._end(silent[0] if silent else int(next(iter(gone.values()))),
+                  f"was lost (no sign of life for {self._timeout:g} s)", silent)
 
-  def _end(self, lost: int, silent: list[int]) -> None:
-    """Tells the other processes, waits for them to end first if this is process 0 (its
-    exit takes the coordination service along), then ends this process with one line."""
+  def _end(self, peer: int, what: str, silent: tuple[int, ...]) -> None:
+    """Tells the others (a loss not every one may have seen yet), then ends this process
+    with one line."""
     host = ""
     try:
-      self._client.key_value_set(f"{_KEYS}gone/{self._me}", str(lost), allow_overwrite=True)
-      host = f" (host {self._client.key_value_try_get(f'{_KEYS}host/{lost}')})"
-      if self._me == 0:
-        self._wait_until_gone([p for p in self._peers if p not in silent])
+      self._client.key_value_set(f"{_KEYS}gone/{self._me}", str(peer), allow_overwrite=True)
+      host = f" (host {self._client.key_value_try_get(f'{_KEYS}host/{peer}')})"
     except JaxRuntimeError:
       pass
-    message = (f"error: process {lost}{host} was lost (no sign of life for {self._timeout:g} s); "
-               f"{self._restart()}\n")
-    logging.flush()
-    os.write(2, message.encode())
-    # Not sys.exit: the main thread may wait forever in a collective with the lost process,
-    # and JAX's shutdown at exit would wait for it too.
-    os._exit(PEER_LOST_EXIT_CODE)  # pylint: disable=protected-access
+    ending.end_process(self._client, self._timeout,
+                       f"error: process {peer}{host} {what}; {restart_hint(self._checkpoints)}\n",
+                       PEER_LOST_EXIT_CODE, silent)
 
-  def _wait_until_gone(self, peers: list[int]) -> None:
-    deadline = time.monotonic() + self._timeout
-    while time.monotonic() < deadline:
-      gone = {key for key, _ in self._client.key_value_dir_get(f"{_KEYS}gone/")}
-      if all(f"{_KEYS}gone/{p}" in gone for p in peers):
-        return
-      time.sleep(0.1)
 
-  def _restart(self) -> str:
-    """Where the same command continues: the newest checkpoint orbax has finalised."""
-    steps = []
-    if self._checkpoints and os.path.isdir(self._checkpoints):
-      steps = ocp.utils.checkpoint_steps(self._checkpoints)
-    if not steps:
-      return "no checkpoint yet: the same command on every process starts the run again"
-    return (f"the same command on every process restarts the run from checkpoint "
-            f"{max(steps)}")
+def restart_hint(checkpoints: str | None) -> str:
+  """Where the same command continues: the newest checkpoint orbax has finalised in the
+  directory `checkpoints`."""
+  steps = []
+  if checkpoints and os.path.isdir(checkpoints):
+    steps = ocp.utils.checkpoint_steps(checkpoints)
+  if not steps:
+    return "no checkpoint yet: the same command on every process starts the run again"
+  return f"the same command on every process restarts the run from checkpoint {max(steps)}"
