@@ -67,10 +67,20 @@ def _start(workdir, port, ids, *extra, wrapped=False):
   """The processes `ids` of the pair; through launch/process.sh, as the launchers start
   them, if `wrapped`."""
   wrapper = ["bash", "launch/process.sh"] if wrapped else []
+  # A session each: `_kill` ends a wrapped process with its wrapper.
   return [subprocess.Popen([*wrapper, *([str(i)] if wrapped else []),
                             *_command(workdir, port, i, *extra)], cwd=REPO,
                            env=env_with_devices(2), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True) for i in ids]
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+          for i in ids]
+
+
+def _kill(procs):
+  for p in procs:
+    try:
+      os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 def _ended(procs, timeout=120):
@@ -85,8 +95,7 @@ def _ended(procs, timeout=120):
       time.sleep(0.02)
     return [(p.communicate()[1], ends[i]) for i, p in enumerate(procs)]
   finally:
-    for p in procs:
-      p.kill()
+    _kill(procs)
 
 
 def _assert_one_line(stderr, code, starts):
@@ -106,8 +115,7 @@ def _wait_for(path, procs, timeout=120):
   deadline = time.time() + timeout
   while not os.path.exists(path):
     if time.time() > deadline or any(p.poll() is not None for p in procs):
-      for p in procs:
-        p.kill()
+      _kill(procs)
       pytest.fail("\n".join(p.communicate()[1][-2000:] for p in procs))
     time.sleep(0.02)
 

@@ -158,8 +158,9 @@ class JoinDeadline:
   `timeout` seconds ends this process with one `error:` line and PEER_LOST_EXIT_CODE.
 
   The runtime's own deadline (`runtime_timeout`, later) would abort it: a failed
-  registration calls the client's missed-heartbeat callback, LOG(QFATAL). The main
-  thread is inside that C++ call, so a thread of ours ends the process.
+  registration (its RegisterTask waits for every process) calls the client's
+  missed-heartbeat callback, a fatal log and SIGABRT. The main thread is inside that C++
+  call, so a thread of ours ends the process.
   """
 
   def __init__(self, timeout: float, launch: Launch, checkpoints: str | None):

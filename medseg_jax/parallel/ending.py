@@ -3,9 +3,10 @@
 Every process holds a client of JAX's coordination service, which process 0 hosts. A
 client that loses the service while connected aborts its process (jaxlib's agent polls
 the service for errors; the failed poll calls the client's missed-heartbeat callback,
-whose default is LOG(QFATAL): a C++ stack dump and SIGABRT; a Python callback cannot
-replace it, jaxlib 0.10 fails converting its absl::Status with std::bad_cast). So the
-order in which processes leave decides whether one aborts:
+whose default is a fatal log, "Terminating process because the JAX distributed service
+detected fatal errors", a C++ stack dump and SIGABRT; a Python callback cannot replace
+it, jaxlib 0.10 fails converting its absl::Status with std::bad_cast). So the order in
+which processes leave decides whether one aborts:
 
   * a process other than 0 disconnects its client first (`client.shutdown()`); once
     disconnected its agent no longer polls, and the service may go at any time;
