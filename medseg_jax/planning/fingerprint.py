@@ -15,6 +15,7 @@ modification time): a dataset that changed since is noticed and fingerprinted ag
 import hashlib
 import json
 import os
+
 import numpy as np
 
 from medseg_jax import files
@@ -26,6 +27,7 @@ FILE = "fingerprint.json"
 VERSION = 1
 SAMPLES = 10 ** 8  # foreground voxels per channel over the whole dataset, at most
 PERCENTILES = (0.5, 99.5)
+
 
 def signature(dataset: decathlon.Dataset) -> str:
   """A hash of dataset.json and of every training file's name, size and modification
