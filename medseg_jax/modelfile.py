@@ -50,8 +50,8 @@ def sha256(data: bytes) -> str:
 def params_bytes(params, model_state) -> bytes:
   """The network's variables as Flax msgpack."""
   tree = {"params": params, "model_state": model_state}
-  return _serialization().msgpack_serialize(
-      _serialization().to_state_dict(_to_numpy(tree)))
+  serialization = _serialization()
+  return serialization.msgpack_serialize(serialization.to_state_dict(_to_numpy(tree)))
 
 
 def _serialization():

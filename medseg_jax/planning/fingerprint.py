@@ -13,7 +13,6 @@ modification time): a dataset that changed since is noticed and fingerprinted ag
 """
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -124,8 +123,3 @@ def load_or_compute(dataset: decathlon.Dataset, directory: str,
   files.write_json(path, fingerprint)
   return fingerprint, "new" if known is None else "changed"
 
-
-def digest(fingerprint: dict) -> str:
-  """A short hash of the fingerprint's content, for the plans made from it to record."""
-  text = json.dumps(fingerprint, sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
