@@ -26,7 +26,7 @@ _AT_LEAST = (
     ("checkpoint.every_steps", 0), ("checkpoint.max_to_keep", 1),
     ("monitor.log_every_steps", 1), ("monitor.system_interval_seconds", 0),
     ("model.depth", 1), ("model.base_features", 1), ("model.fc_features", 1),
-    ("data.preprocess_workers", 0),
+    ("model.max_features", 0), ("data.preprocess_workers", 0),
 )
 # The spatial dimensions of the built-in networks' inputs (a user's network is checked on
 # an input of the configured shape instead).

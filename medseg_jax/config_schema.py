@@ -147,13 +147,24 @@ def check_compatible(saved: Mapping[str, Any] | None, cfg: ml_collections.Config
   if saved is None:
     return
   changed = differences(saved, cfg)
+  added = _added_at_default(saved, changed)
   for key, (before, now) in changed.items():
-    if key.startswith("model.") and key not in NOT_THE_MODEL:
+    if key.startswith("model.") and key not in NOT_THE_MODEL and key not in added:
       raise ConfigError(f"{key}: {now!r} in the config but {before!r} in the "
                         f"checkpoints in {where} (use another --workdir, or --from_scratch)")
   if changed:
     logging.warning("Settings changed since the checkpoint: %s", ", ".join(
         f"{k} {before!r} -> {now!r}" for k, (before, now) in changed.items()))
+
+
+def _added_at_default(saved: Tree, changed: dict[str, tuple[Any, Any]]) -> set[str]:
+  """The changed keys that the saved config lacks (keys added to the defaults since it was
+  saved) and that hold their default: a checkpoint of before they existed is of the same
+  model (a new `model.*` key defaults to what the network was before it)."""
+  saved_keys = flatten(_as_saved(saved), whole=()).keys()
+  default = flatten(_as_saved(base_config()), whole=())
+  return {key for key, (_, now) in changed.items()
+          if key not in saved_keys and key in default and now == default[key]}
 
 
 def check_checkpoint(meta: Mapping[str, Any] | None, cfg: ml_collections.ConfigDict,

@@ -28,6 +28,9 @@ def _model(c: ml_collections.ConfigDict) -> None:
                                    # "Your own network, loss and plugins")
   c.model.base_features = 64       # U-Net first level / VGG first block width
   c.model.depth = 4                # U-Net pooling levels
+  c.model.pooling = ()             # unet3d: each level's (D,H,W) pooling factors, 1 or 2;
+                                   # () = 2 along every axis at every level
+  c.model.max_features = 0         # unet3d: the widest level's channels; 0 = no cap
   c.model.fc_features = 4096       # FCN fc6/fc7 width (as convolutions)
   c.model.norm = "none"            # none | group | batch (batch is synced across devices)
   c.model.dropout = 0.0

@@ -110,6 +110,18 @@ def test_check_compatible_refuses_another_model_and_logs_other_changes(caplog):
     config_schema.check_compatible(saved, changed, "DIR")
 
 
+def test_a_checkpoint_from_before_a_model_key_existed_resumes_at_its_default():
+  """A key added to the defaults later (the saved config lacks it) is the same model at its
+  default value, and another model at any other."""
+  saved = defaults.get_config().to_dict()
+  del saved["model"]["max_features"], saved["model"]["pooling"]
+  config_schema.check_compatible(saved, defaults.get_config(), "DIR")
+  wider = defaults.get_config()
+  wider.model.max_features = 320
+  with pytest.raises(ConfigError, match=r"^model.max_features: 320 in the config but None"):
+    config_schema.check_compatible(saved, wider, "DIR")
+
+
 def test_check_checkpoint_names_a_changed_component_source_only_given_todays_records(caplog):
   meta = {"config": defaults.get_config().to_dict(),
           "components": {"model.name": {"source": "/x/net.py", "sha256": "aa"}}}

@@ -136,20 +136,73 @@ def test_losses_per_sample_on_3d_tensors_match_numpy():
   np.testing.assert_allclose(losses.dice_ce_loss(logits, labels), dice + ce, rtol=1e-5)
 
 
-def test_max_pool_matches_flax_values_and_derivatives_with_ties():
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 2)])
+def test_max_pool_matches_flax_values_and_derivatives_with_ties(factors):
   """The 3D pool passes each window's tangent from its first maximum, as nn.max_pool's:
   a tie count XLA's rounding could change between two compilations (8 devices against
-  one) does not enter the gradient."""
+  one) does not enter the gradient. Anisotropic windows pool some axes only."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from medseg_jax.models.unet3d import max_pool_2x2x2  # pylint: disable=import-outside-toplevel
+  from medseg_jax.models.unet3d import max_pool  # pylint: disable=import-outside-toplevel
   # Integers in [0, 3): most windows hold their maximum more than once.
   x = jax.random.randint(jax.random.key(2), (2, 4, 6, 8, 3), 0, 3).astype(jnp.float32)
-  reference = lambda x: nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
-  assert jnp.array_equal(max_pool_2x2x2(x), reference(x))
-  cotangent = jax.random.normal(jax.random.key(3), (2, 2, 3, 4, 3))
+  reference = lambda x: nn.max_pool(x, factors, strides=factors)
+  pool = lambda x: max_pool(x, factors)
+  assert jnp.array_equal(pool(x), reference(x))
+  cotangent = jax.random.normal(jax.random.key(3), reference(x).shape)
   for transform in (lambda f: f, jax.jit):
     vjp = lambda pool: transform(lambda x: jax.vjp(pool, x)[1](cotangent)[0])
-    assert jnp.array_equal(vjp(max_pool_2x2x2)(x), vjp(reference)(x))
+    assert jnp.array_equal(vjp(pool)(x), vjp(reference)(x))
   tangent = jax.random.normal(jax.random.key(4), x.shape)
-  assert jnp.array_equal(jax.jvp(max_pool_2x2x2, (x,), (tangent,))[1],
+  assert jnp.array_equal(jax.jvp(pool, (x,), (tangent,))[1],
                          jax.jvp(reference, (x,), (tangent,))[1])
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2)])
+def test_up_convolution_equals_flax_conv_transpose(factors):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from medseg_jax.models.unet3d import UpConv  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(5), (2, 3, 2, 4, 5))
+  reference = nn.ConvTranspose(4, factors, strides=factors)
+  variables = reference.init(jax.random.key(6), x)
+  np.testing.assert_allclose(UpConv(4, factors).apply(variables, x),
+                             reference.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+def anisotropic_params(pooling, widths, cin, classes):
+  """As unet3d_params, with each level's transposed convolution as large as its pooling
+  window and the channels of each level given."""
+  total, c = 0, cin
+  for out in widths:
+    total += 27 * c * out + out + 27 * out * out + out + 4 * out
+    c = out
+  for level in reversed(range(len(pooling))):
+    out = widths[level]
+    total += int(np.prod(pooling[level])) * c * out + out
+    total += 27 * 2 * out * out + out + 27 * out * out + out + 4 * out
+    c = out
+  return total + c * classes + classes
+
+
+def test_anisotropic_pooling_and_a_width_cap():
+  """A coarse first axis pooled at the last level only, widths capped at 24."""
+  pooling = ((1, 2, 2), (1, 2, 2), (2, 2, 2))
+  model = UNet3D(num_classes=2, depth=3, base_features=8, pooling=pooling, max_features=24)
+  x = jnp.zeros((1, 6, 16, 24, 1))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert count(variables) == anisotropic_params(pooling, (8, 16, 24, 24), 1, 2)
+  assert jax.eval_shape(model.apply, variables, x).shape == (1, 6, 16, 24, 2)
+  with pytest.raises(ConfigError, match=r"data.patch_size=\(3, 16, 24\): unet3d with "
+                     r"model.depth=3 needs multiples of \(2, 8, 8\) along \(D,H,W\)"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 16, 24, 1)))
+
+
+@pytest.mark.parametrize("pooling,message", [
+    (((2, 2, 2),), "model.pooling has 1 levels; model.depth=2 needs as many"),
+    (((2, 2, 2), (1, 1, 1)), "each level is 3 factors"),
+    (((2, 2, 2), (3, 2, 2)), "each level is 3 factors"),
+])
+def test_pooling_that_does_not_fit_the_depth_is_one_config_error(pooling, message):
+  cfg = helpers.config(path="configs/quickstart_3d.py")
+  cfg.model.depth, cfg.model.pooling = 2, pooling
+  with pytest.raises(ConfigError, match=message):
+    build_model(cfg.model, 2, 0)

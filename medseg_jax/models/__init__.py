@@ -24,7 +24,7 @@ from medseg_jax import components
 from medseg_jax.errors import ConfigError, first_line
 from medseg_jax.models.fcn import FCN
 from medseg_jax.models.unet import UNet
-from medseg_jax.models.unet3d import NORMS as NORMS_3D, UNet3D
+from medseg_jax.models.unet3d import NORMS as NORMS_3D, UNet3D, pooling_factors
 
 MODELS = {"unet": UNet, "fcn": FCN, "unet3d": UNet3D}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,7 +66,8 @@ def _builtin_kwargs(cfg: ml_collections.ConfigDict, image_size: int) -> dict:
     if cfg.norm not in NORMS_3D:
       raise ConfigError(f"model.norm={cfg.norm!r}: unet3d needs one of {list(NORMS_3D)}")
     return dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm,
-                depth=cfg.depth)
+                depth=cfg.depth, max_features=cfg.max_features,
+                pooling=pooling_factors(cfg.depth, cfg.pooling))
   if cfg.norm not in NORMS:
     raise ConfigError(f"model.norm={cfg.norm!r}: choose from {list(NORMS)}")
   common = dict(base_features=cfg.base_features, dropout=cfg.dropout, norm=cfg.norm)

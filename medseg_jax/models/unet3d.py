@@ -1,8 +1,10 @@
 """3D U-Net (Çiçek et al. 2016) on patches [B,D,H,W,C], with a normalisation per example.
 
-The network of `model.name="unet3d"`; `model.depth`, `model.base_features`, `model.norm`
-("instance" | "group" | "none") and `model.dropout` set it, and `data.patch_size` (D,H,W)
-must be a multiple of 2**depth along every axis. Batch normalisation is not offered: at
+The network of `model.name="unet3d"`; `model.depth`, `model.base_features`,
+`model.max_features`, `model.pooling`, `model.norm` ("instance" | "group" | "none") and
+`model.dropout` set it, and `data.patch_size` (D,H,W) must be a multiple of the product of
+its axis's pooling factors (2**depth when every level pools every axis): an anisotropic
+patch pools its coarse axis at fewer levels, as nnU-Net's. Batch normalisation is not offered: at
 the per-device batch of 1-2 patches a 3D network trains with, batch statistics are noise,
 and an example's output would depend on the others in its batch. Instance and group
 normalisation compute their statistics per example (in float32, also under a bfloat16
@@ -14,6 +16,7 @@ slower than matrix products over shifted inputs (benchmarks/conv3d_cpu.py); the 
 are those of `nn.Conv` either way.
 """
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -59,67 +62,92 @@ class ConvBlock3D(nn.Module):
     return x
 
 
-@jax.custom_jvp
-def max_pool_2x2x2(x):
-  """2x2x2 max-pool, stride 2, as a reshape and a max, with the derivative through each
-  window's first maximum (see unet.max_pool_2x2 for why: JAX's rule for a max divides by
-  a count of equal elements that XLA's rounding in two kernels can make 0, or make differ
-  between two compilations of the same step)."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool(x, factors=(2, 2, 2)):
+  """Max-pool of x [B,D,H,W,C] by `factors` (D,H,W) with stride equal to the window, as a
+  reshape and a max, with the derivative through each window's first maximum (see
+  unet.max_pool_2x2 for why: JAX's rule for a max divides by a count of equal elements
+  that XLA's rounding in two kernels can make 0, or make differ between two compilations
+  of the same step)."""
+  return _windows(x, factors).max(axis=(2, 4, 6))
+
+
+def _windows(x, factors):
   b, d, h, w, c = x.shape
-  return x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).max(axis=(2, 4, 6))
+  fd, fh, fw = factors
+  return x.reshape(b, d // fd, fd, h // fh, fh, w // fw, fw, c)
 
 
-@max_pool_2x2x2.defjvp
-def _max_pool_2x2x2_jvp(primals, tangents):
+@max_pool.defjvp
+def _max_pool_jvp(factors, primals, tangents):
   (x,), (t,) = primals, tangents
-  b, d, h, w, c = x.shape
-  windows = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c)
-  # The index of each window's first maximum in row-major order (4 * d + 2 * h + w).
+  windows = _windows(x, factors)
+  b, d, _, h, _, w, _, c = windows.shape
+  size = math.prod(factors)
+  # The index of each window's first maximum in row-major order over (D, H, W).
   first = jnp.argmax(windows.transpose(0, 1, 3, 5, 7, 2, 4, 6)
-                     .reshape(b, d // 2, h // 2, w // 2, c, 8), axis=-1)
-  two = jnp.arange(2)
-  position = (4 * two[:, None, None] + 2 * two[None, :, None] + two[None, None, :])
-  position = position.reshape(1, 1, 2, 1, 2, 1, 2, 1)
+                     .reshape(b, d, h, w, c, size), axis=-1)
+  position = jnp.arange(size).reshape(1, 1, factors[0], 1, factors[1], 1, factors[2], 1)
   chosen = position == first[:, :, None, :, None, :, None, :]
-  tangent = jnp.where(chosen, t.reshape(windows.shape), 0).sum(axis=(2, 4, 6))
+  tangent = jnp.where(chosen, _windows(t, factors), 0).sum(axis=(2, 4, 6))
   return windows.max(axis=(2, 4, 6)), tangent
 
 
-class UpConv2x2x2(nn.Module):
-  """nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2)) with the same parameters, as
-  one matrix product and a reshape: the windows do not overlap, so each input voxel fills
-  its own 2x2x2 output block (XLA would convolve over an input dilated with zeros)."""
+class UpConv(nn.Module):
+  """nn.ConvTranspose(features, factors, strides=factors) with the same parameters, as one
+  matrix product and a reshape: the windows do not overlap, so each input voxel fills its
+  own output block (XLA would convolve over an input dilated with zeros)."""
 
   features: int
+  factors: tuple[int, int, int] = (2, 2, 2)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (2, 2, 2, x.shape[-1], self.features), jnp.float32)
+                        (*self.factors, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    # nn.ConvTranspose ('SAME', kernel not flipped) puts kernel[1 - i] at output 2r + i.
+    # nn.ConvTranspose ('SAME', kernel not flipped) puts kernel[f - 1 - i] at output f r + i.
     kernel = kernel[::-1, ::-1, ::-1].astype(self.dtype)
     y = jnp.einsum("bdhwc,stuck->bdshtwuk", x.astype(self.dtype), kernel)
-    b, d, _, h, _, w, _, f = y.shape
-    return y.reshape(b, 2 * d, 2 * h, 2 * w, f) + bias.astype(self.dtype)
+    b, d, fd, h, fh, w, fw, f = y.shape
+    return y.reshape(b, d * fd, h * fh, w * fw, f) + bias.astype(self.dtype)
 
 
-def check_patch_size(shape: Sequence[int], depth: int) -> None:
+def pooling_factors(depth: int, pooling: Sequence[Sequence[int]] = ()) -> tuple:
+  """Each level's (D,H,W) pooling factors: `pooling` checked (depth levels of 1 or 2, each
+  level pooling some axis), or 2 along every axis at every level when it is empty."""
+  if not pooling:
+    return ((2, 2, 2),) * depth
+  levels = tuple(tuple(int(f) for f in level) for level in pooling)
+  if len(levels) != depth:
+    raise ConfigError(f"model.pooling has {len(levels)} levels; model.depth={depth} needs "
+                      f"as many")
+  if any(len(level) != 3 or set(level) - {1, 2} or level == (1, 1, 1) for level in levels):
+    raise ConfigError(f"model.pooling={levels}: each level is 3 factors (D,H,W) of 1 or 2, "
+                      f"at least one of them 2")
+  return levels
+
+
+def check_patch_size(shape: Sequence[int], depth: int, pooling=()) -> None:
   """Raises a ConfigError unless every spatial size of x [B,D,H,W,C] is a positive
-  multiple of 2**depth (each pooling level halves it exactly)."""
+  multiple of its axis's pooling factors' product (each level divides it exactly)."""
   if len(shape) != 5:
     raise ConfigError(f"unet3d takes x [B,D,H,W,C]; got shape {tuple(shape)}")
-  factor = 2**depth
+  factors = tuple(math.prod(axis) for axis in zip(*pooling_factors(depth, pooling)))
   spatial = tuple(int(s) for s in shape[1:4])
-  if any(s <= 0 or s % factor for s in spatial):
+  if any(s <= 0 or s % f for s, f in zip(spatial, factors)):
+    needs = (f"every size a multiple of {factors[0]}" if len(set(factors)) == 1
+             else f"multiples of {factors} along (D,H,W)")
     raise ConfigError(f"data.patch_size={spatial}: unet3d with model.depth={depth} needs "
-                      f"every size a multiple of {factor}")
+                      f"{needs}")
 
 
 class UNet3D(nn.Module):
-  """Encoder of `depth` pooling levels, channels doubling from `base_features`; logits
-  [B,D,H,W,num_classes] in float32, computed in `dtype` with float32 parameters.
+  """Encoder of `depth` pooling levels, channels doubling from `base_features` up to
+  `max_features` (0: no cap), each level pooling by its `pooling` factors (default 2 along
+  every axis); logits [B,D,H,W,num_classes] in float32, computed in `dtype` with float32
+  parameters.
 
   `axis_name` is accepted for the network contract and unused: nothing here is
   synchronised across devices (the normalisation is per example)."""
@@ -129,26 +157,33 @@ class UNet3D(nn.Module):
   base_features: int = 16
   norm: str = "instance"
   dropout: float = 0.0
+  pooling: tuple = ()
+  max_features: int = 0
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
+  def features(self, level: int) -> int:
+    """The channels of a level (0 = full resolution, `depth` = the bottleneck)."""
+    width = self.base_features * 2**level
+    return min(width, self.max_features) if self.max_features else width
+
   @nn.compact
   def __call__(self, x, train: bool = False):
-    check_patch_size(x.shape, self.depth)
+    check_patch_size(x.shape, self.depth, self.pooling)
+    factors = pooling_factors(self.depth, self.pooling)
     x = x.astype(self.dtype)
     block = dict(norm=self.norm, dtype=self.dtype)
     skips = []
     for level in range(self.depth):
-      x = ConvBlock3D(self.base_features * 2**level, **block)(x)
+      x = ConvBlock3D(self.features(level), **block)(x)
       skips.append(x)
-      x = max_pool_2x2x2(x)
-    x = ConvBlock3D(self.base_features * 2**self.depth, **block)(x)
+      x = max_pool(x, factors[level])
+    x = ConvBlock3D(self.features(self.depth), **block)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(self.depth)):
-      features = self.base_features * 2**level
       name = f"ConvTranspose_{self.depth - 1 - level}"  # as Flax names nn.ConvTranspose
-      x = UpConv2x2x2(features, dtype=self.dtype, name=name)(x)
+      x = UpConv(self.features(level), factors[level], dtype=self.dtype, name=name)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
-      x = ConvBlock3D(features, **block)(x)
+      x = ConvBlock3D(self.features(level), **block)(x)
     logits = nn.Conv(self.num_classes, (1, 1, 1), dtype=self.dtype)(x)
     return logits.astype(jnp.float32)
