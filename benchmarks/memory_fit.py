@@ -28,7 +28,6 @@ import os
 import sys
 
 import ml_collections
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -52,38 +51,16 @@ def example_shape(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   return kinds.from_config(cfg).input_shape(len(cfg.data.modalities) or 1)
 
 
-def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict:
-  """XLA's memory analysis of the compiled train step of `cfg` at per-device `batch`."""
+def step_memory(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> float:
+  """XLA's memory analysis of the compiled train step of `cfg` at per-device `batch`
+  (medseg_jax/planning/memory.py, which the planner fits plans with)."""
   sys.path.insert(0, REPO)
-  import jax
-  import jax.numpy as jnp
-  from medseg_jax import optim
-  from medseg_jax import kinds
-  from medseg_jax.models import build_model
-  from medseg_jax.training import losses, state, step
+  from medseg_jax.planning import memory
 
   cfg = cfg.copy_and_resolve_references()
   cfg.model.compute_dtype = dtype
   num_classes = max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
-  model = build_model(cfg.model, num_classes, cfg.data.image_size)
-  tx = optim.make_optimizer(cfg, float(cfg.optim.lr))
-  example = example_shape(cfg)
-
-  def init():
-    params = model.init(jax.random.key(0), jnp.zeros((1,) + example))["params"]
-    return state.TrainState.create(apply_fn=model.apply, params=params, model_state={}, tx=tx)
-  fn = functools.partial(step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
-                         reduce_mean=lambda tree: tree,
-                         augment=kinds.from_config(cfg).augmentation())
-  batch_shapes = {"image": jax.ShapeDtypeStruct((batch,) + example, jnp.float32),
-                  "label": jax.ShapeDtypeStruct((batch,) + example[:-1], jnp.int32)}
-  compiled = jax.jit(fn, donate_argnums=0).lower(
-      jax.eval_shape(init), batch_shapes, jax.random.key(0)).compile()
-  m = compiled.memory_analysis()
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-  return {"batch": batch, "peak": peak, "arguments": m.argument_size_in_bytes,
-          "temp": m.temp_size_in_bytes}
+  return memory.step_peak(cfg, batch, num_classes, len(cfg.data.modalities) or 1)
 
 
 def residual_bytes(batch: int, cfg: ml_collections.ConfigDict, dtype: str) -> dict[str, int]:
@@ -123,65 +100,35 @@ def residuals_per_example(cfg: ml_collections.ConfigDict, dtype: str) -> dict[st
   return {k: (two[k] - one.get(k, 0)) / 2**20 for k in two}
 
 
-def largest_batch(budget: float, measure) -> tuple[int, dict]:
-  """The largest batch with peak <= budget: a linear estimate from batches 1 and 2,
-  then compiled steps either side of the boundary until it is found."""
-  cache = {}
-
-  def peak(b):
-    if b not in cache:
-      cache[b] = measure(b)
-    return cache[b]["peak"]
-  slope = peak(2) - peak(1)
-  if peak(1) > budget:
-    return 0, cache
-  b = max(1, int((budget - peak(1)) // slope) + 1)
-  while peak(b) > budget and b > 1:
-    b -= 1
-  while peak(b + 1) <= budget:
-    b += 1
-  return b, cache
-
-
-def interpolated_batches(budgets: list[float], measure) -> tuple[list[int], dict]:
-  """The largest batch for each budget, compiled only for the largest budget (as
-  `largest_batch` finds it) and batches 1 and 2; the peaks of the other batches are
-  interpolated linearly between the compiled ones ("fitted"). A few compiles instead of
-  two per budget, where one compile takes minutes (3D at nnU-Net's patch sizes)."""
-  top, cache = largest_batch(max(budgets), measure)
-  known = sorted(cache)
-  for b in range(1, top + 2):
-    if b not in cache:
-      peak = float(np.interp(b, known, [cache[k]["peak"] for k in known]))
-      cache[b] = {"batch": b, "peak": peak, "fitted": True}
-  batches = [max([b for b in range(1, top + 1) if cache[b]["peak"] <= budget], default=0)
-             for budget in budgets]
-  return batches, cache
-
-
 def fit_rows(measure, dtype: str, memories: list[float], search: str) -> list[dict]:
   """The largest batch of `dtype` for 75% and 100% of every device memory; the compiled
   steps are shared between budgets."""
-  budgets = [fraction * memory * GIB for memory in memories for fraction in (0.75, 1.0)]
+  sys.path.insert(0, REPO)
+  from medseg_jax.planning import memory
+  budgets = [fraction * gib * GIB for gib in memories for fraction in (0.75, 1.0)]
+  compiled = {}
+  memo = lambda b: compiled[b] if b in compiled else compiled.setdefault(b, measure(b))
   if search == "interpolated":
-    batches, cache = interpolated_batches(budgets, measure)
+    batches, cache = memory.interpolated_batches(budgets, memo)
   else:
     batches, cache = [], {}
-    memo = lambda b: cache[b] if b in cache else measure(b)  # one compile per batch
     for budget in budgets:
-      batch, found = largest_batch(budget, memo)
+      batch, found = memory.largest_batch(budget, memo)
       batches.append(batch)
       cache.update(found)
-  per_example = (cache[2]["peak"] - cache[1]["peak"]) / GIB
-  fixed = cache[1]["peak"] / GIB - per_example
+  for b in (1, 2, *(b + 1 for b in batches)):
+    if b not in cache:
+      cache[b] = memo(b)
+  per_example = (cache[2] - cache[1]) / GIB
+  fixed = cache[1] / GIB - per_example
   rows = []
   for budget, batch in zip(budgets, batches):
     memory, fraction = (memories[len(rows) // 2], (0.75, 1.0)[len(rows) % 2])
     row = {"dtype": dtype, "device_memory_gib": memory, "fraction": fraction,
            "budget_gib": budget / GIB, "largest_batch": batch,
-           "peak_gib": cache[batch]["peak"] / GIB if batch else None,
-           "next_peak_gib": cache[batch + 1]["peak"] / GIB,
-           "compiled": [b for b in (batch, batch + 1) if b and not cache[b].get("fitted")],
+           "peak_gib": cache[batch] / GIB if batch else None,
+           "next_peak_gib": cache[batch + 1] / GIB,
+           "compiled": [b for b in (batch, batch + 1) if b in compiled],
            "per_slice_gib": per_example, "fixed_gib": fixed}
     rows.append(row)
     peak = f"{row['peak_gib']:.2f}" if batch else "-"

@@ -1,10 +1,13 @@
 """Plans a new dataset from its data: `python -m medseg_jax.plan --data=ROOT`.
 
 Reads the Decathlon task at ROOT (dataset.json and its training cases) and writes, into
-`--output` (default plans/<ROOT's name>), its fingerprint (`fingerprint.json`,
-planning/fingerprint.py): per case spacing, shape, shape inside its non-zero box and
-class voxels; per channel the foreground's intensity statistics. A fingerprint already
-there is reused while the dataset is unchanged. docs/new_dataset.md tells the rest.
+`--output` (default plans/<ROOT's name>):
+- its fingerprint (`fingerprint.json`, planning/fingerprint.py): per case spacing, shape,
+  shape inside its non-zero box and class voxels; per channel the foreground's intensity
+  statistics. A fingerprint already there is reused while the dataset is unchanged.
+- `plan_2d.py` and `plan_3d.py`: config files for `--config` (planning/planner.py), fitted
+  to each device's memory (`--memory`, or the device's own) on `--num_devices` devices.
+docs/new_dataset.md tells the rest.
 """
 
 import os
@@ -46,6 +49,32 @@ def _numbers(values) -> str:
   return " x ".join(f"{v:g}" for v in values)
 
 
+def write_plans(found: dict, root: str, output: str, machine) -> list[str]:
+  """plan_2d.py and plan_3d.py of fingerprint `found` in `output`; their paths."""
+  from medseg_jax.planning import planner, written  # pylint: disable=import-outside-toplevel
+  header = {"fingerprint_sha256": written.fingerprint_hash(found),
+            "num_devices": machine.num_devices, "memory_budget": machine.budget_source}
+  peak = planner.peak_fn(found)
+  paths = []
+  for dims, make in ((2, planner.plan_2d), (3, planner.plan_3d)):
+    path = os.path.join(output, f"plan_{dims}d.py")
+    choices = make(found, os.path.abspath(root), machine, peak)
+    title = (f"The {dims}D plan of {found['dataset']} for {machine.num_devices} device(s), "
+             f"made by `python -m medseg_jax.plan`;\ntrain it with `python -m "
+             f"medseg_jax.main --config={path} --workdir=runs/{found['dataset']}_{dims}d`.")
+    written.write(path, written.render(choices, title, header))
+    paths.append(path)
+  return paths
+
+
+def machine_of(memory_gib: float, num_devices: int):
+  """The devices a plan is for: their count (0 = every device JAX sees) and memory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from medseg_jax.planning import memory, planner  # pylint: disable=import-outside-toplevel
+  budget, source = memory.device_budget(memory_gib)
+  return planner.Machine(budget, source, num_devices or jax.device_count())
+
+
 def main() -> None:
   if not _DATA.value:
     raise ConfigError("--data is required: a Decathlon task directory")
@@ -56,11 +85,21 @@ def main() -> None:
   logging.info({"new": "Wrote %s", "unchanged": "The dataset is as %s found it",
                 "changed": "The dataset changed since %s: fingerprinted again"}[status], path)
   print(summary(found))
+  machine = machine_of(_MEMORY.value, _NUM_DEVICES.value)
+  print(f"planning for {machine.num_devices} device(s), each {machine.budget / 2**30:.2f} "
+        f"GiB ({machine.budget_source})", flush=True)
+  for written_path in write_plans(found, _DATA.value, output, machine):
+    print(f"wrote {written_path}")
 
 
 _DATA = flags.DEFINE_string("data", None, "The dataset: a Decathlon task directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where the fingerprint goes; default "
                               "plans/<the dataset directory's name>.")
+_MEMORY = flags.DEFINE_float("memory", 0.0, "GiB a train step may use on each device; 0 = "
+                             "75% of an accelerator's memory, or half the free RAM shared by "
+                             "the CPU devices.", lower_bound=0.0)
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the plan trains on, over every "
+                                    "host; 0 = the devices JAX sees here.", lower_bound=0)
 _WORKERS = flags.DEFINE_integer("workers", 0, "Processes reading the cases; 0 = every core.",
                                 lower_bound=0)
 

@@ -114,15 +114,6 @@ def _plan(*args):
                         capture_output=True, text=True, timeout=120)
 
 
-def test_the_command_prints_a_summary(tmp_path):
-  root = _dataset(tmp_path / "Task")
-  proc = _plan(f"--data={root}", f"--output={tmp_path / 'plans'}", "--workers=1")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.splitlines()[0] == ("Tiny: 3 training cases, modalities CT, PET, "
-                                         "classes background, liver, lesion")
-  assert "median spacing 0.8 x 0.8 x 2.5 mm" in proc.stdout
-
-
 @pytest.mark.parametrize("damage,message", [
     ("no_dataset_json", "dataset.json: not found"),
     ("no_label", "labelsTr/case_1.nii.gz: file not found"),

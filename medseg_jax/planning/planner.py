@@ -1,0 +1,146 @@
+"""The 2D and 3D plans of a fingerprint for a machine: what follows from the data comes
+from planning/rules.py; the patch and the batch from the memory of the compiled train step
+(planning/memory.py), measured for a few candidates and interpolated for the rest."""
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from medseg_jax import defaults
+from medseg_jax.errors import ConfigError
+from medseg_jax.planning import memory, rules
+from medseg_jax.planning.rules import Choice
+
+MIN_DEVICE_BATCH = 2  # a patch (or slice) shrinks until this batch fits a device (nnU-Net's)
+
+# (cfg, per-device batch) -> bytes of the compiled train step
+PeakFn = Callable[[ml_collections.ConfigDict, int], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+  budget: int         # bytes a train step may use on each device
+  budget_source: str  # where that figure comes from, in words
+  num_devices: int
+
+
+def config_of(choices: list[Choice]) -> ml_collections.ConfigDict:
+  """The defaults with `choices` set: the config the written plan loads as."""
+  cfg = defaults.get_config()
+  for c in choices:
+    *parents, leaf = c.key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = c.value
+  return cfg
+
+
+def data_choices(fingerprint: dict, root: str, dims: int) -> list[Choice]:
+  """The dataset and what is read of it."""
+  return [Choice("data.root", root, "the dataset planned"),
+          Choice("data.spatial_dims", dims, f"the {dims}D plan"),
+          rules.normalisation(fingerprint, dims)]
+
+
+def peak_fn(fingerprint: dict) -> PeakFn:
+  """The compiled step's memory for a config of this dataset's classes and channels."""
+  classes, channels = len(fingerprint["labels"]), len(fingerprint["modalities"])
+  return lambda cfg, batch: memory.step_peak(cfg, batch, classes, channels)
+
+
+def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> list[Choice]:
+  """The 3D plan: target spacing, patch, pooling, network, batch, schedule."""
+  spacing, spacing_rule = rules.target_spacing(fingerprint)
+  shape = rules.median_shape(fingerprint, spacing)
+  fixed = (data_choices(fingerprint, root, 3)
+           + [Choice("data.target_spacing", tuple(float(s) for s in spacing), spacing_rule),
+              Choice("data.foreground_fraction", 1 / 3, "nnU-Net's foreground oversampling")]
+           + rules.augmentation())
+  patch = tuple(int(p) for p in rules.initial_patch(spacing, shape))
+  patch = rules.divisible(patch, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
+  while True:
+    patch = _estimated_patch(patch, shape, spacing, fixed, machine.budget, peak)
+    network = rules.topology_3d(spacing, patch)
+    limit = _limit(fingerprint, np.prod(patch), machine)
+    batch, peaks = memory.largest_batch(machine.budget,
+                                        _at(peak, config_of(fixed + network)), limit)
+    if batch >= MIN_DEVICE_BATCH:
+      break
+    smaller = rules.shrink(patch, shape, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
+    if smaller == patch:
+      raise ConfigError(f"{machine.budget_source}: not even the smallest 3D patch {patch} "
+                        f"trains a batch of {MIN_DEVICE_BATCH} in it")
+    patch = smaller
+  voxels = int(np.prod(rules.choices_dict(network)["data.patch_size"]))
+  return fixed + network + _batch_and_schedule(fingerprint, batch, peaks, voxels, machine)
+
+
+def _limit(fingerprint: dict, example_voxels: int, machine: Machine) -> int:
+  """The largest per-device batch worth measuring: the dataset's cap, or the least batch
+  a plan needs."""
+  return max(rules.batch_cap(fingerprint, int(example_voxels), machine.num_devices),
+             MIN_DEVICE_BATCH)
+
+
+def _at(peak: PeakFn, cfg: ml_collections.ConfigDict) -> Callable[[int], float]:
+  return lambda batch: peak(cfg, batch)
+
+
+def _estimated_patch(patch, shape, spacing, fixed, budget, peak) -> tuple[int, ...]:
+  """`patch` shrunk until a batch of MIN_DEVICE_BATCH fits `budget` by a linear estimate:
+  the compiled step of `patch` at batches 1 and 2 gives fixed bytes and bytes per example
+  voxel, which scale with the patch's voxels."""
+  cfg = config_of(fixed + rules.topology_3d(spacing, patch))
+  one, two = peak(cfg, 1), peak(cfg, 2)
+  per_voxel = (two - one) / np.prod(patch)
+  constant = one - (two - one)
+  while constant + MIN_DEVICE_BATCH * per_voxel * np.prod(patch) > budget:
+    smaller = rules.shrink(patch, shape, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
+    smaller = rules.divisible(smaller, rules.pooling(spacing, smaller, rules.MAX_DEPTH[3]))
+    if smaller == patch:
+      break
+    patch = smaller
+  return patch
+
+
+def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> list[Choice]:
+  """The 2D plan: slice axis and size, network, batch, schedule."""
+  _, size, slicing = rules.slicing(fingerprint)
+  fixed = data_choices(fingerprint, root, 2) + slicing
+  while True:
+    network = rules.topology_2d(size)
+    image_size = rules.choices_dict(network)["data.image_size"]
+    augment = rules.augmentation(image_size)
+    batch, peaks = memory.largest_batch(machine.budget,
+                                        _at(peak, config_of(fixed + network + augment)),
+                                        _limit(fingerprint, image_size ** 2, machine))
+    if batch >= MIN_DEVICE_BATCH:
+      break
+    if image_size <= 2 * rules.MIN_FEATURE_MAP:
+      raise ConfigError(f"{machine.budget_source}: not even {image_size}x{image_size} slices "
+                        f"train a batch of {MIN_DEVICE_BATCH} in it")
+    size = int(image_size * 0.9)
+  return (fixed + network + augment
+          + _batch_and_schedule(fingerprint, batch, peaks, image_size ** 2, machine))
+
+
+def _batch_and_schedule(fingerprint: dict, fitted: int, peaks: dict[int, float],
+                        example_voxels: int, machine: Machine) -> list[Choice]:
+  """The per-device batch (what fits, capped by the dataset's size) and the schedule; the
+  batch's rule gives the compiled steps' memory that decided it."""
+  cap = rules.batch_cap(fingerprint, example_voxels, machine.num_devices)
+  batch = min(fitted, cap)
+  measured = sorted(peaks)
+  gib = lambda b: (f"{peaks[b] / memory.GIB:.2f} GiB" if b in peaks else
+                   f"{np.interp(b, measured, [peaks[m] for m in measured]) / memory.GIB:.2f}"
+                   " GiB (interpolated)")
+  fit = (f"XLA plans {gib(batch)} for a train step of batch {batch}, within "
+         f"{machine.budget / memory.GIB:.2f} GiB ({machine.budget_source})")
+  fit += f"; batch {batch + 1}: {gib(batch + 1)}" if batch + 1 in peaks else ""
+  fit += (f"; {fitted} would fit, capped at {rules.DATASET_SHARE:.0%} of the dataset's "
+          f"voxels per global batch" if cap < fitted else "")
+  return [dataclasses.replace(c, rule=fit) if c.key == "train.per_device_batch_size" else c
+          for c in rules.schedule(batch, machine.num_devices)]

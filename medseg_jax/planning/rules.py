@@ -1,0 +1,242 @@
+"""The rules that turn a fingerprint into a plan's values, without compiling anything:
+each `Choice` holds a config key, its value and the rule behind it in words, which the
+written plan keeps on the line above the value.
+
+docs/new_dataset.md states every rule; nnU-Net's (Isensee et al., Nature Methods 2021)
+are named where they are its.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+ANISOTROPY = 3.0         # an axis this much coarser than the others (nnU-Net's threshold)
+COARSE_PERCENTILE = 10   # an anisotropic axis's target: this percentile of its spacings
+PATCH_VOXELS = 256 ** 3  # the 3D patch a plan starts from, before the memory fit shrinks it
+MIN_FEATURE_MAP = 4      # voxels along a pooled axis at the bottleneck, at least
+MAX_DEPTH = {2: 5, 3: 5}  # pooling levels (the 2D U-Net's widths are not capped)
+BASE_FEATURES = 32
+MAX_FEATURES_3D = 320
+DATASET_SHARE = 0.05     # a global batch holds at most this share of the dataset's voxels
+MIN_GLOBAL_BATCH = 2
+EPOCHS = 1000            # without a time budget: nnU-Net's 1000 epochs ...
+STEPS_PER_EPOCH = 250    # ... of 250 one-device steps
+VALIDATIONS = 20         # validations (and checkpoints) over a run
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  key: str     # a config key, e.g. "data.patch_size"
+  value: object
+  rule: str    # why this value, in words
+
+
+def choices_dict(choices: list[Choice]) -> dict:
+  """key -> value of `choices`."""
+  return {c.key: c.value for c in choices}
+
+
+def _axes(values) -> str:
+  return " x ".join(f"{v:g}" for v in values)
+
+
+def target_spacing(fingerprint: dict) -> tuple[np.ndarray, str]:
+  """The median spacing per axis; for an anisotropic dataset (one axis over ANISOTROPY
+  times coarser than the others and holding ANISOTROPY times fewer voxels), that axis's
+  10th percentile instead, kept above the other axes' spacing (nnU-Net's rule)."""
+  spacings = np.array([c["spacing"] for c in fingerprint["cases"]], dtype=np.float64)
+  target = np.median(spacings, axis=0)
+  sizes = median_shape(fingerprint, target)
+  coarse = int(np.argmax(target))
+  others = [a for a in range(3) if a != coarse]
+  rule = f"the median spacing of the {len(spacings)} training cases"
+  if (target[coarse] > ANISOTROPY * target[others].max()
+      and sizes[coarse] * ANISOTROPY < sizes[others].min()):
+    fine = float(np.percentile(spacings[:, coarse], COARSE_PERCENTILE))
+    target[coarse] = max(fine, target[others].max() + 1e-5)
+    rule += (f"; axis {coarse} is anisotropic (over {ANISOTROPY:g}x coarser, "
+             f"{ANISOTROPY:g}x fewer voxels): the {COARSE_PERCENTILE}th percentile of its "
+             "spacings")
+  return np.round(target, 5), rule
+
+
+def median_shape(fingerprint: dict, spacing) -> np.ndarray:
+  """The median over cases of each case's non-zero box resampled to `spacing`."""
+  shapes = [np.array(c["cropped_shape"]) * np.array(c["spacing"]) / np.asarray(spacing)
+            for c in fingerprint["cases"]]
+  return np.round(np.median(shapes, axis=0)).astype(int)
+
+
+def normalisation(fingerprint: dict, dims: int = 3) -> Choice:
+  """3D: CT channels clipped to the training foreground's 0.5-99.5 percentiles and z-scored
+  with its mean and std; every other modality z-scored per volume over its non-zero voxels.
+  2D slices have no dataset-wide scheme: CT clipped to each volume's percentiles."""
+  ct = [str(m).casefold() == "ct" for m in fingerprint["modalities"]]
+  if dims == 2:
+    return (Choice("data.normalisation", "percentile", "CT: clipped to each volume's "
+                   "0.5-99.5 percentiles, rescaled to [0, 1]") if any(ct) else
+            Choice("data.normalisation", "zscore_nonzero", "no channel is CT: z-score each "
+                   "volume over its non-zero voxels"))
+  value = "ct" if all(ct) else "mri" if not any(ct) else "auto"
+  words = {"ct": "every channel is CT: clip to the training foreground's 0.5-99.5 "
+                 "percentiles, z-score with its mean and std",
+           "mri": "no channel is CT: z-score each volume over its non-zero voxels",
+           "auto": "CT channels as CT (clip, dataset z-score), the others z-scored per volume"}
+  return Choice("data.volume_normalisation", value, words[value])
+
+
+def pooling(spacing, patch, max_depth: int) -> list[tuple[int, ...]]:
+  """Each level's pooling factors: an axis is pooled while its spacing at that level is
+  under twice the finest one's and it keeps MIN_FEATURE_MAP voxels after pooling; no
+  level pools nothing (nnU-Net's rule, with its minimal feature map)."""
+  spacing, size = np.array(spacing, dtype=np.float64), np.array(patch, dtype=np.float64)
+  levels = []
+  while len(levels) < max_depth:
+    pooled = (spacing < 2 * spacing.min()) & (size / 2 >= MIN_FEATURE_MAP)
+    if not pooled.any():
+      break
+    factors = np.where(pooled, 2, 1)
+    levels.append(tuple(int(f) for f in factors))
+    spacing, size = spacing * factors, size / factors
+  return levels
+
+
+def divisible(patch, levels) -> tuple[int, ...]:
+  """`patch` rounded down to the nearest multiple of each axis's total pooling factor."""
+  totals = [math.prod(axis) for axis in zip(*levels)] if levels else [1] * len(patch)
+  return tuple(max(t, int(p) // t * t) for p, t in zip(patch, totals))
+
+
+def initial_patch(spacing, shape) -> np.ndarray:
+  """A patch of PATCH_VOXELS voxels shaped as a cube in millimetres, no larger than the
+  median shape along any axis (nnU-Net's starting point)."""
+  inverse = 1 / np.asarray(spacing, dtype=np.float64)
+  patch = inverse * (PATCH_VOXELS / np.prod(inverse)) ** (1 / 3)
+  return np.minimum(np.round(patch), shape).astype(int)
+
+
+def shrink(patch, shape, levels) -> tuple[int, ...]:
+  """`patch` made smaller along the axis where it is largest relative to the median
+  `shape`, by that axis's total pooling factor (nnU-Net's step)."""
+  totals = [math.prod(axis) for axis in zip(*levels)] if levels else [1, 1, 1]
+  ratios = np.asarray(patch) / np.asarray(shape)
+  for axis in np.argsort(-ratios, kind="stable"):
+    if patch[axis] > totals[axis]:
+      smaller = list(patch)
+      smaller[axis] -= totals[axis]
+      return tuple(smaller)
+  return tuple(patch)
+
+
+def topology_3d(spacing, patch) -> list[Choice]:
+  """The 3D U-Net of `patch`: its pooling, depth and widths."""
+  levels = pooling(spacing, patch, MAX_DEPTH[3])
+  return [
+      Choice("model.name", "unet3d", "the 3D U-Net"),
+      Choice("data.patch_size", divisible(patch, levels),
+             "from the median shape at the target spacing, shrunk (largest axis relative "
+             "to the median shape first) until a batch of 2 fits the memory budget"),
+      Choice("model.depth", len(levels), f"levels pooled until an axis would fall under "
+             f"{MIN_FEATURE_MAP} voxels (at most {MAX_DEPTH[3]})"),
+      Choice("model.pooling", tuple(levels), "an axis is pooled while its spacing is under "
+             "twice the finest axis's (so a coarse axis waits)"),
+      Choice("model.base_features", BASE_FEATURES, "nnU-Net's first-level width"),
+      Choice("model.max_features", MAX_FEATURES_3D, "nnU-Net's cap on a 3D level's width"),
+      Choice("model.norm", "instance", "per-example statistics, as nnU-Net's"),
+  ]
+
+
+def topology_2d(size: int) -> list[Choice]:
+  """The 2D U-Net of `size` x `size` slices."""
+  depth = 0
+  while depth < MAX_DEPTH[2] and size / 2 ** (depth + 1) >= MIN_FEATURE_MAP:
+    depth += 1
+  factor = 2 ** depth
+  return [
+      Choice("model.name", "unet", "the 2D U-Net"),
+      Choice("data.image_size", max(factor, size // factor * factor),
+             "the larger median in-plane size at the median spacing, a multiple of "
+             "2**depth"),
+      Choice("model.depth", depth, f"levels pooled until a side would fall under "
+             f"{MIN_FEATURE_MAP} pixels (at most {MAX_DEPTH[2]})"),
+      Choice("model.base_features", BASE_FEATURES, "nnU-Net's first-level width"),
+      Choice("model.norm", "group", "per-example statistics, independent of the batch"),
+  ]
+
+
+def slicing(fingerprint: dict) -> tuple[int, int, list[Choice]]:
+  """The 2D slice axis (the coarsest, or the last when none is coarser) and in-plane size."""
+  spacing, rule = target_spacing(fingerprint)
+  axis = int(np.argmax(spacing)) if spacing.max() > spacing.min() else 2
+  shape = median_shape(fingerprint, spacing)
+  size = int(max(s for a, s in enumerate(shape) if a != axis))
+  return axis, size, [
+      Choice("data.slice_axis", axis, "slices across the coarsest axis (the last when all "
+             "are equal), so each slice keeps the finest spacing"),
+      Choice("data.slice_selection", "all", "every slice of every training volume"),
+      Choice("data.slices_per_volume", 0, "every slice")]
+
+
+def batch_cap(fingerprint: dict, example_voxels: int, num_devices: int) -> int:
+  """The per-device batch at which a global batch holds DATASET_SHARE of the dataset's
+  voxels (at the target spacing), at least one example per device and MIN_GLOBAL_BATCH
+  over all devices."""
+  spacing, _ = target_spacing(fingerprint)
+  dataset = float(np.prod(median_shape(fingerprint, spacing))) * len(fingerprint["cases"])
+  cap = int(DATASET_SHARE * dataset / example_voxels) // num_devices
+  return max(cap, 1, -(-MIN_GLOBAL_BATCH // num_devices))
+
+
+def schedule(per_device_batch: int, num_devices: int, epochs: int = EPOCHS) -> list[Choice]:
+  """Optimizer, learning-rate policy and lengths for `num_devices` devices: an epoch is
+  STEPS_PER_EPOCH one-device steps' examples on any device count, so N devices take N
+  times fewer steps; one device trains with nnU-Net's SGD and poly decay, N > 1 with
+  GreScale's warm-up to N x the LR, stabilisation and decay (lr.policy="grescale")."""
+  global_batch = per_device_batch * num_devices
+  samples = STEPS_PER_EPOCH * per_device_batch
+  steps = -(-epochs * samples // global_batch)
+  every = max(1, steps // VALIDATIONS)
+  out = [
+      Choice("optim.name", "sgd", "nnU-Net's optimizer: SGD, Nesterov momentum 0.99"),
+      Choice("optim.momentum", 0.99, "nnU-Net's"),
+      Choice("optim.nesterov", True, "nnU-Net's"),
+      Choice("optim.lr", 0.01, "nnU-Net's initial LR, for one device's batch"),
+      Choice("optim.weight_decay", 3e-5, "nnU-Net's"),
+      Choice("optim.grad_clip_norm", 12.0, "nnU-Net clips the gradient norm at 12"),
+      Choice("lr.reference_batch_size", per_device_batch, "the LR above is one device's"),
+      Choice("data.augment.samples_per_epoch", samples,
+             f"an epoch: {STEPS_PER_EPOCH} steps of one device's batch, on any device count"),
+      Choice("train.num_epochs", epochs, f"{epochs} epochs" + (
+          " (nnU-Net's)" if epochs == EPOCHS else "")),
+      Choice("train.per_device_batch_size", per_device_batch, "the largest batch the "
+             "memory budget holds, capped at 5% of the dataset's voxels per global batch"),
+      Choice("train.eval_every_steps", every, f"{VALIDATIONS} validations per run"),
+      Choice("checkpoint.every_steps", every, "with every validation"),
+  ]
+  if num_devices == 1:
+    out += [Choice("lr.policy", "standard", "one device: nnU-Net's schedule"),
+            Choice("lr.scaling", "none", "one device: nothing to scale"),
+            Choice("lr.decay", "poly", "(1 - t/T)^0.9, nnU-Net's")]
+  else:
+    out += [Choice("lr.policy", "grescale", f"{num_devices} devices: GreScale, warm-up to "
+                   f"{num_devices} x the LR, held at lr.grescale.stabilisation_factor of "
+                   "it, then decayed (docs/large_batches.md)"),
+            Choice("lr.scaling", "linear", f"k = global batch {global_batch} / reference "
+                   f"{per_device_batch} = {num_devices}")]
+  return out
+
+
+def augmentation(image_size: int = 0) -> list[Choice]:
+  """nnU-Net's spatial and intensity ranges, on device; 2D slices of `image_size` are
+  also shifted by up to a tenth of their side (3D patches are drawn at random places)."""
+  shift = round(image_size / 10, 1)
+  return [
+      Choice("data.augment.enabled", True, "nnU-Net augments every task"),
+      Choice("data.augment.rotation_degrees", 30.0, "nnU-Net's +-30 degrees"),
+      Choice("data.augment.zoom", (0.7, 1.4), "nnU-Net's scaling range"),
+      Choice("data.augment.translate_pixels", shift, "a tenth of the slice's side"
+             if image_size else "unused in 3D: patches are drawn at random places"),
+      Choice("data.augment.flip_probability", 0.5, "nnU-Net mirrors along every axis"),
+      Choice("data.augment.intensity_scale", 0.25, "nnU-Net's brightness in [0.75, 1.25]"),
+  ]

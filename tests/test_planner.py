@@ -1,0 +1,200 @@
+"""The plans (`python -m medseg_jax.plan`): each rule against numbers worked out here by
+hand (isotropic MRI, anisotropic CT, 2D slices, 1 and 8 devices); the memory fit against
+XLA's memory analysis of a train step compiled here; the written plans load, pass the
+config check and train."""
+
+import copy
+import functools
+import hashlib
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_plan
+from helpers import REPO
+from medseg_jax import config as config_check
+from medseg_jax import config_schema, kinds, optim
+from medseg_jax.models import build_model
+from medseg_jax.planning import planner, rules
+from medseg_jax.training import losses, state, step
+
+
+def _fingerprint(spacings, cropped, modalities=("MRI",), labels=("background", "tumour")):
+  cases = [{"name": f"case_{i}", "spacing": list(s), "shape": list(c), "cropped_shape": list(c),
+            "class_voxels": [1, 1]} for i, (s, c) in enumerate(zip(spacings, cropped))]
+  return {"dataset": "Hand", "modalities": list(modalities), "labels": list(labels),
+          "cases": cases, "intensities": {}}
+
+
+def test_an_isotropic_mri_dataset():
+  """Median spacing; a patch of the median shape (under 256^3) pooled on every axis down to
+  4 voxels; per-volume z-scores."""
+  fp = _fingerprint([(1, 1, 1), (1.2, 1, 1), (1, 1, 1.1)],
+                    [(100, 120, 80), (90, 110, 70), (110, 130, 90)])
+  spacing, rule = rules.target_spacing(fp)
+  np.testing.assert_allclose(spacing, [1, 1, 1.0])
+  assert rule == "the median spacing of the 3 training cases"
+  shape = rules.median_shape(fp, spacing)
+  # at 1 mm: case 0 100 x 120 x 80, case 1 108 x 110 x 70, case 2 110 x 130 x 99
+  assert shape.tolist() == [108, 120, 80]
+  patch = rules.initial_patch(spacing, shape)
+  assert patch.tolist() == [108, 120, 80]  # 256 mm along each axis, cut to the median shape
+  levels = rules.pooling(spacing, patch, 5)
+  # 108 -> 54 -> 27 -> 13.5 -> 6.75 (>= 4 after each: 4 levels; a 5th would leave 3.4)
+  assert levels == [(2, 2, 2)] * 4
+  assert rules.divisible(patch, levels) == (96, 112, 80)
+  assert rules.normalisation(fp).value == "mri"
+  assert rules.normalisation(fp, 2).value == "zscore_nonzero"
+
+
+def test_an_anisotropic_ct_dataset():
+  """A z axis over 3x coarser with 3x fewer voxels takes the 10th percentile of its
+  spacings; the in-plane axes pool first, z once its spacing is under twice theirs."""
+  z = [3.0, 4.0, 5.0, 5.0, 6.0]
+  fp = _fingerprint([(0.8, 0.8, s) for s in z], [(400, 400, 40)] * 5, modalities=("CT",))
+  spacing, rule = rules.target_spacing(fp)
+  # np.percentile([3, 4, 5, 5, 6], 10) = 3 + 0.4 * (4 - 3)
+  np.testing.assert_allclose(spacing, [0.8, 0.8, 3.4])
+  assert "axis 2 is anisotropic" in rule and "10th percentile" in rule
+  # x, y: 400 voxels; z: 40 x 5 mm / 3.4 mm = 58.8 -> 59
+  assert rules.median_shape(fp, spacing).tolist() == [400, 400, 59]
+  levels = rules.pooling(spacing, (160, 160, 48), 5)
+  # spacings (0.8, 0.8, 3.4) -> (1.6, 1.6, 3.4) -> (3.2, 3.2, 3.4): z joins at level 3
+  # (48 -> 24 -> 12 -> 6); x and y end at 160 / 32 = 5; 5 levels, the cap.
+  assert levels == [(2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+  assert rules.divisible((161, 150, 47), levels) == (160, 128, 40)
+  assert rules.pooling(spacing, (160, 160, 24), 5)[-1] == (2, 2, 1)  # 24 / 8 = 3 < 4
+  assert rules.normalisation(fp).value == "ct"
+  assert rules.normalisation(fp, 2).value == "percentile"
+  assert rules.normalisation(_fingerprint([(1, 1, 1)], [(9, 9, 9)], ("CT", "PET"))).value == "auto"
+
+
+def test_a_dataset_barely_coarser_along_z_stays_at_its_median():
+  fp = _fingerprint([(1, 1, 2.9)] * 3, [(100, 100, 30)] * 3)
+  np.testing.assert_allclose(rules.target_spacing(fp)[0], [1, 1, 2.9])
+  # 3.5 mm is 3.5x coarser, but 40 slices x 3 is not under 100 voxels: no percentile rule
+  fp = _fingerprint([(1, 1, 3.5)] * 3, [(100, 100, 40)] * 3)
+  np.testing.assert_allclose(rules.target_spacing(fp)[0], [1, 1, 3.5])
+
+
+def test_the_2d_plan_slices_across_the_coarsest_axis():
+  fp = _fingerprint([(0.8, 0.8, 3.0)] * 3, [(200, 180, 30)] * 3)
+  axis, size, _ = rules.slicing(fp)
+  assert (axis, size) == (2, 200)
+  fp = _fingerprint([(3.0, 1, 1)] * 3, [(30, 100, 150)] * 3)
+  assert rules.slicing(fp)[:2] == (0, 150)
+  fp = _fingerprint([(1, 1, 1)] * 3, [(64, 70, 50)] * 3)
+  assert rules.slicing(fp)[:2] == (2, 70)  # isotropic: the last axis
+  network = rules.choices_dict(rules.topology_2d(200))
+  # 200 / 2^5 = 6.25 >= 4: 5 levels (the cap); 200 rounded down to a multiple of 32
+  assert (network["model.depth"], network["data.image_size"]) == (5, 192)
+  network = rules.choices_dict(rules.topology_2d(40))
+  assert (network["model.depth"], network["data.image_size"]) == (3, 40)
+
+
+def test_one_and_eight_devices_differ_as_documented():
+  """The same per-device batch: 8 times the global batch, 8 times fewer steps for the same
+  examples, GreScale with k = 8 in place of one device's poly decay."""
+  one = rules.choices_dict(rules.schedule(2, 1))
+  eight = rules.choices_dict(rules.schedule(2, 8))
+  changed = {k for k in one.keys() | eight.keys() if one.get(k) != eight.get(k)}
+  assert changed == {"lr.policy", "lr.scaling", "lr.decay", "train.eval_every_steps",
+                     "checkpoint.every_steps"}
+  assert (one["lr.policy"], one["lr.decay"], one["lr.scaling"]) == ("standard", "poly", "none")
+  assert (eight["lr.policy"], eight["lr.scaling"]) == ("grescale", "linear")
+  assert eight.get("lr.decay") is None  # GreScale decays by its own rule
+  # 1000 epochs of 250 x 2 examples: 250,000 steps of 2, or 31,250 steps of 16
+  assert one["train.eval_every_steps"] == 250_000 // 20
+  assert eight["train.eval_every_steps"] == 31_250 // 20
+  assert one["lr.reference_batch_size"] == eight["lr.reference_batch_size"] == 2
+  # 5% of 3 cases x 100^3 voxels is 150,000 voxels: 15 patches of 10^4, over 8 devices 1 each
+  fp = _fingerprint([(1, 1, 1)] * 3, [(100, 100, 100)] * 3)
+  assert rules.batch_cap(fp, 10 ** 4, 1) == 15 and rules.batch_cap(fp, 10 ** 4, 8) == 1
+  assert rules.batch_cap(fp, 10 ** 6, 1) == 2  # never under a global batch of 2
+
+
+def _compiled_peak(cfg, batch, classes, channels):
+  """XLA's memory analysis of the train step of `cfg` compiled here for one device."""
+  model = build_model(cfg.model, classes, cfg.data.image_size)
+  kind = kinds.from_config(cfg)
+  shape = kind.input_shape(channels)
+  tx = optim.make_optimizer(cfg, 0.01)
+  init = lambda: state.TrainState.create(
+      apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.zeros((1,) + shape))[
+          "params"], model_state={}, tx=tx)
+  fn = functools.partial(step.train_step, loss_fn=losses.get_loss(cfg.train.loss),
+                         reduce_mean=lambda t: t, augment=kind.augmentation())
+  batch_spec = {"image": jax.ShapeDtypeStruct((batch,) + shape, jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch,) + shape[:-1], jnp.int32)}
+  m = jax.jit(fn, donate_argnums=0).lower(jax.eval_shape(init), batch_spec,
+                                          jax.random.key(0)).compile().memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+def test_the_planned_batch_is_the_largest_the_budget_holds():
+  """A 2D plan on a dataset large enough that memory, not its size, decides the batch."""
+  fp = _fingerprint([(1, 1, 1)] * 400, [(12, 12, 12)] * 400)
+  small = planner.config_of(planner.data_choices(fp, "/data", 2)
+                            + rules.topology_2d(12) + rules.augmentation(12))
+  budget = _compiled_peak(small, 3, 2, 1) + 1
+  machine = planner.Machine(budget, "a test budget", 1)
+  choices = planner.plan_2d(fp, "/data", machine, planner.peak_fn(fp))
+  cfg = planner.config_of(choices)
+  batch = cfg.train.per_device_batch_size
+  assert batch == 3
+  assert _compiled_peak(cfg, batch + 1, 2, 1) > budget
+  rule = [c.rule for c in choices if c.key == "train.per_device_batch_size"][0]
+  assert rule.startswith(f"XLA plans {budget / 2**30:.2f} GiB for a train step of batch 3")
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+  """The command run once on the fingerprint test's small CT + PET dataset."""
+  tmp = tmp_path_factory.mktemp("planned")
+  root = test_plan._dataset(tmp / "Task")
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.plan", f"--data={root}",
+                         f"--output={tmp / 'plans'}", "--workers=1", "--memory=1"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return tmp, proc.stdout
+
+
+def test_the_written_plans_record_the_fingerprint_and_pass_the_config_check(planned):
+  tmp, stdout = planned
+  assert stdout.splitlines()[0] == ("Tiny: 3 training cases, modalities CT, PET, "
+                                    "classes background, liver, lesion")
+  assert "median spacing 0.8 x 0.8 x 2.5 mm" in stdout
+  assert f"wrote {tmp / 'plans' / 'plan_2d.py'}" in stdout
+  text = (tmp / "plans" / "fingerprint.json").read_text()
+  digest = hashlib.sha256(json.dumps(json.loads(text), sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+  for dims in (2, 3):
+    path = tmp / "plans" / f"plan_{dims}d.py"
+    assert f"FINGERPRINT_SHA256 = '{digest}'" in path.read_text()
+    cfg = config_schema.load_config(str(path))
+    assert cfg.data.spatial_dims == dims and cfg.data.root == str(tmp / "Task")
+    cfg.parallel.num_devices = 1
+    config_check.check(cfg)
+  cfg = config_schema.load_config(str(tmp / "plans" / "plan_3d.py"))
+  # 0.8 x 0.8 x 2.5 mm is not anisotropic by the rule (3 x 6 slices is not under 10)
+  assert cfg.data.target_spacing == (0.8, 0.8, 2.5)
+  assert cfg.model.pooling == ((2, 2, 1),) and cfg.data.volume_normalisation == "auto"
+
+
+def test_a_planned_3d_config_trains(planned, tmp_path):
+  tmp, _ = planned
+  cfg = config_schema.load_config(str(tmp / "plans" / "plan_3d.py"))
+  cfg = copy.deepcopy(cfg)
+  cfg.train.num_steps, cfg.train.eval_every_steps, cfg.checkpoint.every_steps = 2, 0, 0
+  cfg.data.val_fraction, cfg.data.test_fraction, cfg.parallel.num_devices = 0.34, 0.0, 1
+  cfg.monitor.enabled = False
+  import helpers  # pylint: disable=import-outside-toplevel
+  helpers.train(cfg, str(tmp_path / "run"))
+  assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text()
+                                .splitlines()[-1]).get("loss", 0.0))
