@@ -11,6 +11,7 @@ docs/new_dataset.md tells the rest.
 """
 
 import os
+import time
 
 import numpy as np
 from absl import flags, logging
@@ -49,22 +50,46 @@ def _numbers(values) -> str:
   return " x ".join(f"{v:g}" for v in values)
 
 
-def write_plans(found: dict, root: str, output: str, machine) -> list[str]:
+def write_plans(found: dict, root: str, output: str, machine, time_budget=None) -> list[str]:
   """plan_2d.py and plan_3d.py of fingerprint `found` in `output`; their paths."""
   from medseg_jax.planning import planner, written  # pylint: disable=import-outside-toplevel
   header = {"fingerprint_sha256": written.fingerprint_hash(found),
             "num_devices": machine.num_devices, "memory_budget": machine.budget_source}
+  if time_budget:
+    header["time_budget_seconds"] = time_budget.seconds
   peak = planner.peak_fn(found)
   paths = []
   for dims, make in ((2, planner.plan_2d), (3, planner.plan_3d)):
+    start = time.perf_counter()
     path = os.path.join(output, f"plan_{dims}d.py")
-    choices = make(found, os.path.abspath(root), machine, peak)
+    choices = make(found, os.path.abspath(root), machine, peak, time_budget)
     title = (f"The {dims}D plan of {found['dataset']} for {machine.num_devices} device(s), "
              f"made by `python -m medseg_jax.plan`;\ntrain it with `python -m "
              f"medseg_jax.main --config={path} --workdir=runs/{found['dataset']}_{dims}d`.")
     written.write(path, written.render(choices, title, header))
-    paths.append(path)
+    paths.append((path, time.perf_counter() - start))
   return paths
+
+
+def time_budget_of(text: str, found: dict, num_devices: int):
+  """The `--budget` (e.g. 600, 600s, 10m, 1.5h) with a timer of this dataset's train steps
+  on `num_devices` of this process's devices; None for no budget."""
+  if not text:
+    return None
+  from medseg_jax.planning import planner, timing  # pylint: disable=import-outside-toplevel
+  units = {"s": 1, "m": 60, "h": 3600}
+  number, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
+  try:
+    seconds = float(number) * units[unit]
+  except ValueError:
+    seconds = -1
+  if not seconds > 0:
+    raise ConfigError(f"--budget={text}: a positive time, e.g. 600, 600s, 10m or 1.5h")
+  classes, channels = len(found["labels"]), len(found["modalities"])
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = min(num_devices, jax.local_device_count())
+  return planner.TimeBudget(seconds, lambda cfg: timing.step_seconds(
+      cfg, classes, channels, devices)[0])
 
 
 def machine_of(memory_gib: float, num_devices: int):
@@ -78,6 +103,7 @@ def machine_of(memory_gib: float, num_devices: int):
 def main() -> None:
   if not _DATA.value:
     raise ConfigError("--data is required: a Decathlon task directory")
+  started = time.perf_counter()
   dataset = decathlon.read_dataset(_DATA.value)
   output = _OUTPUT.value or default_output(_DATA.value)
   found, status = fingerprint.load_or_compute(dataset, output, worker_count(_WORKERS.value))
@@ -86,10 +112,18 @@ def main() -> None:
                 "changed": "The dataset changed since %s: fingerprinted again"}[status], path)
   print(summary(found))
   machine = machine_of(_MEMORY.value, _NUM_DEVICES.value)
+  time_budget = time_budget_of(_BUDGET.value, found, machine.num_devices)
   print(f"planning for {machine.num_devices} device(s), each {machine.budget / 2**30:.2f} "
-        f"GiB ({machine.budget_source})", flush=True)
-  for written_path in write_plans(found, _DATA.value, output, machine):
+        f"GiB ({machine.budget_source})" + (f", a training time of {time_budget.seconds:g} s"
+                                            if time_budget else ""), flush=True)
+  fingerprinted = time.perf_counter() - started
+  costs = [f"fingerprint {fingerprinted:.0f} s"]
+  for written_path, seconds in write_plans(found, _DATA.value, output, machine, time_budget):
     print(f"wrote {written_path}")
+    costs.append(f"{os.path.basename(written_path)} {seconds:.0f} s")
+  total = time.perf_counter() - started
+  share = f", {total / time_budget.seconds:.0%} of the budget" if time_budget else ""
+  print(f"planning took {total:.0f} s ({', '.join(costs)}{share})")
 
 
 _DATA = flags.DEFINE_string("data", None, "The dataset: a Decathlon task directory.")
@@ -100,6 +134,9 @@ _MEMORY = flags.DEFINE_float("memory", 0.0, "GiB a train step may use on each de
                              "the CPU devices.", lower_bound=0.0)
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the plan trains on, over every "
                                     "host; 0 = the devices JAX sees here.", lower_bound=0)
+_BUDGET = flags.DEFINE_string("budget", "", "The training run's wall time, e.g. 10m, 600s, "
+                              "1.5h: each plan's network and steps are chosen by timing its "
+                              "train step here; empty = nnU-Net's 1000 epochs.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Processes reading the cases; 0 = every core.",
                                 lower_bound=0)
 

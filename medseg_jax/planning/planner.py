@@ -26,6 +26,12 @@ class Machine:
   num_devices: int
 
 
+@dataclasses.dataclass(frozen=True)
+class TimeBudget:
+  seconds: float                                       # the training run's wall time
+  timer: Callable[[ml_collections.ConfigDict], float]  # a config -> seconds per train step
+
+
 def config_of(choices: list[Choice]) -> ml_collections.ConfigDict:
   """The defaults with `choices` set: the config the written plan loads as."""
   cfg = defaults.get_config()
@@ -51,8 +57,10 @@ def peak_fn(fingerprint: dict) -> PeakFn:
   return lambda cfg, batch: memory.step_peak(cfg, batch, classes, channels)
 
 
-def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> list[Choice]:
-  """The 3D plan: target spacing, patch, pooling, network, batch, schedule."""
+def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
+            time_budget: TimeBudget | None = None) -> list[Choice]:
+  """The 3D plan: target spacing, patch, pooling, network, batch, schedule; with a
+  `time_budget`, the width and patch that budget trains best, and its steps."""
   spacing, spacing_rule = rules.target_spacing(fingerprint)
   shape = rules.median_shape(fingerprint, spacing)
   fixed = (data_choices(fingerprint, root, 3)
@@ -74,8 +82,51 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> lis
       raise ConfigError(f"{machine.budget_source}: not even the smallest 3D patch {patch} "
                         f"trains a batch of {MIN_DEVICE_BATCH} in it")
     patch = smaller
-  voxels = int(np.prod(rules.choices_dict(network)["data.patch_size"]))
-  return fixed + network + _batch_and_schedule(fingerprint, batch, peaks, voxels, machine)
+  patch = rules.choices_dict(network)["data.patch_size"]
+  steps = 0
+  if time_budget:
+    half = lambda p: _half_patch(p, shape, spacing)
+    network, steps = _fit_to_time(fixed, batch, machine, time_budget, patch, half,
+                                  lambda base, p: rules.topology_3d(spacing, p, base))
+  return fixed + network + _batch_and_schedule(fingerprint, batch, peaks, int(np.prod(patch)),
+                                               machine, steps)
+
+
+def _half_patch(patch, shape, spacing) -> tuple[int, ...]:
+  """`patch` shrunk (as the memory fit shrinks it) to at most half its voxels."""
+  smaller = tuple(patch)
+  while np.prod(smaller) > np.prod(patch) / 2:
+    levels = rules.pooling(spacing, smaller, rules.MAX_DEPTH[3])
+    shrunk = rules.divisible(rules.shrink(smaller, shape, levels), levels)
+    if shrunk == smaller:
+      break
+    smaller = shrunk
+  return smaller
+
+
+def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget: TimeBudget,
+                 example: tuple, half: Callable, network_of: Callable
+                 ) -> tuple[list[Choice], int]:
+  """The network a time budget trains (rules.candidates, rules.chosen), each candidate's
+  train step timed from the smallest up until one takes under rules.MIN_STEPS (the larger
+  ones are slower still); its choices, with the timings in the width's rule, and steps."""
+  tried = []
+  for base, shape in rules.candidates(example, half):
+    network = network_of(base, shape)
+    seconds = time_budget.timer(config_of(fixed + network
+                                          + rules.schedule(batch, machine.num_devices)))
+    tried.append((network, base, shape, seconds,
+                  rules.budget_steps(time_budget.seconds, seconds)))
+    if tried[-1][-1] < rules.MIN_STEPS:
+      break
+  network, *_, steps = tried[rules.chosen([t[-1] for t in tried])]
+  timed = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
+                    for _, b, shape, sec, n in tried)
+  rule = (f"time budget {time_budget.seconds:g} s: the largest network (width x voxels) "
+          f"that trains at least {rules.MIN_STEPS} steps in {rules.TRAIN_SHARE:.0%} of it "
+          f"(else the fastest); timed here: {timed}")
+  return [dataclasses.replace(c, rule=rule) if c.key == "model.base_features" else c
+          for c in network], steps
 
 
 def _limit(fingerprint: dict, example_voxels: int, machine: Machine) -> int:
@@ -106,8 +157,10 @@ def _estimated_patch(patch, shape, spacing, fixed, budget, peak) -> tuple[int, .
   return patch
 
 
-def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> list[Choice]:
-  """The 2D plan: slice axis and size, network, batch, schedule."""
+def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
+            time_budget: TimeBudget | None = None) -> list[Choice]:
+  """The 2D plan: slice axis and size, network, batch, schedule; with a `time_budget`,
+  the width and slice size that budget trains best, and its steps."""
   _, size, slicing = rules.slicing(fingerprint)
   fixed = data_choices(fingerprint, root, 2) + slicing
   while True:
@@ -123,12 +176,20 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn) -> lis
       raise ConfigError(f"{machine.budget_source}: not even {image_size}x{image_size} slices "
                         f"train a batch of {MIN_DEVICE_BATCH} in it")
     size = int(image_size * 0.9)
+  steps = 0
+  if time_budget:
+    half = lambda size: (int(size[0] / 2 ** 0.5),)
+    network, steps = _fit_to_time(fixed + augment, batch, machine, time_budget,
+                                  (image_size,), half,
+                                  lambda base, size: rules.topology_2d(size[0], base))
+    augment = rules.augmentation(rules.choices_dict(network)["data.image_size"])
   return (fixed + network + augment
-          + _batch_and_schedule(fingerprint, batch, peaks, image_size ** 2, machine))
+          + _batch_and_schedule(fingerprint, batch, peaks, image_size ** 2, machine, steps))
 
 
 def _batch_and_schedule(fingerprint: dict, fitted: int, peaks: dict[int, float],
-                        example_voxels: int, machine: Machine) -> list[Choice]:
+                        example_voxels: int, machine: Machine, steps: int = 0
+                        ) -> list[Choice]:
   """The per-device batch (what fits, capped by the dataset's size) and the schedule; the
   batch's rule gives the compiled steps' memory that decided it."""
   cap = rules.batch_cap(fingerprint, example_voxels, machine.num_devices)
@@ -143,4 +204,4 @@ def _batch_and_schedule(fingerprint: dict, fitted: int, peaks: dict[int, float],
   fit += (f"; {fitted} would fit, capped at {rules.DATASET_SHARE:.0%} of the dataset's "
           f"voxels per global batch" if cap < fitted else "")
   return [dataclasses.replace(c, rule=fit) if c.key == "train.per_device_batch_size" else c
-          for c in rules.schedule(batch, machine.num_devices)]
+          for c in rules.schedule(batch, machine.num_devices, steps)]

@@ -23,6 +23,13 @@ MIN_GLOBAL_BATCH = 2
 EPOCHS = 1000            # without a time budget: nnU-Net's 1000 epochs ...
 STEPS_PER_EPOCH = 250    # ... of 250 one-device steps
 VALIDATIONS = 20         # validations (and checkpoints) over a run
+# A time budget: its share for train steps (the rest: start-up, compiles, validations,
+# checkpoints), the widths tried, and the least steps a network is given to learn.
+TRAIN_SHARE = 0.8
+BUDGET_WIDTHS = (8, 16, 32)
+MIN_STEPS = 500
+BUDGET_EPOCHS = 50
+BUDGET_VALIDATIONS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +136,8 @@ def shrink(patch, shape, levels) -> tuple[int, ...]:
   return tuple(patch)
 
 
-def topology_3d(spacing, patch) -> list[Choice]:
-  """The 3D U-Net of `patch`: its pooling, depth and widths."""
+def topology_3d(spacing, patch, base: int = BASE_FEATURES) -> list[Choice]:
+  """The 3D U-Net of `patch`: its pooling, depth and widths (`base` at the first level)."""
   levels = pooling(spacing, patch, MAX_DEPTH[3])
   return [
       Choice("model.name", "unet3d", "the 3D U-Net"),
@@ -141,14 +148,14 @@ def topology_3d(spacing, patch) -> list[Choice]:
              f"{MIN_FEATURE_MAP} voxels (at most {MAX_DEPTH[3]})"),
       Choice("model.pooling", tuple(levels), "an axis is pooled while its spacing is under "
              "twice the finest axis's (so a coarse axis waits)"),
-      Choice("model.base_features", BASE_FEATURES, "nnU-Net's first-level width"),
+      Choice("model.base_features", base, "nnU-Net's first-level width"),
       Choice("model.max_features", MAX_FEATURES_3D, "nnU-Net's cap on a 3D level's width"),
       Choice("model.norm", "instance", "per-example statistics, as nnU-Net's"),
   ]
 
 
-def topology_2d(size: int) -> list[Choice]:
-  """The 2D U-Net of `size` x `size` slices."""
+def topology_2d(size: int, base: int = BASE_FEATURES) -> list[Choice]:
+  """The 2D U-Net of `size` x `size` slices (`base` channels at the first level)."""
   depth = 0
   while depth < MAX_DEPTH[2] and size / 2 ** (depth + 1) >= MIN_FEATURE_MAP:
     depth += 1
@@ -160,7 +167,7 @@ def topology_2d(size: int) -> list[Choice]:
              "2**depth"),
       Choice("model.depth", depth, f"levels pooled until a side would fall under "
              f"{MIN_FEATURE_MAP} pixels (at most {MAX_DEPTH[2]})"),
-      Choice("model.base_features", BASE_FEATURES, "nnU-Net's first-level width"),
+      Choice("model.base_features", base, "nnU-Net's first-level width"),
       Choice("model.norm", "group", "per-example statistics, independent of the batch"),
   ]
 
@@ -188,16 +195,19 @@ def batch_cap(fingerprint: dict, example_voxels: int, num_devices: int) -> int:
   return max(cap, 1, -(-MIN_GLOBAL_BATCH // num_devices))
 
 
-def schedule(per_device_batch: int, num_devices: int, epochs: int = EPOCHS) -> list[Choice]:
-  """Optimizer, learning-rate policy and lengths for `num_devices` devices: an epoch is
-  STEPS_PER_EPOCH one-device steps' examples on any device count, so N devices take N
-  times fewer steps; one device trains with nnU-Net's SGD and poly decay, N > 1 with
-  GreScale's warm-up to N x the LR, stabilisation and decay (lr.policy="grescale")."""
+def schedule(per_device_batch: int, num_devices: int, budget_steps: int = 0) -> list[Choice]:
+  """Optimizer, learning-rate policy and lengths for `num_devices` devices. Without a
+  budget an epoch is STEPS_PER_EPOCH one-device steps' examples on any device count, so N
+  devices take N times fewer steps; with one, `budget_steps` steps make BUDGET_EPOCHS
+  epochs. One device trains with nnU-Net's SGD and poly decay, N > 1 with GreScale's
+  warm-up to N x the LR, stabilisation and decay (lr.policy="grescale")."""
   global_batch = per_device_batch * num_devices
-  samples = STEPS_PER_EPOCH * per_device_batch
-  steps = -(-epochs * samples // global_batch)
-  every = max(1, steps // VALIDATIONS)
-  out = [
+  return (_optimizer(per_device_batch) + _lengths(per_device_batch, global_batch, budget_steps)
+          + _policy(per_device_batch, num_devices))
+
+
+def _optimizer(per_device_batch: int) -> list[Choice]:
+  return [
       Choice("optim.name", "sgd", "nnU-Net's optimizer: SGD, Nesterov momentum 0.99"),
       Choice("optim.momentum", 0.99, "nnU-Net's"),
       Choice("optim.nesterov", True, "nnU-Net's"),
@@ -205,26 +215,62 @@ def schedule(per_device_batch: int, num_devices: int, epochs: int = EPOCHS) -> l
       Choice("optim.weight_decay", 3e-5, "nnU-Net's"),
       Choice("optim.grad_clip_norm", 12.0, "nnU-Net clips the gradient norm at 12"),
       Choice("lr.reference_batch_size", per_device_batch, "the LR above is one device's"),
-      Choice("data.augment.samples_per_epoch", samples,
-             f"an epoch: {STEPS_PER_EPOCH} steps of one device's batch, on any device count"),
-      Choice("train.num_epochs", epochs, f"{epochs} epochs" + (
-          " (nnU-Net's)" if epochs == EPOCHS else "")),
       Choice("train.per_device_batch_size", per_device_batch, "the largest batch the "
-             "memory budget holds, capped at 5% of the dataset's voxels per global batch"),
-      Choice("train.eval_every_steps", every, f"{VALIDATIONS} validations per run"),
-      Choice("checkpoint.every_steps", every, "with every validation"),
-  ]
+             "memory budget holds, capped at 5% of the dataset's voxels per global batch")]
+
+
+def _lengths(per_device_batch: int, global_batch: int, budget_steps: int) -> list[Choice]:
+  """Epoch length, epochs, steps and the validation period."""
+  if budget_steps:
+    samples = -(-budget_steps * global_batch // BUDGET_EPOCHS)
+    out = [Choice("data.augment.samples_per_epoch", samples,
+                  f"an epoch: a {BUDGET_EPOCHS}th of the steps the time budget holds"),
+           Choice("train.num_epochs", BUDGET_EPOCHS, "the epochs warm-up and decay count"),
+           Choice("train.num_steps", budget_steps, "the steps the time budget holds")]
+    validations, steps = BUDGET_VALIDATIONS, budget_steps
+  else:
+    samples = STEPS_PER_EPOCH * per_device_batch
+    out = [Choice("data.augment.samples_per_epoch", samples, f"an epoch: {STEPS_PER_EPOCH} "
+                  "steps of one device's batch, on any device count"),
+           Choice("train.num_epochs", EPOCHS, f"nnU-Net's {EPOCHS} epochs")]
+    validations, steps = VALIDATIONS, -(-EPOCHS * samples // global_batch)
+  every = max(1, steps // validations)
+  return out + [Choice("train.eval_every_steps", every, f"{validations} validations per run"),
+                Choice("checkpoint.every_steps", every, "with every validation")]
+
+
+def _policy(per_device_batch: int, num_devices: int) -> list[Choice]:
   if num_devices == 1:
-    out += [Choice("lr.policy", "standard", "one device: nnU-Net's schedule"),
+    return [Choice("lr.policy", "standard", "one device: nnU-Net's schedule"),
             Choice("lr.scaling", "none", "one device: nothing to scale"),
             Choice("lr.decay", "poly", "(1 - t/T)^0.9, nnU-Net's")]
-  else:
-    out += [Choice("lr.policy", "grescale", f"{num_devices} devices: GreScale, warm-up to "
-                   f"{num_devices} x the LR, held at lr.grescale.stabilisation_factor of "
-                   "it, then decayed (docs/large_batches.md)"),
-            Choice("lr.scaling", "linear", f"k = global batch {global_batch} / reference "
-                   f"{per_device_batch} = {num_devices}")]
-  return out
+  return [Choice("lr.policy", "grescale", f"{num_devices} devices: GreScale, warm-up to "
+                 f"{num_devices} x the LR, held at lr.grescale.stabilisation_factor of it, "
+                 "then decayed (docs/large_batches.md)"),
+          Choice("lr.scaling", "linear", f"k = global batch {per_device_batch * num_devices}"
+                 f" / reference {per_device_batch} = {num_devices}")]
+
+
+def budget_steps(budget_seconds: float, step_seconds: float) -> int:
+  """The train steps TRAIN_SHARE of a time budget holds at `step_seconds` each."""
+  return int(TRAIN_SHARE * budget_seconds // step_seconds)
+
+
+def candidates(example, shrink_to_half) -> list[tuple[int, tuple]]:
+  """(base width, example shape) pairs a time budget chooses from, by capacity (width x
+  voxels) ascending: every width of BUDGET_WIDTHS at the memory-fitted example and at one
+  of about half its voxels (`shrink_to_half`)."""
+  half = shrink_to_half(tuple(example))
+  shapes = [tuple(example)] if half == tuple(example) else [half, tuple(example)]
+  pairs = [(w, shape) for shape in shapes for w in BUDGET_WIDTHS]
+  return sorted(pairs, key=lambda p: (p[0] * math.prod(p[1]), p[0]))
+
+
+def chosen(steps: list[int]) -> int:
+  """The index of the candidate (capacity ascending) a budget trains: the largest that
+  still takes MIN_STEPS steps, or the smallest when none does."""
+  fit = [i for i, n in enumerate(steps) if n >= MIN_STEPS]
+  return fit[-1] if fit else 0
 
 
 def augmentation(image_size: int = 0) -> list[Choice]:
