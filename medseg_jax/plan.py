@@ -71,12 +71,8 @@ def write_plans(found: dict, root: str, output: str, machine, time_budget=None) 
   return paths
 
 
-def time_budget_of(text: str, found: dict, num_devices: int):
-  """The `--budget` (e.g. 600, 600s, 10m, 1.5h) with a timer of this dataset's train steps
-  on `num_devices` of this process's devices; None for no budget."""
-  if not text:
-    return None
-  from medseg_jax.planning import planner, timing  # pylint: disable=import-outside-toplevel
+def budget_seconds(text: str) -> float:
+  """Seconds of a `--budget` such as 600, 600s, 10m or 1.5h."""
   units = {"s": 1, "m": 60, "h": 3600}
   number, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
   try:
@@ -85,8 +81,17 @@ def time_budget_of(text: str, found: dict, num_devices: int):
     seconds = -1
   if not seconds > 0:
     raise ConfigError(f"--budget={text}: a positive time, e.g. 600, 600s, 10m or 1.5h")
-  classes, channels = len(found["labels"]), len(found["modalities"])
+  return seconds
+
+
+def time_budget_of(seconds: float, found: dict, num_devices: int):
+  """A time budget of `seconds` with a timer of this dataset's train steps on
+  `num_devices` of this process's devices; None for no budget (0)."""
+  if not seconds:
+    return None
   import jax  # pylint: disable=import-outside-toplevel
+  from medseg_jax.planning import planner, timing  # pylint: disable=import-outside-toplevel
+  classes, channels = len(found["labels"]), len(found["modalities"])
   devices = min(num_devices, jax.local_device_count())
   return planner.TimeBudget(seconds, lambda cfg: timing.step_seconds(
       cfg, classes, channels, devices)[0])
@@ -103,6 +108,7 @@ def machine_of(memory_gib: float, num_devices: int):
 def main() -> None:
   if not _DATA.value:
     raise ConfigError("--data is required: a Decathlon task directory")
+  seconds = budget_seconds(_BUDGET.value) if _BUDGET.value else 0.0
   started = time.perf_counter()
   dataset = decathlon.read_dataset(_DATA.value)
   output = _OUTPUT.value or default_output(_DATA.value)
@@ -112,7 +118,7 @@ def main() -> None:
                 "changed": "The dataset changed since %s: fingerprinted again"}[status], path)
   print(summary(found))
   machine = machine_of(_MEMORY.value, _NUM_DEVICES.value)
-  time_budget = time_budget_of(_BUDGET.value, found, machine.num_devices)
+  time_budget = time_budget_of(seconds, found, machine.num_devices)
   print(f"planning for {machine.num_devices} device(s), each {machine.budget / 2**30:.2f} "
         f"GiB ({machine.budget_source})" + (f", a training time of {time_budget.seconds:g} s"
                                             if time_budget else ""), flush=True)

@@ -108,16 +108,16 @@ def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget:
                  example: tuple, half: Callable, network_of: Callable
                  ) -> tuple[list[Choice], int]:
   """The network a time budget trains (rules.candidates, rules.chosen), each candidate's
-  train step timed from the smallest up until one takes under rules.MIN_STEPS (the larger
-  ones are slower still); its choices, with the timings in the width's rule, and steps."""
+  train step timed from the largest down until one takes rules.MIN_STEPS (the smaller ones
+  would be chosen after it); its choices, with the timings in the width's rule, and steps."""
   tried = []
-  for base, shape in rules.candidates(example, half):
+  for base, shape in reversed(rules.candidates(example, half)):
     network = network_of(base, shape)
     seconds = time_budget.timer(config_of(fixed + network
                                           + rules.schedule(batch, machine.num_devices)))
-    tried.append((network, base, shape, seconds,
-                  rules.budget_steps(time_budget.seconds, seconds)))
-    if tried[-1][-1] < rules.MIN_STEPS:
+    tried.insert(0, (network, base, shape, seconds,
+                     rules.budget_steps(time_budget.seconds, seconds)))
+    if tried[0][-1] >= rules.MIN_STEPS:
       break
   network, *_, steps = tried[rules.chosen([t[-1] for t in tried])]
   timed = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
@@ -178,9 +178,9 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
     size = int(image_size * 0.9)
   steps = 0
   if time_budget:
-    half = lambda size: (int(size[0] / 2 ** 0.5),)
+    half = lambda size: (int(size[0] / 2 ** 0.5),) * 2
     network, steps = _fit_to_time(fixed + augment, batch, machine, time_budget,
-                                  (image_size,), half,
+                                  (image_size, image_size), half,
                                   lambda base, size: rules.topology_2d(size[0], base))
     augment = rules.augmentation(rules.choices_dict(network)["data.image_size"])
   return (fixed + network + augment
