@@ -140,7 +140,7 @@ def _compiled_peak(cfg, batch, classes, channels):
 def test_the_planned_batch_is_the_largest_the_budget_holds():
   """A 2D plan on a dataset large enough that memory, not its size, decides the batch."""
   fp = _fingerprint([(1, 1, 1)] * 400, [(12, 12, 12)] * 400)
-  small = planner.config_of(planner.data_choices(fp, "/data", 2)
+  small = planner.config_of(planner.data_choices(fp, "/data", 2) + rules.schedule(2, 1)
                             + rules.topology_2d(12) + rules.augmentation(12))
   budget = _compiled_peak(small, 3, 2, 1) + 1
   machine = planner.Machine(budget, "a test budget", 1)
@@ -150,7 +150,8 @@ def test_the_planned_batch_is_the_largest_the_budget_holds():
   assert batch == 3
   assert _compiled_peak(cfg, batch + 1, 2, 1) > budget
   rule = [c.rule for c in choices if c.key == "train.per_device_batch_size"][0]
-  assert rule.startswith(f"XLA plans {budget / 2**30:.2f} GiB for a train step of batch 3")
+  assert rule.startswith(f"XLA plans {budget / 2**30:.2f} GiB for a train step of batch 3 "
+                         "(width 32, the largest example)")
 
 
 BUDGET = 120  # seconds of training: the largest tiny candidates fit it, one timing each

@@ -69,12 +69,13 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
            + rules.augmentation())
   patch = tuple(int(p) for p in rules.initial_patch(spacing, shape))
   patch = rules.divisible(patch, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
+  trained = fixed + _optimizer(machine)
   while True:
-    patch = _estimated_patch(patch, shape, spacing, fixed, machine.budget, peak)
+    patch = _estimated_patch(patch, shape, spacing, trained, machine.budget, peak)
     network = rules.topology_3d(spacing, patch)
     limit = _limit(fingerprint, np.prod(patch), machine)
     batch, peaks = memory.largest_batch(machine.budget,
-                                        _at(peak, config_of(fixed + network)), limit)
+                                        _at(peak, config_of(trained + network)), limit)
     if batch >= MIN_DEVICE_BATCH:
       break
     smaller = rules.shrink(patch, shape, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
@@ -129,6 +130,12 @@ def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget:
           for c in network], steps
 
 
+def _optimizer(machine: Machine) -> list[Choice]:
+  """The planned optimizer and schedule, whose state and gradient clipping the memory fit
+  measures with the network (the batch in them is not the one measured)."""
+  return rules.schedule(MIN_DEVICE_BATCH, machine.num_devices)
+
+
 def _limit(fingerprint: dict, example_voxels: int, machine: Machine) -> int:
   """The largest per-device batch worth measuring: the dataset's cap, or the least batch
   a plan needs."""
@@ -167,8 +174,8 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
     network = rules.topology_2d(size)
     image_size = rules.choices_dict(network)["data.image_size"]
     augment = rules.augmentation(image_size)
-    batch, peaks = memory.largest_batch(machine.budget,
-                                        _at(peak, config_of(fixed + network + augment)),
+    measured = config_of(fixed + _optimizer(machine) + network + augment)
+    batch, peaks = memory.largest_batch(machine.budget, _at(peak, measured),
                                         _limit(fingerprint, image_size ** 2, machine))
     if batch >= MIN_DEVICE_BATCH:
       break
@@ -198,7 +205,8 @@ def _batch_and_schedule(fingerprint: dict, fitted: int, peaks: dict[int, float],
   gib = lambda b: (f"{peaks[b] / memory.GIB:.2f} GiB" if b in peaks else
                    f"{np.interp(b, measured, [peaks[m] for m in measured]) / memory.GIB:.2f}"
                    " GiB (interpolated)")
-  fit = (f"XLA plans {gib(batch)} for a train step of batch {batch}, within "
+  fit = (f"XLA plans {gib(batch)} for a train step of batch {batch} (width "
+         f"{rules.BASE_FEATURES}, the largest example), within "
          f"{machine.budget / memory.GIB:.2f} GiB ({machine.budget_source})")
   fit += f"; batch {batch + 1}: {gib(batch + 1)}" if batch + 1 in peaks else ""
   fit += (f"; {fitted} would fit, capped at {rules.DATASET_SHARE:.0%} of the dataset's "
