@@ -3,9 +3,11 @@ seed: the 3D plan and the 2D plan made with `--budget`, and configs/quickstart_3
 many steps as the same share of the budget holds at its own timed step.
 
     python benchmarks/plan_budget.py --budget=10m --seeds=0,1,2     # resumable
+    python benchmarks/plan_budget.py --dataset=ct_aniso --out=runs/plan_budget_ct
 
-Writes a synthetic dataset (the quickstart's phantoms, 1 x 1 x 2 mm; its three classes
-for every setting) to OUT/data, plans it
+Writes a synthetic dataset (`--dataset`: `mri`, the quickstart's phantoms at 1 x 1 x 2 mm;
+`ct_aniso`, CT-like phantoms at 0.8 x 0.8 x 3 mm whose shapes vary by up to 20%; their three
+classes for every setting) to OUT/data, plans it
 once (timing steps: run it on an idle machine), then trains every (seed, setting) in its own
 workdir; a workdir whose run finished is read, not run again, so a stopped study resumes.
 The runs' steps are fixed before they start: their results do not depend on the machine's
@@ -22,6 +24,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("plan_3d", "plan_2d", "quickstart_3d")
+DATASETS = {"mri": {"shape": (64, 64, 32)},
+            "ct_aniso": {"shape": (96, 96, 16), "spacing": (0.8, 0.8, 3.0),
+                         "shape_jitter": 0.2, "modality": "CT"}}
 
 
 def run(args: list[str], log: str) -> None:
@@ -32,14 +37,14 @@ def run(args: list[str], log: str) -> None:
     raise SystemExit(f"{' '.join(args)} failed with {proc.returncode}: see {log}")
 
 
-def prepare(out: str, volumes: int, budget: str) -> dict:
+def prepare(out: str, volumes: int, budget: str, dataset: str) -> dict:
   """The dataset, its plans and the quickstart's step count for the budget (timed once)."""
   sys.path.insert(0, REPO)
   from medseg_jax.data import synthetic
   data = os.path.join(out, "data")
   if not os.path.exists(data):
     synthetic.write_synthetic_decathlon(data, num_training=volumes, num_test=0,
-                                        shape=(64, 64, 32))
+                                        **DATASETS[dataset])
   plans = os.path.join(out, "plans")
   info_path = os.path.join(out, "prepared.json")
   if os.path.exists(info_path):
@@ -92,16 +97,17 @@ def main():
   p.add_argument("--budget", default="10m")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--volumes", type=int, default=24)
+  p.add_argument("--dataset", choices=sorted(DATASETS), default="mri")
   p.add_argument("--out", default=os.path.join(REPO, "runs", "plan_budget"))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  info = prepare(args.out, args.volumes, args.budget)
+  info = prepare(args.out, args.volumes, args.budget, args.dataset)
   rows = [train(s, int(seed), info, args.out) for seed in args.seeds.split(",")
           for s in SETTINGS]
   from medseg_jax.tuning import paired
   by = {(r["setting"], r["seed"]): r["dice"] for r in rows}
   seeds = sorted({r["seed"] for r in rows})
-  result = {"budget": args.budget, "planning_seconds": info["planning_seconds"],
+  result = {"dataset": args.dataset, "budget": args.budget, "planning_seconds": info["planning_seconds"],
             "quickstart": info["quickstart"], "rows": rows, "paired": {}}
   for a, b in (("plan_3d", "quickstart_3d"), ("plan_3d", "plan_2d")):
     diffs = [by[(a, s)] - by[(b, s)] for s in seeds]

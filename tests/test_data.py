@@ -88,6 +88,29 @@ def test_same_seed_same_data(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_an_anisotropic_ct_dataset_of_several_shapes(tmp_path):
+  """Read back with nibabel: the spacing asked for, shapes within the jitter, and CT-like
+  values: air outside the head, the tumour brighter and the oedema darker than tissue."""
+  root = synthetic.write_synthetic_decathlon(str(tmp_path / "ct"), 3, 0, (40, 40, 10), seed=2,
+                                             spacing=(0.8, 0.8, 3.0), shape_jitter=0.2,
+                                             modality="CT")
+  meta = json.load(open(os.path.join(root, "dataset.json")))
+  assert meta["modality"] == {"0": "CT"}
+  shapes = set()
+  for entry in meta["training"]:
+    image = nib.load(os.path.join(root, entry["image"]))
+    label = np.asarray(nib.load(os.path.join(root, entry["label"])).dataobj)
+    np.testing.assert_allclose(image.header.get_zooms()[:3], (0.8, 0.8, 3.0))
+    assert all(0.8 * 40 - 1 <= n <= 1.2 * 40 + 1 for n in image.shape[:2])
+    assert 0.8 * 10 - 1 <= image.shape[2] <= 1.2 * 10 + 1
+    shapes.add(image.shape)
+    data = np.asarray(image.dataobj)
+    assert abs(np.median(data[0]) + 1000) < 50  # the first plane is air
+    tissue = np.median(data[(label == 0) & (np.abs(data - 40) < 30)])
+    assert data[label == 2].mean() > tissue > data[label == 1].mean()
+  assert len(shapes) == 3
+
+
 def test_canonical_reorientation_flips_lps_to_ras(dataset_dir):
   path = os.path.join(dataset_dir, "labelsTr", "phantom_000.nii.gz")
   raw = np.asarray(nib.load(path).dataobj)
