@@ -110,7 +110,7 @@ def test_one_and_eight_devices_differ_as_documented():
   assert eight.get("lr.decay") is None  # GreScale decays by its own rule
   # 1000 epochs of 250 x 2 examples: 250,000 steps of 2, or 31,250 steps of 16
   assert one["train.eval_every_steps"] == 250_000 // 20
-  assert eight["train.eval_every_steps"] == 31_250 // 20
+  assert eight["train.eval_every_steps"] == -(-31_250 // 20)
   assert one["lr.reference_batch_size"] == eight["lr.reference_batch_size"] == 2
   # 5% of 3 cases x 100^3 voxels is 150,000 voxels: 15 patches of 10^4, over 8 devices 1 each
   fp = _fingerprint([(1, 1, 1)] * 3, [(100, 100, 100)] * 3)

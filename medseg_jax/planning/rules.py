@@ -234,7 +234,8 @@ def _lengths(per_device_batch: int, global_batch: int, budget_steps: int) -> lis
                   "steps of one device's batch, on any device count"),
            Choice("train.num_epochs", EPOCHS, f"nnU-Net's {EPOCHS} epochs")]
     validations, steps = VALIDATIONS, -(-EPOCHS * samples // global_batch)
-  every = max(1, steps // validations)
+  # Rounded up: no periodic validation falls a few steps before the final one.
+  every = max(1, -(-steps // validations))
   return out + [Choice("train.eval_every_steps", every, f"{validations} validations per run"),
                 Choice("checkpoint.every_steps", every, "with every validation")]
 
