@@ -208,8 +208,10 @@ def _batch_and_schedule(fingerprint: dict, fitted: int, peaks: dict[int, float],
   fit = (f"XLA plans {gib(batch)} for a train step of batch {batch} (width "
          f"{rules.BASE_FEATURES}, the largest example), within "
          f"{machine.budget / memory.GIB:.2f} GiB ({machine.budget_source})")
-  fit += f"; batch {batch + 1}: {gib(batch + 1)}" if batch + 1 in peaks else ""
-  fit += (f"; {fitted} would fit, capped at {rules.DATASET_SHARE:.0%} of the dataset's "
-          f"voxels per global batch" if cap < fitted else "")
+  if batch == fitted and batch + 1 in peaks:
+    fit += f"; batch {batch + 1}: {gib(batch + 1)}"
+  else:  # the dataset's cap, not the budget, decided
+    fit += (f"; {rules.DATASET_SHARE:.0%} of the dataset's voxels per global batch caps it "
+            f"(at least {rules.MIN_GLOBAL_BATCH} over all devices)")
   return [dataclasses.replace(c, rule=fit) if c.key == "train.per_device_batch_size" else c
           for c in rules.schedule(batch, machine.num_devices, steps)]
