@@ -44,10 +44,6 @@ def choices_dict(choices: list[Choice]) -> dict:
   return {c.key: c.value for c in choices}
 
 
-def _axes(values) -> str:
-  return " x ".join(f"{v:g}" for v in values)
-
-
 def target_spacing(fingerprint: dict) -> tuple[np.ndarray, str]:
   """The median spacing per axis; for an anisotropic dataset (one axis over ANISOTROPY
   times coarser than the others and holding ANISOTROPY times fewer voxels), that axis's
