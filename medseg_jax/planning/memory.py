@@ -3,9 +3,10 @@ and the largest per-device batch that fits a budget.
 
 Peak = arguments + outputs - donated aliases + temporaries (`compiled.memory_analysis()`).
 No accelerator is needed: on a CPU the step is compiled for the CPU, so the figure is
-XLA:CPU's buffer plan, an upper bound of a GPU's as measured in BENCHMARKS.md ("Memory
-fit"); a GPU's plan differs in fusion and adds the CUDA context and cuDNN workspaces,
-which `DEFAULT_FRACTION` of the device's memory leaves room for.
+XLA:CPU's buffer plan. A GPU's differs both ways (BENCHMARKS.md, "Largest U-Net batch per
+device memory"): XLA:CPU computes bfloat16 convolutions in float32 (larger), and a GPU adds
+the CUDA context and cuDNN workspaces (smaller here), which `DEFAULT_FRACTION` of an
+accelerator's memory leaves room for.
 """
 
 import functools
