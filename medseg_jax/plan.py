@@ -58,7 +58,7 @@ def write_plans(found: dict, root: str, output: str, machine, time_budget=None) 
   if time_budget:
     header["time_budget_seconds"] = time_budget.seconds
   peak = planner.peak_fn(found)
-  paths = []
+  texts = []  # both plans are made before either is written: a failure writes neither
   for dims, make in ((2, planner.plan_2d), (3, planner.plan_3d)):
     start = time.perf_counter()
     path = os.path.join(output, f"plan_{dims}d.py")
@@ -66,9 +66,10 @@ def write_plans(found: dict, root: str, output: str, machine, time_budget=None) 
     title = (f"The {dims}D plan of {found['dataset']} for {machine.num_devices} device(s), "
              f"made by `python -m medseg_jax.plan`;\ntrain it with `python -m "
              f"medseg_jax.main --config={path} --workdir=runs/{found['dataset']}_{dims}d`.")
-    written.write(path, written.render(choices, title, header))
-    paths.append((path, time.perf_counter() - start))
-  return paths
+    texts.append((path, written.render(choices, title, header), time.perf_counter() - start))
+  for path, text, _ in texts:
+    written.write(path, text)
+  return [(path, seconds) for path, _, seconds in texts]
 
 
 def budget_seconds(text: str) -> float:
