@@ -52,9 +52,17 @@ def data_choices(fingerprint: dict, root: str, dims: int) -> list[Choice]:
 
 
 def peak_fn(fingerprint: dict) -> PeakFn:
-  """The compiled step's memory for a config of this dataset's classes and channels."""
+  """The compiled step's memory for a config of this dataset's classes and channels, each
+  (config, batch) compiled once (the patch estimate and the batch search share some)."""
   classes, channels = len(fingerprint["labels"]), len(fingerprint["modalities"])
-  return lambda cfg, batch: memory.step_peak(cfg, batch, classes, channels)
+  known = {}
+
+  def peak(cfg: ml_collections.ConfigDict, batch: int) -> float:
+    key = (cfg.to_json(sort_keys=True), batch)
+    if key not in known:
+      known[key] = memory.step_peak(cfg, batch, classes, channels)
+    return known[key]
+  return peak
 
 
 def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
