@@ -50,8 +50,10 @@ def _numbers(values) -> str:
   return " x ".join(f"{v:g}" for v in values)
 
 
-def write_plans(found: dict, root: str, output: str, machine, time_budget=None) -> list[str]:
-  """plan_2d.py and plan_3d.py of fingerprint `found` in `output`; their paths."""
+def write_plans(found: dict, root: str, output: str, machine,
+                time_budget=None) -> list[tuple[str, float]]:
+  """plan_2d.py and plan_3d.py of fingerprint `found` in `output`; their paths and the
+  seconds each took to plan."""
   from medseg_jax.planning import planner, written  # pylint: disable=import-outside-toplevel
   header = {"fingerprint_sha256": written.fingerprint_hash(found),
             "num_devices": machine.num_devices, "memory_budget": machine.budget_source}
@@ -125,17 +127,17 @@ def main() -> None:
                                             if time_budget else ""), flush=True)
   fingerprinted = time.perf_counter() - started
   costs = [f"fingerprint {fingerprinted:.0f} s"]
-  for written_path, seconds in write_plans(found, _DATA.value, output, machine, time_budget):
+  for written_path, took in write_plans(found, _DATA.value, output, machine, time_budget):
     print(f"wrote {written_path}")
-    costs.append(f"{os.path.basename(written_path)} {seconds:.0f} s")
+    costs.append(f"{os.path.basename(written_path)} {took:.0f} s")
   total = time.perf_counter() - started
   share = f", {total / time_budget.seconds:.0%} of the budget" if time_budget else ""
   print(f"planning took {total:.0f} s ({', '.join(costs)}{share})")
 
 
 _DATA = flags.DEFINE_string("data", None, "The dataset: a Decathlon task directory.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where the fingerprint goes; default "
-                              "plans/<the dataset directory's name>.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where the fingerprint and the plans go; "
+                              "default plans/<the dataset directory's name>.")
 _MEMORY = flags.DEFINE_float("memory", 0.0, "GiB a train step may use on each device; 0 = "
                              "75% of an accelerator's memory, or half the free RAM shared by "
                              "the CPU devices.", lower_bound=0.0)
