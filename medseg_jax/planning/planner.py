@@ -8,7 +8,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from medseg_jax import defaults
+from medseg_jax import config_schema, defaults
 from medseg_jax.errors import ConfigError
 from medseg_jax.planning import memory, rules
 from medseg_jax.planning.rules import Choice
@@ -36,11 +36,7 @@ def config_of(choices: list[Choice]) -> ml_collections.ConfigDict:
   """The defaults with `choices` set: the config the written plan loads as."""
   cfg = defaults.get_config()
   for c in choices:
-    *parents, leaf = c.key.split(".")
-    node = cfg
-    for part in parents:
-      node = node[part]
-    node[leaf] = c.value
+    config_schema.assign(cfg, c.key, c.value)
   return cfg
 
 
