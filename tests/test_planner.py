@@ -69,6 +69,8 @@ def test_an_anisotropic_ct_dataset():
   assert levels == [(2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
   assert rules.divisible((161, 150, 47), levels) == (160, 128, 40)
   assert rules.pooling(spacing, (160, 160, 24), 5)[-1] == (2, 2, 1)  # 24 / 8 = 3 < 4
+  # z is largest against the median shape (48 / 59): one step of its total factor, 8
+  assert rules.smaller_patch((160, 160, 48), (400, 400, 59), spacing) == (160, 160, 40)
   assert rules.normalisation(fp).value == "ct"
   assert rules.normalisation(fp, 2).value == "percentile"
   assert rules.normalisation(_fingerprint([(1, 1, 1)], [(9, 9, 9)], ("CT", "PET"))).value == "auto"

@@ -82,7 +82,7 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
                                         _at(peak, config_of(trained + network)), limit)
     if batch >= MIN_DEVICE_BATCH:
       break
-    smaller = rules.shrink(patch, shape, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
+    smaller = rules.smaller_patch(patch, shape, spacing)
     if smaller == patch:
       raise ConfigError(f"{machine.budget_source}: not even the smallest 3D patch {patch} "
                         f"trains a batch of {MIN_DEVICE_BATCH} in it")
@@ -101,8 +101,7 @@ def _half_patch(patch, shape, spacing) -> tuple[int, ...]:
   """`patch` shrunk (as the memory fit shrinks it) to at most half its voxels."""
   smaller = tuple(patch)
   while np.prod(smaller) > np.prod(patch) / 2:
-    levels = rules.pooling(spacing, smaller, rules.MAX_DEPTH[3])
-    shrunk = rules.divisible(rules.shrink(smaller, shape, levels), levels)
+    shrunk = rules.smaller_patch(smaller, shape, spacing)
     if shrunk == smaller:
       break
     smaller = shrunk
@@ -160,8 +159,7 @@ def _estimated_patch(patch, shape, spacing, fixed, budget, peak) -> tuple[int, .
   per_voxel = (two - one) / np.prod(patch)
   constant = one - (two - one)
   while constant + MIN_DEVICE_BATCH * per_voxel * np.prod(patch) > budget:
-    smaller = rules.shrink(patch, shape, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
-    smaller = rules.divisible(smaller, rules.pooling(spacing, smaller, rules.MAX_DEPTH[3]))
+    smaller = rules.smaller_patch(patch, shape, spacing)
     if smaller == patch:
       break
     patch = smaller

@@ -132,6 +132,13 @@ def shrink(patch, shape, levels) -> tuple[int, ...]:
   return tuple(patch)
 
 
+def smaller_patch(patch, shape, spacing) -> tuple[int, ...]:
+  """One `shrink` step of a 3D patch, rounded down to a multiple of the smaller patch's own
+  pooling (`divisible`): the patch its network would train on."""
+  shrunk = shrink(patch, shape, pooling(spacing, patch, MAX_DEPTH[3]))
+  return divisible(shrunk, pooling(spacing, shrunk, MAX_DEPTH[3]))
+
+
 def topology_3d(spacing, patch, base: int = BASE_FEATURES) -> list[Choice]:
   """The 3D U-Net of `patch`: its pooling, depth and widths (`base` at the first level)."""
   levels = pooling(spacing, patch, MAX_DEPTH[3])
