@@ -71,9 +71,12 @@ def _data(c: ml_collections.ConfigDict) -> None:
   # 3D (a value of 3 above): volumes resampled to one voxel spacing, trained on patches
   c.data.target_spacing = ()       # mm along the RAS axes; () = the dataset's median spacing
   c.data.volume_normalisation = "auto"  # per channel: auto (ct for a modality named CT,
-                                   # else mri) | mri (z-score over non-zero voxels) | ct
+                                   # else mri) | mri (z-score over non-zero voxels) | zscore
+                                   # (z-score over the whole volume) | ct
   c.data.ct_clip_percentiles = (0.5, 99.5)  # ct: clip to these percentiles of the training
                                    # foreground, then z-score with its mean and std
+  c.data.crop_to_nonzero = False   # store (and predict) each volume's box of non-zero
+                                   # voxels only; outside it a prediction is background
   c.data.foreground_samples = 10000  # foreground voxels kept per class and volume to centre
                                    # forced patches on
   c.data.patch_size = (64, 64, 64)  # voxels (D, H, W) of a training patch and inference window

@@ -59,10 +59,18 @@ def zoom(volume: np.ndarray, shape: tuple) -> np.ndarray:
                       mode="nearest", grid_mode=True)
 
 
-def by_hand(root: str, target: tuple, ct: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Every training subject normalised (MRI: z-score over the non-zero voxels; CT: clip
-  to the pooled foreground's 0.5/99.5 percentiles, z-score by its mean and std), then
-  resampled: the image linearly, the labels per class linearly then argmax."""
+def nonzero_corners(image: np.ndarray) -> tuple[slice, ...]:
+  """The box of an image's non-zero voxels, from their coordinates."""
+  where = np.argwhere(image != 0)
+  return tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0)))
+
+
+def by_hand(root: str, target: tuple, ct: bool, whole: bool = False, cropped: bool = False
+            ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Every training subject (`cropped`: its box of non-zero voxels) normalised (MRI:
+  z-score over the non-zero voxels, or `whole` over all; CT: clip to the pooled
+  foreground's 0.5/99.5 percentiles, z-score by its mean and std), then resampled: the
+  image linearly, the labels per class linearly then argmax."""
   with open(os.path.join(root, "dataset.json")) as f:
     entries = json.load(f)["training"]
   read = [(canonical(os.path.join(root, e["image"])), canonical(os.path.join(root, e["label"])))
@@ -71,8 +79,13 @@ def by_hand(root: str, target: tuple, ct: bool) -> list[tuple[np.ndarray, np.nda
   low, high = np.percentile(pooled, [0.5, 99.5])
   out = []
   for (image, affine), (label, _) in read:
+    if cropped:
+      box = nonzero_corners(image)
+      image, label = image[box], label[box]
     if ct:
       normalised = (np.clip(image, low, high) - pooled.mean()) / pooled.std()
+    elif whole:
+      normalised = (image - image.mean()) / image.std()
     else:
       inside = image != 0
       normalised = np.where(inside, (image - image[inside].mean()) / image[inside].std(), 0)
@@ -101,6 +114,26 @@ def test_volumes_read_back_as_preprocessed_by_hand(dataset_dir, tmp_path, modali
     np.testing.assert_allclose(entry["spacing"], np.array([20, 18, 16]) / label.shape)
     assert entry["class_voxels"] == {str(c): int((label == c).sum()) for c in (1, 2)
                                      if (label == c).any()}
+
+
+@pytest.mark.parametrize("normalisation", ["mri", "zscore"])
+def test_cropped_volumes_are_their_non_zero_box_preprocessed_by_hand(dataset_dir, tmp_path,
+                                                                       normalisation):
+  opened = build(dataset_dir, tmp_path / "cache", target_spacing=TARGET, crop_nonzero=True,
+                 normalisation=normalisation)
+  expected = by_hand(dataset_dir, TARGET, ct=False, whole=normalisation == "zscore",
+                     cropped=True)
+  for i, (image, label) in enumerate(expected):
+    got_image, got_label = opened.volume(i)
+    np.testing.assert_allclose(got_image[..., 0], image, atol=2e-5)
+    np.testing.assert_array_equal(got_label, label)
+    entry = opened.volumes[i]
+    raw, _ = canonical(os.path.join(dataset_dir, entry["image"]))
+    box = nonzero_corners(raw)
+    assert entry["crop_box"] == [[s.start, s.stop] for s in box]
+    assert np.prod(entry["canonical_shape"]) > np.prod([s.stop - s.start for s in box])
+    labels, _ = canonical(os.path.join(dataset_dir, entry["label"]))
+    assert entry["label_voxels_outside"] == (labels > 0).sum() - (labels[box] > 0).sum()
 
 
 @pytest.mark.parametrize("corner,size", [((2, 3, 1), (6, 5, 4)), ((-3, 4, -2), (8, 8, 8)),

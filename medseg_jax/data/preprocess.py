@@ -12,7 +12,7 @@ from medseg_jax.errors import ConfigError, DataError
 SELECTIONS = ("central", "all", "foreground")
 RESIZE_MODES = ("resize", "pad_crop")
 NORMALISATIONS = ("zscore_nonzero", "percentile")
-VOLUME_NORMALISATIONS = ("auto", "ct", "mri")  # auto: CT for a modality named CT
+VOLUME_NORMALISATIONS = ("auto", "ct", "mri", "zscore")  # auto: CT for a modality named CT
 FOREGROUND_INTENSITIES = 100_000  # voxels per subject and channel behind the CT statistics
 
 
@@ -164,14 +164,17 @@ def ct_statistics(samples: list[np.ndarray], percentiles: tuple[float, float]) -
 def normalise_volume(image: np.ndarray, schemes: tuple[str, ...],
                      ct: dict | None = None) -> np.ndarray:
   """Image [X,Y,Z,C] -> float32, per channel: "mri" z-scored over its non-zero voxels
-  (`zscore_nonzero`), "ct" clipped to `ct`'s bounds, then z-scored with its mean and
-  standard deviation (`ct_statistics`)."""
+  (`zscore_nonzero`), "zscore" over all its voxels, "ct" clipped to `ct`'s bounds, then
+  z-scored with its mean and standard deviation (`ct_statistics`)."""
   out = np.empty(image.shape, np.float32)
   for c, scheme in enumerate(schemes):
     channel = image[..., c:c + 1]
     if scheme == "ct":
       clipped = np.clip(channel.astype(np.float64), ct["low"][c], ct["high"][c])
       out[..., c:c + 1] = (clipped - ct["mean"][c]) / max(ct["std"][c], 1e-6)
+    elif scheme == "zscore":
+      values = channel.astype(np.float64)
+      out[..., c:c + 1] = (values - values.mean()) / max(values.std(), 1e-6)
     else:
       out[..., c:c + 1] = zscore_nonzero(channel)
   return out

@@ -6,10 +6,12 @@ subject it holds `image/<i>` [D,H,W,C] float32, `label/<i>` [D,H,W] uint8 and
 of each foreground class, evenly spaced in voxel order, sorted by class), and
 `meta.json`: the settings, the target spacing, each channel's normalisation with the CT
 statistics, and per subject its files, original affine and shape, canonical shape and
-spacing, stored shape and voxel spacing, and its voxels per class.
+spacing, the box it was cropped to (`data.crop_to_nonzero`: its non-zero voxels, `crop`;
+else the whole volume) with the label voxels left outside, stored shape and voxel
+spacing, and its voxels per class.
 
 A subject is read and checked by `validate.read_case` (reoriented to RAS), normalised
-per channel on its own grid (`preprocess.normalise_volume`; CT statistics come from a
+per channel on its own grid (cropped first when asked; `preprocess.normalise_volume`; CT statistics come from a
 first pass over every training subject's labelled foreground), then resampled to the
 target spacing (`resample`; default the dataset's median spacing, from the headers).
 Normalising before resampling (nnU-Net's order) takes the statistics over the voxels as
@@ -34,7 +36,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from medseg_jax.data import decathlon, pool, preprocess, resample, store, validate
+from medseg_jax.data import crop, decathlon, pool, preprocess, resample, store, validate
 from medseg_jax.errors import ConfigError, DataError
 
 FORMAT = 1
@@ -50,7 +52,8 @@ class Settings:
   modalities: tuple = ()                     # data.modalities
   label_map: tuple = ()                      # data.label_map
   target_spacing: tuple = ()                 # data.target_spacing; () = the median
-  normalisation: str = "auto"                # data.volume_normalisation: auto|ct|mri
+  normalisation: str = "auto"                # data.volume_normalisation
+  crop_nonzero: bool = False                 # data.crop_to_nonzero
   ct_clip_percentiles: tuple = (0.5, 99.5)   # data.ct_clip_percentiles
   foreground_samples: int = 10_000           # data.foreground_samples, per class
 
@@ -151,15 +154,20 @@ def _ingest(args) -> tuple[list[str], tuple | None]:
   if problems:
     return problems, None
   canonical = data.image.shape[:3]
-  image = prepare_image(data.image, data.spacing, schemes, ct, target)
+  box = crop.region(data.image, settings.crop_nonzero)
+  cropped = crop.shape_of(box)
+  image = prepare_image(data.image[box], data.spacing, schemes, ct, target)
   shape = image.shape[:3]
-  label = resample.resample_label(data.label, shape).astype(np.uint8)
+  label = resample.resample_label(data.label[box], shape).astype(np.uint8)
   locations, counts = foreground_locations(label, settings.foreground_samples)
   info = {"name": case.name, "image": case.image, "label": case.label,
           "affine": data.affine.tolist(), "shape": list(data.shape),
           "canonical_shape": list(canonical), "original_spacing": list(data.spacing),
+          "crop_box": crop.to_list(box),
+          "label_voxels_outside": int(np.count_nonzero(data.label)
+                                      - np.count_nonzero(data.label[box])),
           "stored_shape": list(shape),
-          "spacing": [s * n / m for s, n, m in zip(data.spacing, canonical, shape)],
+          "spacing": [s * n / m for s, n, m in zip(data.spacing, cropped, shape)],
           "class_voxels": {str(c): n for c, n in counts.items()},
           "foreground_rows": len(locations)}
   return [], (image, label, locations, info)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from medseg_jax import files
-from medseg_jax.data import decathlon, preprocess, resample, volume_store
+from medseg_jax.data import crop, decathlon, preprocess, resample, volume_store
 from medseg_jax.errors import DataError, MedsegError
 from medseg_jax.evaluation import sliding_window
 from medseg_jax.parallel import multihost, strategies
@@ -104,14 +104,17 @@ class Volumetric:
   ct_statistics: dict | None     # the training foreground's CT statistics
   target_spacing: tuple          # mm, the voxel spacing the network was trained at
   windows: sliding_window.Windows
+  crop_nonzero: bool = False     # data.crop_to_nonzero: predict inside the non-zero box
 
 
-def volumetric(info: dict, modalities, windows: sliding_window.Windows) -> Volumetric:
+def volumetric(info: dict, modalities, windows: sliding_window.Windows,
+               crop_nonzero: bool = False) -> Volumetric:
   """`Volumetric` from what a 3D run records in data_info.json (or a model file in
-  model.json), `data.modalities` and the sliding-window settings."""
+  model.json), `data.modalities`, the sliding-window settings and `data.crop_to_nonzero`."""
   return Volumetric(modalities=tuple(modalities), schemes=tuple(info["normalisation"]),
                     ct_statistics=info["ct_statistics"],
-                    target_spacing=tuple(info["target_spacing"]), windows=windows)
+                    target_spacing=tuple(info["target_spacing"]), windows=windows,
+                    crop_nonzero=crop_nonzero)
 
 
 def predict(probabilities: Callable[[str, Run], np.ndarray],
@@ -151,13 +154,16 @@ def predict_volume(settings: preprocess.Settings, modalities: tuple[str, ...], p
 def predict_volume_3d(settings: Volumetric, modalities: tuple[str, ...], path: str,
                       run: Run) -> np.ndarray:
   """Class probabilities [X,Y,Z,C] in the canonical (RAS) voxel grid of the volume, by
-  sliding windows at the target spacing."""
+  sliding windows at the target spacing (over its non-zero box when the run was trained
+  cropped: background outside it)."""
   volume = decathlon.load_nifti(path)
   image = preprocess.select_channels(volume.data, settings.modalities, modalities, path)
-  prepared = volume_store.prepare_image(image, volume.spacing, settings.schemes,
+  box = crop.region(image, settings.crop_nonzero)
+  prepared = volume_store.prepare_image(image[box], volume.spacing, settings.schemes,
                                         settings.ct_statistics, settings.target_spacing)
   probs = settings.windows.apply(prepared, run)
-  return resample.resample_probabilities(probs, image.shape[:3])
+  probs = resample.resample_probabilities(probs, crop.shape_of(box))
+  return crop.background_outside(probs, box, image.shape[:3])
 
 
 def _run_batched(par: strategies.Parallel, predict_fn, state, slices: np.ndarray,

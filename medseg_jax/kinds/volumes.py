@@ -83,7 +83,8 @@ class Volumes(DataKind):
             "window_run": lambda state: predict.mesh_run(par, compiled, state, batch)}
 
   def probabilities(self, info: dict, batch: int) -> Callable:
-    settings = predict.volumetric(info, self.settings.modalities, self.windows(batch))
+    settings = predict.volumetric(info, self.settings.modalities, self.windows(batch),
+                                  self.settings.crop_nonzero)
     return functools.partial(predict.predict_volume_3d, settings, tuple(info["modalities"]))
 
   def for_model(self, model_json: dict) -> "Volumes":
@@ -134,7 +135,7 @@ def _store_settings(data: ml_collections.ConfigDict) -> volume_store.Settings:
   return volume_store.check_settings(volume_store.Settings(
       modalities=tuple(data.modalities), label_map=tuple(data.label_map),
       target_spacing=pipeline.numbers("data.target_spacing", data.target_spacing),
-      normalisation=data.volume_normalisation,
+      normalisation=data.volume_normalisation, crop_nonzero=bool(data.crop_to_nonzero),
       ct_clip_percentiles=pipeline.numbers("data.ct_clip_percentiles",
                                            data.ct_clip_percentiles),
       foreground_samples=data.foreground_samples))

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from medseg_jax import files
-from medseg_jax.data import decathlon, preprocess
+from medseg_jax.data import crop, decathlon, preprocess
 from medseg_jax.data.pool import pool_map
 from medseg_jax.errors import DataError
 
@@ -55,21 +55,9 @@ def case_record(case: decathlon.Case, modalities: int, classes: int, samples: in
   values = np.asarray(label.data).astype(np.int64)
   counts = np.bincount(values.ravel(), minlength=classes)
   return {"name": case.name, "spacing": list(image.spacing), "shape": list(data.shape[:3]),
-          "cropped_shape": nonzero_box(data), "class_voxels": counts.tolist(),
+          "cropped_shape": crop.shape_of(crop.nonzero_box(data)),
+          "class_voxels": counts.tolist(),
           "foreground": preprocess.foreground_intensities(data, values, samples)}
-
-
-def nonzero_box(image: np.ndarray) -> list[int]:
-  """The shape of the smallest box holding every voxel that is non-zero in any channel
-  (image [X,Y,Z,C]); the whole shape for an image without any."""
-  nonzero = np.any(image != 0, axis=-1)
-  if not nonzero.any():
-    return list(nonzero.shape)
-  box = []
-  for axis in range(3):
-    along = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
-    box.append(int(along[-1] - along[0] + 1))
-  return box
 
 
 def intensity_statistics(samples: np.ndarray) -> dict:

@@ -63,6 +63,8 @@ def largest_batch(budget: float, peak, limit: int = 0) -> tuple[int, dict[int, f
     if b not in known:
       known[b] = peak(b)
     return known[b] <= budget
+  if limit and fits(limit):  # a peak grows with the batch: every smaller batch fits too
+    return limit, known
   if not fits(1):
     return 0, known
   lo, hi = 1, limit + 1 if limit else None  # lo fits; hi does not (or is past the limit)

@@ -67,7 +67,7 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   `time_budget`, the width and patch that budget trains best, and its steps."""
   spacing, spacing_rule = rules.target_spacing(fingerprint)
   shape = rules.median_shape(fingerprint, spacing)
-  fixed = (data_choices(fingerprint, root, 3)
+  fixed = (data_choices(fingerprint, root, 3) + [rules.cropping(fingerprint)]
            + [Choice("data.target_spacing", tuple(float(s) for s in spacing), spacing_rule),
               Choice("data.foreground_fraction", 1 / 3, "nnU-Net's foreground oversampling")]
            + rules.augmentation())
@@ -111,24 +111,32 @@ def _half_patch(patch, shape, spacing) -> tuple[int, ...]:
 def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget: TimeBudget,
                  example: tuple, half: Callable, network_of: Callable
                  ) -> tuple[list[Choice], int]:
-  """The network a time budget trains (rules.candidates, rules.chosen), each candidate's
-  train step timed from the largest down until one takes rules.MIN_STEPS (the smaller ones
-  would be chosen after it); its choices, with the timings in the width's rule, and steps."""
-  tried = []
-  for base, shape in reversed(rules.candidates(example, half)):
+  """The network a time budget trains (rules.candidates, rules.chosen), found by bisection:
+  a step's time grows with capacity, so the candidates that take rules.MIN_STEPS are a
+  prefix of the list, and about log2 of them are timed; its choices, with the timings in
+  the width's rule, and steps."""
+  candidates = rules.candidates(example, half)
+  timed = {}
+  low, high = 0, len(candidates) - 1    # the boundary lies in [low, high]
+  while low <= high:
+    middle = (low + high) // 2
+    base, shape = candidates[middle]
     network = network_of(base, shape)
     seconds = time_budget.timer(config_of(fixed + network
                                           + rules.schedule(batch, machine.num_devices)))
-    tried.insert(0, (network, base, shape, seconds,
-                     rules.budget_steps(time_budget.seconds, seconds)))
-    if tried[0][-1] >= rules.MIN_STEPS:
-      break
+    timed[middle] = (network, base, shape, seconds,
+                     rules.budget_steps(time_budget.seconds, seconds))
+    if timed[middle][-1] >= rules.MIN_STEPS:
+      low = middle + 1
+    else:
+      high = middle - 1
+  tried = [timed[i] for i in sorted(timed)]
   network, *_, steps = tried[rules.chosen([t[-1] for t in tried])]
-  timed = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
+  timings = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
                     for _, b, shape, sec, n in tried)
   rule = (f"time budget {time_budget.seconds:g} s: the largest network (width x voxels) "
           f"that trains at least {rules.MIN_STEPS} steps in {rules.TRAIN_SHARE:.0%} of it "
-          f"(else the fastest); timed here: {timed}")
+          f"(else the fastest); timed here: {timings}")
   return [dataclasses.replace(c, rule=rule) if c.key == "model.base_features" else c
           for c in network], steps
 
@@ -151,11 +159,14 @@ def _at(peak: PeakFn, cfg: ml_collections.ConfigDict) -> Callable[[int], float]:
 
 
 def _estimated_patch(patch, shape, spacing, fixed, budget, peak) -> tuple[int, ...]:
-  """`patch` shrunk until a batch of MIN_DEVICE_BATCH fits `budget` by a linear estimate:
-  the compiled step of `patch` at batches 1 and 2 gives fixed bytes and bytes per example
-  voxel, which scale with the patch's voxels."""
+  """`patch` (when a batch of MIN_DEVICE_BATCH fits `budget`) or `patch` shrunk until one
+  does by a linear estimate: the compiled step of `patch` at batches 1 and 2 gives fixed
+  bytes and bytes per example voxel, which scale with the patch's voxels."""
   cfg = config_of(fixed + rules.topology_3d(spacing, patch))
-  one, two = peak(cfg, 1), peak(cfg, 2)
+  two = peak(cfg, MIN_DEVICE_BATCH)
+  if two <= budget:
+    return patch
+  one = peak(cfg, 1)
   per_voxel = (two - one) / np.prod(patch)
   constant = one - (two - one)
   while constant + MIN_DEVICE_BATCH * per_voxel * np.prod(patch) > budget:
@@ -187,7 +198,8 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
     size = int(image_size * 0.9)
   steps = 0
   if time_budget:
-    half = lambda size: (int(size[0] / 2 ** 0.5),) * 2
+    half = lambda size: (rules.choices_dict(rules.topology_2d(int(size[0] / 2 ** 0.5)))
+                         ["data.image_size"],) * 2
     network, steps = _fit_to_time(fixed + augment, batch, machine, time_budget,
                                   (image_size, image_size), half,
                                   lambda base, size: rules.topology_2d(size[0], base))

@@ -20,14 +20,17 @@ BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
 DATASET_SHARE = 0.05     # a global batch holds at most this share of the dataset's voxels
 MIN_GLOBAL_BATCH = 2
+NONZERO_MASK_SHARE = 0.75  # z-score over the non-zero voxels where the box holds less
 EPOCHS = 1000            # without a time budget: nnU-Net's 1000 epochs ...
 STEPS_PER_EPOCH = 250    # ... of 250 one-device steps
 VALIDATIONS = 20         # validations (and checkpoints) over a run
 # A time budget: its share for train steps (the rest: start-up, compiles, validations,
-# checkpoints), the widths tried, and the least steps a network is given to learn.
+# checkpoints), the widths tried, and the least steps a network is given to learn (on the
+# synthetic MRI set the 3D quickstart's validation Dice still gains 0.04 from step 500 to
+# 1000: BENCHMARKS.md, "Planned runs against the hand-set 3D quickstart").
 TRAIN_SHARE = 0.8
 BUDGET_WIDTHS = (8, 16, 32)
-MIN_STEPS = 500
+MIN_STEPS = 1000
 BUDGET_EPOCHS = 50
 BUDGET_VALIDATIONS = 5
 
@@ -71,21 +74,46 @@ def median_shape(fingerprint: dict, spacing) -> np.ndarray:
   return np.round(np.median(shapes, axis=0)).astype(int)
 
 
+def cropped_share(fingerprint: dict) -> float:
+  """The median over the cases of the share of its voxels its non-zero box holds."""
+  return float(np.median([np.prod(c["cropped_shape"]) / np.prod(c["shape"])
+                          for c in fingerprint["cases"]]))
+
+
+def cropping(fingerprint: dict) -> Choice:
+  return Choice("data.crop_to_nonzero", True,
+                f"nnU-Net crops every case to its non-zero box (here a median "
+                f"{cropped_share(fingerprint):.0%} of its voxels)")
+
+
 def normalisation(fingerprint: dict, dims: int = 3) -> Choice:
   """3D: CT channels clipped to the training foreground's 0.5-99.5 percentiles and z-scored
-  with its mean and std; every other modality z-scored per volume over its non-zero voxels.
-  2D slices have no dataset-wide scheme: CT clipped to each volume's percentiles."""
+  with its mean and std; every other modality z-scored per volume, over its non-zero
+  voxels where cropping to them shrinks a case (its median share under
+  NONZERO_MASK_SHARE, nnU-Net's rule), else over the whole volume. 2D slices have no
+  dataset-wide scheme: CT clipped to each volume's percentiles."""
   ct = [str(m).casefold() == "ct" for m in fingerprint["modalities"]]
   if dims == 2:
     return (Choice("data.normalisation", "percentile", "CT: clipped to each volume's "
                    "0.5-99.5 percentiles, rescaled to [0, 1]") if any(ct) else
             Choice("data.normalisation", "zscore_nonzero", "no channel is CT: z-score each "
                    "volume over its non-zero voxels"))
-  value = "ct" if all(ct) else "mri" if not any(ct) else "auto"
+  share = cropped_share(fingerprint)
+  if all(ct):
+    value = "ct"
+  elif any(ct):
+    value = "auto"
+  else:
+    value = "mri" if share < NONZERO_MASK_SHARE else "zscore"
+  box = f"a case's non-zero box holds a median {share:.0%} of its voxels"
   words = {"ct": "every channel is CT: clip to the training foreground's 0.5-99.5 "
                  "percentiles, z-score with its mean and std",
-           "mri": "no channel is CT: z-score each volume over its non-zero voxels",
-           "auto": "CT channels as CT (clip, dataset z-score), the others z-scored per volume"}
+           "mri": f"no channel is CT: z-score each volume over its non-zero voxels ({box}, "
+                  f"under {NONZERO_MASK_SHARE:.0%})",
+           "zscore": f"no channel is CT: z-score each volume over all its voxels ({box}, not "
+                     f"under {NONZERO_MASK_SHARE:.0%})",
+           "auto": "CT channels as CT (clip, dataset z-score), the others z-scored per volume "
+                   "over their non-zero voxels"}
   return Choice("data.volume_normalisation", value, words[value])
 
 
