@@ -24,9 +24,13 @@ from medseg_jax.planning import planner, rules
 from medseg_jax.training import losses, state, step
 
 
-def _fingerprint(spacings, cropped, modalities=("MRI",), labels=("background", "tumour")):
-  cases = [{"name": f"case_{i}", "spacing": list(s), "shape": list(c), "cropped_shape": list(c),
-            "class_voxels": [1, 1]} for i, (s, c) in enumerate(zip(spacings, cropped))]
+def _fingerprint(spacings, cropped, modalities=("MRI",), labels=("background", "tumour"),
+                 margin=0):
+  """Cases of `cropped` shapes, each inside a volume `margin` voxels larger along every
+  axis and side."""
+  cases = [{"name": f"case_{i}", "spacing": list(s), "shape": [n + 2 * margin for n in c],
+            "cropped_shape": list(c), "class_voxels": [1, 1]}
+           for i, (s, c) in enumerate(zip(spacings, cropped))]
   return {"dataset": "Hand", "modalities": list(modalities), "labels": list(labels),
           "cases": cases, "intensities": {}}
 
@@ -48,8 +52,21 @@ def test_an_isotropic_mri_dataset():
   # 108 -> 54 -> 27 -> 13.5 -> 6.75 (>= 4 after each: 4 levels; a 5th would leave 3.4)
   assert levels == [(2, 2, 2)] * 4
   assert rules.divisible(patch, levels) == (96, 112, 80)
-  assert rules.normalisation(fp).value == "mri"
+  # the box holds every voxel: z-scores over the whole volume
+  assert rules.normalisation(fp).value == "zscore"
   assert rules.normalisation(fp, 2).value == "zscore_nonzero"
+
+
+@pytest.mark.parametrize("margin,scheme", [(0, "zscore"), (4, "zscore"), (6, "mri"),
+                                           (20, "mri")])
+def test_mri_z_scores_over_the_non_zero_voxels_where_cropping_shrinks_a_case(margin, scheme):
+  """Boxes of 100 x 120 x 80 inside volumes `margin` larger on each side: the median box's
+  share is 0.79 at 4 voxels (not under 3/4), 0.71 at 6."""
+  fp = _fingerprint([(1, 1, 1)] * 3, [(100, 120, 80)] * 3, margin=margin)
+  share = 100 * 120 * 80 / ((100 + 2 * margin) * (120 + 2 * margin) * (80 + 2 * margin))
+  assert rules.cropped_share(fp) == pytest.approx(share)
+  assert rules.normalisation(fp).value == scheme
+  assert f"a median {share:.0%} of" in rules.cropping(fp).rule
 
 
 def test_an_anisotropic_ct_dataset():
@@ -154,6 +171,32 @@ def test_the_planned_batch_is_the_largest_the_budget_holds():
   rule = [c.rule for c in choices if c.key == "train.per_device_batch_size"][0]
   assert rule.startswith(f"XLA plans {budget / 2**30:.2f} GiB for a train step of batch 3 "
                          "(width 32, the largest example)")
+
+
+@pytest.mark.parametrize("fitting", [0, 1, 3, 6])
+def test_a_time_budget_takes_the_largest_candidate_that_trains_min_steps(fitting):
+  """A timer whose step time grows with capacity, where the `fitting` smallest candidates
+  take rules.MIN_STEPS: the plan takes the largest of them (the smallest when none does),
+  found by timing at most 3 of the 6 candidates."""
+  fp = _fingerprint([(1, 1, 1)] * 40, [(64, 64, 64)] * 40)
+  fixed = planner.data_choices(fp, "/data", 2) + rules.augmentation(64)
+  order = [(b, s[0]) for b, s in rules.candidates((64, 64), lambda s: (32, 32))]
+  budget = 1000.0
+  enough = rules.TRAIN_SHARE * budget / rules.MIN_STEPS  # the slowest step that fits
+  timed = []
+
+  def timer(cfg):
+    timed.append((cfg.model.base_features, cfg.data.image_size))
+    rank = order.index(timed[-1])
+    return enough * (0.9 if rank < fitting else 1.1) * (1 + rank / 100)
+  network, steps = planner._fit_to_time(  # pylint: disable=protected-access
+      fixed, 2, planner.Machine(2**30, "test", 1), planner.TimeBudget(budget, timer),
+      (64, 64), lambda s: (32, 32), lambda base, s: rules.topology_2d(s[0], base))
+  chosen = rules.choices_dict(network)
+  expected = order[max(fitting - 1, 0)]
+  assert (chosen["model.base_features"], chosen["data.image_size"]) == expected
+  assert (steps >= rules.MIN_STEPS) == (fitting > 0)
+  assert len(timed) <= 3 and expected in timed
 
 
 BUDGET = 120  # seconds of training: the largest tiny candidates fit it, one timing each
