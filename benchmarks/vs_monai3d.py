@@ -2,8 +2,10 @@
 inference of one volume.
 
     python3 benchmarks/vs_monai3d.py --json     # quickstart_3d's shape, then patch 48³ base 16
+    python3 benchmarks/vs_monai3d.py --settings= --convs= --plan=plans/TASK/plan_3d.py
 
-One process; JAX on one CPU device, PyTorch with one thread per core. Networks of the
+One process; JAX on one CPU device, PyTorch and ONNX Runtime with one thread per core
+(`--torch_threads` sets both). Networks of the
 same shape (configs/quickstart_3d.py: depth 3, instance norm, 2 classes; patch, batch and
 base features per setting):
 - medseg_jax: `UNet3D` through the project's build path (shard_map on 1 device, Adam of
@@ -12,8 +14,8 @@ base features per setting):
 - pytorch: the same network layer for layer in PyTorch (`twin`);
 - monai: `monai.networks.nets.DynUNet` set as close as it goes (kernel 3, instance norm
   with affine, leaky ReLU 0.01, two convolutions per level, transposed-convolution
-  upsampling); it downsamples by a stride-2 first convolution, not a max-pool, and its
-  convolutions have no bias.
+  upsampling); it downsamples by a strided first convolution (stride = the level's pooling
+  factors), not a max-pool, and its convolutions have no bias.
 Train step: forward, backward and Adam (lr 2e-3, optax's and torch's defaults are equal)
 on the same random patches and labels, loss Dice + cross-entropy per sample as
 `losses.dice_ce_loss`. Inference of a synthetic volume: `evaluation.sliding_window`
@@ -21,22 +23,33 @@ around the JAX predict step (`predict.mesh_run`) against
 `monai.inferers.sliding_window_inference` around the twin with the JAX weights copied,
 the same window, overlap, Gaussian (MONAI's sigma_scale = our gaussian_sigma) and windows
 per batch; also our `sliding_window` around the twin, which separates the stitching from
-the network, and the largest differences between the probability volumes (MONAI once more
-with our importance map: both floor the Gaussian at 1e-3, ours after scaling it to a
-maximum of 1, MONAI unscaled, its maximum below 1 for an even patch). Last, single 3x3x3
+the network, and around ONNX Runtime on the graph of the same predict step
+(`export.onnx_graph`); and the largest differences between the probability volumes (MONAI
+once more with our importance map: both floor the Gaussian at 1e-3, ours after scaling it
+to a maximum of 1, MONAI unscaled, its maximum below 1 for an even patch). Before timing,
+the twin must have JAX's parameter count, and the twin's and ONNX Runtime's probabilities
+must equal JAX's within 1e-4 on a batch of windows, or the run stops with an error. The
+inference network is quickstart_3d's (window 32³, 2 per batch) or, with `--plan`, that of
+a planned 3D config file (`python -m medseg_jax.plan`): its depth, widths and their cap,
+per-level pooling factors (anisotropic ones included), `data.patch_size` as the window and
+its evaluation batch on one device as windows per batch. Last, single 3x3x3
 convolutions forward (`--convs`), XLA's against PyTorch's. Sides take turns in blocks
 (`--block` calls per side per round), so a change of the shared machine's load falls on
 every side alike; figures are medians.
-Needs the benchmark requirements (benchmarks/requirements.txt).
+Needs the benchmark requirements (benchmarks/requirements.txt) and, for inference, the
+ONNX extra (README).
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import platform
 import sys
 import time
+from importlib import metadata
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,14 +61,31 @@ NUM_CLASSES = 2
 LR = 2e-3  # configs/quickstart_3d.py: adam, optim.lr
 NEGATIVE_SLOPE = 0.01  # models/unet3d.py
 FLAX_EPS = 1e-6  # nn.InstanceNorm's epsilon
+TOLERANCE = 1e-4  # the twin's and ONNX Runtime's probabilities against JAX's
 TRAIN_SETTINGS = {"quickstart_3d": dict(patch=32, batch=2, base=8, depth=3),
                   "p48_b16": dict(patch=48, batch=2, base=16, depth=3)}
 
 
 # -- the networks in PyTorch ------------------------------------------------------
-def twin(depth: int, base: int, num_classes: int = NUM_CLASSES, channels: int = 1):
-  """medseg_jax's UNet3D layer for layer in PyTorch (NCDHW), random weights."""
+def level_factors(depth: int, pooling=()) -> tuple:
+  """Each level's (D,H,W) pooling factors: `pooling`, or 2 along every axis when empty."""
+  return tuple(tuple(int(f) for f in level) for level in pooling) or ((2, 2, 2),) * depth
+
+
+def level_widths(depth: int, base: int, max_features: int = 0) -> list[int]:
+  """Each level's channels, full resolution to bottleneck: doubling from `base`, capped at
+  `max_features` (0: no cap)."""
+  widths = [base * 2**level for level in range(depth + 1)]
+  return [min(w, max_features) for w in widths] if max_features else widths
+
+
+def twin(depth: int, base: int, num_classes: int = NUM_CLASSES, channels: int = 1,
+         pooling=(), max_features: int = 0):
+  """medseg_jax's UNet3D layer for layer in PyTorch (NCDHW), random weights: each level
+  max-pooled and up-convolved by its `pooling` factors (kernel = stride = the factors),
+  widths capped at `max_features`, as `model.pooling` and `model.max_features` set it."""
   from torch import nn
+  factors, widths = level_factors(depth, pooling), level_widths(depth, base, max_features)
 
   def block(cin, cout):
     layers = []
@@ -69,22 +99,22 @@ def twin(depth: int, base: int, num_classes: int = NUM_CLASSES, channels: int = 
 
     def __init__(self):
       super().__init__()
-      widths = [base * 2**level for level in range(depth + 1)]
       self.blocks = nn.ModuleList(  # encoder, bottom, decoder: ConvBlock3D_0, _1, ...
           [block(cin, cout) for cin, cout in zip([channels] + widths, widths)]
           + [block(2 * widths[i], widths[i]) for i in reversed(range(depth))])
-      self.ups = nn.ModuleList(nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2)
-                               for i in reversed(range(depth)))  # ConvTranspose_0 deepest
-      self.head = nn.Conv3d(base, num_classes, 1)
-      self.pool = nn.MaxPool3d(2)
+      self.ups = nn.ModuleList(  # ConvTranspose_0 is the deepest
+          nn.ConvTranspose3d(widths[i + 1], widths[i], factors[i], stride=factors[i])
+          for i in reversed(range(depth)))
+      self.head = nn.Conv3d(widths[0], num_classes, 1)
+      self.pools = nn.ModuleList(nn.MaxPool3d(f, stride=f) for f in factors)
 
     def forward(self, x):
       import torch
       skips = []
-      for blk in self.blocks[:depth]:
+      for blk, pool in zip(self.blocks[:depth], self.pools):
         x = blk(x)
         skips.append(x)
-        x = self.pool(x)
+        x = pool(x)
       x = self.blocks[depth](x)
       for up, blk, skip in zip(self.ups, self.blocks[depth + 1:], reversed(skips)):
         x = blk(torch.cat([skip, up(x)], dim=1))
@@ -116,13 +146,15 @@ def copy_weights(model, params: dict) -> None:
   conv(model.head, params["Conv_0"])
 
 
-def dynunet(depth: int, base: int):
-  """MONAI's DynUNet as close to UNet3D as it goes (nnU-Net's blocks)."""
+def dynunet(depth: int, base: int, pooling=(), max_features: int = 0):
+  """MONAI's DynUNet as close to UNet3D as it goes (nnU-Net's blocks): each lower level's
+  stride and up-sampling kernel are that level's pooling factors."""
   from monai.networks.nets import DynUNet
+  factors = [list(f) for f in level_factors(depth, pooling)]
   return DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
-                 kernel_size=[3] * (depth + 1), strides=[1] + [2] * depth,
-                 upsample_kernel_size=[2] * depth,
-                 filters=[base * 2**level for level in range(depth + 1)],
+                 kernel_size=[3] * (depth + 1), strides=[1] + factors,
+                 upsample_kernel_size=factors,
+                 filters=level_widths(depth, base, max_features),
                  norm_name=("INSTANCE", {"affine": True}),
                  act_name=("leakyrelu", {"inplace": True, "negative_slope": NEGATIVE_SLOPE}),
                  res_block=False, deep_supervision=False)
@@ -152,6 +184,35 @@ def torch_side(model, images: np.ndarray, labels: np.ndarray) -> dict:
               count=sum(p.numel() for p in model.parameters()))
 
 
+# -- a setting: patch (an edge, or (D,H,W)), batch, base, depth; pooling, max_features ---
+def window(s: dict) -> tuple:
+  """The patch (D,H,W) of setting `s`."""
+  patch = s["patch"]
+  return tuple(patch) if isinstance(patch, (tuple, list)) else (patch,) * 3
+
+
+def shape_keywords(s: dict) -> dict:
+  """`twin`'s and `dynunet`'s keywords for the pooling and width cap of setting `s`."""
+  return dict(pooling=s.get("pooling", ()), max_features=s.get("max_features", 0))
+
+
+def plan_setting(path: str) -> dict:
+  """The inference setting of a planned 3D config file: its U-Net, `data.patch_size` as
+  the window, its evaluation batch on one device as windows per batch."""
+  from medseg_jax import config_schema
+  from medseg_jax.training import setup
+  cfg = config_schema.load_config(path)
+  m = cfg.model
+  found = (m.name, m.norm, m.compute_dtype, cfg.data.spatial_dims, m.kwargs.to_dict())
+  if found != ("unet3d", "instance", "float32", 3, {}):
+    sys.exit(f"error: --plan={path}: the PyTorch twin is unet3d, instance norm, float32, 3D, "
+             f"no model.kwargs; the file has (model.name, model.norm, model.compute_dtype, "
+             f"data.spatial_dims, model.kwargs) = {found}")
+  return dict(patch=tuple(int(n) for n in cfg.data.patch_size),
+              batch=setup.eval_batch(cfg, 1), base=m.base_features, depth=m.depth,
+              pooling=level_factors(m.depth, m.pooling), max_features=m.max_features)
+
+
 # -- medseg_jax -----------------------------------------------------------------------
 def jax_build(s: dict) -> tuple:
   """(parallel strategy, host train state) of UNet3D through the project's build path."""
@@ -163,11 +224,12 @@ def jax_build(s: dict) -> tuple:
   from medseg_jax.parallel import strategies
   from medseg_jax.training import state as state_lib
   cfg = quickstart_3d.get_config()
-  cfg.model.update({"depth": s["depth"], "base_features": s["base"]})
+  cfg.model.update({"depth": s["depth"], "base_features": s["base"],
+                    **shape_keywords(s)})
   par = strategies.make_parallel("shard_map", 1)
-  model = build_model(cfg.model, NUM_CLASSES, s["patch"], par.bn_axis_name)
+  model = build_model(cfg.model, NUM_CLASSES, window(s)[0], par.bn_axis_name)
   state = state_lib.init_state(model, optim.make_optimizer(cfg, LR), jax.random.key(0),
-                               (s["patch"],) * 3 + (1,))
+                               window(s) + (1,))
   return par, state
 
 
@@ -202,15 +264,26 @@ def jax_train(s: dict, images: np.ndarray, labels: np.ndarray, shifted: bool = T
 
 def jax_predictor(s: dict) -> tuple:
   """(run: windows [N,d,h,w,1] -> probabilities, as validation and prediction run them;
-  the Flax params, as numpy)."""
-  import jax
+  the train state on the host)."""
   from medseg_jax.evaluation import predict
   from medseg_jax.training import step as step_lib
   par, state = jax_build(s)
-  params = jax.tree.map(np.asarray, state.params)
   run = predict.mesh_run(par, par.predict_step(step_lib.predict_step), par.put_state(state),
                          s["batch"])
-  return run, params
+  return run, state
+
+
+def onnx_predictor(state, s: dict, threads: int) -> tuple:
+  """(run: windows -> probabilities by ONNX Runtime with `threads` threads, on the graph of
+  the project's predict step with `state` that `export.onnx_graph` writes; export s)."""
+  from medseg_jax.export import onnx_graph
+  from medseg_jax.training import step as step_lib
+  start = time.perf_counter()
+  graph = onnx_graph.forward_graph(functools.partial(step_lib.predict_step, state),
+                                   window(s) + (1,))
+  export_s = time.perf_counter() - start
+  sess = onnx_graph.session(graph, threads)
+  return (lambda windows: onnx_graph.run(sess, windows, s["batch"])), export_s
 
 
 # -- timing -----------------------------------------------------------------------
@@ -241,8 +314,10 @@ def train_setting(name: str, args, loads: list) -> dict:
   labels = rng.integers(0, NUM_CLASSES, shape).astype(np.uint8)  # stored as uint8
   sides = {"medseg_jax": jax_train(s, images, labels),
            "medseg_jax_xla": jax_train(s, images, labels, shifted=False),
-           "pytorch": torch_side(twin(s["depth"], s["base"]), images, labels),
-           "monai": torch_side(dynunet(s["depth"], s["base"]), images, labels)}
+           "pytorch": torch_side(twin(s["depth"], s["base"], **shape_keywords(s)), images,
+                                 labels),
+           "monai": torch_side(dynunet(s["depth"], s["base"], **shape_keywords(s)), images,
+                               labels)}
   counts = {side: d["count"] for side, d in sides.items() if side != "medseg_jax_xla"}
   if counts["medseg_jax"] != counts["pytorch"]:
     sys.exit(f"error: parameter counts differ: {counts}")
@@ -273,7 +348,7 @@ def monai_run(model, volume: np.ndarray, s: dict, args, weight_map=None):
     return torch.softmax(model(windows), dim=1)
   def call():
     with torch.inference_mode():
-      out = sliding_window_inference(x, (s["patch"],) * 3, s["batch"], predictor,
+      out = sliding_window_inference(x, window(s), s["batch"], predictor,
                                      overlap=args.overlap, mode="gaussian",
                                      sigma_scale=args.sigma, padding_mode="constant", cval=0.0,
                                      roi_weight_map=roi_map)
@@ -281,51 +356,95 @@ def monai_run(model, volume: np.ndarray, s: dict, args, weight_map=None):
   return call
 
 
-def predictors(s: dict) -> tuple:
-  """(JAX run, the PyTorch twin with the same weights, its run), each run once on a batch
-  of windows (JAX compiles there); and the two runs' max abs difference on that batch."""
-  run_jax, params = jax_predictor(s)
-  model = twin(s["depth"], s["base"])
-  copy_weights(model, params)
+@dataclasses.dataclass(frozen=True)
+class Nets:
+  """The network of the inference sides, with the same weights in each runtime."""
+
+  run_jax: Callable  # windows [N,d,h,w,1] -> probabilities [N,d,h,w,K], all three
+  twin: Any  # the PyTorch twin
+  run_twin: Callable
+  run_onnx: Callable
+  params: int  # parameters, the same in JAX and the twin (checked)
+  onnx_export_s: float
+
+
+def predictors(s: dict, threads: int) -> Nets:
+  """The JAX run, the PyTorch twin with the same weights and its run, and ONNX Runtime's
+  run with `threads` threads; stops with an error unless the twin has JAX's parameter
+  count."""
+  import jax
+  from medseg_jax.errors import MedsegError
+  run_jax, state = jax_predictor(s)
+  model = twin(s["depth"], s["base"], **shape_keywords(s))
+  copy_weights(model, jax.tree.map(np.asarray, state.params))
   model.eval()
-  run_torch = torch_probabilities(model)
+  counts = {"medseg_jax": sum(x.size for x in jax.tree.leaves(state.params)),
+            "pytorch": sum(p.numel() for p in model.parameters())}
+  if counts["medseg_jax"] != counts["pytorch"]:
+    sys.exit(f"error: parameter counts differ: {counts}")
+  try:
+    run_onnx, export_s = onnx_predictor(state, s, threads)
+  except MedsegError as e:
+    sys.exit(f"error: {e}")
+  return Nets(run_jax, model, torch_probabilities(model), run_onnx, counts["medseg_jax"],
+              export_s)
+
+
+def check_against_jax(nets: Nets, s: dict) -> dict:
+  """The largest difference of the twin's and ONNX Runtime's probabilities from JAX's on
+  one batch of random windows (JAX compiles there); stops with an error past TOLERANCE."""
   windows = np.random.default_rng(1).normal(
-      size=(s["batch"],) + (s["patch"],) * 3 + (1,)).astype(np.float32)
-  return run_jax, model, run_torch, float(np.abs(run_jax(windows) - run_torch(windows)).max())
+      size=(s["batch"],) + window(s) + (1,)).astype(np.float32)
+  expected = nets.run_jax(windows)
+  diffs = {side: float(np.abs(run(windows) - expected).max())
+           for side, run in (("twin", nets.run_twin), ("onnx", nets.run_onnx))}
+  if bad := {side: d for side, d in diffs.items() if not d <= TOLERANCE}:
+    sys.exit(f"error: probabilities differ from JAX's by {bad} (> {TOLERANCE})")
+  return diffs
 
 
-def inference(shape: tuple, nets: tuple, args, loads: list) -> dict:
+def inference(shape: tuple, s: dict, nets: Nets, args, loads: list) -> dict:
   """One volume by sliding windows: ours around JAX, MONAI's around the twin (the JAX
-  weights copied), ours around the twin; times and the differences of the results."""
+  weights copied), ours around the twin, ours around ONNX Runtime; times and the
+  differences of the results."""
   from medseg_jax.evaluation import sliding_window
-  s = TRAIN_SETTINGS["quickstart_3d"]
-  run_jax, model, run_torch, _ = nets
-  windows = sliding_window.Windows(patch=(s["patch"],) * 3, overlap=args.overlap,
+  windows = sliding_window.Windows(patch=window(s), overlap=args.overlap,
                                    gaussian_sigma=args.sigma, batch=s["batch"])
   volume = phantom(shape)
-  calls = {"medseg_jax": lambda: windows.apply(volume, run_jax),
-           "monai": monai_run(model, volume, s, args),
-           "ours_on_twin": lambda: windows.apply(volume, run_torch)}
+  calls = {"medseg_jax": lambda: windows.apply(volume, nets.run_jax),
+           "monai": monai_run(nets.twin, volume, s, args),
+           "ours_on_twin": lambda: windows.apply(volume, nets.run_twin),
+           "ours_onnx": lambda: windows.apply(volume, nets.run_onnx)}
   out = {}
   fns = {name: (lambda name=name, fn=fn: out.__setitem__(name, fn())) for name, fn in
          calls.items()}
   medians = interleave(fns, args.infer_rounds, 1, loads, warmup=False)
   # MONAI with our importance map (untimed): what is left is float32 against float64 sums.
-  out["monai_our_map"] = monai_run(model, volume, s, args, sliding_window.gaussian_map(
-      (s["patch"],) * 3, args.sigma))()
+  out["monai_our_map"] = monai_run(nets.twin, volume, s, args, sliding_window.gaussian_map(
+      window(s), args.sigma))()
   differ = lambda a, b: float(np.abs(out[a] - out[b]).max())
   return dict(volume=list(shape), **s, overlap=args.overlap, sigma=args.sigma,
-              windows=len(sliding_window.window_corners(shape, (s["patch"],) * 3,
-                                                        args.overlap)),
+              windows=len(sliding_window.window_corners(shape, window(s), args.overlap)),
               median_s={name: m[0] for name, m in medians.items()},
               median_cpu_s={name: m[1] for name, m in medians.items()},
               calls=args.infer_rounds,
               max_abs_diff={"jax_vs_monai": differ("medseg_jax", "monai"),
                             "stitching_only": differ("ours_on_twin", "monai"),
                             "stitching_our_map": differ("ours_on_twin", "monai_our_map"),
-                            "network_only": differ("medseg_jax", "ours_on_twin")},
+                            "network_only": differ("medseg_jax", "ours_on_twin"),
+                            "onnx_vs_jax": differ("ours_onnx", "medseg_jax")},
               argmax_differs=float(np.mean(out["medseg_jax"].argmax(-1)
                                            != out["monai"].argmax(-1))))
+
+
+def inference_part(shapes: list, args, loads: list) -> tuple:
+  """(the network of the inference: its setting, parameters, export time and differences
+  from JAX on one batch; a row of `inference` per volume shape)."""
+  s = plan_setting(args.plan) if args.plan else TRAIN_SETTINGS["quickstart_3d"]
+  nets = predictors(s, args.torch_threads or os.cpu_count())
+  network = dict(setting=s, params=nets.params, onnx_export_s=nets.onnx_export_s,
+                 max_abs_diff=check_against_jax(nets, s))
+  return network, [inference(shape, s, nets, args, loads) for shape in shapes]
 
 
 # -- one convolution ---------------------------------------------------------------------
@@ -378,7 +497,15 @@ def machine() -> dict:
   return dict(cpu=cpu, cores=os.cpu_count(), ram_gib=round(ram, 1),
               python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
               optax=optax.__version__, torch=torch.__version__, monai=monai.__version__,
-              torch_threads=torch.get_num_threads(), jax_devices=str(jax.devices()))
+              torch_threads=torch.get_num_threads(), jax_devices=str(jax.devices()),
+              onnxruntime=_version("onnxruntime"), jax2onnx=_version("jax2onnx"))
+
+
+def _version(package: str) -> str:
+  try:
+    return metadata.version(package)
+  except metadata.PackageNotFoundError:
+    return "not installed"
 
 
 def _both(r: dict, side: str) -> str:
@@ -401,27 +528,42 @@ def print_train(rows: list[dict]) -> None:
           + f" | {m['medseg_jax'] / m['pytorch']:.2f} | {m['medseg_jax'] / m['monai']:.2f} |")
 
 
-def print_inference(rows: list[dict], network_diff: float) -> None:
-  print("\nSliding-window inference of one volume, median wall s (process CPU s):")
+def describe(network: dict) -> str:
+  """The inference network in one line: its shape, parameters, window and export time."""
+  s = network["setting"]
+  cap = f" (at most {s['max_features']})" if s.get("max_features") else ""
+  pooling = " ".join("(" + ",".join(map(str, f)) + ")"
+                     for f in level_factors(s["depth"], s.get("pooling", ())))
+  return (f"unet3d depth {s['depth']}, base {s['base']}{cap}, pooling {pooling}, "
+          f"{network['params']:,} parameters; window {'×'.join(map(str, window(s)))}; "
+          f"ONNX export {network['onnx_export_s']:.1f} s")
+
+
+def print_inference(rows: list[dict], network: dict) -> None:
+  print(f"\nSliding-window inference of one volume: {describe(network)}. Median wall s "
+        f"(process CPU s):")
   print("| volume | windows (batch) | ours + JAX | MONAI + PyTorch twin "
-        "| ours + PyTorch twin | ours + JAX / MONAI + twin |")
-  print("|---|---|---|---|---|---|")
+        "| ours + PyTorch twin | ours + ONNX Runtime | ours + JAX / MONAI + twin "
+        "| ours + ONNX Runtime / MONAI + twin |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     m = r["median_s"]
     print(f"| {'×'.join(map(str, r['volume']))} | {r['windows']} ({r['batch']}) | "
-          + " | ".join(_both(r, side) for side in ("medseg_jax", "monai", "ours_on_twin"))
-          + f" | {m['medseg_jax'] / m['monai']:.2f} |")
-  print(f"\nNetwork, JAX against the twin on one batch of windows: max abs diff "
-        f"{network_diff:.1e}. Probability volumes:")
+          + " | ".join(_both(r, side) for side in ("medseg_jax", "monai", "ours_on_twin",
+                                                   "ours_onnx"))
+          + f" | {m['medseg_jax'] / m['monai']:.2f} | {m['ours_onnx'] / m['monai']:.2f} |")
+  d = network["max_abs_diff"]
+  print(f"\nNetwork on one batch of windows, max abs diff from JAX: the twin {d['twin']:.1e}, "
+        f"ONNX Runtime {d['onnx']:.1e}. Probability volumes:")
   print("| volume | max abs diff: ours + JAX vs MONAI + twin | ours vs MONAI, both on the "
         "twin | the same, MONAI given our map | ours on JAX vs on the twin "
-        "| voxels whose argmax differs (JAX vs MONAI) |")
-  print("|---|---|---|---|---|---|")
+        "| ours on ONNX Runtime vs on JAX | voxels whose argmax differs (JAX vs MONAI) |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     d = r["max_abs_diff"]
     print(f"| {'×'.join(map(str, r['volume']))} | {d['jax_vs_monai']:.1e} | "
           f"{d['stitching_only']:.1e} | {d['stitching_our_map']:.1e} | "
-          f"{d['network_only']:.1e} | {r['argmax_differs']:.1e} |")
+          f"{d['network_only']:.1e} | {d['onnx_vs_jax']:.1e} | {r['argmax_differs']:.1e} |")
 
 
 def load_summary(loads: list) -> dict:
@@ -442,7 +584,11 @@ def main():
   p.add_argument("--infer_rounds", type=int, default=3, help="inference calls per side")
   p.add_argument("--overlap", type=float, default=0.5, help="evaluation.window_overlap")
   p.add_argument("--sigma", type=float, default=0.125, help="evaluation.gaussian_sigma")
-  p.add_argument("--torch_threads", type=int, default=0, help="0 = the core count")
+  p.add_argument("--plan", default="",
+                 help="a planned 3D config file: its U-Net, patch and evaluation batch for "
+                      "the inference (default: the quickstart_3d setting)")
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="PyTorch's and ONNX Runtime's threads; 0 = the core count")
   p.add_argument("--json", action="store_true", help="also print one JSON line")
   args = p.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -460,11 +606,12 @@ def main():
   if result["train"]:
     print_train(result["train"])
   shapes = [tuple(int(n) for n in v.split("x")) for v in args.volumes.split(",") if v]
-  nets = predictors(TRAIN_SETTINGS["quickstart_3d"]) if shapes else None
-  result["inference"] = [inference(shape, nets, args, loads) for shape in shapes]
-  result["network_max_abs_diff"] = nets and nets[3]
+  result["inference"], result["inference_network"] = [], None
   if shapes:
-    print_inference(result["inference"], result["network_max_abs_diff"])
+    result["inference_network"], result["inference"] = inference_part(shapes, args, loads)
+    print_inference(result["inference"], result["inference_network"])
+  result["network_max_abs_diff"] = (result["inference_network"]
+                                    and result["inference_network"]["max_abs_diff"]["twin"])
   result["convs"] = [conv_forward(spec, 2, 7, loads) for spec in args.convs.split(",") if spec]
   if result["convs"]:
     print_convs(result["convs"])

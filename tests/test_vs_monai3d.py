@@ -1,7 +1,8 @@
 """benchmarks/vs_monai3d.py's comparisons hold: its PyTorch twin of UNet3D, given the Flax
-weights, computes JAX's probabilities; and `sliding_window` stitches a volume as MONAI's
-`sliding_window_inference` does with the same network, windows and importance map; and its
-PyTorch loss is `losses.dice_ce_loss`."""
+weights, computes JAX's probabilities (per-level anisotropic pooling and capped widths
+included); its DynUNet pools by the same factors; `sliding_window` stitches a volume as
+MONAI's `sliding_window_inference` does with the same network, windows and importance map;
+and its PyTorch loss is `losses.dice_ce_loss`."""
 
 import importlib.util
 import os
@@ -30,12 +31,12 @@ def _bench():
   return module
 
 
-def _network():
+def _network(model=None, patch=PATCH):
   """(UNet3D, random params of its shapes: kernels scaled by fan-in, norm scales near 1,
   biases near 0), drawn with numpy (initialising the network would compile for seconds)."""
-  model = UNet3D(num_classes=2, depth=DEPTH, base_features=BASE)
+  model = model or UNet3D(num_classes=2, depth=DEPTH, base_features=BASE)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          np.zeros((1,) + PATCH + (1,), np.float32))["params"]
+                          np.zeros((1,) + patch + (1,), np.float32))["params"]
   rng = np.random.default_rng(1)
 
   def draw(path, leaf):
@@ -65,6 +66,41 @@ def test_torch_twin_gives_the_probabilities_of_unet3d():
   np.testing.assert_allclose(got, expected, atol=2e-5)
   assert sum(p.numel() for p in bench.twin(DEPTH, BASE).parameters()) == sum(
       p.size for p in jax.tree.leaves(params))
+
+
+def test_anisotropic_capped_twin_gives_the_probabilities_of_unet3d():
+  """Per-level factors that differ by axis and by level, and widths capped (4, 6, 6)."""
+  bench = _bench()
+  pooling, cap = ((2, 2, 1), (2, 1, 2)), 6
+  model, params = _network(UNet3D(num_classes=2, depth=2, base_features=BASE,
+                                  pooling=pooling, max_features=cap), (4, 4, 4))
+  images = np.random.default_rng(4).normal(size=(2, 8, 12, 4, 1)).astype(np.float32)
+  expected = np.asarray(jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)))(
+      params, images))
+  twin = bench.twin(2, BASE, pooling=pooling, max_features=cap)
+  bench.copy_weights(twin, jax.tree.map(np.asarray, params))
+  got = bench.torch_probabilities(twin.eval())(images)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, atol=bench.TOLERANCE)
+  assert sum(p.numel() for p in twin.parameters()) == sum(
+      p.size for p in jax.tree.leaves(params))
+
+
+def test_dynunet_pools_by_the_same_factors_without_biases():
+  """DynUNet of the same factors and widths keeps the input's shape (W = 2 is halved only
+  once: by 2 at every level its skips would not fit) and has the twin's parameters less
+  the biases of its convolutions (its output layer keeps its bias)."""
+  bench = _bench()
+  pooling, cap = ((2, 2, 1), (2, 1, 2)), 6
+  net = bench.dynunet(2, BASE, pooling=pooling, max_features=cap).eval()
+  twin = bench.twin(2, BASE, pooling=pooling, max_features=cap)
+  with torch.inference_mode():
+    assert net(torch.zeros(1, 1, 8, 12, 2)).shape == (1, 2, 8, 12, 2)
+  biases = sum(m.bias.numel() for m in twin.modules()
+               if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))
+               and m is not twin.head)
+  count = lambda m: sum(p.numel() for p in m.parameters())
+  assert count(net) == count(twin) - biases
 
 
 def test_sliding_window_equals_monai_with_the_same_network_and_map():
