@@ -199,7 +199,7 @@ def test_a_time_budget_takes_the_largest_candidate_that_trains_min_steps(fitting
   assert len(timed) <= 3 and expected in timed
 
 
-BUDGET = 120  # seconds of training: the largest tiny candidates fit it, one timing each
+BUDGET = 120  # seconds of training: enough for the tiny candidates to take 1000 steps
 
 
 @pytest.fixture(scope="module")
