@@ -98,12 +98,19 @@ def main():
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--volumes", type=int, default=24)
   p.add_argument("--dataset", choices=sorted(DATASETS), default="mri")
+  p.add_argument("--settings", default=",".join(SETTINGS),
+                 help="the settings to train (a study in parts); the table needs all")
   p.add_argument("--out", default=os.path.join(REPO, "runs", "plan_budget"))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
   info = prepare(args.out, args.volumes, args.budget, args.dataset)
+  settings = args.settings.split(",")
+  if unknown := set(settings) - set(SETTINGS):
+    p.error(f"--settings: unknown {sorted(unknown)}; choose from {SETTINGS}")
   rows = [train(s, int(seed), info, args.out) for seed in args.seeds.split(",")
-          for s in SETTINGS]
+          for s in settings]
+  if set(settings) != set(SETTINGS):
+    return
   from medseg_jax.tuning import paired
   by = {(r["setting"], r["seed"]): r["dice"] for r in rows}
   seeds = sorted({r["seed"] for r in rows})

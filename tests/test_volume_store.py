@@ -136,6 +136,25 @@ def test_cropped_volumes_are_their_non_zero_box_preprocessed_by_hand(dataset_dir
     assert entry["label_voxels_outside"] == (labels > 0).sum() - (labels[box] > 0).sum()
 
 
+def test_a_label_voxel_outside_the_box_is_counted_and_warned_about(dataset_dir, tmp_path,
+                                                                     caplog):
+  root = str(tmp_path / "outside")
+  shutil.copytree(dataset_dir, root)
+  with open(os.path.join(root, "dataset.json")) as f:
+    label_path = os.path.join(root, json.load(f)["training"][0]["label"])
+  img = nib.load(label_path)
+  labels = np.asarray(img.dataobj).copy()
+  image, _ = canonical(label_path.replace("labelsTr", "imagesTr"))
+  assert image[0, 0, 0] == 0 and labels[0, 0, 0] == 0  # a corner outside the head
+  labels[0, 0, 0] = 1
+  nib.save(nib.Nifti1Image(labels, img.affine, img.header), label_path)
+  with caplog.at_level("WARNING"):
+    opened = build(root, tmp_path / "cache", target_spacing=TARGET, crop_nonzero=True)
+  counts = [v["label_voxels_outside"] for v in opened.volumes]
+  assert counts == [1, 0, 0]
+  assert "1 label voxels lie outside its non-zero box" in caplog.text
+
+
 @pytest.mark.parametrize("corner,size", [((2, 3, 1), (6, 5, 4)), ((-3, 4, -2), (8, 8, 8)),
                                          ((10, 9, 8), (8, 16, 9)), ((-20, 0, 0), (4, 4, 4)),
                                          ((0, 0, 0), (14, 12, 11))])

@@ -123,6 +123,11 @@ def _write_volumes(tmp: str, dataset: decathlon.Dataset, settings: Settings,
   volumes = []
   bad = store.ingest_all(dataset, _ingest, jobs, processes, skip_invalid,
                          lambda case, out: volumes.append(_write_volume(tmp, len(volumes), *out)))
+  for v in volumes:
+    if v["label_voxels_outside"]:
+      logging.warning("%s: %d label voxels lie outside its non-zero box; cropped away, they "
+                      "are neither trained on nor evaluated", v["label"],
+                      v["label_voxels_outside"])
   return {"format": FORMAT, "dataset": dataset.name, "root": os.path.abspath(dataset.root),
           "settings": settings.to_dict(), "target_spacing": list(target),
           "channels": list(channel_names(dataset, settings)), "normalisation": list(schemes),
