@@ -9,8 +9,8 @@ and exits 0, writing nothing. Otherwise it writes OUT/<UTC date-time>.json and .
 Markdown table per kind of figure), rewritten after every part. The parts, in order:
 - machine: the GPU, driver, CUDA and cuDNN versions as JAX and PyTorch report them.
 - train_2d, train_3d: the project's train step (shard_map on one device) against the same
-  network in PyTorch with the same initial weights (torch_twins.unet; vs_monai3d.twin) and
-  MONAI's (vs_pytorch.monai_unet's BasicUNet; vs_monai3d.dynunet's DynUNet): in 2D
+  network in PyTorch with the same initial weights (torch_twins.unet; torch_twins.unet3d)
+  and MONAI's (vs_pytorch.monai_unet's BasicUNet; torch_twins.dynunet3d's DynUNet): in 2D
   vs_pytorch.py's U-Net and SGD at 256², in 3D configs/quickstart_3d.py's network and Adam
   at vs_monai3d.py's quickstart_3d setting and at 96³, base 32, depth 4. Each in float32
   and in bfloat16 compute (`model.compute_dtype`, parameters float32; PyTorch under
@@ -216,9 +216,10 @@ def torch_nets(dims: int, s: dict, params: dict, lr: float) -> tuple:
     twin = torch_twins.unet(params, s["depth"], s["base"], NUM_CLASSES)
     monai = vs_pytorch.monai_unet(s["base"]) if s["depth"] == 4 else None  # 4 levels, fixed
     return twin, monai, lambda p: torch.optim.SGD(p, lr=lr, momentum=vs_pytorch.MOMENTUM)
-  twin = vs_monai3d.twin(s["depth"], s["base"])
-  vs_monai3d.copy_weights(twin, params)
-  return twin, vs_monai3d.dynunet(s["depth"], s["base"]), lambda p: torch.optim.Adam(p, lr=lr)
+  twin = torch_twins.unet3d(s["depth"], s["base"])
+  torch_twins.copy_unet3d_weights(twin, params)
+  monai = torch_twins.dynunet3d(s["depth"], s["base"])
+  return twin, monai, lambda p: torch.optim.Adam(p, lr=lr)
 
 
 def train_row(dims: int, name: str, s: dict, dtype: str, args) -> dict:
@@ -266,34 +267,6 @@ def torch_setup(device: str) -> None:
 
 
 # -- sliding-window inference -------------------------------------------------------------
-def monai_call(model, volume: np.ndarray, s: dict, device: str):
-  """() -> MONAI's sliding_window_inference of `volume` (on `device`, as MONAI is used
-  there; vs_monai3d.monai_run keeps it on the CPU) around `model`: probabilities [D,H,W,K]."""
-  import torch
-  from monai.inferers import sliding_window_inference
-  x = vs_monai3d.to_torch(volume[None]).to(device)
-
-  def call():
-    with torch.inference_mode():
-      out = sliding_window_inference(
-          x, (s["patch"],) * 3, s["batch"], lambda w: torch.softmax(model(w), dim=1),
-          overlap=OVERLAP, mode="gaussian", sigma_scale=SIGMA, padding_mode="constant",
-          cval=0.0)
-    return np.moveaxis(out[0].cpu().numpy(), 0, -1)
-  return call
-
-
-def twin_run(model, device: str):
-  """windows [N,d,h,w,C] numpy -> the twin's probabilities [N,d,h,w,K] numpy, on `device`."""
-  import torch
-
-  def run(windows: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-      out = torch.softmax(model(vs_monai3d.to_torch(windows).to(device)), dim=1)
-    return np.moveaxis(out.cpu().numpy(), 1, -1)
-  return run
-
-
 def inference_3d(args) -> Iterator[dict]:
   """Each volume: ours around JAX, MONAI's around the twin, ours around the twin."""
   import jax
@@ -302,16 +275,18 @@ def inference_3d(args) -> Iterator[dict]:
   setting = SETTINGS["inference_3d"][mode(args)]
   s = setting["net"]
   run_jax, state = vs_monai3d.jax_predictor(s)  # the run, the train state on the host
-  model = vs_monai3d.twin(s["depth"], s["base"])
-  vs_monai3d.copy_weights(model, jax.tree.map(np.asarray, state.params))
+  model = torch_twins.unet3d(s["depth"], s["base"])
+  torch_twins.copy_unet3d_weights(model, jax.tree.map(np.asarray, state.params))
   model.to(args.device).eval()
+  run_twin = vs_monai3d.torch_probabilities(model, args.device)
   windows = sliding_window.Windows(patch=(s["patch"],) * 3, overlap=OVERLAP,
                                    gaussian_sigma=SIGMA, batch=s["batch"])
   for shape in setting["volumes"]:
     volume = vs_monai3d.phantom(shape)
     calls = {"medseg_jax": lambda: windows.apply(volume, run_jax),
-             "monai": monai_call(model, volume, s, args.device),
-             "ours_on_twin": lambda: windows.apply(volume, twin_run(model, args.device))}
+             "monai": vs_monai3d.monai_run(model, volume, s, OVERLAP, SIGMA,
+                                           device=args.device),
+             "ours_on_twin": lambda: windows.apply(volume, run_twin)}
     out = {}
     medians = vs_monai3d.interleave(
         {k: (lambda k=k, fn=fn: out.__setitem__(k, fn())) for k, fn in calls.items()},

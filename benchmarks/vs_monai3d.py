@@ -11,11 +11,12 @@ base features per setting):
 - medseg_jax: `UNet3D` through the project's build path (shard_map on 1 device, Adam of
   `optim.make_optimizer`, `losses.dice_ce_loss`); medseg_jax_xla: the same step with
   XLA's own kernel gradient in every convolution (`conv3d_cpu`'s rule switched off);
-- pytorch: the same network layer for layer in PyTorch (`twin`);
-- monai: `monai.networks.nets.DynUNet` set as close as it goes (kernel 3, instance norm
-  with affine, leaky ReLU 0.01, two convolutions per level, transposed-convolution
-  upsampling); it downsamples by a strided first convolution (stride = the level's pooling
-  factors), not a max-pool, and its convolutions have no bias.
+- pytorch: the same network layer for layer in PyTorch (`torch_twins.unet3d`);
+- monai: `monai.networks.nets.DynUNet` (`torch_twins.dynunet3d`) set as close as it goes
+  (kernel 3, instance norm with affine, leaky ReLU 0.01, two convolutions per level,
+  transposed-convolution upsampling); it downsamples by a strided first convolution
+  (stride = the level's pooling factors), not a max-pool, and its convolutions have no
+  bias.
 Train step: forward, backward and Adam (lr 2e-3, optax's and torch's defaults are equal)
 on the same random patches and labels, loss Dice + cross-entropy per sample as
 `losses.dice_ce_loss`. Inference of a synthetic volume: `evaluation.sliding_window`
@@ -54,124 +55,32 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_pytorch import torch_dice_ce, torch_train_once  # noqa: E402  (benchmarks/)
+import torch_twins  # noqa: E402  (benchmarks/)
+from vs_pytorch import torch_dice_ce, torch_train_once  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 2
 LR = 2e-3  # configs/quickstart_3d.py: adam, optim.lr
-NEGATIVE_SLOPE = 0.01  # models/unet3d.py
-FLAX_EPS = 1e-6  # nn.InstanceNorm's epsilon
 TOLERANCE = 1e-4  # the twin's and ONNX Runtime's probabilities against JAX's
 TRAIN_SETTINGS = {"quickstart_3d": dict(patch=32, batch=2, base=8, depth=3),
                   "p48_b16": dict(patch=48, batch=2, base=16, depth=3)}
 
 
-# -- the networks in PyTorch ------------------------------------------------------
-def level_factors(depth: int, pooling=()) -> tuple:
-  """Each level's (D,H,W) pooling factors: `pooling`, or 2 along every axis when empty."""
-  return tuple(tuple(int(f) for f in level) for level in pooling) or ((2, 2, 2),) * depth
-
-
-def level_widths(depth: int, base: int, max_features: int = 0) -> list[int]:
-  """Each level's channels, full resolution to bottleneck: doubling from `base`, capped at
-  `max_features` (0: no cap)."""
-  widths = [base * 2**level for level in range(depth + 1)]
-  return [min(w, max_features) for w in widths] if max_features else widths
-
-
-def twin(depth: int, base: int, num_classes: int = NUM_CLASSES, channels: int = 1,
-         pooling=(), max_features: int = 0):
-  """medseg_jax's UNet3D layer for layer in PyTorch (NCDHW), random weights: each level
-  max-pooled and up-convolved by its `pooling` factors (kernel = stride = the factors),
-  widths capped at `max_features`, as `model.pooling` and `model.max_features` set it."""
-  from torch import nn
-  factors, widths = level_factors(depth, pooling), level_widths(depth, base, max_features)
-
-  def block(cin, cout):
-    layers = []
-    for c in (cin, cout):
-      layers += [nn.Conv3d(c, cout, 3, padding=1),
-                 nn.InstanceNorm3d(cout, eps=FLAX_EPS, affine=True),
-                 nn.LeakyReLU(NEGATIVE_SLOPE)]
-    return nn.Sequential(*layers)
-
-  class UNet3D(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.blocks = nn.ModuleList(  # encoder, bottom, decoder: ConvBlock3D_0, _1, ...
-          [block(cin, cout) for cin, cout in zip([channels] + widths, widths)]
-          + [block(2 * widths[i], widths[i]) for i in reversed(range(depth))])
-      self.ups = nn.ModuleList(  # ConvTranspose_0 is the deepest
-          nn.ConvTranspose3d(widths[i + 1], widths[i], factors[i], stride=factors[i])
-          for i in reversed(range(depth)))
-      self.head = nn.Conv3d(widths[0], num_classes, 1)
-      self.pools = nn.ModuleList(nn.MaxPool3d(f, stride=f) for f in factors)
-
-    def forward(self, x):
-      import torch
-      skips = []
-      for blk, pool in zip(self.blocks[:depth], self.pools):
-        x = blk(x)
-        skips.append(x)
-        x = pool(x)
-      x = self.blocks[depth](x)
-      for up, blk, skip in zip(self.ups, self.blocks[depth + 1:], reversed(skips)):
-        x = blk(torch.cat([skip, up(x)], dim=1))
-      return self.head(x)
-
-  return UNet3D()
-
-
-def copy_weights(model, params: dict) -> None:
-  """Sets the twin's weights to those of UNet3D's Flax `params`."""
-  import torch
-  as_tensor = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
-  def conv(layer, p, transposed=False):
-    kernel = np.asarray(p["kernel"])
-    if transposed:  # the up-convolution applies kernel[1 - i]; torch's flips it back
-      kernel = kernel[::-1, ::-1, ::-1].transpose(3, 4, 0, 1, 2)
-    else:
-      kernel = kernel.transpose(4, 3, 0, 1, 2)
-    layer.weight.data, layer.bias.data = as_tensor(kernel), as_tensor(p["bias"])
-  for i, blk in enumerate(model.blocks):
-    p = params[f"ConvBlock3D_{i}"]
-    for j in range(2):
-      conv(blk[3 * j], p[f"Conv_{j}"])
-      norm = p[f"InstanceNorm_{j}"]
-      blk[3 * j + 1].weight.data = as_tensor(norm["scale"])
-      blk[3 * j + 1].bias.data = as_tensor(norm["bias"])
-  for i, up in enumerate(model.ups):
-    conv(up, params[f"ConvTranspose_{i}"], transposed=True)
-  conv(model.head, params["Conv_0"])
-
-
-def dynunet(depth: int, base: int, pooling=(), max_features: int = 0):
-  """MONAI's DynUNet as close to UNet3D as it goes (nnU-Net's blocks): each lower level's
-  stride and up-sampling kernel are that level's pooling factors."""
-  from monai.networks.nets import DynUNet
-  factors = [list(f) for f in level_factors(depth, pooling)]
-  return DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
-                 kernel_size=[3] * (depth + 1), strides=[1] + factors,
-                 upsample_kernel_size=factors,
-                 filters=level_widths(depth, base, max_features),
-                 norm_name=("INSTANCE", {"affine": True}),
-                 act_name=("leakyrelu", {"inplace": True, "negative_slope": NEGATIVE_SLOPE}),
-                 res_block=False, deep_supervision=False)
-
-
+# -- PyTorch's sides ---------------------------------------------------------------
 def to_torch(images: np.ndarray):
   """[N,D,H,W,C] numpy -> [N,C,D,H,W] tensor."""
   import torch
   return torch.from_numpy(np.ascontiguousarray(np.moveaxis(images, -1, 1)))
 
 
-def torch_probabilities(model):
-  """windows [N,d,h,w,C] numpy -> softmax probabilities [N,d,h,w,K] numpy."""
+def torch_probabilities(model, device: str = "cpu"):
+  """windows [N,d,h,w,C] numpy -> softmax probabilities [N,d,h,w,K] numpy, by `model` on
+  `device`."""
   import torch
   def run(windows: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
-      return np.moveaxis(torch.softmax(model(to_torch(windows)), dim=1).numpy(), 1, -1)
+      out = torch.softmax(model(to_torch(windows).to(device)), dim=1).cpu().numpy()
+    return np.moveaxis(out, 1, -1)
   return run
 
 
@@ -192,7 +101,8 @@ def window(s: dict) -> tuple:
 
 
 def shape_keywords(s: dict) -> dict:
-  """`twin`'s and `dynunet`'s keywords for the pooling and width cap of setting `s`."""
+  """`torch_twins.unet3d`'s and `dynunet3d`'s keywords for the pooling and width cap of
+  setting `s`."""
   return dict(pooling=s.get("pooling", ()), max_features=s.get("max_features", 0))
 
 
@@ -210,7 +120,8 @@ def plan_setting(path: str) -> dict:
              f"data.spatial_dims, model.kwargs) = {found}")
   return dict(patch=tuple(int(n) for n in cfg.data.patch_size),
               batch=setup.eval_batch(cfg, 1), base=m.base_features, depth=m.depth,
-              pooling=level_factors(m.depth, m.pooling), max_features=m.max_features)
+              pooling=torch_twins.level_factors(m.depth, m.pooling),
+              max_features=m.max_features)
 
 
 # -- medseg_jax -----------------------------------------------------------------------
@@ -312,12 +223,13 @@ def train_setting(name: str, args, loads: list) -> dict:
   shape = (s["batch"],) + (s["patch"],) * 3
   images = rng.normal(size=shape + (1,)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, shape).astype(np.uint8)  # stored as uint8
+  depth, base = s["depth"], s["base"]
   sides = {"medseg_jax": jax_train(s, images, labels),
            "medseg_jax_xla": jax_train(s, images, labels, shifted=False),
-           "pytorch": torch_side(twin(s["depth"], s["base"], **shape_keywords(s)), images,
-                                 labels),
-           "monai": torch_side(dynunet(s["depth"], s["base"], **shape_keywords(s)), images,
-                               labels)}
+           "pytorch": torch_side(torch_twins.unet3d(depth, base, **shape_keywords(s)),
+                                 images, labels),
+           "monai": torch_side(torch_twins.dynunet3d(depth, base, **shape_keywords(s)),
+                               images, labels)}
   counts = {side: d["count"] for side, d in sides.items() if side != "medseg_jax_xla"}
   if counts["medseg_jax"] != counts["pytorch"]:
     sys.exit(f"error: parameter counts differ: {counts}")
@@ -337,22 +249,24 @@ def phantom(shape: tuple) -> np.ndarray:
   return ((image - image.mean()) / image.std()).astype(np.float32)
 
 
-def monai_run(model, volume: np.ndarray, s: dict, args, weight_map=None):
-  """() -> MONAI's sliding_window_inference of `volume` around `model`: probabilities
-  [D,H,W,K] numpy; its own Gaussian map unless `weight_map` [d,h,w] is given."""
+def monai_run(model, volume: np.ndarray, s: dict, overlap: float, sigma: float,
+              weight_map=None, device: str = "cpu"):
+  """() -> MONAI's sliding_window_inference of `volume` (put on `device`) around `model`:
+  probabilities [D,H,W,K] numpy; its own Gaussian map unless `weight_map` [d,h,w] is
+  given."""
   import torch
   from monai.inferers import sliding_window_inference
-  x = to_torch(volume[None])
+  x = to_torch(volume[None]).to(device)
   roi_map = None if weight_map is None else torch.from_numpy(weight_map.astype(np.float32))
   def predictor(windows):
     return torch.softmax(model(windows), dim=1)
   def call():
     with torch.inference_mode():
       out = sliding_window_inference(x, window(s), s["batch"], predictor,
-                                     overlap=args.overlap, mode="gaussian",
-                                     sigma_scale=args.sigma, padding_mode="constant", cval=0.0,
+                                     overlap=overlap, mode="gaussian", sigma_scale=sigma,
+                                     padding_mode="constant", cval=0.0,
                                      roi_weight_map=roi_map)
-    return np.moveaxis(out[0].numpy(), 0, -1)
+    return np.moveaxis(out[0].cpu().numpy(), 0, -1)
   return call
 
 
@@ -375,8 +289,8 @@ def predictors(s: dict, threads: int) -> Nets:
   import jax
   from medseg_jax.errors import MedsegError
   run_jax, state = jax_predictor(s)
-  model = twin(s["depth"], s["base"], **shape_keywords(s))
-  copy_weights(model, jax.tree.map(np.asarray, state.params))
+  model = torch_twins.unet3d(s["depth"], s["base"], **shape_keywords(s))
+  torch_twins.copy_unet3d_weights(model, jax.tree.map(np.asarray, state.params))
   model.eval()
   counts = {"medseg_jax": sum(x.size for x in jax.tree.leaves(state.params)),
             "pytorch": sum(p.numel() for p in model.parameters())}
@@ -412,7 +326,7 @@ def inference(shape: tuple, s: dict, nets: Nets, args, loads: list) -> dict:
                                    gaussian_sigma=args.sigma, batch=s["batch"])
   volume = phantom(shape)
   calls = {"medseg_jax": lambda: windows.apply(volume, nets.run_jax),
-           "monai": monai_run(nets.twin, volume, s, args),
+           "monai": monai_run(nets.twin, volume, s, args.overlap, args.sigma),
            "ours_on_twin": lambda: windows.apply(volume, nets.run_twin),
            "ours_onnx": lambda: windows.apply(volume, nets.run_onnx)}
   out = {}
@@ -420,8 +334,8 @@ def inference(shape: tuple, s: dict, nets: Nets, args, loads: list) -> dict:
          calls.items()}
   medians = interleave(fns, args.infer_rounds, 1, loads, warmup=False)
   # MONAI with our importance map (untimed): what is left is float32 against float64 sums.
-  out["monai_our_map"] = monai_run(nets.twin, volume, s, args, sliding_window.gaussian_map(
-      window(s), args.sigma))()
+  out["monai_our_map"] = monai_run(nets.twin, volume, s, args.overlap, args.sigma,
+                                   sliding_window.gaussian_map(window(s), args.sigma))()
   differ = lambda a, b: float(np.abs(out[a] - out[b]).max())
   return dict(volume=list(shape), **s, overlap=args.overlap, sigma=args.sigma,
               windows=len(sliding_window.window_corners(shape, window(s), args.overlap)),
@@ -533,7 +447,8 @@ def describe(network: dict) -> str:
   s = network["setting"]
   cap = f" (at most {s['max_features']})" if s.get("max_features") else ""
   pooling = " ".join("(" + ",".join(map(str, f)) + ")"
-                     for f in level_factors(s["depth"], s.get("pooling", ())))
+                     for f in torch_twins.level_factors(s["depth"],
+                                                        s.get("pooling", ())))
   return (f"unet3d depth {s['depth']}, base {s['base']}{cap}, pooling {pooling}, "
           f"{network['params']:,} parameters; window {'×'.join(map(str, window(s)))}; "
           f"ONNX export {network['onnx_export_s']:.1f} s")

@@ -1,8 +1,9 @@
-"""benchmarks/vs_monai3d.py's comparisons hold: its PyTorch twin of UNet3D, given the Flax
-weights, computes JAX's probabilities (per-level anisotropic pooling and capped widths
-included); its DynUNet pools by the same factors; `sliding_window` stitches a volume as
-MONAI's `sliding_window_inference` does with the same network, windows and importance map;
-and its PyTorch loss is `losses.dice_ce_loss`."""
+"""benchmarks/vs_monai3d.py's comparisons hold: the PyTorch twin of UNet3D
+(benchmarks/torch_twins.py), given the Flax weights, computes JAX's probabilities
+(per-level anisotropic pooling and capped widths included); the DynUNet it is measured
+against pools by the same factors; `sliding_window` stitches a volume as MONAI's
+`sliding_window_inference` does with the same network, windows and importance map; and
+its PyTorch loss is `losses.dice_ce_loss`."""
 
 import importlib.util
 import os
@@ -50,8 +51,8 @@ def _network(model=None, patch=PATCH):
 
 
 def _twin(bench, params):
-  twin = bench.twin(DEPTH, BASE)
-  bench.copy_weights(twin, jax.tree.map(np.asarray, params))
+  twin = bench.torch_twins.unet3d(DEPTH, BASE)
+  bench.torch_twins.copy_unet3d_weights(twin, jax.tree.map(np.asarray, params))
   return twin.eval()
 
 
@@ -64,7 +65,7 @@ def test_torch_twin_gives_the_probabilities_of_unet3d():
   got = bench.torch_probabilities(_twin(bench, params))(images)
   assert got.shape == expected.shape
   np.testing.assert_allclose(got, expected, atol=2e-5)
-  assert sum(p.numel() for p in bench.twin(DEPTH, BASE).parameters()) == sum(
+  assert sum(p.numel() for p in bench.torch_twins.unet3d(DEPTH, BASE).parameters()) == sum(
       p.size for p in jax.tree.leaves(params))
 
 
@@ -77,8 +78,8 @@ def test_anisotropic_capped_twin_gives_the_probabilities_of_unet3d():
   images = np.random.default_rng(4).normal(size=(2, 8, 12, 4, 1)).astype(np.float32)
   expected = np.asarray(jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)))(
       params, images))
-  twin = bench.twin(2, BASE, pooling=pooling, max_features=cap)
-  bench.copy_weights(twin, jax.tree.map(np.asarray, params))
+  twin = bench.torch_twins.unet3d(2, BASE, pooling=pooling, max_features=cap)
+  bench.torch_twins.copy_unet3d_weights(twin, jax.tree.map(np.asarray, params))
   got = bench.torch_probabilities(twin.eval())(images)
   assert got.shape == expected.shape
   np.testing.assert_allclose(got, expected, atol=bench.TOLERANCE)
@@ -90,10 +91,10 @@ def test_dynunet_pools_by_the_same_factors_without_biases():
   """DynUNet of the same factors and widths keeps the input's shape (W = 2 is halved only
   once: by 2 at every level its skips would not fit) and has the twin's parameters less
   the biases of its convolutions (its output layer keeps its bias)."""
-  bench = _bench()
+  twins = _bench().torch_twins
   pooling, cap = ((2, 2, 1), (2, 1, 2)), 6
-  net = bench.dynunet(2, BASE, pooling=pooling, max_features=cap).eval()
-  twin = bench.twin(2, BASE, pooling=pooling, max_features=cap)
+  net = twins.dynunet3d(2, BASE, pooling=pooling, max_features=cap).eval()
+  twin = twins.unet3d(2, BASE, pooling=pooling, max_features=cap)
   with torch.inference_mode():
     assert net(torch.zeros(1, 1, 8, 12, 2)).shape == (1, 2, 8, 12, 2)
   biases = sum(m.bias.numel() for m in twin.modules()
