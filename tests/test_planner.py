@@ -231,6 +231,10 @@ def test_the_written_plans_record_the_fingerprint_and_pass_the_config_check(plan
     assert cfg.data.spatial_dims == dims and cfg.data.root == str(tmp / "Task")
     cfg.parallel.num_devices = 1
     config_check.check(cfg)
+  for dims in (2, 3):  # a budgeted run: no augmentation, nnU-Net's ranges written
+    cfg = config_schema.load_config(str(tmp / "plans" / f"plan_{dims}d.py"))
+    assert cfg.data.augment.enabled is False
+    assert (cfg.data.augment.rotation_degrees, tuple(cfg.data.augment.zoom)) == (30.0, (0.7, 1.4))
   cfg = config_schema.load_config(str(tmp / "plans" / "plan_3d.py"))
   # 0.8 x 0.8 x 2.5 mm is not anisotropic by the rule (3 x 6 slices is not under 10)
   assert cfg.data.target_spacing == (0.8, 0.8, 2.5)

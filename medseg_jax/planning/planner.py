@@ -70,7 +70,7 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   fixed = (data_choices(fingerprint, root, 3) + [rules.cropping(fingerprint)]
            + [Choice("data.target_spacing", tuple(float(s) for s in spacing), spacing_rule),
               Choice("data.foreground_fraction", 1 / 3, "nnU-Net's foreground oversampling")]
-           + rules.augmentation())
+           + rules.augmentation(budgeted=time_budget is not None))
   patch = tuple(int(p) for p in rules.initial_patch(spacing, shape))
   patch = rules.divisible(patch, rules.pooling(spacing, patch, rules.MAX_DEPTH[3]))
   trained = fixed + _optimizer(machine)
@@ -186,7 +186,7 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   while True:
     network = rules.topology_2d(size)
     image_size = rules.choices_dict(network)["data.image_size"]
-    augment = rules.augmentation(image_size)
+    augment = rules.augmentation(image_size, budgeted=time_budget is not None)
     measured = config_of(fixed + _optimizer(machine) + network + augment)
     batch, peaks = memory.largest_batch(machine.budget, _at(peak, measured),
                                         _limit(fingerprint, image_size ** 2, machine))
@@ -203,7 +203,8 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
     network, steps = _fit_to_time(fixed + augment, batch, machine, time_budget,
                                   (image_size, image_size), half,
                                   lambda base, size: rules.topology_2d(size[0], base))
-    augment = rules.augmentation(rules.choices_dict(network)["data.image_size"])
+    augment = rules.augmentation(rules.choices_dict(network)["data.image_size"],
+                                 budgeted=True)
   return (fixed + network + augment
           + _batch_and_schedule(fingerprint, batch, peaks, image_size ** 2, machine, steps))
 

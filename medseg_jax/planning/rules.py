@@ -305,12 +305,19 @@ def chosen(steps: list[int]) -> int:
   return fit[-1] if fit else 0
 
 
-def augmentation(image_size: int = 0) -> list[Choice]:
+def augmentation(image_size: int = 0, budgeted: bool = False) -> list[Choice]:
   """nnU-Net's spatial and intensity ranges, on device; 2D slices of `image_size` are
-  also shifted by up to a tenth of their side (3D patches are drawn at random places)."""
+  also shifted by up to a tenth of their side (3D patches are drawn at random places).
+  Off in a `budgeted` run: the ranges are written, for a longer run to switch on."""
   shift = round(image_size / 10, 1)
+  enabled = (Choice("data.augment.enabled", False, "a time budget's run is short: off (on "
+                    "the synthetic MRI set a 10-minute 3D plan's validation Dice was 0.01-0.10 "
+                    "higher without it at every validation of 2 seeds, BENCHMARKS.md); "
+                    "nnU-Net's ranges below are for 1000 epochs")
+             if budgeted else Choice("data.augment.enabled", True, "nnU-Net augments every "
+                                     "task"))
   return [
-      Choice("data.augment.enabled", True, "nnU-Net augments every task"),
+      enabled,
       Choice("data.augment.rotation_degrees", 30.0, "nnU-Net's +-30 degrees"),
       Choice("data.augment.zoom", (0.7, 1.4), "nnU-Net's scaling range"),
       Choice("data.augment.translate_pixels", shift, "a tenth of the slice's side"
