@@ -44,13 +44,15 @@ def step_seconds(cfg: ml_collections.ConfigDict, num_classes: int, channels: int
 
 
 def _random_state(model, tx, shape: tuple, rng: np.random.Generator):
-  """A train state of `model` filled with small random numbers: a step takes as long with
-  them as with initialised ones, and shaping it (jax.eval_shape) compiles nothing, where
-  initialising would compile the model's init (seconds per candidate on a CPU)."""
+  """A train state of `model` filled with small positive random numbers (positive: no
+  square root of a negative second moment or variance, whose NaNs could time otherwise): a
+  step takes as long with them as with initialised ones, and shaping it (jax.eval_shape)
+  compiles nothing, where initialising would compile the model's init (seconds per
+  candidate on a CPU)."""
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0), shape))
   def fill(leaf):
     if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-      return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+      return rng.uniform(0.0, 0.05, leaf.shape).astype(leaf.dtype)
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       return jax.random.key(0)
     return np.zeros(leaf.shape, leaf.dtype)
