@@ -14,7 +14,7 @@ def nonzero_box(image: np.ndarray) -> Box:
   has none."""
   nonzero = np.any(image != 0, axis=-1)
   if not nonzero.any():
-    return tuple(slice(0, n) for n in nonzero.shape)
+    return _whole(nonzero.shape)
   box = []
   for axis in range(3):
     along = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -24,8 +24,11 @@ def nonzero_box(image: np.ndarray) -> Box:
 
 def region(image: np.ndarray, nonzero: bool) -> Box:
   """`nonzero_box(image)` when `nonzero`, else the whole volume."""
-  return (nonzero_box(image) if nonzero
-          else tuple(slice(0, n) for n in image.shape[:3]))
+  return nonzero_box(image) if nonzero else _whole(image.shape[:3])
+
+
+def _whole(shape) -> Box:
+  return tuple(slice(0, n) for n in shape)
 
 
 def shape_of(box: Box) -> list[int]:

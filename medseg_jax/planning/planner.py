@@ -160,15 +160,16 @@ def _at(peak: PeakFn, cfg: ml_collections.ConfigDict) -> Callable[[int], float]:
 
 def _estimated_patch(patch, shape, spacing, fixed, budget, peak) -> tuple[int, ...]:
   """`patch` (when a batch of MIN_DEVICE_BATCH fits `budget`) or `patch` shrunk until one
-  does by a linear estimate: the compiled step of `patch` at batches 1 and 2 gives fixed
-  bytes and bytes per example voxel, which scale with the patch's voxels."""
+  does by a linear estimate: the compiled step of `patch` at batches 1 and MIN_DEVICE_BATCH
+  gives fixed bytes and bytes per example voxel, which scale with the patch's voxels."""
   cfg = config_of(fixed + rules.topology_3d(spacing, patch))
-  two = peak(cfg, MIN_DEVICE_BATCH)
-  if two <= budget:
+  least = peak(cfg, MIN_DEVICE_BATCH)
+  if least <= budget:
     return patch
   one = peak(cfg, 1)
-  per_voxel = (two - one) / np.prod(patch)
-  constant = one - (two - one)
+  per_example = (least - one) / (MIN_DEVICE_BATCH - 1)
+  per_voxel = per_example / np.prod(patch)
+  constant = one - per_example
   while constant + MIN_DEVICE_BATCH * per_voxel * np.prod(patch) > budget:
     smaller = rules.smaller_patch(patch, shape, spacing)
     if smaller == patch:
