@@ -1,7 +1,9 @@
 """Forces 8 CPU devices before jax is imported anywhere in the test session, and shares
 one compilation cache between the session and the processes it starts."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -16,7 +18,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # Many tests compile the same tiny steps, in this process and in the `medseg_jax.main`
 # processes they start (which inherit the environment): a persistent cache compiles each
 # once. Cached executables are the ones XLA would build, so results stay bit for bit.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="medseg-jax-xla-"))
+# The process that makes the directory (pytest itself, or xdist's controller, whose workers
+# inherit it) removes it when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="medseg-jax-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
