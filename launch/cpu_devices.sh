@@ -5,6 +5,7 @@
 # PYTHON names the interpreter (default python3, the first on PATH), e.g.
 # PYTHON=/path/venv/bin/python.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 NUM_DEVICES ARGS..." >&2
   exit 2

@@ -111,8 +111,9 @@ class _QuietLibraries:
     return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
 
 
-def quiet_library_logs() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+def quiet_library_logs(handler=None) -> None:
+  """Drops library INFO lines from `handler` (default: absl's, the console's)."""
+  (handler or logging.get_absl_handler()).addFilter(_QuietLibraries())
 
 
 def config_flag() -> flags.FlagHolder:

@@ -2,18 +2,22 @@
 --mode=export --workdir=DIR and --mode=predict --model=FILE need no --config (export takes
 one, and says where it differs from the checkpoint's)."""
 
+import contextlib
+import logging as std_logging
 import os
 import sys
+from typing import Iterator
 
 import jax
 from absl import app, flags, logging
 
 from medseg_jax import cli, components, config, config_schema
 from medseg_jax.data import pipeline
-from medseg_jax.errors import ConfigError, MedsegError
+from medseg_jax.errors import ConfigError, MedsegError, first_line
 from medseg_jax.export import from_file, write
-from medseg_jax.parallel import distributed, multihost, strategies
-from medseg_jax.training import checkpoint, loop, modes, settings
+from medseg_jax.monitor import manifest, run_state
+from medseg_jax.parallel import distributed, ending, multihost, strategies
+from medseg_jax.training import checkpoint, guard, loop, modes, settings
 
 MODES = ("train", "evaluate", "predict", "export")
 
@@ -153,7 +157,7 @@ def _run_config() -> None:
     par = strategies.make_parallel(cfg.parallel.strategy, cfg.parallel.num_devices)
     if _MODE.value == "train":
       os.makedirs(workdir, exist_ok=True)
-      loop.train_and_evaluate(run, workdir, par, _FROM_SCRATCH.value)
+      _train(run, workdir, par)
     elif _MODE.value == "evaluate":
       modes.evaluate_checkpoint(run, workdir, par, _CHECKPOINT.value)
     else:
@@ -162,6 +166,57 @@ def _run_config() -> None:
     # Process 0 writes the last files alone; the others wait here rather than in JAX's
     # shutdown, whose timeout is shorter than a slow disk.
     multihost.barrier("end of run")
+
+
+def _train(run: settings.RunSettings, workdir: str, par: strategies.Parallel) -> None:
+  """Training, with this process's record of its life and of how it ended
+  (`monitor.run_state`), kept in the manifest too by process 0."""
+  index = jax.process_index()
+  def keep(end: dict) -> None:  # a run that failed before its manifest has none to add to
+    if os.path.exists(os.path.join(workdir, "manifest.json")):
+      manifest.write(workdir, {"end": end})
+  life = run_state.Lifetime(workdir, index, jax.process_count(), keep if index == 0 else None)
+
+  def lost(line: str, code: int) -> None:  # ended by distributed.PeerWatch
+    life.end(run_state.LOST if code == distributed.PEER_LOST_EXIT_CODE else run_state.FAILED,
+             code, line.strip().removeprefix("error: "))
+
+  with life, ending.recorded_end(lost), _log_file(workdir, index == 0):
+    try:
+      loop.train_and_evaluate(run, workdir, par, _FROM_SCRATCH.value, life)
+    except BaseException as e:
+      life.end(*_failure(e))
+      raise
+
+
+@contextlib.contextmanager
+def _log_file(workdir: str, keep: bool) -> Iterator[None]:
+  """Process 0's log lines also go to WORKDIR/train.log (the dashboard shows its end)."""
+  if not keep:
+    yield
+    return
+  handler = std_logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  cli.quiet_library_logs(handler)
+  logging.get_absl_logger().addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.get_absl_logger().removeHandler(handler)
+    handler.close()
+
+
+def _failure(error: BaseException) -> tuple[str, int, str]:
+  """(status, exit code, why) of training that ended with `error`."""
+  if isinstance(error, guard.Diverged):
+    return run_state.DIVERGED, error.exit_code, first_line(error)
+  if isinstance(error, MedsegError):
+    return run_state.FAILED, error.exit_code, first_line(error)
+  if isinstance(error, KeyboardInterrupt):
+    return run_state.STOPPED, 130, "interrupted (a second signal stops at once)"
+  if isinstance(error, SystemExit):
+    return run_state.FAILED, error.code if isinstance(error.code, int) else 1, "exited"
+  return run_state.FAILED, 1, f"{type(error).__name__}: {first_line(error)}"
 
 
 def main(argv: list[str]) -> None:

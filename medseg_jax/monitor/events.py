@@ -21,12 +21,9 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from medseg_jax import files
+from medseg_jax.monitor.scalars import EMA_DECAYS, THROUGHPUT_UNITS
 from medseg_jax.parallel import multihost
 
-EMA_DECAYS = (0.9, 0.99, 0.999)
-# Throughput is logged per training example: slices, or patches in 3D
-# (the kind of data's `unit`), as `<unit>_per_sec` and `<unit>_per_sec_per_device`.
-THROUGHPUT_UNITS = ("slices", "patches")
 
 
 def sample_system(devices) -> dict[str, float]:
@@ -202,11 +199,12 @@ class Monitor:
     return system if self.enabled else {}
 
   def train_window(self, first_step: int, losses: list[float], record: dict,
-                   system: dict[str, float]) -> None:
+                   system: dict[str, float]) -> dict[str, float]:
     """Writes per-step losses and their EMAs, then `record` (the window's summary) and the
-    `system` samples at its step (process 0 only)."""
+    `system` samples at its step (process 0 only). Returns the EMAs at the window's last
+    step, as `loss_ema_<decay>` ({} on other processes)."""
     if not self.enabled:
-      return
+      return {}
     for i, loss in enumerate(losses):
       step = first_step + i
       self._writer.add_scalar("train/loss", loss, step)
@@ -230,6 +228,7 @@ class Monitor:
       self._bar.set_postfix(epoch=f"{step / self.steps_per_epoch:.2f}",
                             loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.3g}",
                             **rates, refresh=False)
+    return {f"loss_ema_{decay}": value for decay, value in self._ema.items()}
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     """One TensorBoard scalar (a plugin's), on process 0."""

@@ -55,7 +55,23 @@ def at_start(cfg, data_info: dict, class_names: list[str], parameters: int, lr, 
                                for p in lr.phases]},
       "seeds": seed_record(cfg, split_seed),
       "runs": repeats([cfg.seed]),
+      "command": command(),
+      "end": None,  # how the run ended (monitor.run_state), once it has
   }
+
+
+def command() -> dict:
+  """How this run was started: the interpreter and its arguments (`-m MODULE` when run
+  so), the working directory, the number of processes, and the launcher script that
+  started them (its command line and directory, which `launch/*.sh` set), if any."""
+  main = sys.modules.get("__main__")
+  module = getattr(getattr(main, "__spec__", None), "name", None)
+  argv = ([sys.executable, "-m", module, *sys.argv[1:]] if module
+          else [sys.executable, *sys.argv])
+  launcher = os.environ.get("MEDSEG_LAUNCHER")
+  return {"argv": argv, "cwd": os.getcwd(), "processes": jax.process_count(),
+          "launcher": ({"command": launcher.strip(),
+                        "cwd": os.environ.get("MEDSEG_LAUNCHER_CWD")} if launcher else None)}
 
 
 def seed_record(cfg, split_seed: int) -> dict:

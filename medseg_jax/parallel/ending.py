@@ -22,9 +22,10 @@ aborts.
 """
 
 import atexit
+import contextlib
 import os
 import threading
-from typing import Any, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import jax
 from absl import logging
@@ -32,6 +33,19 @@ from jax.errors import JaxRuntimeError
 
 # 0: a client's shutdown disconnects it alone (the service then imposes no barrier).
 SHUTDOWN_BARRIER_SECONDS = 0
+# Called with (line, exit code) as `end_process` begins: records of how the process ended.
+_AT_END: list[Callable[[str, int], None]] = []
+
+
+@contextlib.contextmanager
+def recorded_end(record: Callable[[str, int], None]) -> Iterator[None]:
+  """Inside this context, `end_process` calls `record(line, code)` before it ends the
+  process."""
+  _AT_END.append(record)
+  try:
+    yield
+  finally:
+    _AT_END.remove(record)
 
 
 def end_process(client: Any, timeout: float, line: str, code: int,
@@ -41,6 +55,11 @@ def end_process(client: Any, timeout: float, line: str, code: int,
   dead (silent): process 0 does not wait for them, and waits `timeout` seconds at most
   for the others. Not sys.exit: the main thread may be blocked in a collective with a
   lost process, and JAX's shutdown at exit would wait for it."""
+  for record in _AT_END:
+    try:
+      record(line, code)
+    except Exception:  # pylint: disable=broad-except  (the line below must still come)
+      pass
   logging.flush()
   os.write(2, line.encode())
   _silence_stderr()

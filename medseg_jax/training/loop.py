@@ -20,7 +20,7 @@ from medseg_jax.data import loader
 from medseg_jax.data.loader import Position
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.evaluation import evaluate
-from medseg_jax.monitor import events, manifest, profiler
+from medseg_jax.monitor import events, manifest, profiler, run_state
 from medseg_jax.training import checkpoint, decisions, plugins, preemption, warm_start
 from medseg_jax.training.decisions import Stop
 from medseg_jax.training.guard import DivergenceGuard
@@ -49,13 +49,17 @@ class End:
   step: int
   position: Position
   stop: Stop
+  stopped_by: str | None = None  # what asked for a stop (a signal's name, a plugin's reason)
 
 
 def train_and_evaluate(settings: RunSettings, workdir: str,
-                       par: strategies.Parallel, from_scratch: bool = False) -> dict | None:
+                       par: strategies.Parallel, from_scratch: bool = False,
+                       life: run_state.Lifetime | None = None) -> dict | None:
   """Trains on the devices of `par`, validating periodically, then tests the best state.
 
-  Returns the test metrics, or None when a signal stopped training (after a checkpoint).
+  Returns the test metrics, or None when a signal or the user's stop request stopped
+  training (after a checkpoint). `life`, this process's record in the run, is told how
+  training ended.
   """
   started = time.time()
   if from_scratch:
@@ -73,7 +77,7 @@ def train_and_evaluate(settings: RunSettings, workdir: str,
     plugs = plugins.Plugins(settings.plugins, cfg, workdir, mon.scalar)
     end = End(start.state, start.step, start.position, Stop.EARLY_STOPPING)
     if not start.early_stopped:
-      end = train(setup, ckpt, mon, plugs, start)
+      end = train(setup, ckpt, mon, plugs, start, life.started if life else started)
     result = None if end.stop is Stop.SIGNAL else test(setup, ckpt, mon, end, start.rng)
     plugs.call("on_end", end.step, result)
   finally:
@@ -81,21 +85,39 @@ def train_and_evaluate(settings: RunSettings, workdir: str,
     mon.close()
   if jax.process_index() == 0 and result is not None:
     manifest.write(workdir, manifest.at_end(workdir, time.time() - started, result))
+  if life is not None:
+    life.end(*_ending(end, result))
   return result
 
 
+def _ending(end: End, result: dict | None) -> tuple[str, int, str]:
+  """How training ended, for the run's records: (status, exit code, why)."""
+  if end.stop is Stop.SIGNAL:
+    return (run_state.STOPPED, 0, f"stopped by {end.stopped_by or 'a signal'} after step "
+            f"{end.step}, with a checkpoint; the same command continues")
+  how = {Stop.EARLY_STOPPING: "early stopping at step",
+         Stop.PLUGIN: f"stopped by a plugin ({end.stopped_by}) at step"}.get(
+             end.stop, "trained to step")
+  dice = (f", test Dice {result['dice']:.4f}" if result and result.get("dice") is not None
+          else "")
+  return run_state.FINISHED, 0, f"{how} {end.step}{dice}"
+
+
 def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
-          plugs: plugins.Plugins, start: Start) -> End:
-  """Steps from `start` to the last step, a stop signal, a plugin's request or early
-  stopping; the state at the end is checkpointed. Returns it, its step, its loader
-  position and why training stopped."""
+          plugs: plugins.Plugins, start: Start, started: float) -> End:
+  """Steps from `start` to the last step, a stop signal or request, a plugin's request or
+  early stopping; the state at the end is checkpointed. Returns it, its step, its loader
+  position and why training stopped. A stop request made before `started` (a
+  time.time()) belongs to an earlier run and is ignored."""
   cfg, par = setup.cfg, setup.par
   guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience,
                           setup.lr.schedule)
   state, step, position, stop = start.state, start.step, start.position, Stop.NONE
   losses, window_start, data_wait = [], time.perf_counter(), 0.0   # since the last record
   profile = profiler.Profiler(setup.workdir, cfg.monitor.profile_steps)
-  with preemption.StopRequest(jax.process_count() > 1, start.step) as signals, profile:
+  with preemption.StopRequest(jax.process_count() > 1, start.step,
+                              run_state.stop_request_path(setup.workdir),
+                              started) as signals, profile:
     fetch_start = time.perf_counter()
     for step, position, batch in _batches(setup, start.step, start.position):
       batch = par.put_batch(batch)
@@ -131,7 +153,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
       fetch_start = time.perf_counter()
   _save(setup, ckpt, guard, plugs, state, step, position, start.rng,
         early_stopped=stop in (Stop.EARLY_STOPPING, Stop.PLUGIN))
-  return End(state, step, position, stop)
+  return End(state, step, position, stop, signals.reason if stop is not Stop.NONE else None)
 
 
 def _ask(signals: preemption.StopRequest, *reasons: str | None) -> None:
@@ -188,9 +210,13 @@ def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
 
 
 def _val_record(result: dict | None) -> dict:
-  """The `val_*` scalars of a validation, for metrics.jsonl."""
-  return {f"val_{k}": v for k, v in (result or {}).items()
-          if k not in ("per_class", "per_volume", "step")}
+  """The `val_*` scalars of a validation, for metrics.jsonl, each class's Dice as
+  `val_dice_class<index>`."""
+  record = {f"val_{k}": v for k, v in (result or {}).items()
+            if k not in ("per_class", "per_volume", "step")}
+  record.update({f"val_dice_class{c['class']}": c["dice"]
+                 for c in (result or {}).get("per_class") or [] if c.get("dice") is not None})
+  return record
 
 
 def _save(setup: Setup, ckpt: checkpoint.Checkpointer, guard: DivergenceGuard,
@@ -293,7 +319,7 @@ def _train_record(setup: Setup, mon: events.Monitor, step: int, step_metrics: di
             "step_time": elapsed / steps, "data_wait_time": data_wait / steps,
             "compute_time": (elapsed - data_wait) / steps}
   system = mon.gather_system_samples()  # a collective: every process, at every record
-  mon.train_window(step - steps + 1, losses, dict(record, step=step), system)
+  record.update(mon.train_window(step - steps + 1, losses, dict(record, step=step), system))
   record.update(system)
   if not mon.bar_active:
     logging.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.1f %s/s", step,

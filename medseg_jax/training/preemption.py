@@ -1,14 +1,19 @@
 """Preemption: SIGTERM or SIGINT asks the loop to stop after its current step.
 
-The loop then writes a checkpoint and exits 0, and the same command resumes. A plugin
-asks for a stop the same way (`StopRequest.ask`); the run then ends as after early
-stopping. With
-several processes the request goes to every process through JAX's coordination service
-(`multihost.SharedStop`), and all stop after the same step. A second signal stops at once.
+The loop then writes a checkpoint and exits 0, and the same command resumes. A stop
+request file (WORKDIR/stop_request, written by the dashboard), which process 0 polls,
+acts as a signal does. A plugin asks for a stop the same way (`StopRequest.ask`); the run
+then ends as after early stopping. With several processes the request goes to every
+process through JAX's coordination service (`multihost.SharedStop`), and all stop after
+the same step. A second signal stops at once.
 """
 
+import contextlib
+import json
+import os
 import signal
 import threading
+import time
 
 import jax
 from absl import logging
@@ -18,26 +23,37 @@ from medseg_jax.training.decisions import Stop
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PLUGIN = "plugin: "  # marks a plugin's request among the shared ones (signals are named)
+USER = "the user's stop request"  # the stop request file's name among the signals'
+POLL_SECONDS = 0.5
 
 
 class StopRequest:
   """A context that turns SIGTERM/SIGINT into a stop the training loop polls after each
   step; `start_step` is the step the loop starts after."""
 
-  def __init__(self, multi_process: bool, start_step: int = 0):
+  def __init__(self, multi_process: bool, start_step: int = 0,
+               request_file: str | None = None, since: float = 0.0):
+    """`request_file`: the stop request file process 0 polls; a request written before
+    `since` (a time.time(), when this process started) is old and removed unheeded."""
     self.signal_name: str | None = None
     self._asked: str | None = None  # a plugin's reason
     self._shared = multihost.SharedStop(start_step) if multi_process else None
     self._previous: dict = {}
+    self._file = (_RequestFile(request_file, since, self._stop_as_signal)
+                  if request_file and jax.process_index() == 0 else None)
 
   def __enter__(self) -> "StopRequest":
     if self._shared is not None:
       self._shared.__enter__()
     if threading.current_thread() is threading.main_thread():
       self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+    if self._file is not None:
+      self._file.start()
     return self
 
   def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      self._file.halt()
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     if self._shared is not None:
@@ -45,13 +61,18 @@ class StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.signal_name = signal.Signals(signum).name
-    logging.warning("%s received: stopping after this step with a checkpoint "
-                    "(send it again to stop at once)", self.signal_name)
     for s, handler in self._previous.items():  # a second signal acts as usual
       signal.signal(s, handler)
+    self._stop_as_signal(signal.Signals(signum).name)
+
+  def _stop_as_signal(self, name: str) -> None:
+    if self.signal_name is not None:
+      return
+    self.signal_name = name
+    logging.warning("%s received: stopping after this step with a checkpoint%s", name,
+                    " (send it again to stop at once)" if name != USER else "")
     if self._shared is not None:
-      self._shared.ask(f"{self.signal_name} to process {jax.process_index()}")
+      self._shared.ask(f"{name} to process {jax.process_index()}")
 
   def ask(self, reason: str) -> None:
     """A stop asked by a plugin, with its reason: after this step, or on several processes
@@ -87,3 +108,47 @@ class StopRequest:
       return self.signal_name
     reason = self._agreed_reason
     return reason[len(PLUGIN):] if reason and reason.startswith(PLUGIN) else reason
+
+
+class _RequestFile(threading.Thread):
+  """Polls a stop request file every POLL_SECONDS; a request newer than `since` is
+  removed and acted on (`stop(USER)`), an older one (left by an earlier run) removed."""
+
+  def __init__(self, path: str, since: float, stop):
+    super().__init__(daemon=True, name="medseg-stop-request")
+    self.path, self.since, self.stop = path, since, stop
+    self._halt = threading.Event()
+
+  def run(self) -> None:
+    while not self._halt.wait(POLL_SECONDS):
+      if not os.path.exists(self.path):
+        continue
+      asked_at = _request_time(self.path)
+      if asked_at is None:
+        continue
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+      if asked_at >= self.since:
+        self.stop(USER)
+        return
+      logging.warning("%s: an old stop request (from before this run started), removed",
+                      self.path)
+
+  def halt(self) -> None:
+    self._halt.set()
+
+
+def _request_time(path: str) -> float | None:
+  """When the request at `path` was made: the `time` it holds (the dashboard's), else
+  the file's modification time (`touch WORKDIR/stop_request` asks too); None if it
+  vanished."""
+  try:
+    with open(path) as f:
+      text = f.read()
+    modified = os.path.getmtime(path)
+  except OSError:
+    return None
+  try:
+    return float(json.loads(text)["time"])
+  except (ValueError, KeyError, TypeError):
+    return modified

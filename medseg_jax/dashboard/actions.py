@@ -1,0 +1,68 @@
+"""The dashboard's two actions on a run: ask it to stop, and start a stopped run again.
+
+Stop writes the run's stop request file (`monitor.run_state.STOP_REQUEST`), which the
+run's process 0 acts on as on SIGTERM. Resume starts the command the manifest recorded,
+in its directory, on this machine, with its output in WORKDIR/resume.log; only for a run
+of one machine that has ended and is not running.
+"""
+
+import os
+import socket
+import subprocess
+import time
+
+from medseg_jax import files
+from medseg_jax.dashboard import runs
+from medseg_jax.monitor import run_state
+
+RESUMABLE = (run_state.STOPPED, run_state.FAILED, run_state.LOST)
+
+
+class Refused(Exception):
+  """An action that cannot be taken now; the message says why (HTTP 409)."""
+
+
+def stop(workdir: str, now: float | None = None) -> str:
+  """Asks the running run in `workdir` to stop after its current step; returns the
+  request file's path."""
+  state, _ = runs.status(workdir, runs.read_json(os.path.join(workdir, "manifest.json")) or {},
+                         time.time())
+  if state != run_state.RUNNING:
+    raise Refused(f"the run is {state}, not running")
+  path = run_state.stop_request_path(workdir)
+  files.write_json(path, {"time": time.time() if now is None else now, "by": "dashboard"})
+  return path
+
+
+def resume(workdir: str) -> dict:
+  """Starts the stopped run in `workdir` again with the command that started it; returns
+  the command ({"argv", "cwd", "shell"}) and the new process's pid."""
+  manifest = runs.read_json(os.path.join(workdir, "manifest.json")) or {}
+  command = runs.resume_command(manifest)
+  state, _ = runs.status(workdir, manifest, time.time())
+  if command is None:
+    raise Refused("the run's manifest does not record the command that started it")
+  if state not in RESUMABLE:
+    raise Refused(f"the run is {state}; only a stopped, failed or lost run resumes")
+  recorded = manifest.get("command") or {}
+  if (recorded.get("processes") or 1) > 1 and not recorded.get("launcher"):
+    raise Refused(f"the run's {recorded['processes']} processes were started one by one; "
+                  f"start each again as before (process 0: {command['shell']})")
+  if not local(workdir):
+    raise Refused(f"the run trained on other machines; run there: {command['shell']}")
+  log = open(os.path.join(workdir, "resume.log"), "ab")  # pylint: disable=consider-using-with
+  try:
+    process = subprocess.Popen(command["argv"], cwd=command["cwd"], stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+  except OSError as e:
+    raise Refused(f"cannot start {command['shell']}: {e.strerror or e}") from e
+  finally:
+    log.close()
+  return dict(command, pid=process.pid)
+
+
+def local(workdir: str) -> bool:
+  """Whether every process of the run ran on this machine."""
+  hosts = {p.get("host") for p in run_state.read_processes(workdir)}
+  return hosts <= {socket.gethostname()}
