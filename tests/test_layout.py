@@ -29,7 +29,7 @@ LEVELS = (
     {"export"},
     {"tuning", "planning"},
     {"config"},
-    {"main", "plan"},
+    {"main", "plan", "dashboard"},
 )
 
 

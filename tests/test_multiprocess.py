@@ -214,18 +214,33 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
 
 
-def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
-  """The non-chief process alone gets SIGTERM; both checkpoint the same step and exit 0."""
+@pytest.mark.parametrize("ask", ["SIGTERM", "request file"])
+def test_sigterm_or_the_users_request_stops_both_after_the_same_step(tmp_path, ask):
+  """The non-chief process alone gets SIGTERM, or the user writes the stop request file
+  that process 0 polls (as the dashboard does); both checkpoint the same step, exit 0
+  and record that they stopped."""
   procs = _start_training_pair(tmp_path)
-  procs[1].send_signal(signal.SIGTERM)
+  if ask == "SIGTERM":
+    procs[1].send_signal(signal.SIGTERM)
+  else:
+    (tmp_path / "stop_request").write_text(json.dumps({"time": time.time()}))
   errors = _finish(procs)
   assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
-  assert "SIGTERM received: stopping after this step" in errors[1]
   steps = _steps(tmp_path)
   assert len(steps) == 1  # the checkpoint both wrote together after the agreed step
-  assert f"Stopped by SIGTERM to process 1 after step {steps[0]}" in errors[0]
+  if ask == "SIGTERM":
+    assert "SIGTERM received: stopping after this step" in errors[1]
+    assert f"Stopped by SIGTERM to process 1 after step {steps[0]}" in errors[0]
+  else:
+    assert f"Stopped by the user's stop request after step {steps[0]}" in errors[0]
+    assert not (tmp_path / "stop_request").exists()  # acted on once, not at the next start
   with open(tmp_path / "metrics.jsonl") as f:
     assert json.loads(f.readlines()[-1])["step"] == steps[0]
+  ends = [json.loads((tmp_path / "processes" / f"{i}.json").read_text())["end"]
+          for i in range(2)]
+  assert [(e["reason"], e["exit_code"]) for e in ends] == [("stopped", 0)] * 2
+  assert f"after step {steps[0]}" in ends[0]["message"] and f"after step {steps[0]}" in ends[1]["message"]
+  assert json.loads((tmp_path / "manifest.json").read_text())["end"]["reason"] == "stopped"
 
 
 def test_a_stop_request_stops_both_processes_after_the_same_step(tmp_path):

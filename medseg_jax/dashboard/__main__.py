@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
     sock.bind((args.host, args.port))
+    sock.listen(128)  # connections wait in the backlog until the server takes them
   except OSError as e:
     sys.exit(f"error: --host={args.host} --port={args.port}: cannot bind ({e.strerror or e})")
   import uvicorn  # pylint: disable=import-outside-toplevel  (after the checks: a fast error)

@@ -1,6 +1,7 @@
 // The dashboard's pages: the runs table, a run's page, and the comparison of runs.
 "use strict";
-const REFRESH_MS = 2000;
+// Every 2 s, or every ?refresh= milliseconds (200 at least).
+const REFRESH_MS = Math.max(200, Number(new URLSearchParams(location.search).get("refresh")) || 2000);
 const CSRF = document.querySelector('meta[name="csrf"]').content;
 
 function cell(text, numeric) {
