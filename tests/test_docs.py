@@ -68,13 +68,19 @@ def test_every_link_leads_to_a_file_and_heading(page):
 
 @functools.lru_cache(maxsize=None)
 def _flags_of(module: str) -> frozenset:
-  """The flags the command `python3 -m module` takes, as its --helpfull lists them."""
-  proc = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, PYTHONPATH=REPO))
+  """The flags the command `python3 -m module` takes, as its --helpfull lists them (absl),
+  or its --help (argparse, the dashboard's)."""
+  def helped(option):
+    return subprocess.run([sys.executable, "-m", module, option], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+  proc = helped("--helpfull")
   names = frozenset(re.findall(r"^\s+--(?:\[no\])?([\w.]+):", proc.stdout, re.M))
-  assert "helpfull" in names, proc.stdout[-2000:] + proc.stderr[-2000:]
-  return names
+  if "helpfull" in names:
+    return names
+  proc = helped("--help")
+  assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return frozenset(re.findall(r"^\s+--([\w]+)", proc.stdout, re.M)) | {"help"}
 
 
 def _invocations() -> list[tuple[str, str, list[str]]]:

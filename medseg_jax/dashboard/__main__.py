@@ -12,7 +12,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="medseg-dashboard", description=__doc__.split(":")[0])
+  parser = argparse.ArgumentParser(
+      prog="medseg-dashboard", description="Serves the dashboard over the runs under "
+      "RUNS_DIR (a web page on this machine) and prints its URL.")
   parser.add_argument("runs_dir", nargs="?", default="runs",
                       help="the directory of run workdirs (default: runs)")
   parser.add_argument("--host", default="127.0.0.1",

@@ -149,6 +149,12 @@ def read_changes(path: str) -> tuple[str, dict]:
   return (f"{source}:{module.VARIANT}" if module.VARIANT else source), dict(module.CHANGES)
 
 
+def compare_line(runs_dir: str, names: list[str]) -> str:
+  """A report's pointer to its runs in the dashboard (docs/dashboard.md)."""
+  return (f"Watch and compare these runs in the dashboard: `python3 -m medseg_jax.dashboard "
+          f"{runs_dir}`, then its page `/compare?runs={','.join(names)}`.\n")
+
+
 def write(workdir: str, history: list[dict], status_line: str, split: str,
           config_text: str) -> str:
   """Writes the table (md, csv), the plot and the chosen config; returns the markdown."""
@@ -156,7 +162,8 @@ def write(workdir: str, history: list[dict], status_line: str, split: str,
   note = (f"Result: {status_line}. Decisions use the {split} metrics of each run's tested "
           "checkpoint; the test columns are reported, not used. The first row is the "
           "one-device baseline. The chosen config: `guideline_config.py`.")
-  text = markdown(rows, "GreScale guideline", note)
+  text = markdown(rows, "GreScale guideline", note) + "\n" + compare_line(
+      os.path.join(workdir, "runs"), [h["run"] for h in history])
   files.write_text(os.path.join(workdir, "guideline.md"), text)
   files.write_csv(os.path.join(workdir, "guideline.csv"), rows)
   files.write_text(os.path.join(workdir, "guideline_config.py"), config_text)

@@ -118,8 +118,10 @@ def write_reports(study_dir: str, rows: list[dict], baseline_policy: str) -> Non
   study.md (the table, its reading and every run's Dice per seed) and study.png."""
   table = paired.summarize(rows, baseline_policy, METRICS)
   files.write_csv(os.path.join(study_dir, "study.csv"), table)
+  names = [run_name(r["policy"], r["devices"], r["seed"]) for r in rows]
   files.write_text(os.path.join(study_dir, "study.md"),
-                   paired.markdown(table, rows, baseline_policy, COLUMNS))
+                   paired.markdown(table, rows, baseline_policy, COLUMNS) + "\n"
+                   + report.compare_line(os.path.join(study_dir, "runs"), names))
   _plot(study_dir, table)
 
 

@@ -120,7 +120,7 @@ function showRun(detail) {
       ["devices × hosts", s.devices ? `${s.devices} × ${s.hosts || 1}` : ""],
       ["step", `${s.step} / ${s.total_steps ?? "?"}`], ["ETA", duration(s.eta_seconds)],
       ["loss", fixed(s.loss, 4)], ["best val Dice", fixed(s.best_val_dice, 4)],
-      ["test Dice", fixed(s.test_dice, 4)], ["why", s.why]].map(([k, v]) => {
+      ["test Dice", fixed(s.test_dice, 4)], ["why", s.why]].filter(([, v]) => v).map(([k, v]) => {
     const span = document.createElement("span");
     span.textContent = `${k}: ${v ?? ""}`;
     return span;
