@@ -9,6 +9,7 @@ no heartbeat) a process was lost without a word (SIGKILL, the machine gone).
 
 WORKDIR/stop_request asks a running run to stop as a signal would: process 0 polls it,
 every process stops after the same step with a checkpoint, and the same command resumes.
+Process 0 removes an earlier run's request as it starts.
 
 No JAX here: the dashboard reads these files without starting it.
 """
@@ -53,12 +54,14 @@ class Lifetime:
   def __init__(self, workdir: str, index: int, count: int,
                on_end: Callable[[dict], None] | None = None,
                interval: float = HEARTBEAT_SECONDS):
-    """Process `index` of `count`; process 0 drops the records of processes beyond
-    `count` that an earlier run of the workdir with more processes left. `on_end` gets
-    the end's record (to keep it in the manifest too)."""
+    """Process `index` of `count`. As it starts, before its first heartbeat (so before
+    anyone can see the run running and ask it to stop), process 0 drops what an earlier
+    run of the workdir left: a stop request, and the records of processes beyond
+    `count`. `on_end` gets the end's record (to keep it in the manifest too)."""
     self.path, self.interval, self._on_end = process_path(workdir, index), interval, on_end
-    self._dropped = ([process_path(workdir, int(p["process"]))
-                      for p in read_processes(workdir) if p["process"] >= count]
+    self._dropped = ([stop_request_path(workdir)]
+                     + [process_path(workdir, int(p["process"]))
+                        for p in read_processes(workdir) if p["process"] >= count]
                      if index == 0 else [])
     self._record = {"process": index, "host": socket.gethostname(), "pid": os.getpid(),
                     "started": time.time(), "heartbeat_seconds": interval, "end": None}
@@ -107,10 +110,6 @@ class Lifetime:
           self._on_end(dict(self._record["end"], process=self._record["process"]))
       except Exception:  # pylint: disable=broad-except  (the exit's own error line counts)
         pass
-
-  @property
-  def started(self) -> float:
-    return self._record["started"]
 
 
 def read_processes(workdir: str) -> list[dict]:

@@ -77,7 +77,7 @@ def train_and_evaluate(settings: RunSettings, workdir: str,
     plugs = plugins.Plugins(settings.plugins, cfg, workdir, mon.scalar)
     end = End(start.state, start.step, start.position, Stop.EARLY_STOPPING)
     if not start.early_stopped:
-      end = train(setup, ckpt, mon, plugs, start, life.started if life else started)
+      end = train(setup, ckpt, mon, plugs, start)
     result = None if end.stop is Stop.SIGNAL else test(setup, ckpt, mon, end, start.rng)
     plugs.call("on_end", end.step, result)
   finally:
@@ -104,11 +104,10 @@ def _ending(end: End, result: dict | None) -> tuple[str, int, str]:
 
 
 def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
-          plugs: plugins.Plugins, start: Start, started: float) -> End:
+          plugs: plugins.Plugins, start: Start) -> End:
   """Steps from `start` to the last step, a stop signal or request, a plugin's request or
   early stopping; the state at the end is checkpointed. Returns it, its step, its loader
-  position and why training stopped. A stop request made before `started` (a
-  time.time()) belongs to an earlier run and is ignored."""
+  position and why training stopped."""
   cfg, par = setup.cfg, setup.par
   guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience,
                           setup.lr.schedule)
@@ -116,8 +115,7 @@ def train(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
   losses, window_start, data_wait = [], time.perf_counter(), 0.0   # since the last record
   profile = profiler.Profiler(setup.workdir, cfg.monitor.profile_steps)
   with preemption.StopRequest(jax.process_count() > 1, start.step,
-                              run_state.stop_request_path(setup.workdir),
-                              started) as signals, profile:
+                              run_state.stop_request_path(setup.workdir)) as signals, profile:
     fetch_start = time.perf_counter()
     for step, position, batch in _batches(setup, start.step, start.position):
       batch = par.put_batch(batch)

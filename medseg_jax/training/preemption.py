@@ -9,11 +9,9 @@ the same step. A second signal stops at once.
 """
 
 import contextlib
-import json
 import os
 import signal
 import threading
-import time
 
 import jax
 from absl import logging
@@ -32,14 +30,13 @@ class StopRequest:
   step; `start_step` is the step the loop starts after."""
 
   def __init__(self, multi_process: bool, start_step: int = 0,
-               request_file: str | None = None, since: float = 0.0):
-    """`request_file`: the stop request file process 0 polls; a request written before
-    `since` (a time.time(), when this process started) is old and removed unheeded."""
+               request_file: str | None = None):
+    """`request_file`: the stop request file process 0 polls."""
     self.signal_name: str | None = None
     self._asked: str | None = None  # a plugin's reason
     self._shared = multihost.SharedStop(start_step) if multi_process else None
     self._previous: dict = {}
-    self._file = (_RequestFile(request_file, since, self._stop_as_signal)
+    self._file = (_RequestFile(request_file, self._stop_as_signal)
                   if request_file and jax.process_index() == 0 else None)
 
   def __enter__(self) -> "StopRequest":
@@ -111,44 +108,22 @@ class StopRequest:
 
 
 class _RequestFile(threading.Thread):
-  """Polls a stop request file every POLL_SECONDS; a request newer than `since` is
-  removed and acted on (`stop(USER)`), an older one (left by an earlier run) removed."""
+  """Polls a stop request file every POLL_SECONDS; once it is there, removes it and calls
+  `stop(USER)`. (Process 0 removes an earlier run's request as it starts:
+  `monitor.run_state.Lifetime`.)"""
 
-  def __init__(self, path: str, since: float, stop):
+  def __init__(self, path: str, stop):
     super().__init__(daemon=True, name="medseg-stop-request")
-    self.path, self.since, self.stop = path, since, stop
+    self.path, self.stop = path, stop
     self._halt = threading.Event()
 
   def run(self) -> None:
     while not self._halt.wait(POLL_SECONDS):
-      if not os.path.exists(self.path):
-        continue
-      asked_at = _request_time(self.path)
-      if asked_at is None:
-        continue
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(self.path)
-      if asked_at >= self.since:
+      if os.path.exists(self.path):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
         self.stop(USER)
         return
-      logging.warning("%s: an old stop request (from before this run started), removed",
-                      self.path)
 
   def halt(self) -> None:
     self._halt.set()
-
-
-def _request_time(path: str) -> float | None:
-  """When the request at `path` was made: the `time` it holds (the dashboard's), else
-  the file's modification time (`touch WORKDIR/stop_request` asks too); None if it
-  vanished."""
-  try:
-    with open(path) as f:
-      text = f.read()
-    modified = os.path.getmtime(path)
-  except OSError:
-    return None
-  try:
-    return float(json.loads(text)["time"])
-  except (ValueError, KeyError, TypeError):
-    return modified
