@@ -172,6 +172,7 @@ def _train(run: settings.RunSettings, workdir: str, par: strategies.Parallel) ->
   """Training, with this process's record of its life and of how it ended
   (`monitor.run_state`), kept in the manifest too by process 0."""
   index = jax.process_index()
+
   def keep(end: dict) -> None:  # a run that failed before its manifest has none to add to
     if os.path.exists(os.path.join(workdir, "manifest.json")):
       manifest.write(workdir, {"end": end})
@@ -189,13 +190,21 @@ def _train(run: settings.RunSettings, workdir: str, par: strategies.Parallel) ->
       raise
 
 
+class _LogFile(std_logging.FileHandler):
+  """A log file whose failed write (a full disk) drops the line: the run's own error
+  handling reports the disk, not a logging traceback per line."""
+
+  def handleError(self, record) -> None:
+    del record
+
+
 @contextlib.contextmanager
 def _log_file(workdir: str, keep: bool) -> Iterator[None]:
   """Process 0's log lines also go to WORKDIR/train.log (the dashboard shows its end)."""
   if not keep:
     yield
     return
-  handler = std_logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler = _LogFile(os.path.join(workdir, "train.log"))
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   cli.quiet_library_logs(handler)
   logging.get_absl_logger().addHandler(handler)
