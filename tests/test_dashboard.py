@@ -238,3 +238,21 @@ def test_a_missing_directory_or_a_taken_port_is_one_line(tmp_path, server):
                          f"--port={port}"], cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
   assert f"--port={port}: cannot bind" in proc.stderr
+
+
+def test_resume_starts_only_a_stopped_run_of_this_machine_with_its_recorded_command(tmp_path):
+  from medseg_jax.dashboard import actions  # pylint: disable=import-outside-toplevel
+  remote = tmp_path / "remote"
+  _run(remote, _manifest(), [_ended(0, "stopped", 0, host="gpu-node-7")])
+  with pytest.raises(actions.Refused, match="other machines; run there: cd .* -m medseg_jax.main"):
+    actions.resume(str(remote))
+  by_hand = tmp_path / "by_hand"
+  manifest = _manifest()
+  manifest["command"]["processes"] = 2
+  _run(by_hand, manifest, [_ended(0, "stopped", 0, host=os.uname().nodename)])
+  with pytest.raises(actions.Refused, match="2 processes were started one by one"):
+    actions.resume(str(by_hand))
+  unrecorded = tmp_path / "unrecorded"
+  _run(unrecorded, {"model": {"name": "unet"}}, [_ended(0, "stopped", 0)])
+  with pytest.raises(actions.Refused, match="does not record the command"):
+    actions.resume(str(unrecorded))
