@@ -2,7 +2,7 @@
 # The package as a user installs it: a fresh virtualenv with only the built wheel and its
 # dependencies (with the ONNX extra) trains the quickstart for a few steps, exports the run
 # as a model file and predicts from it with both engines, in a directory that is not the
-# repository.
+# repository; then serves the run in the dashboard.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
@@ -40,4 +40,20 @@ agree = float(np.mean(jax_labels == ort_labels))
 print(f"wheel in a fresh virtualenv: both engines predicted {jax_labels.shape}; "
       f"labels agree on {agree:.4%} of voxels")
 assert jax_labels.shape == ort_labels.shape and agree > 0.999, agree
+PY
+# The dashboard from the wheel's own page files, over the run trained above.
+python - <<'PY'
+import json, re, subprocess, urllib.request
+server = subprocess.Popen(["medseg-dashboard", "."], stdout=subprocess.PIPE, text=True)
+try:
+  url = re.search(r"http://\S+", server.stdout.readline()).group(0)
+  for path in ("", "run/run", "static/dashboard.js", "static/chart.js", "api/curves/run"):
+    with urllib.request.urlopen(url + path, timeout=30) as response:
+      assert response.status == 200, path
+  with urllib.request.urlopen(url + "api/runs", timeout=30) as response:
+    rows = json.load(response)
+  assert [(r["name"], r["status"]) for r in rows] == [("run", "finished")], rows
+  print("wheel in a fresh virtualenv: the dashboard serves its pages and lists the run")
+finally:
+  server.terminate()
 PY
