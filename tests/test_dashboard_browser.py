@@ -5,6 +5,7 @@ with exit 0, and Resume continues it to the end."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +83,8 @@ def test_a_run_is_watched_stopped_and_resumed_from_the_browser(tmp_path):
       stopped = checkpoints[-1]
       assert 0 < stopped < 120 and f"after step {stopped}" in end["message"]
       page.wait_for_selector("#status.stopped", timeout=30_000)
+      page.wait_for_selector("#processes td:has-text('stopped (exit 0)')", timeout=30_000)
+      assert socket.gethostname() in page.inner_text("#processes")
       page.click("#resume")
       page.wait_for_selector("#status.running", timeout=60_000)
       page.wait_for_selector("#status.finished", timeout=180_000)

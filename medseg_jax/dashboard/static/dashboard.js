@@ -138,6 +138,14 @@ function showRun(detail) {
   }
   montage.hidden = !detail.montage;
   document.getElementById("no-montage").hidden = !!detail.montage;
+  const now = Date.now() / 1000;
+  document.querySelector("#processes tbody").replaceChildren(...detail.processes.map(p => {
+    const tr = document.createElement("tr");
+    const end = p.end ? `${p.end.reason} (exit ${p.end.exit_code}) ${p.end.message || ""}` : "";
+    tr.append(cell(p.process, true), cell(p.host), cell(p.pid, true),
+              cell(p.heartbeat ? `${duration(Math.max(0, now - p.heartbeat))} ago` : ""), cell(end));
+    return tr;
+  }));
   document.querySelector("#checkpoints tbody").replaceChildren(...detail.checkpoints.map(c => {
     const tr = document.createElement("tr");
     tr.append(cell(c.step, true), cell(fixed((c.metrics || {}).dice, 4), true));
