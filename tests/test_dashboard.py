@@ -101,6 +101,9 @@ def test_records_are_read_whole_lines_only_and_again_after_a_resume_shrinks_them
   assert [r["step"] for r in reader.refresh()] == [2, 4]
   path.write_text(json.dumps({"step": 3, "loss": 2.0}) + "\n")  # truncated, then appended
   assert [r["step"] for r in reader.refresh()] == [3]
+  with open(path, "a") as f:
+    f.write('{"step": 5, "loss": NaN, "grad_norm": Infinity}\n')  # a diverged step
+  assert reader.refresh()[-1] == {"step": 5, "loss": None, "grad_norm": None}
 
 
 def test_curves_smooth_the_loss_and_name_classes_and_hosts():

@@ -34,11 +34,16 @@ def find(root: str) -> list[str]:
   return sorted(found)
 
 
+def _finite(constant: str) -> None:
+  """NaN and infinities (a diverged loss) read as None: the pages' JSON has no such values."""
+  del constant
+
+
 def read_json(path: str) -> dict | None:
   """The JSON object in `path`, or None if it is missing, being rewritten or damaged."""
   try:
     with open(path) as f:
-      value = json.load(f)
+      value = json.load(f, parse_constant=_finite)
   except (OSError, ValueError):
     return None
   return value if isinstance(value, dict) else None
@@ -67,7 +72,7 @@ class Records:
     self._offset += len(whole)
     for line in whole.splitlines():
       try:
-        record = json.loads(line)
+        record = json.loads(line, parse_constant=_finite)
       except ValueError:
         continue
       if isinstance(record, dict) and isinstance(record.get("step"), int):
