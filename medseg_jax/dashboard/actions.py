@@ -52,7 +52,9 @@ def resume(workdir: str) -> dict:
     raise Refused(f"the run trained on other machines; run there: {command['shell']}")
   log = open(os.path.join(workdir, "resume.log"), "ab")  # pylint: disable=consider-using-with
   try:
-    process = subprocess.Popen(command["argv"], cwd=command["cwd"], stdout=log,
+    # The launcher's record is the new command's own, not one this server inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSEG_LAUNCHER")}
+    process = subprocess.Popen(command["argv"], cwd=command["cwd"], env=env, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
   except OSError as e:
