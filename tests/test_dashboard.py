@@ -81,14 +81,17 @@ def test_runs_are_found_below_the_directory_and_not_inside_a_runs_outputs(root):
 
 
 def test_a_rows_values_come_from_the_runs_files(root):
-  row = runs.summary(str(root), "group/live", runs.Records(str(root / "group/live/metrics.jsonl")).refresh())
+  def row_of(name):
+    return runs.summary(name, runs.read(str(root / name)),
+                        runs.Records(str(root / name / "metrics.jsonl")).refresh())
+  row = row_of("group/live")
   assert (row["status"], row["config"], row["network"]) == ("running", "quickstart.py", "unet")
   assert (row["devices"], row["hosts"], row["step"], row["total_steps"]) == (8, 2, 4, 10)
   assert row["eta_seconds"] == pytest.approx((10 - 4) * 0.25)  # the newest step time
   assert (row["loss"], row["best_val_dice"], row["test_dice"]) == (0.5, 0.7, None)
-  done = runs.summary(str(root), "done", runs.Records(str(root / "done/metrics.jsonl")).refresh())
+  done = row_of("done")
   assert (done["status"], done["test_dice"], done["eta_seconds"]) == ("finished", 0.75, None)
-  assert runs.summary(str(root), "old", [])["status"] == "finished"  # from its test metrics
+  assert runs.summary("old", runs.read(str(root / "old")), [])["status"] == "finished"  # from its test metrics
 
 
 def test_records_are_read_whole_lines_only_and_again_after_a_resume_shrinks_them(tmp_path):

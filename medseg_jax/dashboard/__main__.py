@@ -8,8 +8,6 @@ import secrets
 import socket
 import sys
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(

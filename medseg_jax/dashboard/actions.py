@@ -22,33 +22,32 @@ class Refused(Exception):
   """An action that cannot be taken now; the message says why (HTTP 409)."""
 
 
-def stop(workdir: str, now: float | None = None) -> str:
+def stop(workdir: str) -> dict:
   """Asks the running run in `workdir` to stop after its current step; returns the
   request file's path."""
-  state, _ = runs.status(workdir, runs.read_json(os.path.join(workdir, "manifest.json")) or {},
-                         time.time())
+  state, _ = runs.status(runs.read(workdir), time.time())
   if state != run_state.RUNNING:
     raise Refused(f"the run is {state}, not running")
   path = run_state.stop_request_path(workdir)
-  files.write_json(path, {"time": time.time() if now is None else now, "by": "dashboard"})
-  return path
+  files.write_json(path, {"time": time.time(), "by": "dashboard"})
+  return {"path": path}
 
 
 def resume(workdir: str) -> dict:
   """Starts the stopped run in `workdir` again with the command that started it; returns
   the command ({"argv", "cwd", "shell"}) and the new process's pid."""
-  manifest = runs.read_json(os.path.join(workdir, "manifest.json")) or {}
-  command = runs.resume_command(manifest)
-  state, _ = runs.status(workdir, manifest, time.time())
+  run = runs.read(workdir)
+  command = runs.resume_command(run.manifest)
+  state, _ = runs.status(run, time.time())
   if command is None:
     raise Refused("the run's manifest does not record the command that started it")
   if state not in RESUMABLE:
     raise Refused(f"the run is {state}; only a stopped, failed or lost run resumes")
-  recorded = manifest.get("command") or {}
+  recorded = run.manifest.get("command") or {}
   if (recorded.get("processes") or 1) > 1 and not recorded.get("launcher"):
     raise Refused(f"the run's {recorded['processes']} processes were started one by one; "
                   f"start each again as before (process 0: {command['shell']})")
-  if not local(workdir):
+  if not local(run.processes):
     raise Refused(f"the run trained on other machines; run there: {command['shell']}")
   log = open(os.path.join(workdir, "resume.log"), "ab")  # pylint: disable=consider-using-with
   try:
@@ -64,7 +63,6 @@ def resume(workdir: str) -> dict:
   return dict(command, pid=process.pid)
 
 
-def local(workdir: str) -> bool:
-  """Whether every process of the run ran on this machine."""
-  hosts = {p.get("host") for p in run_state.read_processes(workdir)}
-  return hosts <= {socket.gethostname()}
+def local(processes: list[dict]) -> bool:
+  """Whether every process of a run (their records) ran on this machine."""
+  return {p.get("host") for p in processes} <= {socket.gethostname()}

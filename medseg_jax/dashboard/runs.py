@@ -5,6 +5,7 @@ A run is a directory holding a manifest.json or a processes/ directory (the reco
 mid-rewrite or a half-written last line of metrics.jsonl is skipped, never an error.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -91,25 +92,37 @@ def config_name(manifest: dict, fallback: str) -> str:
   return fallback
 
 
-def status(workdir: str, manifest: dict, now: float) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run's files say when read: its manifest ({} if unreadable) and its processes'
+  records."""
+
+  workdir: str
+  manifest: dict
+  processes: list[dict]
+
+
+def read(workdir: str) -> Run:
+  return Run(workdir, read_json(os.path.join(workdir, "manifest.json")) or {},
+             run_state.read_processes(workdir))
+
+
+def status(run: Run, now: float) -> tuple[str, str]:
   """The run's status (run_state.STATUSES) and why; a run older than the processes'
   records is finished when its manifest has test metrics, else unknown."""
-  found, why = run_state.status(run_state.read_processes(workdir), now)
+  found, why = run_state.status(run.processes, now)
   if found is not None:
     return found, why
-  if (manifest.get("final_metrics") or {}).get("test"):
+  if (run.manifest.get("final_metrics") or {}).get("test"):
     return run_state.FINISHED, "recorded before runs kept processes' records"
   return "unknown", "no record of its processes"
 
 
-def summary(root: str, name: str, records: list[dict], now: float | None = None) -> dict:
+def summary(name: str, run: Run, records: list[dict], now: float | None = None) -> dict:
   """A run's row on the runs page."""
-  now = time.time() if now is None else now
-  workdir = os.path.join(root, name)
-  manifest = read_json(os.path.join(workdir, "manifest.json")) or {}
-  state, why = status(workdir, manifest, now)
+  state, why = status(run, time.time() if now is None else now)
+  manifest = run.manifest
   training = manifest.get("training") or {}
-  processes = run_state.read_processes(workdir)
   train = [r for r in records if "loss" in r]
   val = [r["val_dice"] for r in records if isinstance(r.get("val_dice"), (int, float))]
   step = records[-1]["step"] if records else 0
@@ -119,17 +132,17 @@ def summary(root: str, name: str, records: list[dict], now: float | None = None)
          else None)
   test = (manifest.get("final_metrics") or {}).get("test") or {}
   return {"name": name, "status": state, "why": why,
-          "config": config_name(manifest, os.path.basename(os.path.abspath(workdir))),
+          "config": config_name(manifest, os.path.basename(os.path.abspath(run.workdir))),
           "network": (manifest.get("model") or {}).get("name"),
           "devices": training.get("devices"),
-          "hosts": len({p.get("host") for p in processes}) or None,
+          "hosts": len({p.get("host") for p in run.processes}) or None,
           "processes": training.get("processes"),
           "step": step, "total_steps": total, "eta_seconds": eta,
           "loss": train[-1]["loss"] if train else None,
           "best_val_dice": max(val) if val else None,
           "test_dice": test.get("dice"),
           "started": manifest.get("started"),
-          "updated": max((p.get("heartbeat", 0) for p in processes), default=None)}
+          "updated": max((p.get("heartbeat", 0) for p in run.processes), default=None)}
 
 
 def checkpoints(workdir: str) -> list[dict]:

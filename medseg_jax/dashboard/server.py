@@ -6,7 +6,6 @@ an access token, that token too. Files are served only from inside the runs dire
 """
 
 import hmac
-import html
 import os
 import secrets
 import threading
@@ -22,7 +21,6 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from medseg_jax.dashboard import actions, curves, runs
-from medseg_jax.monitor import run_state
 
 CSRF_HEADER = "x-medseg-csrf"
 TOKEN_COOKIE = "medseg_token"
@@ -54,20 +52,20 @@ class Dashboard:
 
   def rows(self) -> list[dict]:
     now = time.time()
-    return [runs.summary(self.root, name, self.records(name), now)
+    return [runs.summary(name, runs.read(self.workdir(name)), self.records(name), now)
             for name in runs.find(self.root)]
 
   def detail(self, name: str) -> dict:
     workdir = self.workdir(name)
-    manifest = runs.read_json(os.path.join(workdir, "manifest.json")) or {}
+    run = runs.read(workdir)
     montage = runs.newest_montage(workdir)
-    return {"summary": runs.summary(self.root, name, self.records(name)),
-            "manifest": manifest,
+    return {"summary": runs.summary(name, run, self.records(name)),
+            "manifest": run.manifest,
             "config": runs.read_json(os.path.join(workdir, "config.json")),
             "checkpoints": runs.checkpoints(workdir),
-            "processes": run_state.read_processes(workdir),
+            "processes": run.processes,
             "montage": f"/files/{name}/{montage}" if montage else None,
-            "resume": runs.resume_command(manifest),
+            "resume": runs.resume_command(run.manifest),
             "log": runs.log_tail(workdir)}
 
   def curves(self, name: str) -> dict:
@@ -122,7 +120,7 @@ def create_app(root: str, token: str | None = None) -> Starlette:
         return JSONResponse({"error": "no such run"}, status_code=404)
       except actions.Refused as e:
         return JSONResponse({"error": str(e)}, status_code=409)
-      return JSONResponse({"ok": True, **(done if isinstance(done, dict) else {"path": done})})
+      return JSONResponse({"ok": True, **done})
     return endpoint
 
   routes = [
@@ -149,7 +147,7 @@ def _csrf_refusal(request: Request, csrf: str) -> str | None:
     return "missing or wrong CSRF token; use the dashboard's page"
   origin = request.headers.get("origin")
   if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
-    return f"a request from another site ({html.escape(origin)})"
+    return f"a request from another site ({origin})"
   return None
 
 

@@ -25,7 +25,6 @@ from medseg_jax.monitor.scalars import EMA_DECAYS, THROUGHPUT_UNITS
 from medseg_jax.parallel import multihost
 
 
-
 def sample_system(devices) -> dict[str, float]:
   """CPU, host RAM, disk and network counters, device memory and GPU use where known."""
   memory, disk, net = psutil.virtual_memory(), psutil.disk_io_counters(), psutil.net_io_counters()
