@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   _model(c)
   _data(c)
+  _split(c)
   _training(c)
   _running(c)
   return c
@@ -81,11 +82,6 @@ def _data(c: ml_collections.ConfigDict) -> None:
                                    # forced patches on
   c.data.patch_size = (64, 64, 64)  # voxels (D, H, W) of a training patch and inference window
   c.data.foreground_fraction = 1 / 3  # share of every global batch centred on foreground
-  c.data.val_fraction = 0.15       # split by volume, from data.split_seed
-  c.data.test_fraction = 0.15
-  # Draws the split (and a synthetic dataset); unset = `seed`. Set, it holds the data fixed
-  # while `seed` varies initialisation and batch order (the study and the guideline do).
-  c.data.split_seed = config_dict.placeholder(int)
   c.data.augment = ml_collections.ConfigDict()  # on device, per example, training only
   c.data.augment.enabled = False
   c.data.augment.samples_per_epoch = 0     # draws per epoch, each slice floor/ceil as often,
@@ -100,6 +96,19 @@ def _data(c: ml_collections.ConfigDict) -> None:
   c.data.augment.intensity_scale = 0.0     # image x uniform [1 - s, 1 + s]
   c.data.augment.intensity_shift = 0.0     # image + uniform [-s, s]
 
+
+
+def _split(c: ml_collections.ConfigDict) -> None:
+  """Which subjects train, validate and test."""
+  c.data.val_fraction = 0.15       # split by volume, from data.split_seed
+  c.data.test_fraction = 0.15
+  # Draws the split (and a synthetic dataset); unset = `seed`. Set, it holds the data fixed
+  # while `seed` varies initialisation and batch order (the study and the guideline do).
+  c.data.split_seed = config_dict.placeholder(int)
+  # Cross-validation: set, the subjects outside the test split form data.num_folds folds
+  # (from data.split_seed) and fold data.fold validates; unset, data.val_fraction does.
+  c.data.fold = config_dict.placeholder(int)
+  c.data.num_folds = 5
 
 
 def _training(c: ml_collections.ConfigDict) -> None:

@@ -26,9 +26,10 @@ INITIAL, COEF, WARMUP, DECAY, OPT = ("optim.lr", "lr.grescale.decay_coefficient"
 
 
 def settings(**values):
-  """The tuner's settings for the tests: today's defaults, a low threshold, a large budget,
-  no tolerance, then `values`."""
-  return Settings(**{"threshold": 8, "budget": 50, "tolerance": 0.0, **values})
+  """The tuner's settings for the tests of its search: today's defaults, a low threshold, a
+  large budget, no tolerance, one validation draw with seed 0, then `values`."""
+  return Settings(**{"threshold": 8, "budget": 50, "tolerance": 0.0, "val_draws": 1,
+                     "seed": 0, **values})
 
 
 def metrics(dice, mean_accuracy=0.5, mean_iou=0.5):
@@ -293,7 +294,8 @@ def test_resume_from_the_state_file(tmp_path):
 @pytest.mark.parametrize("key,value", [("budget", 1), ("tolerance", -0.1), ("split", "train"),
                                        ("actions", ("decrease_initial_lr", "shuffle")),
                                        ("optimizers", ("sgd", "rmsprop")),
-                                       ("initial_lr_factor", 2.0), ("warmup_epochs_step", 0.0)])
+                                       ("initial_lr_factor", 2.0), ("warmup_epochs_step", 0.0),
+                                       ("val_draws", 0), ("seed", -1)])
 def test_bad_guideline_settings(tmp_path, key, value):
   with pytest.raises(ConfigError, match=f"--{key}"):
     guideline.Tuner(quickstart.get_config(), 8, Fake(lambda o: 0.5), str(tmp_path),
@@ -306,7 +308,7 @@ def test_default_settings_are_the_thesis_guideline():
       actions=("decrease_initial_lr", "increase_decay_coefficient", "increase_warmup",
                "increase_decay_period", "change_optimizer"),
       initial_lr_factor=0.5, decay_coefficient_step=0.1, warmup_epochs_step=1.0,
-      decay_epochs_step=1.0, optimizers=("sgd", "adam", "lars"))
+      decay_epochs_step=1.0, optimizers=("sgd", "adam", "lars"), val_draws=3, seed=100)
 
 
 def test_settings_from_flags():
@@ -385,40 +387,54 @@ def run(*args, timeout=900):
                         env=env_with_devices(None))
 
 
-def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
-  args = ["--config=configs/quickstart.py", "--num_devices=2", "--threshold=2", "--budget=3",
-          f"--workdir={tmp_path}", *TINY]
+def test_tiny_real_tuning_with_two_draws_and_a_budget_of_two(tmp_path):
+  """Two settings (the baseline and GreScale), each trained on validation folds 0 and 1 of
+  4 (6 volumes: 1 test, 5 in the pool; folds of 2, 1, 1, 1)."""
+  args = ["--config=configs/quickstart.py", "--num_devices=2", "--threshold=2", "--budget=2",
+          "--val_draws=2", f"--workdir={tmp_path}", *TINY,
+          "--config.data.val_fraction=0.2", "--config.data.test_fraction=0.2"]
   proc = run(*args)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   names = sorted(os.listdir(tmp_path / "runs"))
-  assert len(names) == 3 and names[:2] == ["00_baseline", "01_grescale"]
+  assert names == ["00_baseline_fold0", "00_baseline_fold1", "01_grescale_fold0",
+                   "01_grescale_fold1"]
+  splits = {n: json.loads((tmp_path / "runs" / n / "split.json").read_text()) for n in names}
+  assert splits["00_baseline_fold0"] == splits["01_grescale_fold0"]
+  assert splits["00_baseline_fold0"]["test"] == splits["00_baseline_fold1"]["test"]
+  assert len(splits["00_baseline_fold0"]["val"]) == 2
+  assert len(splits["00_baseline_fold1"]["val"]) == 1
+  assert not set(splits["00_baseline_fold0"]["val"]) & set(splits["00_baseline_fold1"]["val"])
   with open(tmp_path / "guideline.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [r["run"] for r in rows] == names
-  for r in rows:  # the table holds what each run wrote
-    workdir = tmp_path / "runs" / r["run"]
-    test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
-    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    val = next(x for x in logged if x["step"] == test["step"] and "val_dice" in x)
+  assert [r["run"] for r in rows] == ["00_baseline", "01_grescale"]
+  for r in rows:  # the table holds the mean of what each setting's two runs wrote
+    tests, vals = [], []
+    for fold in (0, 1):
+      workdir = tmp_path / "runs" / f"{r['run']}_fold{fold}"
+      tests.append(json.loads((workdir / "eval" / "test_metrics.json").read_text()))
+      logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+      vals.append(next(x for x in logged if x["step"] == tests[-1]["step"] and "val_dice" in x))
     for m in ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
-      assert float(r[f"test_{m}"]) == pytest.approx(test[m])
-      assert float(r[f"val_{m}"]) == pytest.approx(val[f"val_{m}"])
-  base = json.loads((tmp_path / "runs" / "00_baseline" / "config.json").read_text())
-  scaled = json.loads((tmp_path / "runs" / "01_grescale" / "config.json").read_text())
+      assert float(r[f"test_{m}"]) == pytest.approx((tests[0][m] + tests[1][m]) / 2)
+      assert float(r[f"val_{m}"]) == pytest.approx((vals[0][f"val_{m}"] + vals[1][f"val_{m}"]) / 2)
+    assert r["val_dice_by_draw"] == " / ".join(f"{v['val_dice']:.4f}" for v in vals)
+  base = json.loads((tmp_path / "runs" / "00_baseline_fold1" / "config.json").read_text())
+  scaled = json.loads((tmp_path / "runs" / "01_grescale_fold1" / "config.json").read_text())
   assert base["parallel"]["num_devices"] == 1 and base["lr"]["policy"] == "standard"
   assert scaled["parallel"]["num_devices"] == 2 and scaled["lr"]["policy"] == "grescale"
+  assert (base["seed"], base["data"]["fold"], base["data"]["num_folds"]) == (101, 1, 4)
   state = json.loads((tmp_path / guideline.STATE).read_text())
-  assert state["status"] in ("budget_spent", "unconfirmed", "confirmed", "not_confirmed")
-  chosen = json.loads((tmp_path / "runs" / state["chosen"] / "config.json").read_text())
+  assert state["status"] in ("budget_spent", "unconfirmed")
+  chosen = json.loads((tmp_path / "runs" / f"{state['chosen']}_fold0" / "config.json").read_text())
   loaded = json.loads(json.dumps(load_config(str(tmp_path / "guideline_config.py")).to_dict()))
-  assert loaded == chosen
+  # the chosen config is the setting's, without its draws' seeds and folds
+  assert loaded == {**chosen, "seed": 0,
+                    "data": {**chosen["data"], "fold": None, "num_folds": 5}}
   assert (tmp_path / "guideline.png").read_bytes()[:4] == b"\x89PNG"
-  assert (tmp_path / "guideline.md").read_text().count("\n| ") == 4  # header + 3 rows
-  for h in state["history"]:  # each run's manifest: the seeds of the runs of its settings
-    same = [g["overrides"]["seed"] for g in state["history"]
-            if {**g["overrides"], "seed": 0} == {**h["overrides"], "seed": 0}]
-    manifest = json.loads((tmp_path / "runs" / h["run"] / "manifest.json").read_text())
-    assert manifest["runs"]["seeds"] == same and manifest["runs"]["count"] == len(same)
+  assert (tmp_path / "guideline.md").read_text().count("\n| ") == 3  # header + 2 rows
+  for name in names:  # each run's manifest: its setting trained once on its draw
+    manifest = json.loads((tmp_path / "runs" / name / "manifest.json").read_text())
+    assert manifest["runs"]["seeds"] == [100 + int(name[-1])]
   table = (tmp_path / "guideline.csv").read_text()
   again = run(*args)  # every run is reused from the state file; nothing trains
   assert again.returncode == 0 and "training" not in again.stdout
@@ -427,23 +443,28 @@ def test_tiny_real_tuning_with_a_budget_of_three(tmp_path):
 
 def test_manifests_record_how_often_the_tuner_trained_each_setting(tmp_path):
   fixed = {"parallel.num_devices": 8, "lr.policy": "grescale"}
-  history = [{"run": "00_baseline", "overrides": {"parallel.num_devices": 1, "seed": 0}},
-             {"run": "01_grescale", "overrides": {**fixed, "seed": 0}},
-             {"run": "02_decrease_initial_lr",
-              "overrides": {**fixed, "optim.lr": 5e-6, "seed": 0}},
-             {"run": "03_confirm",
-              "overrides": {**fixed, "optim.lr": 5e-6, "seed": 1}}]
-  for h in history:
-    os.makedirs(tmp_path / h["run"])
-    (tmp_path / h["run"] / "manifest.json").write_text(json.dumps({"runs": {"count": 1}}))
+
+  def setting(name, overrides, seeds):
+    return {"run": name, "draws": [{"run": f"{name}_fold{d}", "overrides": {
+        **overrides, "seed": seed, "data.fold": d}} for d, seed in enumerate(seeds)]}
+  history = [setting("00_baseline", {"parallel.num_devices": 1}, (100, 101)),
+             setting("01_grescale", fixed, (100, 101)),
+             setting("02_decrease_initial_lr", {**fixed, "optim.lr": 5e-6}, (100, 101)),
+             setting("03_confirm", {**fixed, "optim.lr": 5e-6}, (102, 103))]
+  runs_ = [d["run"] for h in history for d in h["draws"]]
+  for name in runs_:
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "manifest.json").write_text(json.dumps({"runs": {"count": 1}}))
   guideline.record_repeats(history, str(tmp_path))
-  counts = {h["run"]: json.loads((tmp_path / h["run"] / "manifest.json").read_text())["runs"]
-            for h in history}
+  counts = {n: json.loads((tmp_path / n / "manifest.json").read_text())["runs"] for n in runs_}
   assert {n: (r["count"], r["seeds"]) for n, r in counts.items()} == {
-      "00_baseline": (1, [0]), "01_grescale": (1, [0]),
-      "02_decrease_initial_lr": (2, [0, 1]), "03_confirm": (2, [0, 1])}
-  assert counts["03_confirm"]["tool"] == "medseg_jax.tuning.guideline"
-  assert "seeds" in (tmp_path / "03_confirm" / "MANIFEST.md").read_text()
+      "00_baseline_fold0": (1, [100]), "00_baseline_fold1": (1, [101]),
+      "01_grescale_fold0": (1, [100]), "01_grescale_fold1": (1, [101]),
+      "02_decrease_initial_lr_fold0": (2, [100, 102]),
+      "02_decrease_initial_lr_fold1": (2, [101, 103]),
+      "03_confirm_fold0": (2, [100, 102]), "03_confirm_fold1": (2, [101, 103])}
+  assert counts["03_confirm_fold1"]["tool"] == "medseg_jax.tuning.guideline"
+  assert "seeds" in (tmp_path / "03_confirm_fold1" / "MANIFEST.md").read_text()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -465,3 +486,44 @@ def test_help_lists_every_setting():
   assert "error:" not in proc.stderr
   for name in ["config", "workdir", "num_devices", *Settings.__dataclass_fields__]:
     assert f"--{name}:" in proc.stdout, name
+
+
+def test_decisions_use_the_mean_over_the_draws_and_say_where_they_disagree(tmp_path):
+  """Fold 0 alone would have GreScale reach the baseline (0.95 against 0.90); the mean over
+  the three folds (0.95, 0.84, 0.86: 0.8833) does not. Halving the LR scores 0.91, 0.89,
+  0.90 (mean 0.90): it ties the baseline and is confirmed."""
+  by_fold = {"grescale": (0.95, 0.84, 0.86), "halved": (0.91, 0.89, 0.90)}
+
+  def score(o):
+    return by_fold["halved" if o[INITIAL] < 2e-3 else "grescale"][o["data.fold"]]
+  fake = Fake(score)
+  tuner, status = tune(settings(val_draws=3, seed=100, tolerance=0.002), fake, tmp_path)
+  assert status == "confirmed"
+  assert actions(tuner) == ["baseline", "grescale", "decrease_initial_lr", "confirm"]
+  assert [h["result"]["val"]["dice"] for h in tuner.history] == pytest.approx(
+      [0.9, sum(by_fold["grescale"]) / 3, 0.9, 0.9])
+  assert [h["result"]["test"]["dice"] for h in tuner.history] == pytest.approx(
+      [0.89, sum(by_fold["grescale"]) / 3 - 0.01, 0.89, 0.89])
+  # GreScale against the baseline by fold: +0.05, -0.06, -0.04
+  assert tuner.history[1]["decision"] == "start; draws disagree: +0.0500, -0.0600, -0.0400"
+  assert tuner.history[2]["decision"] == (
+      "reaches the baseline; draws disagree: +0.0100, -0.0100, +0.0000")
+  assert tuner.chosen == "02_decrease_initial_lr"
+  assert "seed" not in tuner.chosen_overrides()
+  assert "data.fold" not in tuner.chosen_overrides()
+  report_md = report.markdown(report.table_rows(tuner.history), "t", "n")
+  assert "| 0.9500 / 0.8400 / 0.8600 |" in report_md
+
+
+def test_val_draws_need_folds_to_draw_from():
+  cfg = quickstart.get_config()
+  assert guideline.draw_folds(cfg, 3) == 6      # round(0.85 / 0.15)
+  assert guideline.draw_folds(cfg, 8) == 8      # at least as many folds as draws
+  cfg.data.fold, cfg.data.num_folds = 1, 5      # the config's own folds
+  assert guideline.draw_folds(cfg, 3) == 5
+  with pytest.raises(ConfigError, match=r"^--val_draws=6: more than the config's data.num_folds=5"):
+    guideline.draw_folds(cfg, 6)
+  cfg = quickstart.get_config()
+  cfg.data.val_fraction = 0.0
+  with pytest.raises(ConfigError, match=r"^--val_draws=3: data.val_fraction is 0"):
+    guideline.Tuner(cfg, 8, Fake(lambda o: 0.5), "unused", settings(val_draws=3))

@@ -82,16 +82,24 @@ class Recorder:
     return {"val": m, "test": m}
 
 
-@pytest.mark.parametrize("overrides,seed,split_seed", [
-    (["--config.seed=3"], 3, 3), (["--config.seed=3", "--config.data.split_seed=5"], 3, 5)])
-def test_the_guideline_holds_the_split_while_the_confirming_seed_changes(
-    tmp_path, overrides, seed, split_seed):
-  """Every run, the confirming one with the next seed included, has the config's split."""
+@pytest.mark.parametrize("overrides,split_seed", [
+    (["--config.seed=3"], 3), (["--config.seed=3", "--config.data.split_seed=5"], 5)])
+def test_the_guideline_holds_the_split_while_its_draws_and_confirming_seeds_change(
+    tmp_path, overrides, split_seed):
+  """Every run has the config's split seed (so the same test split); each setting trains
+  on folds 0-2, the deciding runs with seeds 100-102 and the confirming ones with 103-105,
+  none of them the study's 0, 1, ..."""
   trainer = Recorder()
   tuner = guideline.Tuner(config(*overrides), 8, trainer, str(tmp_path),
                           Settings(threshold=8, budget=10, tolerance=0.0))
-  # GreScale at once ties the baseline: the confirming run follows.
+  # GreScale at once ties the baseline: the confirming runs follow.
   assert tuner.run() == "confirmed"
-  assert [name for name, _ in trainer.calls] == ["00_baseline", "01_grescale", "02_confirm"]
-  assert [o["seed"] for _, o in trainer.calls] == [seed, seed, seed + 1]
-  assert [o["data.split_seed"] for _, o in trainer.calls] == [split_seed] * 3
+  assert [name for name, _ in trainer.calls] == [
+      f"{setting}_fold{d}" for setting in ("00_baseline", "01_grescale", "02_confirm")
+      for d in range(3)]
+  assert [o["seed"] for _, o in trainer.calls] == [100, 101, 102] * 2 + [103, 104, 105]
+  assert [o["data.fold"] for _, o in trainer.calls] == [0, 1, 2] * 3
+  # the quickstart's 15% validation and 15% test: folds of 15% of 85%, round(85 / 15) = 6
+  assert {o["data.num_folds"] for _, o in trainer.calls} == {6}
+  assert [o["data.split_seed"] for _, o in trainer.calls] == [split_seed] * 9
+  assert tuner.history[-1]["changed"] == "seed: 100-102 → 103-105"

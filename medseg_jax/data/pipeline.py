@@ -109,13 +109,15 @@ def splits(source: Source, workdir: str, opened, dataset: decathlon.Dataset,
   return split.recorded_split(os.path.join(workdir, "split.json"),
                               [v["name"] for v in opened.volumes], source.val_fraction,
                               source.test_fraction, source.split_seed, record=record,
-                              root=dataset.root)
+                              root=dataset.root, fold=source.fold,
+                              num_folds=source.num_folds)
 
 
 def new_split(source: Source, dataset: decathlon.Dataset) -> dict[str, list[str]]:
   """The split of every subject of dataset.json a new run would draw (no store read)."""
   return split.split_cases([c.name for c in dataset.training], source.val_fraction,
-                           source.test_fraction, source.split_seed)
+                           source.test_fraction, source.split_seed, source.fold,
+                           source.num_folds)
 
 
 def common_info(dataset: decathlon.Dataset, opened, chosen: dict[str, list[str]]) -> dict:

@@ -20,6 +20,8 @@ class Source:
   val_fraction: float = 0.15
   test_fraction: float = 0.15
   split_seed: int = 0                # data.split_seed, or `seed` when it is unset
+  fold: int | None = None            # data.fold: the validation fold; None = no folds
+  num_folds: int = 5                 # data.num_folds
   samples_per_epoch: int = 0         # data.augment.samples_per_epoch: draws per epoch
 
   def num_classes(self, labels: list[str]) -> int:

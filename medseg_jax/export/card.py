@@ -69,7 +69,8 @@ def _data(model: dict, manifest: dict, cfg: ml_collections.ConfigDict) -> list[s
       f"order; the model reads {used}",
       f"- Volumes per split (train/val/test): {_splits(model.get('volumes'))}{counts}",
       f"- Split: by volume, validation {cfg.data.val_fraction}, test "
-      f"{cfg.data.test_fraction}, seed {cfg.seed}",
+      f"{cfg.data.test_fraction}, seed {cfg.seed}"
+      + (f", fold {cfg.data.fold} of {cfg.data.num_folds}" if cfg.data.fold is not None else ""),
       f"- Preprocessing: {preprocessing}",
       f"- Labels: data.label_map {list(pre['label_map']) or 'none (labels as in the dataset)'}"
       f" over the dataset's labels {list(model.get('labels', []))}",

@@ -167,7 +167,8 @@ def dataset(cfg, info: dict, class_names: list[str], split_seed: int) -> dict:
           "skipped_invalid": info.get("skipped", []), "volumes": info["volumes"],
           "split": {"val_fraction": cfg.data.val_fraction,
                     "test_fraction": cfg.data.test_fraction,
-                    "seed": split_seed},
+                    "seed": split_seed, "fold": cfg.data.fold,
+                    "num_folds": cfg.data.num_folds if cfg.data.fold is not None else None},
           "augmentation": (cfg.data.augment.to_dict() if cfg.data.augment.enabled
                            else "none"),
           "synthetic": cfg.data.synthetic}

@@ -58,6 +58,7 @@ def source(cfg: ml_collections.ConfigDict) -> Source:
     raise ConfigError(f"data.split_seed={data.split_seed}: must be at least 0 "
                       "(or unset: the split follows `seed`)")
   split.check_fractions(data.val_fraction, data.test_fraction)
+  split.check_fold(data.fold, data.num_folds)
   if data.synthetic:
     if data.synthetic_volumes < 3:
       raise ConfigError(f"data.synthetic_volumes={data.synthetic_volumes}: need at least 3 "
@@ -72,5 +73,5 @@ def source(cfg: ml_collections.ConfigDict) -> Source:
                 preprocess_workers=data.preprocess_workers,
                 modalities=tuple(data.modalities), label_map=tuple(data.label_map),
                 val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                split_seed=split.split_seed(cfg),
+                split_seed=split.split_seed(cfg), fold=data.fold, num_folds=data.num_folds,
                 samples_per_epoch=augment.samples_per_epoch(data.augment))

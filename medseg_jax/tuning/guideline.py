@@ -7,15 +7,21 @@
 2. GreScale with the config's `optim.lr` (the base LR eta, the thesis's "initial LR")
    and `lr.grescale` values (the defaults) at K devices, LR scaled linearly. Below
    `--threshold` devices that is the answer.
-3. Otherwise the ordered actions of `--actions`, one fixed step per run, each applied
-   to the best settings so far: a run that beats them becomes the new best and the
-   same action is repeated; a run that does not is dropped and the next action comes.
-   It stops when a run reaches the baseline (then the same settings train once more
-   with the next seed: the model validation), when the actions are exhausted, or when
-   `--budget` runs (the baseline included) are spent.
+3. Otherwise the ordered actions of `--actions`, one fixed step per setting, each applied
+   to the best settings so far: a setting that beats them becomes the new best and the
+   same action is repeated; one that does not is dropped and the next action comes. A
+   tie (a difference below `--tolerance`) keeps the best so far, the smaller change.
+   It stops when a setting reaches the baseline (then the same settings train once more
+   with fresh seeds: the model validation), when the actions are exhausted, or when
+   `--budget` settings (the baseline included) are spent.
 
-Every run keeps the config's split (`data.split_seed`, unset: the config's `seed`), so
-the confirming run's other seed changes initialisation and batch order, not the data.
+Every setting trains once per validation draw (`--val_draws`, default 3): draw d is fold
+d of the subjects outside the test split (`data.fold`, each fold the size of the config's
+validation split) with seed `--seed` + d, and the setting's metrics are the means over
+its draws. Every run keeps the config's `data.split_seed` (unset: its `seed`), so the
+test split is the same in all of them and in the scaling study, and the deciding and
+confirming seeds (100, 101, ... by default) are apart from the study's (0, 1, ...).
+Where the draws disagree on the sign of a Dice difference, the decision says so.
 
 Decisions compare the metrics of `--split` (default `val`: the validation metrics of
 each run's tested checkpoint), by `--comparison`, with differences below `--tolerance`
@@ -94,17 +100,36 @@ def check_settings(g: Settings, cfg: ml_collections.ConfigDict, num_devices: int
   if g.split not in SPLITS:
     raise ConfigError(f"--split={g.split}: choose from {list(SPLITS)}")
   checks = {"budget": g.budget >= 2, "threshold": g.threshold >= 1, "tolerance": g.tolerance >= 0,
+            "val_draws": g.val_draws >= 1, "seed": g.seed >= 0,
             "initial_lr_factor": 0 < g.initial_lr_factor < 1,
             "decay_coefficient_step": g.decay_coefficient_step > 0,
             "warmup_epochs_step": g.warmup_epochs_step > 0,
             "decay_epochs_step": g.decay_epochs_step > 0}
   limits = {"budget": "at least 2 (the baseline and the GreScale run)", "threshold": "at least 1",
+            "val_draws": "at least 1", "seed": "at least 0",
             "tolerance": "not negative", "initial_lr_factor": "between 0 and 1"}
   for key, ok in checks.items():
     if not ok:
       raise ConfigError(f"--{key}={getattr(g, key)}: must be {limits.get(key, 'positive')}")
   if num_devices >= g.threshold and "increase_decay_period" in g.actions:
     actions.decay_epochs(actions.start_params(cfg), cfg)
+  if g.val_draws > 1:
+    draw_folds(cfg, g.val_draws)
+
+
+def draw_folds(cfg: ml_collections.ConfigDict, draws: int) -> int:
+  """The number of folds the validation draws take folds 0..draws-1 of: the config's own
+  (data.num_folds) when it sets data.fold; else as many as make each fold the size of its
+  validation split (4 for 20% validation and 20% test), and at least `draws`."""
+  if cfg.data.fold is not None:
+    if draws > cfg.data.num_folds:
+      raise ConfigError(f"--val_draws={draws}: more than the config's data.num_folds="
+                        f"{cfg.data.num_folds}")
+    return cfg.data.num_folds
+  if not cfg.data.val_fraction:
+    raise ConfigError(f"--val_draws={draws}: data.val_fraction is 0, so there are no "
+                      "validation folds to draw; use --val_draws=1 with --split=test")
+  return max(draws, round((1 - cfg.data.test_fraction) / cfg.data.val_fraction))
 
 
 def _settings(cfg: ml_collections.ConfigDict, num_devices: int) -> dict:
@@ -131,9 +156,10 @@ class Tuner:
     self.g = settings
     self.path = os.path.join(workdir, STATE)
     self.settings = _settings(cfg, num_devices)
+    self.num_folds = draw_folds(cfg, settings.val_draws) if settings.val_draws > 1 else None
     self.done = self._load()   # run name -> {"overrides", "result"} of every finished run
     self.history: list[dict] = []
-    self.status = self.chosen = None
+    self.status = self.chosen = self.baseline = None
 
   def _load(self) -> dict:
     state = files.read_json(self.path, "the guideline's state", missing_ok=True)
@@ -154,10 +180,23 @@ class Tuner:
                                  "history": self.history, "status": self.status,
                                  "chosen": self.chosen})
 
-  def _train(self, action: str, overrides: dict, changed: str = "") -> Result:
-    """The result of one run, from the state file when it is there; else trained."""
-    name = f"{len(self.history):02d}_{action}"
-    overrides = json.loads(json.dumps(overrides))
+  def _train(self, action: str, setting: dict, changed: str = "",
+             first_seed: int | None = None) -> Result:
+    """The mean result of `setting` over the validation draws (each draw's run from the
+    state file when it is there; else trained), appended to the history."""
+    base = f"{len(self.history):02d}_{action}"
+    setting = json.loads(json.dumps(setting))
+    draws = []
+    for d, draw in enumerate(self._draws(self.g.seed if first_seed is None else first_seed)):
+      name = base if self.g.val_draws == 1 else f"{base}_fold{draw['data.fold']}"
+      draws.append({"run": name, **self._draw_result(name, {**setting, **draw}, changed)})
+    result = mean_result([d["result"] for d in draws])
+    self.history.append({"run": base, "action": action, "changed": changed, "decision": "",
+                         "overrides": setting, "draws": draws, "result": result})
+    self._save()
+    return result
+
+  def _draw_result(self, name: str, overrides: dict, changed: str) -> dict:
     record = self.done.get(name)
     if record is not None and record["overrides"] != overrides:
       raise ConfigError(f"{self.path}: run {name} was trained with other settings "
@@ -167,39 +206,48 @@ class Tuner:
       self.say(f"{name}: training" + (f" ({changed})" if changed else ""))
       record = {"overrides": overrides, "result": self.trainer(name, overrides)}
       self.done[name] = record
+      self._save()
     if (record["result"].get(self.g.split) or {}).get("dice") is None:
       raise DataError(f"run {name} has no {self.g.split} metrics; "
                       "use --split=test if the config has no validation split")
-    self.history.append({"run": name, "action": action, "changed": changed, "decision": "",
-                         "overrides": overrides, "result": record["result"]})
-    self._save()
-    return record["result"]
+    return record
+
+  def _draws(self, first_seed: int) -> list[dict]:
+    """The overrides of each validation draw: its seed and, with several draws, fold d."""
+    if self.g.val_draws == 1:
+      return [{"seed": first_seed}]
+    return [{"seed": first_seed + d, "data.fold": d, "data.num_folds": self.num_folds}
+            for d in range(self.g.val_draws)]
 
   def _compare(self, a: Result, b: Result) -> int:
     split = self.g.split
     return COMPARISONS[self.g.comparison](a[split], b[split], self.g.tolerance)
 
-  def _decide(self, decision: str) -> None:
-    self.history[-1]["decision"] = decision
-    self.say(f"{self.history[-1]['run']}: {self.g.split} Dice "
-             f"{self.history[-1]['result'][self.g.split]['dice']:.4f} -> {decision}")
+  def _decide(self, decision: str, against: dict | None = None) -> None:
+    """Records the last setting's decision; when the draws of it and of `against` (a
+    history entry) disagree in the sign of their Dice difference, the decision says so."""
+    last = self.history[-1]
+    if against is not None:
+      decision += disagreement(last["draws"], against["draws"], self.g.split)
+    last["decision"] = decision
+    self.say(f"{last['run']}: {self.g.split} Dice {last['result'][self.g.split]['dice']:.4f} "
+             f"-> {decision}")
 
-  def _seeds(self, seed: int | None = None) -> dict:
-    """The run's seed (the config's unless given) and the config's split seed, which every
-    run keeps: the confirming run's other seed validates on the baseline's split."""
-    return {"seed": self.cfg.seed if seed is None else seed,
-            "data.split_seed": split.split_seed(self.cfg)}
+  def _split(self) -> dict:
+    """The config's split seed, which every run keeps: the test split is always the same."""
+    return {"data.split_seed": split.split_seed(self.cfg)}
 
-  def _overrides(self, params: actions.Params, seed: int | None = None) -> dict:
-    fixed = {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear"}
-    return {**fixed, **params, **self._seeds(seed)}
+  def _overrides(self, params: actions.Params) -> dict:
+    return {"parallel.num_devices": self.k, "lr.policy": "grescale", "lr.scaling": "linear",
+            **params, **self._split()}
 
   def run(self) -> str:
     """Runs the guideline to its end; returns the status (a key of STATUS)."""
     reference = self.cfg.lr.reference_batch_size or self.cfg.train.per_device_batch_size
     base = self._train("baseline", {"parallel.num_devices": 1,
-                                    "train.per_device_batch_size": reference, **self._seeds()})
+                                    "train.per_device_batch_size": reference, **self._split()})
     self._decide("baseline")
+    self.baseline = self.history[-1]
     params = actions.start_params(self.cfg)
     current = self._train("grescale", self._overrides(params))
     self.chosen = self.history[-1]["run"]
@@ -207,13 +255,14 @@ class Tuner:
       self._decide("chosen")
       self.status = "below_threshold"
     else:
-      self._decide("start")
+      self._decide("start", self.baseline)
       self.status = self._iterate(base, params, current)
     self._save()
     return self.status
 
   def _iterate(self, base: Result, params: actions.Params, current: Result) -> str:
     order, index, tries = list(self.g.actions), 0, 0
+    best = self.history[-1]
     while self._compare(current, base) < 0:
       if index == len(order):
         return "actions_exhausted"
@@ -225,28 +274,33 @@ class Tuner:
         return "budget_spent"
       trial = self._train(order[index], self._overrides(trial_params),
                           actions.describe_change(params, trial_params))
-      if self._compare(trial, base) >= 0 or self._compare(trial, current) > 0:
-        self._decide("reaches the baseline" if self._compare(trial, base) >= 0
-                     else "better: repeat the action")
+      reaches = self._compare(trial, base) >= 0
+      if reaches or self._compare(trial, current) > 0:
+        self._decide("reaches the baseline" if reaches else "better: repeat the action",
+                     self.baseline if reaches else best)
         params, current, tries = trial_params, trial, tries + 1
-        self.chosen = self.history[-1]["run"]
-      else:
-        self._decide("not better: next action")
+        self.chosen, best = self.history[-1]["run"], self.history[-1]
+      else:  # a tie keeps the setting with fewer changes
+        self._decide("not better: next action", best)
         index, tries = index + 1, 0
     return self._confirm(base, params)
 
   def _confirm(self, base: Result, params: actions.Params) -> str:
-    """The model validation: the chosen settings again, with the next seed."""
+    """The model validation: the chosen settings again, with fresh seeds (the ones after
+    the deciding runs'), against the baseline."""
     if len(self.history) >= self.g.budget:
       return "unconfirmed"
-    seed = self.cfg.seed + 1
-    result = self._train("confirm", self._overrides(params, seed),
-                         f"seed: {self.cfg.seed} → {seed}")
+    seed = self.g.seed + self.g.val_draws
+    seeds = (f"{self.g.seed} → {seed}" if self.g.val_draws == 1 else
+             f"{self.g.seed}-{seed - 1} → {seed}-{seed + self.g.val_draws - 1}")
+    result = self._train("confirm", self._overrides(params), f"seed: {seeds}", seed)
     confirmed = self._compare(result, base) >= 0
-    self._decide("reaches the baseline" if confirmed else "below the baseline")
+    self._decide("reaches the baseline" if confirmed else "below the baseline", self.baseline)
     return "confirmed" if confirmed else "not_confirmed"
 
   def chosen_overrides(self) -> dict:
+    """The chosen setting's config overrides (its draws' seeds and folds are not part of
+    it)."""
     return _chosen(self.history, self.chosen)
 
 
@@ -255,17 +309,44 @@ def _chosen(history: list[dict], chosen: str | None) -> dict | None:
   return next((h["overrides"] for h in history if h["run"] == chosen), None)
 
 
+def mean_result(results: list[Result]) -> Result:
+  """The mean of each metric of each split over the draws' results (None where a draw
+  has none)."""
+  mean: Result = {}
+  for split_name in SPLITS:
+    per_draw = [r.get(split_name) for r in results]
+    if any(m is None for m in per_draw):
+      mean[split_name] = None
+      continue
+    mean[split_name] = {k: (None if any(m.get(k) is None for m in per_draw)
+                            else sum(m[k] for m in per_draw) / len(per_draw))
+                        for k in per_draw[0]}
+  return mean
+
+
+def disagreement(draws: list[dict], others: list[dict], split_name: str) -> str:
+  """"" when the Dice differences between paired draws share a sign (or there is one
+  draw); else what the report says: "; draws disagree: +0.0040, -0.0020"."""
+  differences = [a["result"][split_name]["dice"] - b["result"][split_name]["dice"]
+                 for a, b in zip(draws, others)]
+  if len(differences) < 2 or not (min(differences) < 0 < max(differences)):
+    return ""
+  return "; draws disagree: " + ", ".join(f"{d:+.4f}" for d in differences)
+
+
 def record_repeats(history: list[dict], runs_dir: str) -> None:
-  """Records in each run's manifest how often the tuner trained its settings (the chosen
-  settings twice when the model validation ran), with which seeds."""
-  def settings(h: dict) -> str:
-    return json.dumps({k: v for k, v in h["overrides"].items() if k != "seed"}, sort_keys=True)
+  """Records in each run's manifest how often the tuner trained its settings on its draw
+  (the chosen settings twice when the model validation ran), with which seeds."""
+  def key(draw: dict) -> str:
+    return json.dumps({k: v for k, v in draw["overrides"].items() if k != "seed"},
+                      sort_keys=True)
+  draws = [d for h in history for d in h["draws"]]
   seeds: dict[str, list[int]] = {}
-  for h in history:
-    seeds.setdefault(settings(h), []).append(h["overrides"]["seed"])
-  for h in history:
-    manifest.record_repeats(os.path.join(runs_dir, h["run"]), seeds[settings(h)],
-                            "medseg_jax.tuning.guideline", h["run"])
+  for d in draws:
+    seeds.setdefault(key(d), []).append(d["overrides"]["seed"])
+  for d in draws:
+    manifest.record_repeats(os.path.join(runs_dir, d["run"]), seeds[key(d)],
+                            "medseg_jax.tuning.guideline", d["run"])
 
 
 def _cli() -> None:

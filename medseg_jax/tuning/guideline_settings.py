@@ -21,9 +21,10 @@ class Settings:
 
   threshold: int = _setting(12, "Below this many devices, train the GreScale defaults once "
                             "and stop: the thesis's guideline just trains below 12 workers.")
-  budget: int = _setting(12, "Training runs at most, the baseline included: 12 leaves room for "
-                         "the GreScale run, each action once, a few repeats and the confirming "
-                         "run.")
+  budget: int = _setting(12, "Settings tried at most, the baseline and the confirmation "
+                         "included, each trained once per validation draw: 12 leaves room "
+                         "for the GreScale run, each action once, a few repeats and the "
+                         "confirming run.")
   actions: tuple[str, ...] = _setting(
       ("decrease_initial_lr", "increase_decay_coefficient", "increase_warmup",
        "increase_decay_period", "change_optimizer"),
@@ -34,6 +35,17 @@ class Settings:
       "dominated by the background.")
   tolerance: float = _setting(0.002, "Metric differences below this are ties, so noise alone "
                               "does not pick a run.")
+  val_draws: int = _setting(
+      3, "Validation draws per setting: each setting (the baseline's too) trains once per "
+      "draw, on folds 0, 1, ... of the subjects outside the test split (data.fold; each fold "
+      "the size of the config's validation split, so every draw trains on as many subjects "
+      "as the config; the config's own folds when it sets data.fold), and every comparison "
+      "uses the mean over the draws: one draw of a few volumes picks noise. 1 = the config's "
+      "split alone.")
+  seed: int = _setting(
+      100, "Seed of the deciding runs' first draw (draw d: this + d); the confirming runs take "
+      "the next seeds after them. Apart from the scaling study's seeds (0, 1, ...), so the "
+      "study never tests a setting on a seed that chose it.")
   split: str = _setting("val", "The split whose metrics decide (val or test): validation, so "
                         "the reported test metrics are not selected on.")
   # One fixed step per action and run ("small fixed steps" in the thesis, which gives none).

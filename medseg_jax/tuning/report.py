@@ -22,7 +22,9 @@ def table_rows(history: list[dict]) -> list[dict]:
   rows = []
   for h in history:
     row = {"run": h["run"], "action": h["action"], "changed": h["changed"],
-           "decision": h["decision"]}
+           "decision": h["decision"],
+           "val_dice_by_draw": " / ".join(_cell((d["result"].get("val") or {}).get("dice"))
+                                          for d in h.get("draws", []))}
     for split in ("val", "test"):
       metrics = h["result"].get(split) or {}
       row.update({f"{split}_{m}": metrics.get(m) for m in runs.METRICS})
@@ -35,12 +37,13 @@ def _cell(value) -> str:
 
 
 def markdown(rows: list[dict], title: str, note: str) -> str:
-  head = ("| run | action | changed | decision | val Dice | "
+  head = ("| run | action | changed | decision | val Dice | val Dice by draw | "
           + " | ".join(f"test {c}" for c in COLUMNS.values()) + " |")
-  lines = [head, "|---" * (5 + len(COLUMNS)) + "|"]
+  lines = [head, "|---" * (6 + len(COLUMNS)) + "|"]
   for r in rows:
     cells = [r["run"], r["action"], r["changed"].replace("|", "/"), r["decision"],
-             _cell(r["val_dice"])] + [_cell(r[f"test_{m}"]) for m in COLUMNS]
+             _cell(r["val_dice"]), r["val_dice_by_draw"]] + [_cell(r[f"test_{m}"])
+                                                             for m in COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
   return f"# {title}\n\n{note}\n\n" + "\n".join(lines) + "\n"
 
@@ -159,11 +162,14 @@ def write(workdir: str, history: list[dict], status_line: str, split: str,
           config_text: str) -> str:
   """Writes the table (md, csv), the plot and the chosen config; returns the markdown."""
   rows = table_rows(history)
+  draws = len(history[0].get("draws", [])) if history else 0
+  means = (f", each setting's mean over its {draws} validation draws (runs <run>_fold<d>)"
+           if draws > 1 else "")
   note = (f"Result: {status_line}. Decisions use the {split} metrics of each run's tested "
-          "checkpoint; the test columns are reported, not used. The first row is the "
+          f"checkpoint{means}; the test columns are reported, not used. The first row is the "
           "one-device baseline. The chosen config: `guideline_config.py`.")
   text = markdown(rows, "GreScale guideline", note) + "\n" + compare_line(
-      os.path.join(workdir, "runs"), [h["run"] for h in history])
+      os.path.join(workdir, "runs"), [d["run"] for h in history for d in h.get("draws", [])])
   files.write_text(os.path.join(workdir, "guideline.md"), text)
   files.write_csv(os.path.join(workdir, "guideline.csv"), rows)
   files.write_text(os.path.join(workdir, "guideline_config.py"), config_text)
