@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -164,3 +165,21 @@ def test_the_tensorboardx_internals_the_full_disk_guard_wraps_are_there(tmp_path
     assert os.path.dirname(records.path) == str(tmp_path)  # the object that owns the file
   finally:
     writer.close()
+
+
+def test_the_event_writer_starts_without_pytorch(tmp_path):
+  """events.summary_writer keeps tensorboardX from importing an installed PyTorch (1.3 s of
+  every run's start-up); the events it writes read back with TensorBoard's reader. Where
+  PyTorch is not installed there is nothing to keep out."""
+  pytest.importorskip("torch")
+  code = ("import sys; from medseg_jax.monitor import events; "
+          f"w = events.summary_writer({str(tmp_path)!r}); w.add_scalar('loss', 0.5, 3); "
+          "w.close(); print('torch' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "False"
+  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={
+      event_accumulator.SCALARS: 0})
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(3, 0.5)]

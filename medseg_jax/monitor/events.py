@@ -11,13 +11,13 @@ the event files as `system/<host>/<quantity>`.
 import json
 import os
 import socket
+import sys
 import threading
 
 import jax
 import numpy as np
 import psutil
 from absl import logging
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from medseg_jax import files
@@ -128,7 +128,27 @@ class _ClusterSampler:
     self._sampler.stop()
 
 
-def _stop_on_full_disk(writer: SummaryWriter, logdir: str) -> None:
+def summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter for `logdir`, imported without PyTorch.
+
+  tensorboardX's writer module imports torch whenever it is installed, only so that torch
+  tensors can be logged: 1.3 s of every run's start-up on a machine with PyTorch, where
+  this project logs Python and numpy numbers. A None entry in `sys.modules` is Python's
+  documented way to make an import fail (tensorboardX then falls back to numpy); it is
+  set only while tensorboardX is first imported, and not where torch is already loaded.
+  tests/test_monitor.py checks that torch stays out and the events are written."""
+  blocked = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir=logdir)
+
+
+def _stop_on_full_disk(writer, logdir: str) -> None:
   """After the first write that finds the disk full, one warning line and no more events.
 
   tensorboardX writes the event file from a thread of its own: an OSError there ends the
@@ -180,7 +200,7 @@ class Monitor:
       return
     logdir = os.path.join(workdir, "tensorboard")
     with files.disk_full_reported(logdir):
-      self._writer = SummaryWriter(logdir=logdir)
+      self._writer = summary_writer(logdir)
     _stop_on_full_disk(self._writer, logdir)
     # A bar on a terminal; elsewhere (files, CI) the loop's log lines say the same.
     self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
