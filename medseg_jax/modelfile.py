@@ -35,6 +35,7 @@ from medseg_jax.errors import MedsegError, first_line
 FORMAT = "medseg_jax model"
 VERSION = 1
 INDEX = "medseg_model.json"
+ENGINES = ("jax", "onnxruntime")  # what runs a file's network: its parameters or ONNX graph
 CONFIG, MODEL, PARAMS, METRICS, CARD, ONNX = (
     "config.json", "model.json", "params.msgpack", "metrics.json", "MODEL.md", "model.onnx")
 NETWORK_DIR = "network/"

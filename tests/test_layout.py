@@ -29,6 +29,7 @@ LEVELS = (
     {"export"},
     {"tuning", "planning"},
     {"config"},
+    {"commands"},
     {"main", "plan", "dashboard"},
 )
 

@@ -26,7 +26,7 @@ from medseg_jax.parallel import strategies
 from medseg_jax.training import setup, step
 from medseg_jax.training.state import TrainState
 
-ENGINES = ("jax", "onnxruntime")
+ENGINES = modelfile.ENGINES
 # model.json's keys that prediction reads.
 _NEEDED = ("modalities", "num_classes", "channels", "classes", "preprocessing")
 
