@@ -1,14 +1,16 @@
 """Inference speed of the thesis-size U-Net and FCN: slices/s, ms per slice, s per volume.
 
-    python benchmarks/inference.py [--models=unet_brats,fcn_brats] [--repeats=5]
+    python benchmarks/inference.py [--models=unet_brats,fcn_brats] [--repeats=5] [--mirror]
 
 Per slice: the compiled predict step on one batch (the config's per-device batch),
 median of `--repeats`. Per volume: the whole predict path on one synthetic
 240x240x155 BRATS-shaped NIfTI volume (read, preprocess, every slice, resize back,
-reorient, write), after a warm-up on the same volume.
+reorient, write), after a warm-up on the same volume; with `--mirror` also with
+test-time mirroring (`evaluation.mirror`: every slice's 4 flips), and their ratio.
 """
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -24,6 +26,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from medseg_jax import kinds  # noqa: E402
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.training import settings, setup, step  # noqa: E402
 from medseg_jax.data import preprocess, synthetic  # noqa: E402
@@ -40,7 +43,20 @@ def load_config(name: str):
   return module.get_config()
 
 
-def bench(name: str, repeats: int, volume_path: str) -> dict:
+def volume_seconds(probabilities, volume_path: str, run) -> float:
+  """Seconds of the whole predict path on the volume, after one warm-up pass (which
+  compiles the padded last batch)."""
+  times = []
+  with tempfile.TemporaryDirectory() as out:
+    for _ in range(2):
+      start = time.perf_counter()
+      probs = probabilities(volume_path, run)
+      predict.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
+      times.append(time.perf_counter() - start)
+  return times[-1]
+
+
+def bench(name: str, repeats: int, volume_path: str, mirror: bool) -> dict:
   cfg = load_config(name)
   par = strategies.make_parallel("shard_map", 1)
   batch = cfg.train.per_device_batch_size
@@ -62,36 +78,40 @@ def bench(name: str, repeats: int, volume_path: str) -> dict:
   per_batch = float(np.median(times))
   run = predict.mesh_run(par, predict_fn, state, batch)
   cfg.data.modalities = ()
-  volume_times = []
-  with tempfile.TemporaryDirectory() as out:
-    for _ in range(2):  # the first pass compiles the padded last batch
-      start = time.perf_counter()
-      probs = predict.predict_volume(preprocess.settings_from_config(cfg.data), ("T1w",),
-                                      volume_path, run)
-      predict.write_prediction(volume_path, probs, os.path.join(out, "pred.nii.gz"))
-      volume_times.append(time.perf_counter() - start)
+  plain = functools.partial(predict.predict_volume, preprocess.settings_from_config(cfg.data),
+                            ("T1w",))
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  return {"config": name, "size": size, "batch": batch, "params_m": params / 1e6,
-          "compile_s": compile_s, "ms_per_slice": 1000 * per_batch / batch,
-          "slices_per_s": batch / per_batch, "s_per_volume": volume_times[-1]}
+  row = {"config": name, "size": size, "batch": batch, "params_m": params / 1e6,
+         "compile_s": compile_s, "ms_per_slice": 1000 * per_batch / batch,
+         "slices_per_s": batch / per_batch, "s_per_volume": volume_seconds(plain, volume_path, run)}
+  if mirror:
+    cfg.evaluation.mirror = True
+    mirrored = kinds.from_config(cfg).probabilities({"modalities": ["T1w"]}, batch)
+    row["s_per_volume_mirrored"] = volume_seconds(mirrored, volume_path, run)
+  return row
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="unet_brats,fcn_brats")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--mirror", action="store_true", help="also time mirrored prediction")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     image, _ = synthetic.make_phantom(np.random.default_rng(0), VOLUME_SHAPE)
     volume_path = os.path.join(tmp, "volume.nii.gz")
     nib.save(nib.Nifti1Image(image[..., 0], np.diag([-1.0, -1.0, 1.0, 1.0])), volume_path)
-    rows = [bench(name, args.repeats, volume_path) for name in args.models.split(",")]
+    rows = [bench(name, args.repeats, volume_path, args.mirror)
+            for name in args.models.split(",")]
   print(f"{'config':11} {'size':>4} {'batch':>5} {'params M':>8} {'compile s':>9} "
         f"{'ms/slice':>8} {'slices/s':>8} {'s/volume':>8}")
   for r in rows:
     print(f"{r['config']:11} {r['size']:>4} {r['batch']:>5} {r['params_m']:>8.1f} "
           f"{r['compile_s']:>9.1f} {r['ms_per_slice']:>8.0f} {r['slices_per_s']:>8.2f} "
           f"{r['s_per_volume']:>8.1f}")
+    if "s_per_volume_mirrored" in r:
+      print(f"  mirrored (4 flips per slice): {r['s_per_volume_mirrored']:.1f} s/volume, "
+            f"{r['s_per_volume_mirrored'] / r['s_per_volume']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ def _running(c: ml_collections.ConfigDict) -> None:
                                    # volumes (validation, --mode=evaluate, --mode=predict)
   c.evaluation.window_overlap = 0.5  # windows overlap by this share of the patch per axis
   c.evaluation.gaussian_sigma = 0.125  # importance weights: sigma as a share of the patch
-  c.evaluation.mirror = False      # also predict each window flipped along every axis set
+  c.evaluation.mirror = False      # test-time mirroring in evaluation and prediction: the
+                                   # mean probabilities over every flip of each 3D window
+                                   # (8 passes) or 2D slice's rows and columns (4 passes)
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "shard_map"  # shard_map | pmap | gspmd | your own: module:Class or

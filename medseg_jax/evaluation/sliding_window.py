@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from medseg_jax.errors import ConfigError
+from medseg_jax.evaluation import mirroring
 
 MIN_WEIGHT = 1e-3  # the importance map's floor (MONAI clamps its map to the same value)
 AXES = (0, 1, 2)  # the spatial axes of a window [d,h,w,C]
@@ -97,13 +98,6 @@ def gaussian_map(patch: Sequence[int], sigma: float = 0.125,
   return np.maximum(weights / weights.max(), floor)
 
 
-def flips(mirror: bool) -> list[tuple[int, ...]]:
-  """The axes each run of a window is flipped along: none, or all 8 combinations."""
-  if not mirror:
-    return [()]
-  return [axes for r in range(len(AXES) + 1) for axes in itertools.combinations(AXES, r)]
-
-
 def sliding_window(volume: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
                    patch: Sequence[int], *, overlap: float = 0.5,
                    gaussian_sigma: float = 0.125, batch: int = 1, mirror: bool = False,
@@ -118,7 +112,7 @@ def sliding_window(volume: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
   weights = gaussian_map(patch, gaussian_sigma)
   per_class = weights[..., None]
   jobs = [(corner, axes) for corner in window_corners(padded.shape[:3], patch, overlap)
-          for axes in flips(mirror)]
+          for axes in mirroring.flips(mirror, AXES)]
   total = summed = None
   for chunk, probs in _batches(padded, jobs, patch, batch, run):
     if total is None:

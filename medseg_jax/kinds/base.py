@@ -55,6 +55,10 @@ class DataKind(abc.ABC):
   def input_shape(self, channels: int) -> tuple[int, ...]:
     """One training example's shape, channels last."""
 
+  def evaluated_by(self, eval_fn: Callable) -> Callable:
+    """The pure eval step this kind evaluates with: `eval_fn` (2D binds its mirroring)."""
+    return eval_fn
+
   @abc.abstractmethod
   def predictor(self, par: strategies.Parallel, predict_fn: Callable,
                 batch: int) -> dict:
@@ -142,7 +146,8 @@ class DataKind(abc.ABC):
                 workdir: str) -> evaluate.Evaluator:
     """The evaluator of a run on the devices of `par`: the pure eval and predict steps,
     compiled by `par`, a global batch of `batch` examples (3D: windows)."""
-    return evaluate.Evaluator(eval_step=par.in_flight.wrap(par.eval_step(eval_fn)),
+    compiled = par.eval_step(self.evaluated_by(eval_fn))
+    return evaluate.Evaluator(eval_step=par.in_flight.wrap(compiled),
                               put_batch=par.put_batch,
                               global_batch=batch, num_classes=num_classes,
                               class_names=class_names, workdir=workdir,

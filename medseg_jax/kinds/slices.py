@@ -6,13 +6,15 @@ import functools
 from typing import Callable
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from medseg_jax.data import augment, decathlon, loader, preprocess, store
-from medseg_jax.evaluation import evaluate, predict
+from medseg_jax.evaluation import evaluate, mirroring, predict
 from medseg_jax.kinds.base import DataKind
 from medseg_jax.parallel import strategies
 
+SLICE_AXES = (1, 2)  # the rows and columns of a batch of slices [N,H,W,C]
 NORMALISATION = {"zscore_nonzero":
                  "z-score over the non-zero voxels of each volume and channel",
                  "percentile": "clipped to the {} percentiles of each volume and channel, "
@@ -26,6 +28,7 @@ class Slices(DataKind):
 
   settings: preprocess.Settings
   ranges: augment.Ranges | None = None   # None: no augmentation
+  mirror: bool = False                   # evaluation.mirror: each slice also flipped
 
   dims = 2
   unit = "slices"
@@ -38,7 +41,16 @@ class Slices(DataKind):
   def from_config(cls, data: ml_collections.ConfigDict,
                   evaluation: ml_collections.ConfigDict) -> "Slices":
     return cls(settings=preprocess.settings_from_config(data),
-               ranges=augment.ranges_from_config(data.augment))
+               ranges=augment.ranges_from_config(data.augment),
+               mirror=bool(evaluation.mirror))
+
+  @property
+  def flips(self) -> tuple[tuple[int, ...], ...]:
+    """The flips of each slice mirroring averages over (4 with `mirror`, else none)."""
+    return tuple(mirroring.flips(self.mirror, SLICE_AXES))
+
+  def evaluated_by(self, eval_fn: Callable) -> Callable:
+    return functools.partial(eval_fn, flips=self.flips) if self.mirror else eval_fn
 
   @property
   def store_settings(self) -> preprocess.Settings:
@@ -61,8 +73,11 @@ class Slices(DataKind):
     return {"predict": evaluate.predict_slices}
 
   def probabilities(self, info: dict, batch: int) -> Callable:
-    return functools.partial(predict.predict_volume, self.settings,
-                             tuple(info["modalities"]))
+    volume = functools.partial(predict.predict_volume, self.settings, tuple(info["modalities"]))
+    if not self.mirror:
+      return volume
+    return lambda path, run: volume(path, lambda slices: mirroring.mean_over_flips(
+        run, slices, self.flips, np.flip))
 
   def for_model(self, model_json: dict) -> "Slices":
     fields = {f.name for f in dataclasses.fields(preprocess.Settings)}
@@ -84,7 +99,8 @@ class Slices(DataKind):
             "empty_slice_fraction": s.empty_slice_fraction, "resize": s.resize,
             "slice_store": info.get("store"), "slices": info["slices"],
             "normalisation": NORMALISATION[s.normalisation].format(
-                list(s.clip_percentiles))}
+                list(s.clip_percentiles)),
+            "inference": {"mirror": self.mirror}}
 
   def warn(self, samples_per_epoch: int, augment_enabled: bool) -> None:
     # Longer epochs without augmentation are allowed (an ablation may keep an augmented

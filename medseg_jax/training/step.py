@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medseg_jax.evaluation import mirroring
 from medseg_jax.training.state import TrainState
 
 Reduce = Callable[[jax.Array], jax.Array]
@@ -50,11 +51,17 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(state: TrainState, batch: dict, *, num_classes: int,
-              reduce_sum: Reduce) -> tuple[jax.Array, jax.Array]:
-  """(Confusion matrix [true, predicted] of the valid pixels summed over shards, labels)."""
-  logits, _ = _apply(state, state.params, batch["image"], False)
-  pred = jnp.argmax(logits, axis=-1)
+def eval_step(state: TrainState, batch: dict, *, num_classes: int, reduce_sum: Reduce,
+              flips: tuple[tuple[int, ...], ...] = ((),)) -> tuple[jax.Array, jax.Array]:
+  """(Confusion matrix [true, predicted] of the valid pixels summed over shards, labels).
+  With several `flips` (test-time mirroring), the labels of the probabilities averaged
+  over the flipped images (`evaluation.mirroring`)."""
+  if len(flips) == 1 and not flips[0]:
+    scores, _ = _apply(state, state.params, batch["image"], False)
+  else:
+    scores = mirroring.mean_over_flips(lambda images: predict_step(state, images),
+                                       batch["image"], flips, jnp.flip)
+  pred = jnp.argmax(scores, axis=-1)
   index = batch["label"].astype(jnp.int32) * num_classes + pred
   weight = jnp.broadcast_to(batch["mask"][:, None, None], index.shape).astype(jnp.int32)
   counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=num_classes**2)
