@@ -27,9 +27,11 @@ _MODEL = flags.DEFINE_string("model", None, "predict: from a model file, or a mo
                              "the zoo, instead of a run (no --config, no --workdir).")
 _MODELS_DIR = flags.DEFINE_string("models_dir", None, "The zoo's directory for --model=NAME; "
                                   "default $MEDSEG_MODELS, else ~/.cache/medseg_jax/models.")
-_ENGINE = flags.DEFINE_enum("engine", "jax", modelfile.ENGINES,
-                            "predict --model: jax (every device, GPUs included; the same bytes "
-                            "as the run's checkpoint) or onnxruntime (CPU, one process).")
+_ENGINE = flags.DEFINE_enum("engine", "auto", modelfile.ENGINES,
+                            "predict --model: auto (onnxruntime for one process on a CPU when "
+                            "the file has an ONNX graph, else jax), jax (every device, GPUs "
+                            "included; the same bytes as the run's checkpoint) or onnxruntime "
+                            "(CPU, one process).")
 _NAME = flags.DEFINE_string("name", None, "export: the model's name (default: the workdir's).")
 _PROBABILITIES = flags.DEFINE_bool("probabilities", False,
                                    "predict: also write per-class probability maps.")
@@ -57,7 +59,7 @@ def _check_flags() -> None:
     cli.fail("--config: --mode=predict uses the model file's own config; drop --config", 2)
   if _MODEL.value is not None and (_MODE.value != "predict" or _WORKDIR.value):
     cli.fail("--model: only with --mode=predict, and without --workdir", 2)
-  if _ENGINE.value != "jax" and _MODEL.value is None:
+  if flags.FLAGS["engine"].present and _MODEL.value is None:
     cli.fail(f"--engine={_ENGINE.value}: only with --model", 2)
   if _LOCAL_DEVICES.value and not all(i.isdigit() for i in _LOCAL_DEVICES.value):
     cli.fail(f"--local_device_ids={','.join(_LOCAL_DEVICES.value)}: device numbers, "

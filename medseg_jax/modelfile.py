@@ -35,7 +35,9 @@ from medseg_jax.errors import MedsegError, first_line
 FORMAT = "medseg_jax model"
 VERSION = 1
 INDEX = "medseg_model.json"
-ENGINES = ("jax", "onnxruntime")  # what runs a file's network: its parameters or ONNX graph
+# What runs a file's network: its parameters (jax), its ONNX graph (onnxruntime), or auto:
+# ONNX Runtime for one process on a CPU when the file has a graph, else JAX.
+ENGINES = ("auto", "jax", "onnxruntime")
 CONFIG, MODEL, PARAMS, METRICS, CARD, ONNX = (
     "config.json", "model.json", "params.msgpack", "metrics.json", "MODEL.md", "model.onnx")
 NETWORK_DIR = "network/"

@@ -22,7 +22,7 @@ import pytest
 import helpers
 from helpers import REPO, TINY as TINY_RUN
 from medseg_jax import config_schema
-from medseg_jax.export import onnx_graph
+from medseg_jax.export import from_file, onnx_graph
 from medseg_jax.training import checkpoint
 
 # Checkpoints at steps 2 and 3, both validated: one of them is the best, tested at the end.
@@ -73,7 +73,7 @@ def test_predicting_from_the_model_file_writes_the_bytes_of_the_run(run, tmp_pat
   os.makedirs(moved.parent)
   shutil.copy(model, moved)
   _ok(run_main("--mode=predict", f"--model={moved}", f"--input={workdir}/data/imagesTs",
-               "--output=out", "--probabilities", cwd=tmp_path))
+               "--output=out", "--probabilities", "--engine=jax", cwd=tmp_path))
   expected = _files(from_run)
   assert len(expected) == 4  # 2 volumes, labels and probabilities
   labels = np.asarray(nib.load(from_run / "phantom_006.nii.gz").dataobj)
@@ -160,11 +160,14 @@ def _onnx_extra() -> bool:
 
 @pytest.mark.skipif(not _onnx_extra(), reason="the ONNX extra is not installed")
 def test_onnx_runtime_predicts_what_jax_predicts(run, tmp_path):
-  """Probabilities within the stated tolerance; label maps equal except where the two
+  """The default engine, auto, runs ONNX Runtime here (one process on a CPU, a file with a
+  graph). Probabilities within the stated tolerance; label maps equal except where the two
   largest probabilities are closer than it (both engines take the first of tied classes)."""
   workdir, model, from_run, _ = run
-  _ok(run_main("--mode=predict", f"--model={model}", "--engine=onnxruntime",
-               f"--input={workdir}/data/imagesTs", f"--output={tmp_path}", "--probabilities"))
+  proc = _ok(run_main("--mode=predict", f"--model={model}", f"--input={workdir}/data/imagesTs",
+                      f"--output={tmp_path}", "--probabilities"))
+  assert ("--engine=auto: onnxruntime (one process on a CPU, the file has an ONNX graph)"
+          in proc.stderr)
   for name in ("phantom_006", "phantom_007"):
     jax_probs = nib.load(from_run / f"{name}_probs.nii.gz").get_fdata()
     ort_probs = nib.load(tmp_path / f"{name}_probs.nii.gz").get_fdata()
@@ -175,6 +178,21 @@ def test_onnx_runtime_predicts_what_jax_predicts(run, tmp_path):
     ort_labels = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj)
     assert np.array_equal(jax_labels[~near_tie], ort_labels[~near_tie])
     assert len(np.unique(jax_labels)) > 1
+
+
+def test_the_auto_engine_picks_onnx_runtime_only_for_one_process_on_a_cpu(run, tmp_path):
+  _, model, _, _ = run
+  with_graph = from_file.load(str(model))
+  without = from_file.load(str(_without_onnx(model, tmp_path / "no_graph.zip")))
+  runs_graph = (with_graph.file.onnx is not None
+                and importlib.util.find_spec("onnxruntime") is not None)
+  assert from_file.choose_engine("auto", with_graph, 1, "cpu") == (
+      "onnxruntime" if runs_graph else "jax")
+  assert from_file.choose_engine("auto", with_graph, 2, "cpu") == "jax"
+  assert from_file.choose_engine("auto", with_graph, 1, "gpu") == "jax"
+  assert from_file.choose_engine("auto", without, 1, "cpu") == "jax"
+  for engine in ("jax", "onnxruntime"):  # an engine asked for by name is the one used
+    assert from_file.choose_engine(engine, without, 2, "gpu") == engine
 
 
 def test_without_the_onnx_extra_the_file_has_no_graph_and_says_how_to_add_one(run, tmp_path):
@@ -367,7 +385,7 @@ def test_a_model_file_of_an_older_medseg_jax_still_predicts(run, tmp_path):
   old = _rewrite(model, tmp_path / "old.zip", change={"config.json": data},
                  index_change=rehash)
   proc = _ok(run_main("--mode=predict", f"--model={old}", f"--input={workdir}/data/imagesTs",
-                      f"--output={tmp_path}/out", "--probabilities"))
+                      f"--output={tmp_path}/out", "--probabilities", "--engine=jax"))
   assert "model.retired_key" in proc.stderr
   assert _files(tmp_path / "out") == _files(from_run)
 
@@ -396,7 +414,8 @@ def test_a_users_network_travels_in_the_model_file(tmp_path):
   other, cache = tmp_path / "other", tmp_path / "cache"
   os.makedirs(other)
   _ok(run_main("--mode=predict", f"--model={model}", f"--input={workdir}/data/imagesTs",
-               "--output=out", cwd=other, env=dict(os.environ, XDG_CACHE_HOME=str(cache))))
+               "--output=out", "--engine=jax", cwd=other,
+               env=dict(os.environ, XDG_CACHE_HOME=str(cache))))
   assert _files(other / "out") == _files(tmp_path / "from_run")
   cached = cache / "medseg_jax" / "networks" / hashlib.sha256(source).hexdigest()
   assert (cached / "attention_unet.py").read_bytes() == source

@@ -1,14 +1,16 @@
 """--mode=predict --model=FILE|NAME: prediction from a model file, with no workdir, dataset
 or config file, on this machine's devices.
 
-Two engines run the same network: `jax` (the default) builds it from the file's config and
-parameters and runs the compiled predict step over every device, as predicting from the
-run's checkpoint does, so it writes the same bytes and runs on GPUs; `onnxruntime` runs the
-file's ONNX graph on the CPU in one process.
+Two engines run the same network: `jax` builds it from the file's config and parameters
+and runs the compiled predict step over every device, as predicting from the run's
+checkpoint does, so it writes the same bytes and runs on GPUs; `onnxruntime` runs the
+file's ONNX graph on the CPU in one process. `auto`, the command's default, picks
+(`choose_engine`).
 """
 
 import copy
 import dataclasses
+import importlib.util
 import os
 from typing import Callable
 
@@ -88,11 +90,30 @@ def _check_onnx(file: modelfile.ModelFile, info: dict) -> None:
                       f"{why}; use --engine=jax")
 
 
+def choose_engine(requested: str, model: Model, processes: int, platform: str) -> str:
+  """The engine that runs `model`: `requested` unless it is "auto", which picks ONNX
+  Runtime for one process on a CPU when the file has a graph and onnxruntime is installed
+  (faster than XLA's CPU convolutions, BENCHMARKS.md), and JAX otherwise (accelerators,
+  several processes: every device)."""
+  if requested != "auto":
+    return requested
+  reasons = {"several processes": processes > 1, f"a {platform} backend": platform != "cpu",
+             "no ONNX graph in the file": model.file.onnx is None,
+             "onnxruntime is not installed": importlib.util.find_spec("onnxruntime") is None}
+  why = [reason for reason, holds in reasons.items() if holds]
+  engine = "jax" if why else "onnxruntime"
+  logging.info("--engine=auto: %s (%s)", engine,
+               ", ".join(why) if why else "one process on a CPU, the file has an ONNX graph")
+  return engine
+
+
 def predict_files(model: Model, input_path: str, output: str, engine: str = "jax",
                   overwrite: bool = False, probabilities: bool = False
                   ) -> list[tuple[str, str | None]]:
-  """Label maps (and probabilities) of every NIfTI volume under `input_path`; every input
-  is checked before anything is computed or written."""
+  """Label maps (and probabilities) of every NIfTI volume under `input_path`, with the
+  `engine` of `choose_engine`; every input is checked before anything is computed or
+  written."""
+  engine = choose_engine(engine, model, jax.process_count(), jax.default_backend())
   if engine == "onnxruntime" and jax.process_count() > 1:
     raise ConfigError("--engine=onnxruntime runs in one process; start one, or use "
                       "--engine=jax")
