@@ -79,10 +79,17 @@ def _evaluate_diverged(args: list[str], workdir: str, simulated_devices: int, to
   look complete), then evaluates the best checkpoint; without one the run has no Dice."""
   path = os.path.join(workdir, DIVERGED)
   files.write_json(path, {"error": error, "evaluated": None})
-  code, evaluation_error = _main([*args, "--mode=evaluate", "--checkpoint=best"], workdir,
-                                 simulated_devices, tool)
+  code, evaluation_error = evaluate(args, workdir, simulated_devices, tool, "best")
   files.write_json(path, {"error": error, "evaluated": code == 0,
                           "evaluation_error": evaluation_error or None})
+
+
+def evaluate(args: list[str], workdir: str, simulated_devices: int, tool: str,
+             which: str) -> tuple[int, str]:
+  """`medseg_jax.main ARGS --mode=evaluate --checkpoint=WHICH` on the run in WORKDIR (its
+  metrics go to WORKDIR/eval/); its exit code and its last `error:` line."""
+  return _main([*args, "--mode=evaluate", f"--checkpoint={which}"], workdir,
+               simulated_devices, tool)
 
 
 def _main(args: list[str], workdir: str, simulated_devices: int, tool: str) -> tuple[int, str]:

@@ -1,0 +1,150 @@
+"""Cross-validation: every fold of a config trained, then measured out of fold.
+
+    python -m medseg_jax.tuning.crossval --config=configs/NAME.py --workdir=DIR \\
+        [--folds=0,1,...] [--config.KEY=VALUE ...]
+
+Fold f is a normal run of `medseg_jax.main` in DIR/fold_<f> with `data.fold=f`: the
+subjects outside the test split, in `data.num_folds` folds drawn from `data.split_seed`,
+fold f validating. Each is trained unless complete (an interrupted one resumes from its
+newest checkpoint), then its final checkpoint is evaluated (`--mode=evaluate
+--checkpoint=latest`): the out-of-fold estimate comes from the state training ended with,
+since choosing a checkpoint on the same cases would inflate it. That evaluation also
+rewrites the fold's test metrics for its final checkpoint. The folds run one after
+another, each on the config's devices.
+
+DIR/crossval.json holds each fold's Dice per class, foreground Dice and mean HD95 per
+class on its validation fold, and their means over the folds; DIR/crossval_per_volume.csv
+every out-of-fold volume's row (each subject outside the test split once, when every fold
+ran). Rerunning the command skips what is done.
+"""
+
+import csv
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from medseg_jax import cli, files
+from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax.tuning import runs
+
+RESULT, PER_VOLUME = "crossval.json", "crossval_per_volume.csv"
+EVALUATED = "crossval_evaluated.json"  # in a fold's run: its final checkpoint was evaluated
+
+
+def fold_dir(workdir: str, fold: int) -> str:
+  return os.path.join(workdir, f"fold_{fold}")
+
+
+def run_fold(config_args: list[str], workdir: str, fold: int, simulated_devices: int) -> None:
+  """Trains fold `fold` unless complete, then evaluates its final checkpoint once."""
+  run_dir = fold_dir(workdir, fold)
+  args = [*config_args, f"--config.data.fold={fold}"]
+  outcome = runs.run(args, run_dir, simulated_devices, "crossval")
+  if outcome != "complete":
+    raise MedsegError(f"fold {fold} {outcome}; see {run_dir}/crossval_run.log")
+  if os.path.exists(os.path.join(run_dir, EVALUATED)):
+    return
+  code, error = runs.evaluate(args, run_dir, simulated_devices, "crossval", "latest")
+  if code:
+    raise MedsegError(f"fold {fold}: evaluating its final checkpoint failed ({error or code}); "
+                      f"see {run_dir}/crossval_run.log")
+  step = files.read_json(os.path.join(run_dir, "eval", "val_metrics.json"), "fold metrics")["step"]
+  files.write_json(os.path.join(run_dir, EVALUATED), {"step": step})
+
+
+def fold_result(workdir: str, fold: int) -> dict:
+  """Fold `fold`'s out-of-fold metrics: its final checkpoint on its validation fold."""
+  path = os.path.join(fold_dir(workdir, fold), "eval", "val_metrics.json")
+  metrics = files.read_json(path, "a fold's validation metrics")
+  per_volume = metrics.get("per_volume", {})
+  classes = [c["class"] for c in metrics["per_class"]]
+  return {"fold": fold, "step": metrics["step"], "volumes": _volumes(workdir, fold),
+          "dice": metrics["dice"], "dice_foreground": metrics["dice_foreground"],
+          "dice_per_class": [c["dice"] for c in metrics["per_class"]],
+          "hd95_per_class": [per_volume.get(f"hd95_{c}", {}).get("mean") for c in classes[1:]]}
+
+
+def _volumes(workdir: str, fold: int) -> list[str]:
+  return files.read_json(os.path.join(fold_dir(workdir, fold), "split.json"), "a fold's split")["val"]
+
+
+def summary(results: list[dict]) -> dict:
+  """The folds' results and the mean over them of each figure (None where a fold lacks it)."""
+  def mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+  keys = ("dice", "dice_foreground")
+  per_class = ("dice_per_class", "hd95_per_class")
+  return {"folds": results,
+          "mean": {**{k: mean([r[k] for r in results]) for k in keys},
+                   **{k: [mean(column) for column in zip(*(r[k] for r in results))]
+                      for k in per_class}}}
+
+
+def write(workdir: str, results: list[dict]) -> dict:
+  """crossval.json and crossval_per_volume.csv from the folds' results."""
+  result = summary(results)
+  files.write_json(os.path.join(workdir, RESULT), result)
+  rows = []
+  for r in results:
+    path = os.path.join(fold_dir(workdir, r["fold"]), "eval", "val_per_volume.csv")
+    with open(path, newline="") as f:
+      rows += [{"fold": r["fold"], **row} for row in csv.DictReader(f)]
+  files.write_csv(os.path.join(workdir, PER_VOLUME), rows)
+  return result
+
+
+def folds_to_run(requested: list[str], num_folds: int) -> list[int]:
+  """`--folds` as fold numbers: every fold when empty."""
+  if not requested:
+    return list(range(num_folds))
+  try:
+    folds = [int(f) for f in requested]
+  except ValueError:
+    raise ConfigError(f"--folds={','.join(requested)}: fold numbers, comma-separated") from None
+  bad = [f for f in folds if not 0 <= f < num_folds]
+  if bad:
+    raise ConfigError(f"--folds: {bad} not in 0..{num_folds - 1} (data.num_folds={num_folds})")
+  return folds
+
+
+def _cli() -> None:
+  config = cli.config_flag()
+  workdir = flags.DEFINE_string("workdir", None, "Directory of the folds' runs and results.")
+  folds = flags.DEFINE_list("folds", [], "Folds to run; empty = every fold.")
+  cpu = flags.DEFINE_integer("cpu_devices", -1, "Simulated CPU devices per run: -1 = the "
+                             "config's parallel.num_devices when the machine has no "
+                             "accelerator, 0 = none (the real devices).")
+  flags.adopt_module_key_flags(cli)
+
+  def check() -> None:
+    if not workdir.value:
+      cli.fail("--workdir is required", 2)
+
+  def main() -> None:
+    cfg = config.value
+    if cfg.data.fold is not None:
+      raise ConfigError(f"data.fold={cfg.data.fold}: crossval sets the fold of each run; "
+                        "leave it unset")
+    chosen = folds_to_run(folds.value, cfg.data.num_folds)
+    simulated = runs.cpu_devices(cpu.value, max(1, cfg.parallel.num_devices))
+    args = cli.config_args(sys.argv)
+    for fold in chosen:
+      print(f"[crossval] fold {fold} of {cfg.data.num_folds}", flush=True)
+      run_fold(args, workdir.value, fold, simulated)
+    done = [f for f in range(cfg.data.num_folds)
+            if os.path.exists(os.path.join(fold_dir(workdir.value, f), EVALUATED))]
+    if not done:
+      raise DataError(f"{workdir.value}: no fold evaluated yet")
+    result = write(workdir.value, [fold_result(workdir.value, f) for f in done])
+    print(f"[crossval] {len(done)} of {cfg.data.num_folds} folds: mean Dice "
+          f"{result['mean']['dice']:.4f}, foreground {result['mean']['dice_foreground']:.4f}; "
+          f"{os.path.join(workdir.value, RESULT)}")
+
+  cli.run(main, check)
+
+
+if __name__ == "__main__":
+  _cli()

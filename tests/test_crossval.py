@@ -1,0 +1,65 @@
+"""Cross-validation through its command: every fold trained and measured out of fold on
+its final checkpoint, resumable, with its errors one line each."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO, TINY, env_with_devices
+
+# TINY's six volumes: one tests, five are cut into two folds (3 and 2 validating).
+ARGS = [*TINY, "--config.data.num_folds=2", "--config.train.num_steps=4",
+        "--config.train.eval_every_steps=2", "--config.checkpoint.every_steps=2"]
+
+
+def crossval(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "medseg_jax.tuning.crossval", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env=env_with_devices(None))
+
+
+def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(tmp_path):
+  proc = crossval(*ARGS, f"--workdir={tmp_path}", "--cpu_devices=2",
+                  "--config.parallel.num_devices=2")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  splits = [json.loads((tmp_path / f"fold_{f}" / "split.json").read_text()) for f in (0, 1)]
+  assert splits[0]["test"] == splits[1]["test"] and len(splits[0]["test"]) == 1
+  pool = sorted(splits[0]["val"] + splits[1]["val"])
+  assert sorted(splits[0]["val"] + splits[0]["train"]) == pool and len(pool) == 5
+  assert {len(s["val"]) for s in splits} == {2, 3}
+  result = json.loads((tmp_path / "crossval.json").read_text())
+  folds = result["folds"]
+  assert [f["fold"] for f in folds] == [0, 1]
+  for f, split in zip(folds, splits):
+    assert f["step"] == 4  # the final checkpoint, whichever validated best
+    assert sorted(f["volumes"]) == sorted(split["val"])
+    assert len(f["dice_per_class"]) == 2 and len(f["hd95_per_class"]) == 1
+  for key in ("dice", "dice_foreground"):  # the means, by hand
+    assert result["mean"][key] == pytest.approx(np.mean([f[key] for f in folds]))
+  assert result["mean"]["dice_per_class"] == pytest.approx(
+      [np.mean([f["dice_per_class"][c] for f in folds]) for c in (0, 1)])
+  with open(tmp_path / "crossval_per_volume.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["volume"] for r in rows) == pool  # every pooled subject once, out of fold
+  hd95 = [np.mean([float(r["hd95_1"]) for r in rows if r["fold"] == str(k)]) for k in (0, 1)]
+  assert [f["hd95_per_class"][0] for f in folds] == pytest.approx(hd95)
+  again = crossval(*ARGS, f"--workdir={tmp_path}", "--cpu_devices=2",
+                   "--config.parallel.num_devices=2")
+  assert again.returncode == 0 and "-m medseg_jax.main" not in again.stdout
+  assert json.loads((tmp_path / "crossval.json").read_text()) == result
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--folds=2"], "error: --folds: [2] not in 0..1 (data.num_folds=2)"),
+    (["--folds=a"], "error: --folds=a: fold numbers, comma-separated"),
+    (["--config.data.fold=0"], "error: data.fold=0: crossval sets the fold of each run"),
+])
+def test_bad_folds_are_one_line_and_train_nothing(tmp_path, args, message):
+  proc = crossval(*ARGS, f"--workdir={tmp_path}", *args, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(message)
+  assert not list(tmp_path.iterdir())
