@@ -15,6 +15,7 @@ from medseg_jax import config_schema, kinds, models, optim
 from medseg_jax.training import losses, settings, warm_start
 from medseg_jax.data import pipeline
 from medseg_jax.errors import ConfigError
+from medseg_jax.evaluation import postprocess
 from medseg_jax.monitor import profiler
 from medseg_jax.parallel import multihost, strategies
 
@@ -52,6 +53,7 @@ def check(cfg: ml_collections.ConfigDict, starts_fresh: bool = True) -> None:
   batch = pipeline.global_batch(cfg.train.per_device_batch_size, par.num_devices)
   run.kind.warn(run.source.samples_per_epoch, cfg.data.augment.enabled)
   profiler.check_steps(cfg.monitor.profile_steps)
+  postprocess.from_config(cfg.evaluation)
   # Lengths are in epochs; any steps per epoch exercises every policy setting.
   steps_per_epoch = 10
   num_steps = cfg.train.num_steps or cfg.train.num_epochs * steps_per_epoch

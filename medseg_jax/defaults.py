@@ -164,6 +164,10 @@ def _running(c: ml_collections.ConfigDict) -> None:
                                    # volumes (validation, --mode=evaluate, --mode=predict)
   c.evaluation.window_overlap = 0.5  # windows overlap by this share of the patch per axis
   c.evaluation.gaussian_sigma = 0.125  # importance weights: sigma as a share of the patch
+  c.evaluation.largest_component_foreground = False  # prediction keeps only the largest
+                                   # connected component of the foreground ...
+  c.evaluation.largest_component_classes = ()  # ... then of these classes (tuning.crossval
+                                   # decides both on out-of-fold predictions)
   c.evaluation.mirror = False      # test-time mirroring in evaluation and prediction: the
                                    # mean probabilities over every flip of each 3D window
                                    # (8 passes) or 2D slice's rows and columns (4 passes)

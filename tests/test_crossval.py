@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -47,6 +48,16 @@ def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(
   assert sorted(r["volume"] for r in rows) == pool  # every pooled subject once, out of fold
   hd95 = [np.mean([float(r["hd95_1"]) for r in rows if r["fold"] == str(k)]) for k in (0, 1)]
   assert [f["hd95_per_class"][0] for f in folds] == pytest.approx(hd95)
+  dice = {}  # the out-of-fold label maps: every pooled subject, against its label by hand
+  for name in pool:
+    pred = np.asarray(nib.load(tmp_path / "oof" / f"{name}.nii.gz").dataobj)
+    truth = np.asarray(nib.load(tmp_path / "fold_0" / "data" / "labelsTr" / f"{name}.nii.gz")
+                       .dataobj) > 0  # the quickstart's label_map (0, 1, 1): whole tumour
+    assert pred.shape == truth.shape
+    dice[name] = 2 * ((pred == 1) & truth).sum() / ((pred == 1).sum() + truth.sum())
+  post = result["postprocessing"]
+  assert post["mean_dice"]["none"] == pytest.approx(np.mean(list(dice.values())))
+  assert post["overrides"][0] == f"--config.evaluation.largest_component_foreground={post['foreground']}"
   again = crossval(*ARGS, f"--workdir={tmp_path}", "--cpu_devices=2",
                    "--config.parallel.num_devices=2")
   assert again.returncode == 0 and "-m medseg_jax.main" not in again.stdout

@@ -22,7 +22,7 @@ from absl import logging
 from medseg_jax import files
 from medseg_jax.data import crop, decathlon, preprocess, resample, volume_store
 from medseg_jax.errors import DataError, MedsegError
-from medseg_jax.evaluation import sliding_window
+from medseg_jax.evaluation import postprocess, sliding_window
 from medseg_jax.parallel import multihost, strategies
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -118,15 +118,19 @@ def volumetric(info: dict, modalities, windows: sliding_window.Windows,
 
 
 def predict(probabilities: Callable[[str, Run], np.ndarray],
-            planned: list[tuple[str, tuple[str, str | None]]], run: Run) -> None:
+            planned: list[tuple[str, tuple[str, str | None]]], run: Run,
+            post: postprocess.Postprocessing = postprocess.Postprocessing()) -> None:
   """Predicts every planned volume: `probabilities(path, run)` (`predict_volume` or
   `predict_volume_3d` with the run's settings bound) preprocesses it and sends its slices
   (3D: windows) through `run(examples) -> probabilities` (every process takes part);
-  process 0 writes."""
+  process 0 writes, the label map post-processed by `post`."""
+  if post.active:
+    logging.info("Label maps keep the largest connected component of the foreground: %s, "
+                 "of classes %s", post.foreground, list(post.classes))
   for src, (labels_dst, probs_dst) in planned:
     probs = probabilities(src, run)
     if jax.process_index() == 0:
-      write_prediction(src, probs, labels_dst, probs_dst)
+      write_prediction(src, probs, labels_dst, probs_dst, post)
       logging.info("Wrote %s", labels_dst)
 
 
@@ -184,9 +188,10 @@ def _run_batched(par: strategies.Parallel, predict_fn, state, slices: np.ndarray
 
 
 def write_prediction(src: str, probs: np.ndarray, labels_dst: str,
-                     probs_dst: str | None = None) -> None:
-  """Writes argmax labels as uint8 (and optionally the float32 probabilities [.., C]) with
-  the input's shape, affine and spatial header."""
+                     probs_dst: str | None = None,
+                     post: postprocess.Postprocessing = postprocess.Postprocessing()) -> None:
+  """Writes argmax labels as uint8, post-processed by `post` (and optionally the float32
+  probabilities [.., C]) with the input's shape, affine and spatial header."""
   original = nib.load(src)
   ras_to_original = nib.orientations.ornt_transform(
       nib.orientations.axcodes2ornt(("R", "A", "S")),
@@ -194,7 +199,7 @@ def write_prediction(src: str, probs: np.ndarray, labels_dst: str,
   probs = nib.orientations.apply_orientation(probs, ras_to_original)
   if probs.shape[:3] != original.shape[:3]:
     raise AssertionError(f"prediction shape {probs.shape[:3]} != input {original.shape[:3]}")
-  _save(np.argmax(probs, -1).astype(np.uint8), original, labels_dst)
+  _save(post(np.argmax(probs, -1).astype(np.uint8)), original, labels_dst)
   if probs_dst:
     _save(probs.astype(np.float32), original, probs_dst)
 

@@ -22,7 +22,7 @@ from absl import logging
 
 from medseg_jax import components, config_schema, files, kinds, modelfile, models, zoo
 from medseg_jax.errors import ConfigError, MedsegError
-from medseg_jax.evaluation import predict
+from medseg_jax.evaluation import postprocess, predict
 from medseg_jax.export import onnx_graph
 from medseg_jax.parallel import strategies
 from medseg_jax.training import setup, step
@@ -119,7 +119,8 @@ def predict_files(model: Model, input_path: str, output: str, engine: str = "jax
                       "--engine=jax")
   planned = predict.plan(input_path, output, model.info, overwrite, probabilities)
   run = _onnx_run(model) if engine == "onnxruntime" else _jax_run(model)
-  predict.predict(model.probabilities, planned, run)
+  predict.predict(model.probabilities, planned, run,
+                  postprocess.from_config(model.cfg.evaluation))
   return [outputs for _, outputs in planned]
 
 

@@ -8,7 +8,7 @@ import jax
 import optax
 
 from medseg_jax import config_schema
-from medseg_jax.evaluation import evaluate, predict
+from medseg_jax.evaluation import evaluate, postprocess, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
 from medseg_jax.training.settings import RunSettings
@@ -42,7 +42,8 @@ def predict_checkpoint(settings: RunSettings, workdir: str,
   state = restore_state(settings, workdir, which, par, template)
   batch = setup.eval_batch(cfg, par.num_devices)
   run = predict.mesh_run(par, par.predict_step(step.predict_step), state, batch)
-  predict.predict(kind.probabilities(info, batch), planned, run)
+  predict.predict(kind.probabilities(info, batch), planned, run,
+                  postprocess.from_config(cfg.evaluation))
   return [outputs for _, outputs in planned]
 
 

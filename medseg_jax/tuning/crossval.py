@@ -22,14 +22,17 @@ import csv
 import os
 import sys
 
+import nibabel as nib
 import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
+from medseg_jax.data import decathlon
+from medseg_jax.evaluation import postprocess
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.tuning import runs
 
-RESULT, PER_VOLUME = "crossval.json", "crossval_per_volume.csv"
+RESULT, PER_VOLUME, OOF = "crossval.json", "crossval_per_volume.csv", "oof"
 EVALUATED = "crossval_evaluated.json"  # in a fold's run: its final checkpoint was evaluated
 
 
@@ -52,6 +55,54 @@ def run_fold(config_args: list[str], workdir: str, fold: int, simulated_devices:
                       f"see {run_dir}/crossval_run.log")
   step = files.read_json(os.path.join(run_dir, "eval", "val_metrics.json"), "fold metrics")["step"]
   files.write_json(os.path.join(run_dir, EVALUATED), {"step": step})
+
+
+def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
+                        simulated_devices: int) -> None:
+  """The label maps of fold `fold`'s validation subjects from its final checkpoint,
+  without post-processing, in DIR/oof/<subject>.nii.gz (once)."""
+  run_dir, out = fold_dir(workdir, fold), os.path.join(workdir, OOF)
+  names = _volumes(workdir, fold)
+  if all(os.path.exists(os.path.join(out, f"{n}.nii.gz")) for n in names):
+    return
+  inputs = os.path.join(run_dir, "oof_inputs")  # the subjects' images, linked by name
+  os.makedirs(inputs, exist_ok=True)
+  images = {c.name: c.image for c in _dataset(run_dir).training}
+  for name in names:
+    link = os.path.join(inputs, f"{name}.nii.gz")
+    if not os.path.lexists(link):
+      os.symlink(os.path.abspath(images[name]), link)
+  args = [*config_args, f"--config.data.fold={fold}",
+          "--config.evaluation.largest_component_foreground=False",
+          "--config.evaluation.largest_component_classes=()"]
+  code, error = runs.predict(args, run_dir, simulated_devices, "crossval", "latest", inputs, out)
+  if code:
+    raise MedsegError(f"fold {fold}: predicting its validation subjects failed "
+                      f"({error or code}); see {run_dir}/crossval_run.log")
+
+
+def _dataset(run_dir: str) -> decathlon.Dataset:
+  info = files.read_json(os.path.join(run_dir, "data_info.json"), "a fold's data_info.json")
+  return decathlon.read_dataset(info["root"])
+
+
+def decide_postprocessing(workdir: str, folds: list[int], label_map: tuple) -> dict:
+  """The largest-component post-processing that raises the out-of-fold Dice
+  (`postprocess.decide`), with the Dice behind it and the overrides that apply it."""
+  cases, num_classes = [], 0
+  for fold in folds:
+    labels = {c.name: c.label for c in _dataset(fold_dir(workdir, fold)).training}
+    for name in _volumes(workdir, fold):
+      pred = np.asarray(nib.load(os.path.join(workdir, OOF, f"{name}.nii.gz")).dataobj)
+      truth = np.asarray(nib.load(labels[name]).dataobj).astype(np.int64)
+      truth = np.asarray(label_map)[truth] if label_map else truth
+      cases.append((pred, truth))
+      num_classes = max(num_classes, int(truth.max()) + 1, int(pred.max()) + 1)
+  decision = postprocess.decide(cases, max(num_classes, 2))
+  decision["overrides"] = [
+      f"--config.evaluation.largest_component_foreground={decision['foreground']}",
+      f"--config.evaluation.largest_component_classes={tuple(decision['classes'])}"]
+  return decision
 
 
 def fold_result(workdir: str, fold: int) -> dict:
@@ -83,9 +134,10 @@ def summary(results: list[dict]) -> dict:
                       for k in per_class}}}
 
 
-def write(workdir: str, results: list[dict]) -> dict:
-  """crossval.json and crossval_per_volume.csv from the folds' results."""
-  result = summary(results)
+def write(workdir: str, results: list[dict], post: dict) -> dict:
+  """crossval.json and crossval_per_volume.csv from the folds' results and the
+  post-processing decision."""
+  result = {**summary(results), "postprocessing": post}
   files.write_json(os.path.join(workdir, RESULT), result)
   rows = []
   for r in results:
@@ -134,13 +186,17 @@ def _cli() -> None:
     for fold in chosen:
       print(f"[crossval] fold {fold} of {cfg.data.num_folds}", flush=True)
       run_fold(args, workdir.value, fold, simulated)
+      predict_out_of_fold(args, workdir.value, fold, simulated)
     done = [f for f in range(cfg.data.num_folds)
             if os.path.exists(os.path.join(fold_dir(workdir.value, f), EVALUATED))]
     if not done:
       raise DataError(f"{workdir.value}: no fold evaluated yet")
-    result = write(workdir.value, [fold_result(workdir.value, f) for f in done])
+    post = decide_postprocessing(workdir.value, done, tuple(cfg.data.label_map))
+    result = write(workdir.value, [fold_result(workdir.value, f) for f in done], post)
     print(f"[crossval] {len(done)} of {cfg.data.num_folds} folds: mean Dice "
           f"{result['mean']['dice']:.4f}, foreground {result['mean']['dice_foreground']:.4f}; "
+          f"post-processing: {' '.join(post['overrides'])} (out-of-fold foreground Dice "
+          f"{post['mean_dice']['none']:.4f} -> {post['mean_dice']['chosen']:.4f}); "
           f"{os.path.join(workdir.value, RESULT)}")
 
   cli.run(main, check)
