@@ -118,10 +118,12 @@ def _export(command: Command) -> None:
 
 
 def _predict_from_file(command: Command) -> None:
-  """--mode=predict --model: the file is read and checked before JAX starts."""
-  model = from_file.load(command.model, command.models_dir, command.engine)
-  with _start_processes(command, model.cfg, None):
-    from_file.predict_files(model, command.input, command.output, command.engine,
+  """--mode=predict --model: the files are read and checked before JAX starts; several,
+  comma-separated, predict as an ensemble."""
+  models = [from_file.load(spec, command.models_dir, command.engine)
+            for spec in command.model.split(",")]
+  with _start_processes(command, models[0].cfg, None):
+    from_file.predict_files(models, command.input, command.output, command.engine,
                             command.overwrite, command.probabilities)
     multihost.barrier("end of prediction")
 

@@ -24,7 +24,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "evaluate/predict/expo
                                   "'best' (validation Dice) or a step.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict/export: replace existing outputs.")
 _MODEL = flags.DEFINE_string("model", None, "predict: from a model file, or a model NAME in "
-                             "the zoo, instead of a run (no --config, no --workdir).")
+                             "the zoo, instead of a run (no --config, no --workdir); several, "
+                             "comma-separated, average their probabilities (an ensemble).")
 _MODELS_DIR = flags.DEFINE_string("models_dir", None, "The zoo's directory for --model=NAME; "
                                   "default $MEDSEG_MODELS, else ~/.cache/medseg_jax/models.")
 _ENGINE = flags.DEFINE_enum("engine", "auto", modelfile.ENGINES,

@@ -482,3 +482,53 @@ def test_two_processes_export_and_predict_from_the_file_what_the_checkpoint_pred
                 f"--output={tmp_path}/from_file", "--probabilities")
   expected = _files(from_run)
   assert len(expected) == 4 and _files(tmp_path / "from_file") == expected
+
+
+def test_an_ensemble_of_one_model_twice_writes_the_bytes_of_the_model(run, tmp_path):
+  workdir, model, from_run, _ = run
+  _ok(run_main("--mode=predict", f"--model={model},{model}", "--engine=jax",
+               f"--input={workdir}/data/imagesTs", f"--output={tmp_path}", "--probabilities"))
+  assert _files(tmp_path) == _files(from_run)
+
+
+def test_an_ensemble_averages_the_probabilities_of_its_models(run, tmp_path):
+  """A second model (another seed) and the module's: the ensemble's probabilities are the
+  mean of the two models' own, read back from their NIfTI files; its labels their argmax."""
+  workdir, model, from_run, _ = run
+  other_run = tmp_path / "other"
+  helpers.train(helpers.config(*TINY[1:], "--config.seed=1"), other_run)
+  other = tmp_path / "other.zip"
+  _ok(run_main("--mode=export", f"--workdir={other_run}", f"--output={other}"))
+  inputs = f"{workdir}/data/imagesTs"
+  from_file.predict_files(from_file.load(str(other)), inputs, str(tmp_path / "alone"),
+                          probabilities=True)
+  models = [from_file.load(str(model)), from_file.load(str(other))]
+  from_file.predict_files(models, inputs, str(tmp_path / "ensemble"), probabilities=True)
+  for name in ("phantom_006", "phantom_007"):
+    mean = (nib.load(from_run / f"{name}_probs.nii.gz").get_fdata()
+            + nib.load(tmp_path / "alone" / f"{name}_probs.nii.gz").get_fdata()) / 2
+    ensemble = nib.load(tmp_path / "ensemble" / f"{name}_probs.nii.gz").get_fdata()
+    np.testing.assert_allclose(ensemble, mean, rtol=0, atol=1e-6)
+    assert not np.allclose(ensemble, nib.load(from_run / f"{name}_probs.nii.gz").get_fdata(),
+                           atol=1e-3)  # the second model changes them
+    labels = np.asarray(nib.load(tmp_path / "ensemble" / f"{name}.nii.gz").dataobj)
+    top2 = np.sort(mean, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 1e-5
+    np.testing.assert_array_equal(labels[clear], np.argmax(mean, -1)[clear])
+
+
+def test_an_ensemble_of_models_of_other_classes_is_one_line(run, tmp_path):
+  workdir, model, _, _ = run
+  config = json.loads(zipfile.ZipFile(model).read("model.json"))
+  config["classes"] = ["background", "something else"]
+  data = json.dumps(config).encode()
+  def rehash(index):
+    index["members"]["model.json"] = hashlib.sha256(data).hexdigest()
+  changed = _rewrite(model, tmp_path / "changed.zip", change={"model.json": data},
+                     index_change=rehash)
+  proc = run_main("--mode=predict", f"--model={model},{changed}", "--engine=jax",
+                  f"--input={workdir}/data/imagesTs", f"--output={tmp_path}/out")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: {changed}: classes ['background', 'something else'] differ from {model}'s")
+  assert not os.path.exists(tmp_path / "out")

@@ -12,10 +12,11 @@ import copy
 import dataclasses
 import importlib.util
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import optax
 from absl import logging
@@ -107,21 +108,43 @@ def choose_engine(requested: str, model: Model, processes: int, platform: str) -
   return engine
 
 
-def predict_files(model: Model, input_path: str, output: str, engine: str = "jax",
-                  overwrite: bool = False, probabilities: bool = False
+def predict_files(model: "Model | Sequence[Model]", input_path: str, output: str,
+                  engine: str = "jax", overwrite: bool = False, probabilities: bool = False
                   ) -> list[tuple[str, str | None]]:
-  """Label maps (and probabilities) of every NIfTI volume under `input_path`, with the
-  `engine` of `choose_engine`; every input is checked before anything is computed or
-  written."""
-  engine = choose_engine(engine, model, jax.process_count(), jax.default_backend())
-  if engine == "onnxruntime" and jax.process_count() > 1:
+  """Label maps (and probabilities) of every NIfTI volume under `input_path`, from one
+  model or an ensemble (a sequence of models: the mean of their probabilities in each
+  volume's own grid, so 2D and 3D models mix), each run by the `engine` of
+  `choose_engine`; the first model's post-processing. Every input is checked before
+  anything is computed or written."""
+  models = [model] if isinstance(model, Model) else list(model)
+  check_ensemble(models)
+  engines = [choose_engine(engine, m, jax.process_count(), jax.default_backend())
+             for m in models]
+  if "onnxruntime" in engines and jax.process_count() > 1:
     raise ConfigError("--engine=onnxruntime runs in one process; start one, or use "
                       "--engine=jax")
-  planned = predict.plan(input_path, output, model.info, overwrite, probabilities)
-  run = _onnx_run(model) if engine == "onnxruntime" else _jax_run(model)
-  predict.predict(model.probabilities, planned, run,
-                  postprocess.from_config(model.cfg.evaluation))
+  planned = predict.plan(input_path, output, models[0].info, overwrite, probabilities)
+  runs = [_onnx_run(m) if e == "onnxruntime" else _jax_run(m) for m, e in zip(models, engines)]
+
+  def mean_probabilities(path: str, _) -> np.ndarray:
+    total = models[0].probabilities(path, runs[0])
+    for m, run in zip(models[1:], runs[1:]):
+      total = total + m.probabilities(path, run)
+    return total if len(models) == 1 else total / np.float32(len(models))
+  predict.predict(mean_probabilities, planned, None,
+                  postprocess.from_config(models[0].cfg.evaluation))
   return [outputs for _, outputs in planned]
+
+
+def check_ensemble(models: list[Model]) -> None:
+  """Models averaged together must read the same modalities and predict the same classes."""
+  first = models[0]
+  for m in models[1:]:
+    for key in ("modalities", "classes"):
+      if list(m.info[key]) != list(first.info[key]):
+        raise ConfigError(f"{m.file.path}: {key} {list(m.info[key])} differ from "
+                          f"{first.file.path}'s {list(first.info[key])}; an ensemble's "
+                          "models must share them")
 
 
 def _jax_run(model: Model) -> predict.Run:
