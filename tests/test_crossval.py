@@ -23,10 +23,22 @@ def crossval(*args, timeout=600):
                         env=env_with_devices(None))
 
 
-def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(tmp_path):
-  proc = crossval(*ARGS, f"--workdir={tmp_path}", "--cpu_devices=2",
-                  "--config.parallel.num_devices=2")
+def seed_args(seed: int) -> list[str]:
+  return [*ARGS, "--cpu_devices=1", "--config.parallel.num_devices=1", f"--config.seed={seed}",
+          "--config.data.split_seed=0"]
+
+
+@pytest.fixture(scope="module")
+def cv0(tmp_path_factory):
+  """The cross-validation of seed 0, run once for the module."""
+  workdir = tmp_path_factory.mktemp("cv") / "seed0"
+  proc = crossval(*seed_args(0), f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return workdir
+
+
+def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(cv0):
+  tmp_path = cv0
   splits = [json.loads((tmp_path / f"fold_{f}" / "split.json").read_text()) for f in (0, 1)]
   assert splits[0]["test"] == splits[1]["test"] and len(splits[0]["test"]) == 1
   pool = sorted(splits[0]["val"] + splits[1]["val"])
@@ -58,8 +70,7 @@ def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(
   post = result["postprocessing"]
   assert post["mean_dice"]["none"] == pytest.approx(np.mean(list(dice.values())))
   assert post["overrides"][0] == f"--config.evaluation.largest_component_foreground={post['foreground']}"
-  again = crossval(*ARGS, f"--workdir={tmp_path}", "--cpu_devices=2",
-                   "--config.parallel.num_devices=2")
+  again = crossval(*seed_args(0), f"--workdir={tmp_path}")
   assert again.returncode == 0 and "-m medseg_jax.main" not in again.stdout
   assert json.loads((tmp_path / "crossval.json").read_text()) == result
 
@@ -74,3 +85,41 @@ def test_bad_folds_are_one_line_and_train_nothing(tmp_path, args, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(message)
   assert not list(tmp_path.iterdir())
+
+
+def test_the_best_configuration_of_two_and_their_ensemble_is_chosen_out_of_fold(cv0):
+  """Two configurations (seeds 0 and 1) cross-validated on the same subjects; each
+  candidate's Dice recomputed by hand from the out-of-fold files, the best one chosen."""
+  tmp_path = cv0.parent
+  dirs = [cv0, tmp_path / "seed1"]
+  proc = crossval(*seed_args(1), f"--workdir={dirs[1]}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.tuning.best",
+                         f"--crossval={dirs[0]},{dirs[1]}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  best = json.loads((tmp_path / "best.json").read_text())
+  subjects = best["subjects"]
+  assert len(subjects) == 5
+  def hand_dice(members):
+    scores = []
+    for s in subjects:
+      mean = sum(nib.load(d / "oof" / f"{s}_probs.nii.gz").get_fdata() for d in members)
+      pred = np.argmax(mean, -1) == 1
+      truth = np.asarray(nib.load(dirs[0] / "fold_0" / "data" / "labelsTr" /
+                                  f"{s}.nii.gz").dataobj) > 0
+      scores.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+    return np.mean(scores)
+  expected = {(str(dirs[0]),): hand_dice(dirs[:1]), (str(dirs[1]),): hand_dice(dirs[1:]),
+              (str(dirs[0]), str(dirs[1])): hand_dice(dirs)}
+  got = {tuple(c["members"]): c["dice"] for c in best["candidates"]}
+  assert got.keys() == expected.keys()
+  for key, value in expected.items():
+    assert got[key] == pytest.approx(value)
+  assert tuple(best["chosen"]) == max(expected, key=lambda k: (round(expected[k], 9), -len(k)))
+  assert f"best: {' + '.join(best['chosen'])}" in proc.stdout
+  other = subprocess.run([sys.executable, "-m", "medseg_jax.tuning.best",
+                          f"--crossval={dirs[0]},{tmp_path / 'missing'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+  assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == (
+      f"error: --crossval: {tmp_path / 'missing'} is not a directory")

@@ -59,11 +59,11 @@ def run_fold(config_args: list[str], workdir: str, fold: int, simulated_devices:
 
 def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
                         simulated_devices: int) -> None:
-  """The label maps of fold `fold`'s validation subjects from its final checkpoint,
-  without post-processing, in DIR/oof/<subject>.nii.gz (once)."""
+  """The label maps (and probabilities) of fold `fold`'s validation subjects from its final
+  checkpoint, without post-processing, in DIR/oof/<subject>.nii.gz (and _probs) (once)."""
   run_dir, out = fold_dir(workdir, fold), os.path.join(workdir, OOF)
   names = _volumes(workdir, fold)
-  if all(os.path.exists(os.path.join(out, f"{n}.nii.gz")) for n in names):
+  if all(os.path.exists(os.path.join(out, f"{n}_probs.nii.gz")) for n in names):
     return
   inputs = os.path.join(run_dir, "oof_inputs")  # the subjects' images, linked by name
   os.makedirs(inputs, exist_ok=True)
@@ -81,23 +81,45 @@ def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
                       f"({error or code}); see {run_dir}/crossval_run.log")
 
 
+def out_of_fold_subjects(workdir: str) -> list[str]:
+  """The subjects of every evaluated fold's validation split, sorted."""
+  return sorted(n for f in evaluated_folds(workdir) for n in _volumes(workdir, f))
+
+
+def evaluated_folds(workdir: str) -> list[int]:
+  """The folds of DIR whose final checkpoint was evaluated, in order."""
+  found = [int(d.removeprefix("fold_")) for d in os.listdir(workdir)
+           if d.startswith("fold_") and d.removeprefix("fold_").isdigit()
+           and os.path.exists(os.path.join(workdir, d, EVALUATED))]
+  return sorted(found)
+
+
+def truth_labels(workdir: str) -> dict[str, np.ndarray]:
+  """Each out-of-fold subject's label map, with the folds' `data.label_map` applied."""
+  truths = {}
+  for fold in evaluated_folds(workdir):
+    run_dir = fold_dir(workdir, fold)
+    label_map = files.read_json(os.path.join(run_dir, "config.json"), "a fold's config")[
+        "data"]["label_map"]
+    labels = {c.name: c.label for c in _dataset(run_dir).training}
+    for name in _volumes(workdir, fold):
+      truth = np.asarray(nib.load(labels[name]).dataobj).astype(np.int64)
+      truths[name] = np.asarray(label_map)[truth] if label_map else truth
+  return truths
+
+
 def _dataset(run_dir: str) -> decathlon.Dataset:
   info = files.read_json(os.path.join(run_dir, "data_info.json"), "a fold's data_info.json")
   return decathlon.read_dataset(info["root"])
 
 
-def decide_postprocessing(workdir: str, folds: list[int], label_map: tuple) -> dict:
+def decide_postprocessing(workdir: str) -> dict:
   """The largest-component post-processing that raises the out-of-fold Dice
   (`postprocess.decide`), with the Dice behind it and the overrides that apply it."""
-  cases, num_classes = [], 0
-  for fold in folds:
-    labels = {c.name: c.label for c in _dataset(fold_dir(workdir, fold)).training}
-    for name in _volumes(workdir, fold):
-      pred = np.asarray(nib.load(os.path.join(workdir, OOF, f"{name}.nii.gz")).dataobj)
-      truth = np.asarray(nib.load(labels[name]).dataobj).astype(np.int64)
-      truth = np.asarray(label_map)[truth] if label_map else truth
-      cases.append((pred, truth))
-      num_classes = max(num_classes, int(truth.max()) + 1, int(pred.max()) + 1)
+  truths = truth_labels(workdir)
+  cases = [(np.asarray(nib.load(os.path.join(workdir, OOF, f"{name}.nii.gz")).dataobj), truth)
+           for name, truth in sorted(truths.items())]
+  num_classes = max(max(int(p.max()), int(t.max())) for p, t in cases) + 1
   decision = postprocess.decide(cases, max(num_classes, 2))
   decision["overrides"] = [
       f"--config.evaluation.largest_component_foreground={decision['foreground']}",
@@ -187,11 +209,10 @@ def _cli() -> None:
       print(f"[crossval] fold {fold} of {cfg.data.num_folds}", flush=True)
       run_fold(args, workdir.value, fold, simulated)
       predict_out_of_fold(args, workdir.value, fold, simulated)
-    done = [f for f in range(cfg.data.num_folds)
-            if os.path.exists(os.path.join(fold_dir(workdir.value, f), EVALUATED))]
+    done = evaluated_folds(workdir.value)
     if not done:
       raise DataError(f"{workdir.value}: no fold evaluated yet")
-    post = decide_postprocessing(workdir.value, done, tuple(cfg.data.label_map))
+    post = decide_postprocessing(workdir.value)
     result = write(workdir.value, [fold_result(workdir.value, f) for f in done], post)
     print(f"[crossval] {len(done)} of {cfg.data.num_folds} folds: mean Dice "
           f"{result['mean']['dice']:.4f}, foreground {result['mean']['dice_foreground']:.4f}; "

@@ -94,10 +94,12 @@ def evaluate(args: list[str], workdir: str, simulated_devices: int, tool: str,
 
 def predict(args: list[str], workdir: str, simulated_devices: int, tool: str, which: str,
             input_path: str, output: str) -> tuple[int, str]:
-  """`medseg_jax.main ARGS --mode=predict` of the run in WORKDIR's checkpoint WHICH, from
-  `input_path` into `output` (replacing what is there); its exit code and last `error:`."""
+  """`medseg_jax.main ARGS --mode=predict --probabilities` of the run in WORKDIR's
+  checkpoint WHICH, from `input_path` into `output` (replacing what is there); its exit
+  code and last `error:` line."""
   return _main([*args, "--mode=predict", f"--checkpoint={which}", f"--input={input_path}",
-                f"--output={output}", "--overwrite"], workdir, simulated_devices, tool)
+                f"--output={output}", "--overwrite", "--probabilities"], workdir,
+               simulated_devices, tool)
 
 
 def _main(args: list[str], workdir: str, simulated_devices: int, tool: str) -> tuple[int, str]:
