@@ -35,7 +35,14 @@ def main():
     commands = {"python -c pass": ["-c", "pass"],
                 "python -c 'import jax'": ["-c", "import jax"],
                 "medseg_jax.zoo list": ["-m", "medseg_jax.zoo", "list", f"--models_dir={models}"],
-                "medseg_jax.main --help": ["-m", "medseg_jax.main", "--help"]}
+                "medseg_jax.main --help": ["-m", "medseg_jax.main", "--help"],
+                "medseg_jax.main, a mistyped config key": [
+                    "-m", "medseg_jax.main", "--config=configs/quickstart.py",
+                    "--config.train.num_epoch=1"],
+                "python -c 'import medseg_jax.commands'": ["-c", "import medseg_jax.commands"],
+                "python -c 'import tensorboardX'": ["-c", "import tensorboardX"],
+                "... without PyTorch (events.summary_writer's way)": [
+                    "-c", "import sys; sys.modules['torch'] = None; import tensorboardX"]}
     print("| command | median start to exit |")
     print("|---|---|")
     for name, command in commands.items():
