@@ -106,22 +106,29 @@ def _check_before_data(command: Command, cfg, workdir: str) -> settings.RunSetti
 
 def _export(command: Command) -> None:
   """--mode=export; the process group starts with the settings of --config, else of
-  the defaults (the run's config is read from the checkpoint, after JAX has started)."""
+  the defaults (the run's config is read from the checkpoint, after JAX has started).
+  Several workdirs, comma-separated, export one ensemble file."""
   cfg = _command_line_config(command) if command.config is not None else None
-  with _start_processes(command, cfg or config_schema.base_config(), command.workdir):
+  workdirs = command.workdir.split(",")
+  with _start_processes(command, cfg or config_schema.base_config(), workdirs[0]):
     if cfg is not None:
-      checkpoint.require_checkpoint(command.workdir)
-      write.warn_if_config_differs(cfg, command.workdir, command.checkpoint)
-    write.export_run(command.workdir, command.checkpoint, command.output, command.name,
-                     command.overwrite)
+      for workdir in workdirs:
+        checkpoint.require_checkpoint(workdir)
+        write.warn_if_config_differs(cfg, workdir, command.checkpoint)
+    if len(workdirs) > 1:
+      write.export_ensemble(workdirs, command.checkpoint, command.output, command.name,
+                            command.overwrite)
+    else:
+      write.export_run(command.workdir, command.checkpoint, command.output, command.name,
+                       command.overwrite)
     multihost.barrier("end of export")
 
 
 def _predict_from_file(command: Command) -> None:
   """--mode=predict --model: the files are read and checked before JAX starts; several,
-  comma-separated, predict as an ensemble."""
-  models = [from_file.load(spec, command.models_dir, command.engine)
-            for spec in command.model.split(",")]
+  comma-separated, or an ensemble file predict as an ensemble."""
+  models = [model for spec in command.model.split(",")
+            for model in from_file.load_all(spec, command.models_dir, command.engine)]
   with _start_processes(command, models[0].cfg, None):
     from_file.predict_files(models, command.input, command.output, command.engine,
                             command.overwrite, command.probabilities)

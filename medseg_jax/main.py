@@ -13,7 +13,8 @@ MODES = ("train", "evaluate", "predict", "export")
 
 _CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs; "
-                                "default runs/<config file name>.")
+                                "default runs/<config file name>. export: several, "
+                                "comma-separated, make one ensemble file.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES,
                           "train (then test), evaluate a checkpoint, predict NIfTI files, or "
                           "export a checkpoint as one model file.")

@@ -15,6 +15,16 @@ nothing in it needs pickle to load. Members:
   network/FILE.py    the network's source, when the network is a user's component
   model.onnx         the forward pass as an ONNX graph, when the ONNX extra was installed
 
+An ensemble file (format version 2, index `"kind": "ensemble"`: the folds of a
+cross-validation, or a 2D and a 3D model) holds whole model files instead:
+
+  medseg_model.json  the index, as above, with the summary of the ensemble
+  ensemble.json      the members, in order, each with its own summary
+  members/K.zip      member K, a complete model file with its own index and checksums
+  MODEL.md           the ensemble's card
+
+A single model is still written as version 1, which every medseg_jax reads.
+
 Reading checks everything before anything is used: that the file is a whole zip, its
 format and version, that every member the index lists is there with its SHA-256, and
 that the members prediction needs are listed. Every problem is one MedsegError naming
@@ -23,6 +33,7 @@ the file.
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -33,7 +44,8 @@ from medseg_jax import files
 from medseg_jax.errors import MedsegError, first_line
 
 FORMAT = "medseg_jax model"
-VERSION = 1
+VERSION = 2        # the newest version read; a single model is written as version 1
+SINGLE, ENSEMBLE_VERSION = 1, 2
 INDEX = "medseg_model.json"
 # What runs a file's network: its parameters (jax), its ONNX graph (onnxruntime), or auto:
 # ONNX Runtime for one process on a CPU when the file has a graph, else JAX.
@@ -42,6 +54,8 @@ CONFIG, MODEL, PARAMS, METRICS, CARD, ONNX = (
     "config.json", "model.json", "params.msgpack", "metrics.json", "MODEL.md", "model.onnx")
 NETWORK_DIR = "network/"
 REQUIRED = (CONFIG, MODEL, PARAMS, METRICS, CARD)
+ENSEMBLE, MEMBERS_DIR = "ensemble.json", "members/"
+ENSEMBLE_REQUIRED = (ENSEMBLE, CARD)
 # Arrays and graphs barely compress: stored as they are, so writing and reading stay fast.
 _STORED = (PARAMS, ONNX)
 
@@ -77,13 +91,38 @@ def write(path: str, members: dict[str, bytes], summary: dict) -> None:
   missing = [name for name in REQUIRED if name not in members]
   if missing:
     raise ValueError(f"a model file needs the members {missing}")
-  index = {"format": FORMAT, "version": VERSION, "summary": summary,
-           "members": {name: sha256(data) for name, data in sorted(members.items())}}
+  _write_index_and_members(path, {"format": FORMAT, "version": SINGLE, "summary": summary},
+                           members)
+
+
+def write_ensemble(path: str, member_paths: list[str], summary: dict, card: str) -> None:
+  """Writes the ensemble file at `path` atomically: each model file of `member_paths`
+  (read and checked first) as a member, in order."""
+  files_read = [read(p) for p in member_paths]
+  if any(f.is_ensemble for f in files_read):
+    raise MedsegError("an ensemble's members are single models, not ensembles")
+  members = {f"{MEMBERS_DIR}{k}.zip": _bytes_of(p) for k, p in enumerate(member_paths)}
+  members[ENSEMBLE] = json.dumps({"members": [
+      {"member": f"{MEMBERS_DIR}{k}.zip", "summary": f.summary}
+      for k, f in enumerate(files_read)]}, indent=2, sort_keys=True).encode() + b"\n"
+  members[CARD] = card.encode()
+  _write_index_and_members(path, {"format": FORMAT, "version": ENSEMBLE_VERSION,
+                                  "kind": "ensemble", "summary": summary}, members)
+
+
+def _bytes_of(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _write_index_and_members(path: str, head: dict, members: dict[str, bytes]) -> None:
+  index = {**head, "members": {name: sha256(data) for name, data in sorted(members.items())}}
   with files.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
     archive.writestr(INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n",
                      zipfile.ZIP_DEFLATED)
     for name, data in sorted(members.items()):
-      kind = zipfile.ZIP_STORED if name in _STORED else zipfile.ZIP_DEFLATED
+      kind = (zipfile.ZIP_STORED if name in _STORED or name.startswith(MEMBERS_DIR)
+              else zipfile.ZIP_DEFLATED)
       archive.writestr(name, data, kind)
 
 
@@ -98,6 +137,20 @@ class ModelFile:
   @property
   def summary(self) -> dict:
     return self.index["summary"]
+
+  @property
+  def is_ensemble(self) -> bool:
+    return self.index.get("kind") == "ensemble"
+
+  def member_files(self) -> list["ModelFile"]:
+    """The single models of an ensemble file (itself, for a single model), read and
+    checked; each is named PATH:members/K.zip in errors."""
+    if not self.is_ensemble:
+      return [self]
+    listed = json.loads(self.members[ENSEMBLE])["members"]
+    return [_read_archive(f"{self.path}:{m['member']}",
+                          zipfile.ZipFile(io.BytesIO(self.members[m["member"]])))
+            for m in listed]
 
   def json(self, name: str) -> dict:
     return json.loads(self.members[name])
@@ -115,6 +168,9 @@ class ModelFile:
 
   def variables(self) -> dict:
     """{"params", "model_state"} as nested dicts of numpy arrays."""
+    if self.is_ensemble:
+      raise MedsegError(f"{self.path}: an ensemble of {len(self.member_files())} models has "
+                        "no single set of parameters; use one of its members")
     try:
       tree = _serialization().msgpack_restore(self.members[PARAMS])
     except Exception as e:  # pylint: disable=broad-except  (msgpack raises many kinds)
@@ -133,6 +189,11 @@ def read_index(path: str) -> dict:
 def read(path: str) -> ModelFile:
   """The model file at `path`, every member read and checked against its SHA-256."""
   with _open(path) as archive:
+    return _read_archive(path, archive)
+
+
+def _read_archive(path: str, archive: zipfile.ZipFile) -> ModelFile:
+  with archive:
     index = _index(path, archive)
     members = {}
     for name, digest in index["members"].items():
@@ -182,7 +243,8 @@ def _index(path: str, archive: zipfile.ZipFile) -> dict:
     raise MedsegError(f"{path}: model file format version {version!r}; this medseg_jax "
                       f"reads versions 1 to {VERSION} (a newer medseg_jax wrote it?)")
   listed = index.get("members")
-  missing = [n for n in REQUIRED if not isinstance(listed, dict) or n not in listed]
+  required = ENSEMBLE_REQUIRED if index.get("kind") == "ensemble" else REQUIRED
+  missing = [n for n in required if not isinstance(listed, dict) or n not in listed]
   if missing:
     raise MedsegError(f"{path}: member {missing[0]} is missing from the model file's index")
   return index

@@ -6,6 +6,7 @@ processes; and every kind of damaged file or wrong input refused with one line."
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -272,7 +273,7 @@ def _damaged(kind, model, tmp):
         f"{path}: member model.json does not match its SHA-256")
   if kind == "version":
     return _rewrite(model, path, index_change=lambda i: i.update(version=99)), (
-        f"{path}: model file format version 99; this medseg_jax reads versions 1 to 1")
+        f"{path}: model file format version 99; this medseg_jax reads versions 1 to 2")
   if kind == "missing_member":
     return _rewrite(model, path, drop=("params.msgpack",)), (
         f"{path}: member params.msgpack is missing")
@@ -491,14 +492,22 @@ def test_an_ensemble_of_one_model_twice_writes_the_bytes_of_the_model(run, tmp_p
   assert _files(tmp_path) == _files(from_run)
 
 
-def test_an_ensemble_averages_the_probabilities_of_its_models(run, tmp_path):
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+  """A second tiny run (seed 1), trained in this process, and its best checkpoint's model
+  file."""
+  base = tmp_path_factory.mktemp("other")
+  helpers.train(helpers.config(*TINY[1:], "--config.seed=1"), base / "run")
+  _ok(run_main("--mode=export", f"--workdir={base / 'run'}", "--checkpoint=best",
+               f"--output={base / 'other.zip'}"))
+  return base / "run", base / "other.zip"
+
+
+def test_an_ensemble_averages_the_probabilities_of_its_models(run, other, tmp_path):
   """A second model (another seed) and the module's: the ensemble's probabilities are the
   mean of the two models' own, read back from their NIfTI files; its labels their argmax."""
   workdir, model, from_run, _ = run
-  other_run = tmp_path / "other"
-  helpers.train(helpers.config(*TINY[1:], "--config.seed=1"), other_run)
-  other = tmp_path / "other.zip"
-  _ok(run_main("--mode=export", f"--workdir={other_run}", f"--output={other}"))
+  other = other[1]
   inputs = f"{workdir}/data/imagesTs"
   from_file.predict_files(from_file.load(str(other)), inputs, str(tmp_path / "alone"),
                           probabilities=True)
@@ -532,3 +541,38 @@ def test_an_ensemble_of_models_of_other_classes_is_one_line(run, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f"error: {changed}: classes ['background', 'something else'] differ from {model}'s")
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_ensemble_file_predicts_what_its_runs_averaged_predict(run, other, tmp_path):
+  """Two runs exported as one ensemble file (format version 2, each member a whole model
+  file with its own checksums); it predicts the bytes of the two model files named
+  together, and the zoo lists it as one model."""
+  workdir, model, _, _ = run
+  ensemble = tmp_path / "pair.zip"
+  _ok(run_main("--mode=export", f"--workdir={workdir},{other[0]}", "--checkpoint=best",
+               f"--output={ensemble}"))
+  index, members = _read_independently(ensemble)
+  assert index["version"] == 2 and index["kind"] == "ensemble"
+  assert index["summary"]["members"] == 2 and index["summary"]["name"] == "pair"
+  for k in (0, 1):
+    inner = zipfile.ZipFile(io.BytesIO(members[f"members/{k}.zip"]))
+    inner_index = json.loads(inner.read("medseg_model.json"))
+    assert inner_index["version"] == 1
+    for name, digest in inner_index["members"].items():
+      assert hashlib.sha256(inner.read(name)).hexdigest() == digest
+  assert "An ensemble of 2 models" in members["MODEL.md"].decode()
+  inputs = f"{workdir}/data/imagesTs"
+  _ok(run_main("--mode=predict", f"--model={ensemble}", "--engine=jax", f"--input={inputs}",
+               f"--output={tmp_path}/from_file", "--probabilities"))
+  _ok(run_main("--mode=predict", f"--model={model},{other[1]}", "--engine=jax",
+               f"--input={inputs}", f"--output={tmp_path}/named", "--probabilities"))
+  assert _files(tmp_path / "from_file") == _files(tmp_path / "named")
+  zoo_dir = tmp_path / "zoo"
+  proc = subprocess.run([sys.executable, "-m", "medseg_jax.zoo", "install", str(ensemble),
+                         f"--models_dir={zoo_dir}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  listed = subprocess.run([sys.executable, "-m", "medseg_jax.zoo", "list",
+                           f"--models_dir={zoo_dir}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120).stdout
+  assert len([line for line in listed.splitlines() if line.startswith("pair")]) == 1

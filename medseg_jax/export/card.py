@@ -171,3 +171,26 @@ def _how_to(summary: dict, no_graph: str | None) -> list[str]:
     lines.append(f"This file carries no ONNX graph ({no_graph}): only `--engine=jax` "
                  "runs it.")
   return lines
+
+
+def ensemble_card(summary: dict, members: list[dict]) -> str:
+  """MODEL.md of an ensemble file: what it is, its members and how to use it (each
+  member's own card is inside the member)."""
+  rows = [f"| {k} | {m['name']} | {m['network']} | {m['step']} | {_number(m.get('test_dice'))} |"
+          for k, m in enumerate(members)]
+  return "\n".join([
+      f"# {summary['name']}", "",
+      f"An ensemble of {len(members)} models ({summary['task']}): each predicts the class "
+      "probabilities of a volume in the volume's own grid, and the ensemble writes their "
+      f"mean and its argmax. Classes: {', '.join(summary['classes'])}; modalities: "
+      f"{', '.join(summary['modalities'])}.", "",
+      "| member | name | network | step | test Dice (foreground) |", "|---|---|---|---|---|",
+      *rows, "",
+      f"Mean of the members' test Dice: {_number(summary.get('test_dice'))} (the ensemble's own "
+      "is measured by predicting the test split with it). Each member's card is in "
+      "`members/K.zip`.", "",
+      "## How to use", "", "```bash",
+      "python3 -m medseg_jax.main --mode=predict --model=MODEL_FILE --input=VOLUME.nii.gz "
+      "--output=OUT.nii.gz",
+      "python3 -m medseg_jax.zoo install MODEL_FILE    # then --model=" + summary["name"],
+      "```", ""])

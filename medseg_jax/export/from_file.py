@@ -52,11 +52,25 @@ class Model:
 
 
 def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model:
-  """The model `spec` names (a file, or a model NAME in the zoo), every member checked, and
-  `engine` checked to be able to run it. Reads files only (nothing is written), and starts
-  no JAX backend: the process group may start after it."""
-  path = zoo.resolve(spec, models_dir)
-  file = modelfile.read(path)
+  """The single model `spec` names (a file, or a model NAME in the zoo); see `load_all`."""
+  models = load_all(spec, models_dir, engine)
+  if len(models) > 1:
+    raise MedsegError(f"{models[0].file.path.rsplit(':', 1)[0]}: an ensemble of "
+                      f"{len(models)} models, not one")
+  return models[0]
+
+
+def load_all(spec: str, models_dir: str | None = None, engine: str = "jax") -> list[Model]:
+  """The models `spec` names (a file, or a model NAME in the zoo): one, or every member of
+  an ensemble file; every member checked, and `engine` checked to be able to run each.
+  Reads files only (nothing is written), and starts no JAX backend: the process group may
+  start after it."""
+  return [_model(file, engine) for file in modelfile.read(zoo.resolve(spec, models_dir))
+          .member_files()]
+
+
+def _model(file: modelfile.ModelFile, engine: str) -> Model:
+  path = file.path
   info = file.json(modelfile.MODEL)
   missing = [k for k in _NEEDED if k not in info]
   if missing:

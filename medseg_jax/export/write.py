@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -61,6 +62,36 @@ def export_run(workdir: str, which: str, output: str, name: str | None = None,
   modelfile.write(output, members, summary(run, name))
   logging.info("Exported step %d of %s to %s (%.1f MiB) in %.1f s", run.step, workdir, output,
                os.path.getsize(output) / 2**20, time.perf_counter() - started)
+  return output
+
+
+def export_ensemble(workdirs: list[str], which: str, output: str, name: str | None = None,
+                    overwrite: bool = False) -> str | None:
+  """Writes one ensemble file of the checkpoint `which` of every run in `workdirs` (the
+  folds of a cross-validation, or a 2D and a 3D run): each exported as a single model,
+  then bundled (`modelfile.write_ensemble`). Process 0 alone writes, atomically."""
+  if os.path.exists(output) and not overwrite:
+    raise MedsegError(f"{output}: exists (pass --overwrite to replace it)")
+  with tempfile.TemporaryDirectory(prefix=".ensemble-",
+                                   dir=os.path.dirname(os.path.abspath(output))) as tmp:
+    paths = [export_run(w, which, os.path.join(tmp, f"{k}.zip"), overwrite=True)
+             for k, w in enumerate(workdirs)]
+    if jax.process_index() != 0:
+      return None
+    members = [modelfile.read_index(p)["summary"] for p in paths]
+    for w, m in zip(workdirs[1:], members[1:]):
+      for key in ("classes", "modalities"):
+        if m[key] != members[0][key]:
+          raise MedsegError(f"{w}: {key} {m[key]} differ from {workdirs[0]}'s "
+                            f"{members[0][key]}; an ensemble's models must share them")
+    dice = [m.get("test_dice") for m in members]
+    whole = {**members[0], "name": name or os.path.splitext(os.path.basename(output))[0],
+             "members": len(members),
+             "test_dice": None if None in dice else sum(dice) / len(dice),
+             "exported": members[0]["exported"]}
+    modelfile.write_ensemble(output, paths, whole, card.ensemble_card(whole, members))
+  logging.info("Exported an ensemble of %d runs to %s (%.1f MiB)", len(workdirs), output,
+               os.path.getsize(output) / 2**20)
   return output
 
 
