@@ -567,6 +567,14 @@ def test_an_ensemble_file_predicts_what_its_runs_averaged_predict(run, other, tm
   _ok(run_main("--mode=predict", f"--model={model},{other[1]}", "--engine=jax",
                f"--input={inputs}", f"--output={tmp_path}/named", "--probabilities"))
   assert _files(tmp_path / "from_file") == _files(tmp_path / "named")
+  if _onnx_extra():  # ONNX Runtime runs every member's graph
+    _ok(run_main("--mode=predict", f"--model={ensemble}", "--engine=onnxruntime",
+                 f"--input={inputs}", f"--output={tmp_path}/onnx", "--probabilities"))
+    for name in ("phantom_006", "phantom_007"):
+      np.testing.assert_allclose(
+          nib.load(tmp_path / "onnx" / f"{name}_probs.nii.gz").get_fdata(),
+          nib.load(tmp_path / "from_file" / f"{name}_probs.nii.gz").get_fdata(),
+          rtol=0, atol=ENGINE_TOLERANCE)
   zoo_dir = tmp_path / "zoo"
   proc = subprocess.run([sys.executable, "-m", "medseg_jax.zoo", "install", str(ensemble),
                          f"--models_dir={zoo_dir}"], cwd=REPO, capture_output=True, text=True,
