@@ -60,15 +60,22 @@ def test_every_fold_is_trained_and_measured_out_of_fold_on_its_final_checkpoint(
   assert sorted(r["volume"] for r in rows) == pool  # every pooled subject once, out of fold
   hd95 = [np.mean([float(r["hd95_1"]) for r in rows if r["fold"] == str(k)]) for k in (0, 1)]
   assert [f["hd95_per_class"][0] for f in folds] == pytest.approx(hd95)
-  dice = {}  # the out-of-fold label maps: every pooled subject, against its label by hand
-  for name in pool:
-    pred = np.asarray(nib.load(tmp_path / "oof" / f"{name}.nii.gz").dataobj)
-    truth = np.asarray(nib.load(tmp_path / "fold_0" / "data" / "labelsTr" / f"{name}.nii.gz")
-                       .dataobj) > 0  # the quickstart's label_map (0, 1, 1): whole tumour
-    assert pred.shape == truth.shape
-    dice[name] = 2 * ((pred == 1) & truth).sum() / ((pred == 1).sum() + truth.sum())
+  dice = {}  # the out-of-fold label maps, without and with mirroring, by hand
+  for directory in ("oof", "oof_mirrored"):
+    for name in pool:
+      pred = np.asarray(nib.load(tmp_path / directory / f"{name}.nii.gz").dataobj)
+      truth = np.asarray(nib.load(tmp_path / "fold_0" / "data" / "labelsTr" /
+                                  f"{name}.nii.gz").dataobj) > 0  # label_map (0, 1, 1)
+      assert pred.shape == truth.shape
+      dice[directory, name] = 2 * ((pred == 1) & truth).sum() / ((pred == 1).sum() + truth.sum())
+  by_hand = {d: np.mean([dice[d, n] for n in pool]) for d in ("oof", "oof_mirrored")}
+  mirroring = result["mirroring"]
+  assert mirroring["mean_dice"] == pytest.approx({"off": by_hand["oof"],
+                                                   "on": by_hand["oof_mirrored"]})
+  assert mirroring["mirror"] == (by_hand["oof_mirrored"] > by_hand["oof"])
+  assert by_hand["oof_mirrored"] != by_hand["oof"]  # mirroring changes the label maps
   post = result["postprocessing"]
-  assert post["mean_dice"]["none"] == pytest.approx(np.mean(list(dice.values())))
+  assert post["mean_dice"]["none"] == pytest.approx(by_hand[mirroring["directory"]])
   assert post["overrides"][0] == f"--config.evaluation.largest_component_foreground={post['foreground']}"
   again = crossval(*seed_args(0), f"--workdir={tmp_path}")
   assert again.returncode == 0 and "-m medseg_jax.main" not in again.stdout
@@ -104,7 +111,8 @@ def test_the_best_configuration_of_two_and_their_ensemble_is_chosen_out_of_fold(
   def hand_dice(members):
     scores = []
     for s in subjects:
-      mean = sum(nib.load(d / "oof" / f"{s}_probs.nii.gz").get_fdata() for d in members)
+      mean = sum(nib.load(d / json.loads((d / "crossval.json").read_text())["mirroring"][
+          "directory"] / f"{s}_probs.nii.gz").get_fdata() for d in members)
       pred = np.argmax(mean, -1) == 1
       truth = np.asarray(nib.load(dirs[0] / "fold_0" / "data" / "labelsTr" /
                                   f"{s}.nii.gz").dataobj) > 0

@@ -72,12 +72,18 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
   return np.array(scores)
 
 
+def class_dice(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> np.ndarray:
+  """The Dice of each foreground class over (prediction, truth) pairs: per class, the mean
+  over the cases where the class is in the prediction or the truth."""
+  return np.nanmean([dice_per_class(p, t, num_classes) for p, t in cases], axis=0)
+
+
 def decide(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:
   """nnU-Net's rule on (prediction, truth) pairs: keep the largest foreground component if
   that raises the mean foreground Dice over the cases; then, on top, the largest component
   of each class whose own Dice that raises. Returns the decision and the Dice behind it."""
   def mean_dice(post: Postprocessing) -> np.ndarray:  # per class, mean over the cases
-    return np.nanmean([dice_per_class(post(p), t, num_classes) for p, t in cases], axis=0)
+    return class_dice([(post(p), t) for p, t in cases], num_classes)
   none = mean_dice(Postprocessing())
   chosen = Postprocessing(foreground=True)
   with_foreground = mean_dice(chosen)

@@ -8,8 +8,9 @@ of one dataset, say), with the same subjects out of fold (the same `data.split_s
 `data.num_folds`). A candidate's score is its mean foreground Dice on those subjects: per
 class the mean over the subjects (a subject where the class is absent from both the
 prediction and the truth is left out), then the mean over the classes; an ensemble's
-label maps are the argmax of its members' mean probabilities (their `oof/*_probs.nii.gz`,
-each in the subject's own grid). The best score wins; a tie (within 1e-9) goes to the
+label maps are the argmax of its members' mean probabilities (their out-of-fold
+`*_probs.nii.gz`, mirrored where their cross-validation chose mirroring, each in the
+subject's own grid). The best score wins; a tie (within 1e-9) goes to the
 candidate with fewer members, then to the one named first. DIR/best.json (default: the
 first directory's parent) holds every candidate's Dice per class and the choice.
 """
@@ -35,7 +36,8 @@ def candidates(names: list[str]) -> list[tuple[str, ...]]:
 
 
 def _probabilities(directory: str, subject: str) -> np.ndarray:
-  return np.asarray(nib.load(os.path.join(directory, crossval.OOF,
+  """A subject's out-of-fold probabilities, mirrored where its cross-validation chose to."""
+  return np.asarray(nib.load(os.path.join(directory, crossval.chosen_predictions(directory),
                                           f"{subject}_probs.nii.gz")).dataobj)
 
 

@@ -32,7 +32,8 @@ from medseg_jax.evaluation import postprocess
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.tuning import runs
 
-RESULT, PER_VOLUME, OOF = "crossval.json", "crossval_per_volume.csv", "oof"
+RESULT, PER_VOLUME = "crossval.json", "crossval_per_volume.csv"
+OOF, OOF_MIRRORED = "oof", "oof_mirrored"  # out-of-fold predictions without, with mirroring
 EVALUATED = "crossval_evaluated.json"  # in a fold's run: its final checkpoint was evaluated
 
 
@@ -58,10 +59,12 @@ def run_fold(config_args: list[str], workdir: str, fold: int, simulated_devices:
 
 
 def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
-                        simulated_devices: int) -> None:
+                        simulated_devices: int, mirror: bool) -> None:
   """The label maps (and probabilities) of fold `fold`'s validation subjects from its final
-  checkpoint, without post-processing, in DIR/oof/<subject>.nii.gz (and _probs) (once)."""
-  run_dir, out = fold_dir(workdir, fold), os.path.join(workdir, OOF)
+  checkpoint, without post-processing, with test-time mirroring or without, in
+  DIR/oof_mirrored/ or DIR/oof/ as <subject>.nii.gz and _probs.nii.gz (once)."""
+  run_dir = fold_dir(workdir, fold)
+  out = os.path.join(workdir, OOF_MIRRORED if mirror else OOF)
   names = _volumes(workdir, fold)
   if all(os.path.exists(os.path.join(out, f"{n}_probs.nii.gz")) for n in names):
     return
@@ -72,7 +75,7 @@ def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
     link = os.path.join(inputs, f"{name}.nii.gz")
     if not os.path.lexists(link):
       os.symlink(os.path.abspath(images[name]), link)
-  args = [*config_args, f"--config.data.fold={fold}",
+  args = [*config_args, f"--config.data.fold={fold}", f"--config.evaluation.mirror={mirror}",
           "--config.evaluation.largest_component_foreground=False",
           "--config.evaluation.largest_component_classes=()"]
   code, error = runs.predict(args, run_dir, simulated_devices, "crossval", "latest", inputs, out)
@@ -113,14 +116,41 @@ def _dataset(run_dir: str) -> decathlon.Dataset:
   return decathlon.read_dataset(info["root"])
 
 
-def decide_postprocessing(workdir: str) -> dict:
-  """The largest-component post-processing that raises the out-of-fold Dice
-  (`postprocess.decide`), with the Dice behind it and the overrides that apply it."""
-  truths = truth_labels(workdir)
-  cases = [(np.asarray(nib.load(os.path.join(workdir, OOF, f"{name}.nii.gz")).dataobj), truth)
-           for name, truth in sorted(truths.items())]
-  num_classes = max(max(int(p.max()), int(t.max())) for p, t in cases) + 1
-  decision = postprocess.decide(cases, max(num_classes, 2))
+def _cases(workdir: str, directory: str, truths: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(out-of-fold label map in DIR/`directory`, truth) of every subject, by name."""
+  return [(np.asarray(nib.load(os.path.join(workdir, directory, f"{name}.nii.gz")).dataobj),
+           truth) for name, truth in sorted(truths.items())]
+
+
+def _num_classes(cases: list[tuple[np.ndarray, np.ndarray]]) -> int:
+  return max(2, max(max(int(p.max()), int(t.max())) for p, t in cases) + 1)
+
+
+def decide_mirroring(workdir: str, truths: dict) -> dict:
+  """Test-time mirroring (`evaluation.mirror`) where it raises the out-of-fold mean
+  foreground Dice of the label maps; the Dice behind it, the override and where the
+  chosen predictions are."""
+  dice = {}
+  for name, directory in (("off", OOF), ("on", OOF_MIRRORED)):
+    cases = _cases(workdir, directory, truths)
+    dice[name] = float(np.nanmean(postprocess.class_dice(cases, _num_classes(cases))))
+  mirror = dice["on"] > dice["off"]
+  return {"mirror": mirror, "directory": OOF_MIRRORED if mirror else OOF, "mean_dice": dice,
+          "overrides": [f"--config.evaluation.mirror={mirror}"]}
+
+
+def chosen_predictions(workdir: str) -> str:
+  """The directory of the out-of-fold predictions crossval chose (mirrored or not)."""
+  result = files.read_json(os.path.join(workdir, RESULT), "the cross-validation's result")
+  return result["mirroring"]["directory"]
+
+
+def decide_postprocessing(workdir: str, directory: str, truths: dict) -> dict:
+  """The largest-component post-processing that raises the out-of-fold Dice of the label
+  maps in DIR/`directory` (`postprocess.decide`), with the Dice behind it and the
+  overrides that apply it."""
+  cases = _cases(workdir, directory, truths)
+  decision = postprocess.decide(cases, _num_classes(cases))
   decision["overrides"] = [
       f"--config.evaluation.largest_component_foreground={decision['foreground']}",
       f"--config.evaluation.largest_component_classes={tuple(decision['classes'])}"]
@@ -156,10 +186,10 @@ def summary(results: list[dict]) -> dict:
                       for k in per_class}}}
 
 
-def write(workdir: str, results: list[dict], post: dict) -> dict:
-  """crossval.json and crossval_per_volume.csv from the folds' results and the
-  post-processing decision."""
-  result = {**summary(results), "postprocessing": post}
+def write(workdir: str, results: list[dict], mirroring: dict, post: dict) -> dict:
+  """crossval.json and crossval_per_volume.csv from the folds' results and the mirroring
+  and post-processing decisions."""
+  result = {**summary(results), "mirroring": mirroring, "postprocessing": post}
   files.write_json(os.path.join(workdir, RESULT), result)
   rows = []
   for r in results:
@@ -208,16 +238,20 @@ def _cli() -> None:
     for fold in chosen:
       print(f"[crossval] fold {fold} of {cfg.data.num_folds}", flush=True)
       run_fold(args, workdir.value, fold, simulated)
-      predict_out_of_fold(args, workdir.value, fold, simulated)
+      for mirror in (False, True):
+        predict_out_of_fold(args, workdir.value, fold, simulated, mirror)
     done = evaluated_folds(workdir.value)
     if not done:
       raise DataError(f"{workdir.value}: no fold evaluated yet")
-    post = decide_postprocessing(workdir.value)
-    result = write(workdir.value, [fold_result(workdir.value, f) for f in done], post)
+    truths = truth_labels(workdir.value)
+    mirroring = decide_mirroring(workdir.value, truths)
+    post = decide_postprocessing(workdir.value, mirroring["directory"], truths)
+    result = write(workdir.value, [fold_result(workdir.value, f) for f in done], mirroring, post)
     print(f"[crossval] {len(done)} of {cfg.data.num_folds} folds: mean Dice "
           f"{result['mean']['dice']:.4f}, foreground {result['mean']['dice_foreground']:.4f}; "
-          f"post-processing: {' '.join(post['overrides'])} (out-of-fold foreground Dice "
-          f"{post['mean_dice']['none']:.4f} -> {post['mean_dice']['chosen']:.4f}); "
+          f"{' '.join(mirroring['overrides'] + post['overrides'])} (out-of-fold foreground "
+          f"Dice {mirroring['mean_dice']['off']:.4f}, mirrored {mirroring['mean_dice']['on']:.4f}, "
+          f"post-processed {post['mean_dice']['chosen']:.4f}); "
           f"{os.path.join(workdir.value, RESULT)}")
 
   cli.run(main, check)
