@@ -115,12 +115,13 @@ def _export(command: Command) -> None:
       for workdir in workdirs:
         checkpoint.require_checkpoint(workdir)
         write.warn_if_config_differs(cfg, workdir, command.checkpoint)
+    evaluation = cfg.evaluation if cfg is not None else None  # inference settings
     if len(workdirs) > 1:
       write.export_ensemble(workdirs, command.checkpoint, command.output, command.name,
-                            command.overwrite)
+                            command.overwrite, evaluation)
     else:
       write.export_run(command.workdir, command.checkpoint, command.output, command.name,
-                       command.overwrite)
+                       command.overwrite, evaluation)
     multihost.barrier("end of export")
 
 

@@ -343,6 +343,30 @@ def test_export_takes_the_train_command_line_and_names_what_differs_once(run, tm
     assert zipfile.ZipFile(tmp_path / name).read("config.json") == expected
 
 
+def test_export_writes_the_inference_settings_of_its_command_line(run, tmp_path):
+  """Mirroring and post-processing given to the export (as tuning.crossval decides them
+  after training) go into the model file, which then predicts the bytes that the run
+  predicts with the same settings; the other keys stay the checkpoint's."""
+  workdir, model, _, _ = run
+  chosen = ["--config.evaluation.mirror=True",
+            "--config.evaluation.largest_component_foreground=True"]
+  proc = _ok(run_main(*TINY, *chosen, "--mode=export", f"--workdir={workdir}",
+                      "--checkpoint=best", f"--output={tmp_path}/tuned.zip"))
+  assert "The model file uses the checkpoint's config" not in proc.stderr
+  assert "predicts with --config's evaluation.largest_component_foreground True" in proc.stderr
+  saved = json.loads(zipfile.ZipFile(tmp_path / "tuned.zip").read("config.json"))
+  trained = json.loads(zipfile.ZipFile(model).read("config.json"))
+  assert saved["evaluation"]["mirror"] and saved["evaluation"]["largest_component_foreground"]
+  assert {k: v for k, v in saved.items() if k != "evaluation"} == {
+      k: v for k, v in trained.items() if k != "evaluation"}
+  inputs = f"{workdir}/data/imagesTs"
+  _ok(run_main(*TINY, *chosen, f"--workdir={workdir}", "--mode=predict", "--checkpoint=best",
+               f"--input={inputs}", f"--output={tmp_path}/run"))
+  _ok(run_main("--mode=predict", f"--model={tmp_path}/tuned.zip", "--engine=jax",
+               f"--input={inputs}", f"--output={tmp_path}/file"))
+  assert _files(tmp_path / "file") == _files(tmp_path / "run")
+
+
 @pytest.mark.parametrize("args,line", [
     (["--mode=export", "--output=m.zip"], "--mode=export needs --workdir and --output"),
     (["--mode=predict", "--model=m.zip", "--input=i", "--output=o",

@@ -5,6 +5,7 @@ The config is the one the checkpoint was saved with (its `meta`), so exporting n
 config file; the arrays are read with orbax, as `--mode=evaluate` reads them.
 """
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,10 @@ from medseg_jax.training import checkpoint, settings
 # between the model file's config and the command line's.
 EXPORT_OWN_KEYS = ("parallel.distributed_timeout_seconds", "parallel.gpu_preallocate",
                    "parallel.gpu_memory_fraction")
+# How the model predicts (mirroring, post-processing, sliding windows), chosen after
+# training (tuning.crossval decides mirroring and post-processing): an export with
+# --config writes --config's values of these into the model file.
+INFERENCE = "evaluation."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +52,23 @@ class Run:
 
 
 def export_run(workdir: str, which: str, output: str, name: str | None = None,
-               overwrite: bool = False) -> str | None:
+               overwrite: bool = False,
+               evaluation: ml_collections.ConfigDict | None = None) -> str | None:
   """Writes the model file of the checkpoint `which` ('latest', 'best' or a step) of the
-  run in `workdir` to `output`. Every process reads the checkpoint; process 0 alone writes,
-  atomically. Returns `output` (None on the other processes)."""
+  run in `workdir` to `output`, with the inference settings `evaluation` (the config's
+  `evaluation` section) when given, else the checkpoint's. Every process reads the
+  checkpoint; process 0 alone writes, atomically. Returns `output` (None on the other
+  processes)."""
   if os.path.exists(output) and not overwrite:
     raise MedsegError(f"{output}: exists (pass --overwrite to replace it)")
   checkpoint.require_checkpoint(workdir)
   started = time.perf_counter()
   run = read_run(workdir, checkpoint.parse_which(which, "--checkpoint"))
+  if evaluation is not None:
+    cfg = copy.deepcopy(run.cfg)
+    with cfg.unlocked():
+      cfg.evaluation = copy.deepcopy(evaluation)
+    run = dataclasses.replace(run, cfg=cfg)
   if jax.process_index() != 0:
     return None
   members = build_members(run)
@@ -66,7 +79,8 @@ def export_run(workdir: str, which: str, output: str, name: str | None = None,
 
 
 def export_ensemble(workdirs: list[str], which: str, output: str, name: str | None = None,
-                    overwrite: bool = False) -> str | None:
+                    overwrite: bool = False,
+                    evaluation: ml_collections.ConfigDict | None = None) -> str | None:
   """Writes one ensemble file of the checkpoint `which` of every run in `workdirs` (the
   folds of a cross-validation, or a 2D and a 3D run): each exported as a single model,
   then bundled (`modelfile.write_ensemble`). Process 0 alone writes, atomically."""
@@ -74,8 +88,8 @@ def export_ensemble(workdirs: list[str], which: str, output: str, name: str | No
     raise MedsegError(f"{output}: exists (pass --overwrite to replace it)")
   with tempfile.TemporaryDirectory(prefix=".ensemble-",
                                    dir=os.path.dirname(os.path.abspath(output))) as tmp:
-    paths = [export_run(w, which, os.path.join(tmp, f"{k}.zip"), overwrite=True)
-             for k, w in enumerate(workdirs)]
+    paths = [export_run(w, which, os.path.join(tmp, f"{k}.zip"), overwrite=True,
+                        evaluation=evaluation) for k, w in enumerate(workdirs)]
     if jax.process_index() != 0:
       return None
     members = [modelfile.read_index(p)["summary"] for p in paths]
@@ -107,6 +121,11 @@ def warn_if_config_differs(cfg: ml_collections.ConfigDict, workdir: str, which: 
     return  # the export says so
   saved = config_schema.config_from_saved(meta["config"], reader.directory)
   changed = config_schema.differences(saved, cfg, ignore=EXPORT_OWN_KEYS)
+  taken = {k: v for k, v in changed.items() if k.startswith(INFERENCE)}
+  if taken:
+    logging.info("The model file predicts with --config's %s", ", ".join(
+        f"{k} {now!r} (trained with {was!r})" for k, (was, now) in taken.items()))
+  changed = {k: v for k, v in changed.items() if not k.startswith(INFERENCE)}
   if changed:
     shown = [f"{k} {was!r} -> {now!r}" for k, (was, now) in list(changed.items())[:5]]
     more = f" and {len(changed) - len(shown)} more" if len(changed) > len(shown) else ""
