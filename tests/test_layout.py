@@ -30,7 +30,7 @@ LEVELS = (
     {"tuning", "planning"},
     {"config"},
     {"commands"},
-    {"main", "plan", "dashboard"},
+    {"main", "plan", "dashboard", "recipe"},
 )
 
 

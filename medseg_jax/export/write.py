@@ -92,21 +92,28 @@ def export_ensemble(workdirs: list[str], which: str, output: str, name: str | No
                         evaluation=evaluation) for k, w in enumerate(workdirs)]
     if jax.process_index() != 0:
       return None
-    members = [modelfile.read_index(p)["summary"] for p in paths]
-    for w, m in zip(workdirs[1:], members[1:]):
-      for key in ("classes", "modalities"):
-        if m[key] != members[0][key]:
-          raise MedsegError(f"{w}: {key} {m[key]} differ from {workdirs[0]}'s "
-                            f"{members[0][key]}; an ensemble's models must share them")
-    dice = [m.get("test_dice") for m in members]
-    whole = {**members[0], "name": name or os.path.splitext(os.path.basename(output))[0],
-             "members": len(members),
-             "test_dice": None if None in dice else sum(dice) / len(dice),
-             "exported": members[0]["exported"]}
-    modelfile.write_ensemble(output, paths, whole, card.ensemble_card(whole, members))
-  logging.info("Exported an ensemble of %d runs to %s (%.1f MiB)", len(workdirs), output,
-               os.path.getsize(output) / 2**20)
+    bundle(paths, output, name, workdirs)
   return output
+
+
+def bundle(paths: list[str], output: str, name: str | None = None,
+           sources: list[str] | None = None) -> None:
+  """Writes the single model files `paths` as one ensemble file at `output` (named
+  `sources`, e.g. their runs, in errors), with its summary and card."""
+  sources = sources or paths
+  members = [modelfile.read_index(p)["summary"] for p in paths]
+  for source, m in zip(sources[1:], members[1:]):
+    for key in ("classes", "modalities"):
+      if m[key] != members[0][key]:
+        raise MedsegError(f"{source}: {key} {m[key]} differ from {sources[0]}'s "
+                          f"{members[0][key]}; an ensemble's models must share them")
+  dice = [m.get("test_dice") for m in members]
+  whole = {**members[0], "name": name or os.path.splitext(os.path.basename(output))[0],
+           "members": len(members), "test_dice": None if None in dice else sum(dice) / len(dice),
+           "exported": members[0]["exported"]}
+  modelfile.write_ensemble(output, paths, whole, card.ensemble_card(whole, members))
+  logging.info("Wrote an ensemble of %d models to %s (%.1f MiB)", len(paths), output,
+               os.path.getsize(output) / 2**20)
 
 
 def warn_if_config_differs(cfg: ml_collections.ConfigDict, workdir: str, which: str) -> None:
