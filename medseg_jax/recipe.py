@@ -28,7 +28,7 @@ from absl import flags
 from medseg_jax import cli, files
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.export import write
-from medseg_jax.tuning import crossval
+from medseg_jax.tuning import crossval, report
 
 CONFIGURATIONS = ("2d", "3d")
 STATE, REPORT, MODEL = "recipe_state.json", "recipe.md", "model.zip"
@@ -147,10 +147,7 @@ def report_plot(recipe: Recipe, path: str) -> None:
   ax.set_xlabel("fold")
   ax.set_ylabel("out-of-fold foreground Dice")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  with files.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=90)
-  plt.close(fig)
+  report.save_figure(fig, path)
 
 
 def _cli() -> None:

@@ -68,6 +68,12 @@ def plot(path: str, rows: list[dict], split: str) -> None:
   ax.set_xticks(x, [r["run"] for r in tuned], rotation=30, ha="right", fontsize=7)
   ax.set_ylabel("Dice")
   ax.legend(fontsize=8)
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+  """Writes a matplotlib figure to `path` as a PNG, atomically, and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig.tight_layout()
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=90)

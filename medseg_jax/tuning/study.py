@@ -141,10 +141,7 @@ def _plot(study_dir: str, table: list[dict]) -> None:
   ax.set_xlabel("devices (k)")
   ax.set_ylabel("test Dice")
   ax.legend()
-  fig.tight_layout()
-  with files.atomic_path(os.path.join(study_dir, "study.png")) as tmp:
-    fig.savefig(tmp, dpi=90)
-  plt.close(fig)
+  report.save_figure(fig, os.path.join(study_dir, "study.png"))
 
 
 def _cli() -> None:
