@@ -44,8 +44,8 @@ from medseg_jax import files
 from medseg_jax.errors import MedsegError, first_line
 
 FORMAT = "medseg_jax model"
-VERSION = 2        # the newest version read; a single model is written as version 1
-SINGLE, ENSEMBLE_VERSION = 1, 2
+SINGLE, ENSEMBLE_VERSION = 1, 2  # the versions a single model and an ensemble are written as
+VERSION = ENSEMBLE_VERSION       # the newest version read
 INDEX = "medseg_model.json"
 # What runs a file's network: its parameters (jax), its ONNX graph (onnxruntime), or auto:
 # ONNX Runtime for one process on a CPU when the file has a graph, else JAX.
@@ -98,16 +98,30 @@ def write(path: str, members: dict[str, bytes], summary: dict) -> None:
 def write_ensemble(path: str, member_paths: list[str], summary: dict, card: str) -> None:
   """Writes the ensemble file at `path` atomically: each model file of `member_paths`
   (read and checked first) as a member, in order."""
-  files_read = [read(p) for p in member_paths]
+  data = [_bytes_of(p) for p in member_paths]
+  files_read = [_read_archive(p, zipfile.ZipFile(io.BytesIO(d)))
+                for p, d in zip(member_paths, data)]
   if any(f.is_ensemble for f in files_read):
     raise MedsegError("an ensemble's members are single models, not ensembles")
-  members = {f"{MEMBERS_DIR}{k}.zip": _bytes_of(p) for k, p in enumerate(member_paths)}
+  members = {f"{MEMBERS_DIR}{k}.zip": d for k, d in enumerate(data)}
   members[ENSEMBLE] = json.dumps({"members": [
       {"member": f"{MEMBERS_DIR}{k}.zip", "summary": f.summary}
       for k, f in enumerate(files_read)]}, indent=2, sort_keys=True).encode() + b"\n"
   members[CARD] = card.encode()
   _write_index_and_members(path, {"format": FORMAT, "version": ENSEMBLE_VERSION,
                                   "kind": "ensemble", "summary": summary}, members)
+
+
+def ensemble_mismatch(models: list[tuple[str, dict]]) -> str | None:
+  """Why models (name, their model.json or summary) cannot be averaged into one ensemble:
+  the first whose modalities or classes differ from the first model's; None if none do."""
+  (first, known), *others = models
+  for name, info in others:
+    for key in ("modalities", "classes"):
+      if list(info[key]) != list(known[key]):
+        return (f"{name}: {key} {list(info[key])} differ from {first}'s {list(known[key])}; "
+                "an ensemble's models must share them")
+  return None
 
 
 def _bytes_of(path: str) -> bytes:
@@ -147,10 +161,13 @@ class ModelFile:
     checked; each is named PATH:members/K.zip in errors."""
     if not self.is_ensemble:
       return [self]
-    listed = json.loads(self.members[ENSEMBLE])["members"]
     return [_read_archive(f"{self.path}:{m['member']}",
                           zipfile.ZipFile(io.BytesIO(self.members[m["member"]])))
-            for m in listed]
+            for m in self._listed_members()]
+
+  def _listed_members(self) -> list[dict]:
+    """ensemble.json's members: {"member": its zip member's name, "summary"}, in order."""
+    return json.loads(self.members[ENSEMBLE])["members"]
 
   def json(self, name: str) -> dict:
     return json.loads(self.members[name])
@@ -169,8 +186,8 @@ class ModelFile:
   def variables(self) -> dict:
     """{"params", "model_state"} as nested dicts of numpy arrays."""
     if self.is_ensemble:
-      raise MedsegError(f"{self.path}: an ensemble of {len(self.member_files())} models has "
-                        "no single set of parameters; use one of its members")
+      raise MedsegError(f"{self.path}: an ensemble of {len(self._listed_members())} models "
+                        "has no single set of parameters; use one of its members")
     try:
       tree = _serialization().msgpack_restore(self.members[PARAMS])
     except Exception as e:  # pylint: disable=broad-except  (msgpack raises many kinds)

@@ -29,7 +29,6 @@ from medseg_jax.parallel import strategies
 from medseg_jax.training import setup, step
 from medseg_jax.training.state import TrainState
 
-ENGINES = modelfile.ENGINES
 # model.json's keys that prediction reads.
 _NEEDED = ("modalities", "num_classes", "channels", "classes", "preprocessing")
 
@@ -55,8 +54,7 @@ def load(spec: str, models_dir: str | None = None, engine: str = "jax") -> Model
   """The single model `spec` names (a file, or a model NAME in the zoo); see `load_all`."""
   models = load_all(spec, models_dir, engine)
   if len(models) > 1:
-    raise MedsegError(f"{models[0].file.path.rsplit(':', 1)[0]}: an ensemble of "
-                      f"{len(models)} models, not one")
+    raise MedsegError(f"{spec}: an ensemble of {len(models)} models, not one")
   return models[0]
 
 
@@ -152,13 +150,9 @@ def predict_files(model: "Model | Sequence[Model]", input_path: str, output: str
 
 def check_ensemble(models: list[Model]) -> None:
   """Models averaged together must read the same modalities and predict the same classes."""
-  first = models[0]
-  for m in models[1:]:
-    for key in ("modalities", "classes"):
-      if list(m.info[key]) != list(first.info[key]):
-        raise ConfigError(f"{m.file.path}: {key} {list(m.info[key])} differ from "
-                          f"{first.file.path}'s {list(first.info[key])}; an ensemble's "
-                          "models must share them")
+  mismatch = modelfile.ensemble_mismatch([(m.file.path, m.info) for m in models])
+  if mismatch:
+    raise ConfigError(mismatch)
 
 
 def _jax_run(model: Model) -> predict.Run:

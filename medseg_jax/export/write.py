@@ -100,13 +100,10 @@ def bundle(paths: list[str], output: str, name: str | None = None,
            sources: list[str] | None = None) -> None:
   """Writes the single model files `paths` as one ensemble file at `output` (named
   `sources`, e.g. their runs, in errors), with its summary and card."""
-  sources = sources or paths
   members = [modelfile.read_index(p)["summary"] for p in paths]
-  for source, m in zip(sources[1:], members[1:]):
-    for key in ("classes", "modalities"):
-      if m[key] != members[0][key]:
-        raise MedsegError(f"{source}: {key} {m[key]} differ from {sources[0]}'s "
-                          f"{members[0][key]}; an ensemble's models must share them")
+  mismatch = modelfile.ensemble_mismatch(list(zip(sources or paths, members)))
+  if mismatch:
+    raise MedsegError(mismatch)
   dice = [m.get("test_dice") for m in members]
   whole = {**members[0], "name": name or os.path.splitext(os.path.basename(output))[0],
            "members": len(members), "test_dice": None if None in dice else sum(dice) / len(dice),

@@ -44,11 +44,9 @@ def _probabilities(directory: str, subject: str) -> np.ndarray:
 def score(members: tuple[str, ...], truths: dict[str, np.ndarray], num_classes: int) -> dict:
   """The out-of-fold Dice per foreground class and their mean, of the argmax of the
   members' mean probabilities."""
-  per_subject = []
-  for subject, truth in sorted(truths.items()):
-    mean = sum(_probabilities(d, subject) for d in members) / len(members)
-    per_subject.append(postprocess.dice_per_class(np.argmax(mean, -1), truth, num_classes))
-  per_class = np.nanmean(per_subject, axis=0)
+  cases = [(np.argmax(sum(_probabilities(d, subject) for d in members) / len(members), -1),
+            truth) for subject, truth in sorted(truths.items())]
+  per_class = postprocess.class_dice(cases, num_classes)
   return {"members": list(members), "dice_per_class": per_class.tolist(),
           "dice": float(np.nanmean(per_class))}
 
