@@ -27,12 +27,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from medseg_jax import kinds  # noqa: E402
+from medseg_jax.data import targets  # noqa: E402
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.training import settings, setup, step  # noqa: E402
 from medseg_jax.data import preprocess, synthetic  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 
 VOLUME_SHAPE = (240, 240, 155)
+
+CLASSES = targets.Classes(2)  # the benchmarked networks predict two classes
 
 
 def load_config(name: str):
@@ -63,7 +66,7 @@ def bench(name: str, repeats: int, volume_path: str, mirror: bool) -> dict:
   state = setup.build_state(settings.read(cfg), par, 2, 1, optax.constant_schedule(0.0),
                             jax.random.key(0))
   state = par.put_state(state)
-  predict_fn = par.predict_step(step.predict_step)
+  predict_fn = par.predict_step(functools.partial(step.predict_step, outputs=CLASSES))
   size = cfg.data.image_size
   images = np.random.default_rng(0).normal(size=(batch, size, size, 1)).astype(np.float32)
   put = lambda: par.put_batch({"image": images})["image"]

@@ -46,12 +46,14 @@ import optax  # noqa: E402
 
 import inference  # noqa: E402  (benchmarks/inference.py: load_config)
 import torch_twins  # noqa: E402
+from medseg_jax.data import targets  # noqa: E402
 from medseg_jax.evaluation import predict  # noqa: E402
 from medseg_jax.export import onnx_graph  # noqa: E402
 from medseg_jax.parallel import strategies  # noqa: E402
 from medseg_jax.training import settings, setup, step  # noqa: E402
 
 NUM_CLASSES = 2
+CLASSES = targets.Classes(NUM_CLASSES)
 TOLERANCE = 1e-4
 THESIS_SLICES = 155  # Task01_BrainTumour volumes are 240x240x155
 
@@ -77,7 +79,7 @@ def jax_state(cfg, par: strategies.Parallel):
 def jax_side(state, par: strategies.Parallel, batch: int):
   """(probabilities of one batch, probabilities of a volume's slices) with the project's
   compiled predict step."""
-  predict_fn = par.predict_step(step.predict_step)
+  predict_fn = par.predict_step(functools.partial(step.predict_step, outputs=CLASSES))
   placed = par.put_state(state)
 
   def one_batch(images):
@@ -92,7 +94,7 @@ def jax_side(state, par: strategies.Parallel, batch: int):
 def onnx_side(state, size: int, batch: int, threads: int):
   """(the two functions as for JAX, export seconds, graph bytes, session seconds)."""
   start = time.perf_counter()
-  graph = onnx_graph.forward_graph(functools.partial(step.predict_step, state),
+  graph = onnx_graph.forward_graph(functools.partial(step.predict_step, state, outputs=CLASSES),
                                    (size, size, 1))
   export_s = time.perf_counter() - start
   start = time.perf_counter()

@@ -101,5 +101,9 @@ def _check_same_sources(records: dict) -> None:
 
 
 def _num_classes(cfg: ml_collections.ConfigDict) -> int:
+  """The network's outputs as far as the config tells them: one per region, or per class
+  of `data.label_map` (2 when the dataset decides)."""
+  if cfg.data.regions:
+    return len(cfg.data.regions)
   return max(cfg.data.label_map) + 1 if cfg.data.label_map else 2
 

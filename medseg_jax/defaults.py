@@ -58,6 +58,11 @@ def _data(c: ml_collections.ConfigDict) -> None:
                                    # True: bad subjects are left out, with a warning
   c.data.modalities = ()           # channels, by dataset.json modality name (or index); () = all
   c.data.label_map = ()            # source label i -> class label_map[i]; () keeps labels
+  c.data.regions = ()              # region-based training: label sets (after label_map), one
+                                   # sigmoid output each, e.g. ((1, 2, 3), (2, 3), (3,));
+                                   # () = one softmax output per class (docs/regions.md)
+  c.data.regions_class_order = ()  # the label each region writes back, in order; () = its
+                                   # smallest label no later region holds
   c.data.slice_axis = 2
   c.data.slice_selection = "central"  # central: slices_per_volume central slices | all |
                                    # foreground: slices with foreground + empty_slice_fraction

@@ -8,6 +8,7 @@ import pytest
 
 import helpers
 from medseg_jax.evaluation import metrics
+from medseg_jax.data import targets
 from medseg_jax.parallel import multihost, strategies
 from medseg_jax.models import UNet
 from medseg_jax.training import step
@@ -64,7 +65,7 @@ def test_confusion_matrix_over_8_devices_matches_numpy(devices8, strategy):
   expected = np.zeros((3, 3), np.int64)
   np.add.at(expected, (batch["label"][:11].ravel(), pred[:11].ravel()), 1)
   par = strategies.make_parallel(strategy, 8)
-  eval_fn = par.eval_step(functools.partial(step.eval_step, num_classes=3))
+  eval_fn = par.eval_step(functools.partial(step.eval_step, outputs=targets.Classes(3)))
   confusion, labels = eval_fn(par.put_state(state), par.put_batch(batch))
   np.testing.assert_array_equal(multihost.to_host(confusion), expected)
   np.testing.assert_array_equal(multihost.gather(labels)[:11], pred[:11])
@@ -130,7 +131,7 @@ def test_eight_device_evaluation_equals_one_device(devices8):
   results = []
   for n in (1, 8):
     par = strategies.make_parallel("shard_map", n)
-    eval_fn = par.eval_step(functools.partial(step.eval_step, num_classes=3))
+    eval_fn = par.eval_step(functools.partial(step.eval_step, outputs=targets.Classes(3)))
     confusion, labels = eval_fn(par.put_state(state), par.put_batch(batch))
     results.append((multihost.to_host(confusion), multihost.gather(labels)))
   np.testing.assert_array_equal(results[0][0], results[1][0])

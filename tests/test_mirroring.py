@@ -12,6 +12,7 @@ import pytest
 
 from helpers import config
 from medseg_jax import kinds
+from medseg_jax.data import targets
 from medseg_jax.evaluation import mirroring
 from medseg_jax.training import step
 from medseg_jax.training.state import TrainState
@@ -55,14 +56,14 @@ def test_the_mirrored_eval_step_labels_the_mean_of_the_flipped_probabilities(ker
   state, b = state_of(kernel), batch()
   slices_kind = kinds.from_config(config("--config.evaluation.mirror=True"))
   mirrored = jax.jit(slices_kind.evaluated_by(
-      lambda s, x, **kw: step.eval_step(s, x, num_classes=3, reduce_sum=lambda c: c, **kw)))
+      lambda s, x, **kw: step.eval_step(s, x, outputs=targets.Classes(3), reduce_sum=lambda c: c, **kw)))
   confusion, pred = mirrored(state, b)
   expected = np.argmax(hand_mean(state, b["image"]), -1)
   np.testing.assert_array_equal(np.asarray(pred), expected)
   hand_confusion = np.zeros((3, 3), np.int64)
   np.add.at(hand_confusion, (b["label"].ravel(), expected.ravel()), 1)
   np.testing.assert_array_equal(np.asarray(confusion), hand_confusion)
-  _, plain = jax.jit(lambda s, x: step.eval_step(s, x, num_classes=3,
+  _, plain = jax.jit(lambda s, x: step.eval_step(s, x, outputs=targets.Classes(3),
                                                  reduce_sum=lambda c: c))(state, b)
   if kernel == 1:  # a flip-equivariant network is unchanged by mirroring
     np.testing.assert_array_equal(np.asarray(pred), np.asarray(plain))

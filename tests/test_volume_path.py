@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from medseg_jax.data import patches, synthetic, volume_loader
+from medseg_jax.data import patches, synthetic, targets, volume_loader
 from medseg_jax.evaluation import evaluate, predict, sliding_window
 
 PATCH = (16, 12, 8)
@@ -99,7 +99,7 @@ def test_evaluation_of_whole_volumes_counts_every_voxel(splits, tmp_path):
   """The split's confusion matrix and per-volume Dice are those of the thresholded
   volumes, counted here with numpy."""
   data = splits[0]["train"]
-  ev = evaluate.Evaluator(eval_step=None, put_batch=None, global_batch=3, num_classes=2,
+  ev = evaluate.Evaluator(eval_step=None, put_batch=None, global_batch=3, outputs=targets.Classes(2),
                           class_names=["background", "tumour"], workdir=str(tmp_path),
                           predict=evaluate.predict_volumes,
                           windows=sliding_window.Windows(PATCH, overlap=0.5, batch=3),

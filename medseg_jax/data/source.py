@@ -3,6 +3,8 @@ the `data.*` settings both kinds of example (slices and volumes) share."""
 
 import dataclasses
 
+from medseg_jax.data import targets
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -17,6 +19,8 @@ class Source:
   preprocess_workers: int = 0
   modalities: tuple = ()             # data.modalities: the channels used
   label_map: tuple = ()              # data.label_map: source label i -> class label_map[i]
+  regions: tuple = ()                # data.regions: label sets trained as sigmoid outputs
+  regions_class_order: tuple = ()    # data.regions_class_order: the label each region writes
   val_fraction: float = 0.15
   test_fraction: float = 0.15
   split_seed: int = 0                # data.split_seed, or `seed` when it is unset
@@ -27,6 +31,10 @@ class Source:
   def num_classes(self, labels: list[str]) -> int:
     """The classes trained: `label_map`'s, or dataset.json's `labels`."""
     return (max(self.label_map) + 1) if self.label_map else len(labels)
+
+  def outputs(self, labels: list[str]) -> targets.Classes | targets.Regions:
+    """What the network's outputs are: the classes, or `data.regions`."""
+    return targets.make(self.num_classes(labels), self.regions, self.regions_class_order)
 
   def class_names(self, labels: list[str]) -> list[str]:
     """dataset.json's label names; a class `data.label_map` builds from several labels is

@@ -17,7 +17,7 @@ from absl import logging
 
 from medseg_jax import files
 from medseg_jax.parallel import multihost
-from medseg_jax.data import loader, volume_loader
+from medseg_jax.data import loader, targets, volume_loader
 from medseg_jax.evaluation import metrics, overlay, sliding_window
 
 MONTAGE_VOLUMES = 4  # the first volumes of a split shown in its montage
@@ -30,7 +30,7 @@ class Evaluator:
   eval_step: Callable      # (placed state, placed batch) -> (confusion, predicted labels)
   put_batch: Callable      # this process's part of a batch -> global arrays
   global_batch: int
-  num_classes: int
+  outputs: targets.Classes | targets.Regions  # the network's outputs: classes or regions
   class_names: list[str]
   workdir: str             # results go to WORKDIR/eval/
   # (evaluator, placed state, split, surface) -> (confusion, per-volume rows, a function
@@ -45,7 +45,7 @@ class Evaluator:
 def predict_split(ev: Evaluator, state, data: loader.SliceSet) -> tuple[np.ndarray, np.ndarray]:
   """(Confusion matrix summed over every device and host, predicted labels [N,H,W])."""
   global_batch = ev.global_batch
-  confusion = np.zeros((ev.num_classes,) * 2, np.int64)
+  confusion = np.zeros((ev.outputs.num_labels,) * 2, np.int64)
   preds = np.zeros(data.label.shape, np.uint8)
   batches = loader.eval_batches(data, global_batch, jax.process_index(), jax.process_count())
   for start, batch in zip(range(0, len(data), global_batch), batches):
@@ -61,7 +61,7 @@ def predict_slices(ev: Evaluator, state, data: loader.SliceSet, surface: bool
   """`Evaluator.predict` of slices: the confusion matrix, per-volume rows, and the
   montage's slices (read from the split only when asked for, by process 0)."""
   confusion, preds = predict_split(ev, state, data)
-  rows = per_volume_rows(data, preds, ev.num_classes, surface)
+  rows = per_volume_rows(data, preds, ev.outputs, surface)
 
   def shown() -> list[tuple]:
     picked = overlay.pick_slices(data.label, data.volume)
@@ -70,14 +70,15 @@ def predict_slices(ev: Evaluator, state, data: loader.SliceSet, surface: bool
   return confusion, rows, shown
 
 
-def per_volume_rows(data: loader.SliceSet, preds: np.ndarray, num_classes: int,
-                    surface: bool) -> list[dict]:
+def per_volume_rows(data: loader.SliceSet, preds: np.ndarray,
+                    outputs: targets.Classes | targets.Regions, surface: bool) -> list[dict]:
   """3D Dice (and HD95 in mm if `surface`) per volume, over the slices evaluated."""
   rows = []
   for v, name in enumerate(data.names):
     members = data.volume == v
     rows.append(dict(volume=name, **metrics.volume_metrics(
-        preds[members], data.label[members], data.spacing[v], num_classes, surface)))
+        preds[members], data.label[members], data.spacing[v], outputs.num_labels, surface,
+        outputs.regions)))
   return rows
 
 
@@ -87,14 +88,15 @@ def predict_volumes(ev: Evaluator, state, data: volume_loader.VolumeSet, surface
   every voxel, per-volume rows, and the montage's (image, label, prediction) slices of
   the first volumes."""
   run = ev.window_run(state)
-  confusion = np.zeros((ev.num_classes,) * 2, np.int64)
+  n = ev.outputs.num_labels
+  confusion = np.zeros((n, n), np.int64)
   rows, shown = [], []
   for v, name in enumerate(data.names):
     image, label = data.volume(v)
-    pred = np.argmax(ev.windows.apply(image, run), axis=-1).astype(np.uint8)
-    confusion += metrics.confusion_matrix(label, pred, ev.num_classes)
+    pred = ev.outputs.labels(ev.windows.apply(image, run)).astype(np.uint8)
+    confusion += metrics.confusion_matrix(label, pred, n)
     rows.append(dict(volume=name, **metrics.volume_metrics(
-        pred, label, data.spacing[v], ev.num_classes, surface)))
+        pred, label, data.spacing[v], n, surface, ev.outputs.regions)))
     if v < MONTAGE_VOLUMES:
       shown.append(_axial_slice(image, label, pred))
   return confusion, rows, lambda: shown
@@ -123,7 +125,8 @@ def evaluate(ev: Evaluator, state, data: loader.SliceSet | volume_loader.VolumeS
   if not len(data):
     return None
   confusion, rows, shown = ev.predict(ev, state, data, surface)
-  result = dict(metrics.segmentation_metrics(confusion), step=step, num_examples=len(data),
+  result = dict(metrics.segmentation_metrics(confusion, ev.outputs.regions), step=step,
+                num_examples=len(data),
                 per_volume=metrics.summarize_volumes(rows))
   if jax.process_index() == 0:
     out = os.path.join(ev.workdir, "eval")

@@ -9,6 +9,12 @@ truth has no accuracy. These are reported as null and left out of the class
 averages, instead of counting as a perfect 1 or a misleading 0. A class that is
 predicted but absent from the ground truth has Dice and IoU 0.
 
+With regions (`data.regions`, label sets that may nest), each region is scored on the
+membership of the true and predicted labels in it, from the same confusion matrix: its
+Dice is 2|P∩T|/(|P|+|T|) over the voxels whose labels lie in the region. The headline
+`dice` and `dice_foreground` are then the mean over the regions (what selects the best
+checkpoint), `per_region` lists them, and `per_class` still describes the labels.
+
 Per volume (what clinicians read), each foreground class gets a 3D Dice and the
 95th-percentile Hausdorff distance in mm between the predicted and true surfaces.
 The same convention holds: no Dice when the class is absent from both, no HD95
@@ -35,8 +41,9 @@ def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int) -> n
   return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def segmentation_metrics(confusion: np.ndarray) -> dict:
-  """Dice, pixel accuracy, mean accuracy, mean IoU and frequency-weighted IoU."""
+def segmentation_metrics(confusion: np.ndarray, regions: tuple = ()) -> dict:
+  """Dice, pixel accuracy, mean accuracy, mean IoU and frequency-weighted IoU (and, with
+  `regions`, each region's Dice and IoU, whose mean becomes the headline Dice)."""
   cm = np.asarray(confusion, np.float64)
   tp, truth, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
   dice = _ratio(2 * tp, truth + predicted)
@@ -55,7 +62,23 @@ def segmentation_metrics(confusion: np.ndarray) -> dict:
       "mean_accuracy_foreground": _nanmean(accuracy[1:]),
       "mean_iou_foreground": _nanmean(iou[1:]),
       "per_class": per_class,
+      **(_regions_summary(cm, regions) if regions else {}),
   }
+
+
+def _regions_summary(cm: np.ndarray, regions: tuple) -> dict:
+  """Each region's Dice, IoU and support from the label confusion matrix `cm`, and their
+  mean as `dice` and `dice_foreground`."""
+  rows = []
+  for r, region in enumerate(regions):
+    inside = np.isin(np.arange(len(cm)), region)
+    tp, truth, predicted = cm[np.ix_(inside, inside)].sum(), cm[inside].sum(), cm[:, inside].sum()
+    both, union = truth + predicted, truth + predicted - tp
+    rows.append({"region": r, "labels": list(region),
+                 "dice": float(2 * tp / both) if both else None,
+                 "iou": float(tp / union) if union else None, "support": int(truth)})
+  mean = _nanmean(np.array([np.nan if row["dice"] is None else row["dice"] for row in rows]))
+  return {"dice": mean, "dice_foreground": mean, "per_region": rows}
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -79,18 +102,21 @@ def hausdorff95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
 
 
 def volume_metrics(pred: np.ndarray, label: np.ndarray, spacing, num_classes: int,
-                   surface: bool = True) -> dict:
-  """3D Dice (and HD95 if `surface`) of each foreground class in one volume [Z,Y,X].
+                   surface: bool = True, regions: tuple = ()) -> dict:
+  """3D Dice (and HD95 if `surface`) of each foreground class in one volume [Z,Y,X]
+  (`dice_1`, ...), and with `regions` of each region (`dice_region1`, ...).
 
   Dice is None for a class absent from both; HD95 is None unless both have the class.
   """
+  sets = [(str(c), (c,)) for c in range(1, num_classes)]
+  sets += [(f"region{r + 1}", tuple(region)) for r, region in enumerate(regions)]
   out = {}
-  for c in range(1, num_classes):
-    a, b = pred == c, label == c
+  for name, labels in sets:
+    a, b = np.isin(pred, labels), np.isin(label, labels)
     size = int(a.sum() + b.sum())
-    out[f"dice_{c}"] = 2.0 * int((a & b).sum()) / size if size else None
+    out[f"dice_{name}"] = 2.0 * int((a & b).sum()) / size if size else None
     if surface:
-      out[f"hd95_{c}"] = hausdorff95(a, b, spacing)
+      out[f"hd95_{name}"] = hausdorff95(a, b, spacing)
   return out
 
 

@@ -117,20 +117,26 @@ def volumetric(info: dict, modalities, windows: sliding_window.Windows,
                     crop_nonzero=crop_nonzero)
 
 
+def argmax(probs: np.ndarray) -> np.ndarray:
+  """The labels of class probabilities [..., C] (`data.targets` turns regions' into labels)."""
+  return np.argmax(probs, axis=-1)
+
+
 def predict(probabilities: Callable[[str, Run], np.ndarray],
             planned: list[tuple[str, tuple[str, str | None]]], run: Run,
-            post: postprocess.Postprocessing = postprocess.Postprocessing()) -> None:
+            post: postprocess.Postprocessing = postprocess.Postprocessing(),
+            to_labels: Callable[[np.ndarray], np.ndarray] = argmax) -> None:
   """Predicts every planned volume: `probabilities(path, run)` (`predict_volume` or
   `predict_volume_3d` with the run's settings bound) preprocesses it and sends its slices
   (3D: windows) through `run(examples) -> probabilities` (every process takes part);
-  process 0 writes, the label map post-processed by `post`."""
+  process 0 writes the label map `to_labels` makes of them, post-processed by `post`."""
   if post.active:
     logging.info("Label maps keep the largest connected component of the foreground: %s, "
                  "of classes %s", post.foreground, list(post.classes))
   for src, (labels_dst, probs_dst) in planned:
     probs = probabilities(src, run)
     if jax.process_index() == 0:
-      write_prediction(src, probs, labels_dst, probs_dst, post)
+      write_prediction(src, probs, labels_dst, probs_dst, post, to_labels)
       logging.info("Wrote %s", labels_dst)
 
 
@@ -189,9 +195,11 @@ def _run_batched(par: strategies.Parallel, predict_fn, state, slices: np.ndarray
 
 def write_prediction(src: str, probs: np.ndarray, labels_dst: str,
                      probs_dst: str | None = None,
-                     post: postprocess.Postprocessing = postprocess.Postprocessing()) -> None:
-  """Writes argmax labels as uint8, post-processed by `post` (and optionally the float32
-  probabilities [.., C]) with the input's shape, affine and spatial header."""
+                     post: postprocess.Postprocessing = postprocess.Postprocessing(),
+                     to_labels: Callable[[np.ndarray], np.ndarray] = argmax) -> None:
+  """Writes the labels of `probs` (their argmax, or `to_labels`'s) as uint8,
+  post-processed by `post` (and optionally the float32 probabilities [.., C]) with the
+  input's shape, affine and spatial header."""
   original = nib.load(src)
   ras_to_original = nib.orientations.ornt_transform(
       nib.orientations.axcodes2ornt(("R", "A", "S")),
@@ -199,7 +207,7 @@ def write_prediction(src: str, probs: np.ndarray, labels_dst: str,
   probs = nib.orientations.apply_orientation(probs, ras_to_original)
   if probs.shape[:3] != original.shape[:3]:
     raise AssertionError(f"prediction shape {probs.shape[:3]} != input {original.shape[:3]}")
-  _save(post(np.argmax(probs, -1).astype(np.uint8)), original, labels_dst)
+  _save(post(to_labels(probs).astype(np.uint8)), original, labels_dst)
   if probs_dst:
     _save(probs.astype(np.float32), original, probs_dst)
 

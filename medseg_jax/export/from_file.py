@@ -10,6 +10,7 @@ file's ONNX graph on the CPU in one process. `auto`, the command's default, pick
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ import optax
 from absl import logging
 
 from medseg_jax import components, config_schema, files, kinds, modelfile, models, zoo
+from medseg_jax.data import targets
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.evaluation import postprocess, predict
 from medseg_jax.export import onnx_graph
@@ -144,7 +146,8 @@ def predict_files(model: "Model | Sequence[Model]", input_path: str, output: str
       total = total + m.probabilities(path, run)
     return total if len(models) == 1 else total / np.float32(len(models))
   predict.predict(mean_probabilities, planned, None,
-                  postprocess.from_config(models[0].cfg.evaluation))
+                  postprocess.from_config(models[0].cfg.evaluation),
+                  targets.from_info(models[0].info).labels)
   return [outputs for _, outputs in planned]
 
 
@@ -168,7 +171,8 @@ def _jax_run(model: Model) -> predict.Run:
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                      model_state=variables["model_state"], opt_state=(),
                      apply_fn=network.apply, tx=optax.identity())
-  return predict.mesh_run(par, par.predict_step(step.predict_step), par.put_state(state),
+  predict_fn = functools.partial(step.predict_step, outputs=targets.from_info(model.info))
+  return predict.mesh_run(par, par.predict_step(predict_fn), par.put_state(state),
                           setup.eval_batch(cfg, par.num_devices))
 
 

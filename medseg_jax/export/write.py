@@ -18,6 +18,7 @@ import ml_collections
 from absl import logging
 
 from medseg_jax import config_schema, files, kinds, modelfile, models
+from medseg_jax.data import targets
 from medseg_jax.errors import MedsegError
 from medseg_jax.evaluation import predict
 from medseg_jax.export import card, onnx_graph
@@ -208,7 +209,7 @@ def model_json(run: Run, carried: tuple[str, bytes] | None) -> dict:
   return dict(
       info,
       classes=run.classes,
-      class_labels=list(range(info["num_classes"])),
+      class_labels=list(range(targets.from_info(info).num_labels)),
       preprocessing=run.kind.model_preprocessing(info),
       network={"name": cfg.model.name, "class": cfg.model.name.rpartition(":")[2],
                "compute_dtype": cfg.model.compute_dtype, "kwargs": cfg.model.kwargs.to_dict(),
@@ -238,7 +239,7 @@ def summary(run: Run, name: str | None) -> dict:
   return {**run.kind.zoo_fields(),
           "name": name or os.path.basename(os.path.abspath(run.workdir)),
           "task": _task(info), "classes": run.classes,
-          "labels": list(range(info["num_classes"])), "modalities": list(info["modalities"]),
+          "labels": list(range(targets.from_info(info).num_labels)), "modalities": list(info["modalities"]),
           "image_size": cfg.data.image_size, "channels": info["channels"],
           "test_dice": test_dice, "step": run.step, "network": cfg.model.name,
           "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -271,9 +272,9 @@ def _network_source(run: Run) -> tuple[str, bytes] | None:
 
 
 def _onnx_graph(run: Run) -> tuple[bytes | None, str | None]:
-  """The forward pass as ONNX (float32 compute, softmax probabilities, any batch), or why
-  there is none, with one warning: the ONNX extra is not installed or the network does not
-  convert (the file still predicts with --engine=jax)."""
+  """The forward pass as ONNX (float32 compute, softmax probabilities or the regions'
+  sigmoid ones, any batch), or why there is none, with one warning: the ONNX extra is not
+  installed or the network does not convert (the file still predicts with --engine=jax)."""
   if not onnx_graph.available():
     reason = f"the ONNX extra was not installed at export ({onnx_graph.EXTRA_INSTALL})"
     logging.warning("No ONNX graph in the model file: %s; --engine=onnxruntime will not "
@@ -283,8 +284,10 @@ def _onnx_graph(run: Run) -> tuple[bytes | None, str | None]:
   model = models.build_model(cfg.model, info["num_classes"], cfg.data.image_size)
   model = model.clone(dtype=models.DTYPES["float32"])
   variables = {"params": run.variables["params"], **run.variables["model_state"]}
+  outputs = targets.from_info(info)
+
   def probabilities(images):
-    return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+    return outputs.probabilities(model.apply(variables, images, train=False))
   started = time.perf_counter()
   try:
     graph = onnx_graph.forward_graph(probabilities,

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import jax
 import ml_collections
 
-from medseg_jax.data import decathlon, pipeline, split
+from medseg_jax.data import decathlon, pipeline, split, targets
 from medseg_jax.data.source import Source
 from medseg_jax.evaluation import evaluate
 from medseg_jax.parallel import strategies
@@ -142,14 +142,14 @@ class DataKind(abc.ABC):
     return functools.partial(self.augmenter.augment_batch, ranges=self.ranges)
 
   def evaluator(self, par: strategies.Parallel, eval_fn: Callable, predict_fn: Callable,
-                batch: int, num_classes: int, class_names: list[str],
+                batch: int, outputs: targets.Classes | targets.Regions, class_names: list[str],
                 workdir: str) -> evaluate.Evaluator:
     """The evaluator of a run on the devices of `par`: the pure eval and predict steps,
     compiled by `par`, a global batch of `batch` examples (3D: windows)."""
     compiled = par.eval_step(self.evaluated_by(eval_fn))
     return evaluate.Evaluator(eval_step=par.in_flight.wrap(compiled),
                               put_batch=par.put_batch,
-                              global_batch=batch, num_classes=num_classes,
+                              global_batch=batch, outputs=outputs,
                               class_names=class_names, workdir=workdir,
                               **self.predictor(par, predict_fn, batch))
 

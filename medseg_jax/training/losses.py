@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from medseg_jax import components
+from medseg_jax.data import targets
 from medseg_jax.errors import first_line
 
 DICE_SMOOTH = 1.0  # keeps empty classes finite: empty truth + empty prediction -> Dice 1
@@ -50,6 +51,44 @@ LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "ce": cross_entropy_loss,
     "dice_ce": dice_ce_loss,
 }
+
+
+def sigmoid_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
+  """1 - soft Dice of each region's sigmoid against its membership mask, averaged over
+  regions, per sample: logits and masks [B,...,R] -> [B]."""
+  probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+  axes = _spatial_axes(logits)
+  intersection = jnp.sum(probs * masks, axis=axes)
+  total = jnp.sum(probs, axis=axes) + jnp.sum(masks, axis=axes)
+  dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
+  return 1.0 - jnp.mean(dice, axis=-1)
+
+
+def binary_cross_entropy_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
+  """Each region's sigmoid cross-entropy averaged over pixels and regions, per sample."""
+  x = logits.astype(jnp.float32)
+  bce = jnp.maximum(x, 0) - x * masks + jnp.log1p(jnp.exp(-jnp.abs(x)))  # stable form
+  return jnp.mean(bce, axis=(*_spatial_axes(logits), logits.ndim - 1))
+
+
+# The built-in losses of region-based training (`data.regions`), by the same names: what
+# nnU-Net trains regions with (Dice and binary cross-entropy of sigmoid outputs).
+REGION_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "dice": sigmoid_dice_loss,
+    "ce": binary_cross_entropy_loss,
+    "dice_ce": lambda logits, masks: (sigmoid_dice_loss(logits, masks)
+                                      + binary_cross_entropy_loss(logits, masks)),
+}
+
+
+def for_outputs(component: components.Component, outputs: targets.Classes | targets.Regions
+                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The loss to train `outputs` with: with regions, a built-in name means its region
+  form, fed the regions' membership masks; a user's own loss always gets the labels."""
+  region_loss = REGION_LOSSES.get(component.spec) if component.source is None else None
+  if not isinstance(outputs, targets.Regions) or region_loss is None:
+    return component.obj
+  return lambda logits, labels: region_loss(logits, outputs.masks(labels, jnp))
 
 
 def loss_component(spec: str) -> components.Component:

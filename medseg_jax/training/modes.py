@@ -2,12 +2,14 @@
 to NIfTI files. Both restore the checkpoint that `--checkpoint` names (checked against the
 config it was saved with) and hand it to `evaluation`."""
 
+import functools
 from typing import Any
 
 import jax
 import optax
 
 from medseg_jax import config_schema
+from medseg_jax.data import targets
 from medseg_jax.evaluation import evaluate, postprocess, predict
 from medseg_jax.parallel import strategies
 from medseg_jax.training import checkpoint, setup, step
@@ -41,9 +43,11 @@ def predict_checkpoint(settings: RunSettings, workdir: str,
                                optax.constant_schedule(0.0), jax.random.key(0))
   state = restore_state(settings, workdir, which, par, template)
   batch = setup.eval_batch(cfg, par.num_devices)
-  run = predict.mesh_run(par, par.predict_step(step.predict_step), state, batch)
+  outputs = targets.from_info(info)
+  run = predict.mesh_run(par, par.predict_step(functools.partial(step.predict_step,
+                                                                 outputs=outputs)), state, batch)
   predict.predict(kind.probabilities(info, batch), planned, run,
-                  postprocess.from_config(cfg.evaluation))
+                  postprocess.from_config(cfg.evaluation), outputs.labels)
   return [outputs for _, outputs in planned]
 
 

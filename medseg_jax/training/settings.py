@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 
 from medseg_jax import components, kinds, models
-from medseg_jax.data import augment, split
+from medseg_jax.data import augment, split, targets
 from medseg_jax.data.source import Source
 from medseg_jax.errors import ConfigError
 from medseg_jax.parallel import strategies
@@ -59,6 +59,7 @@ def source(cfg: ml_collections.ConfigDict) -> Source:
                       "(or unset: the split follows `seed`)")
   split.check_fractions(data.val_fraction, data.test_fraction)
   split.check_fold(data.fold, data.num_folds)
+  targets.check(tuple(data.regions), tuple(data.regions_class_order))
   if data.synthetic:
     if data.synthetic_volumes < 3:
       raise ConfigError(f"data.synthetic_volumes={data.synthetic_volumes}: need at least 3 "
@@ -72,6 +73,8 @@ def source(cfg: ml_collections.ConfigDict) -> Source:
                 skip_invalid=bool(data.skip_invalid),
                 preprocess_workers=data.preprocess_workers,
                 modalities=tuple(data.modalities), label_map=tuple(data.label_map),
+                regions=tuple(tuple(r) for r in data.regions),
+                regions_class_order=tuple(data.regions_class_order),
                 val_fraction=data.val_fraction, test_fraction=data.test_fraction,
                 split_seed=split.split_seed(cfg), fold=data.fold, num_folds=data.num_folds,
                 samples_per_epoch=augment.samples_per_epoch(data.augment))

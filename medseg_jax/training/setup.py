@@ -10,9 +10,9 @@ from absl import logging
 
 from medseg_jax import kinds, models, optim
 from medseg_jax.parallel import multihost, strategies
-from medseg_jax.data import loader, pipeline, volume_loader
+from medseg_jax.data import loader, pipeline, targets, volume_loader
 from medseg_jax.evaluation import evaluate
-from medseg_jax.training import step
+from medseg_jax.training import losses, step
 from medseg_jax.training.settings import RunSettings
 from medseg_jax.training.state import TrainState, init_state
 
@@ -49,25 +49,25 @@ def build(run: RunSettings, workdir: str, par: strategies.Parallel) -> Setup:
                "(%d %s drawn per epoch), %d steps", par.num_devices,
                cfg.parallel.strategy, jax.process_count(), plan.global_batch,
                plan.steps_per_epoch, plan.epoch_draws, kind.unit, plan.num_steps)
-  num_classes = source.num_classes(info["labels"])
+  outputs = source.outputs(info["labels"])
   channels = data["train"].channels
-  info = dict(info, num_classes=num_classes, channels=channels,
+  info = dict(info, num_classes=outputs.count, **outputs.record(), channels=channels,
               samples_per_epoch=plan.epoch_draws)
   logging.info("Data: %s", info)
-  model = models.construct(run.network, cfg.model, num_classes, cfg.data.image_size,
+  model = models.construct(run.network, cfg.model, outputs.count, cfg.data.image_size,
                            par.bn_axis_name)
   lr = optim.resolve_schedule(cfg, plan.global_batch, plan.steps_per_epoch, plan.num_steps)
   logging.info("LR policy %s:\n%s", cfg.lr.policy, lr.describe())
   tx = optim.make_optimizer(cfg, lr.schedule)
   init_rng, step_rng = jax.random.split(jax.random.key(cfg.seed))
   state = init_state(model, tx, init_rng, kind.input_shape(channels))
-  train_fn = functools.partial(step.train_step, loss_fn=run.loss.obj,
+  train_fn = functools.partial(step.train_step, loss_fn=losses.for_outputs(run.loss, outputs),
                                augment=kind.augmentation())
   return Setup(cfg=cfg, kind=kind, workdir=workdir, par=par, data=data, data_info=info,
                lr=lr, global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
                num_steps=plan.num_steps, epoch_draws=plan.epoch_draws, init_state=state,
                init_rng=step_rng, train_step=par.in_flight.wrap(par.train_step(train_fn)),
-               evaluator=make_evaluator(run, workdir, par, num_classes,
+               evaluator=make_evaluator(run, workdir, par, outputs,
                                         source.class_names(info["labels"])),
                components=run.components, split_seed=source.split_seed)
 
@@ -92,12 +92,14 @@ def build_state(run: RunSettings, par: strategies.Parallel, num_classes: int,
 
 
 def make_evaluator(run: RunSettings, workdir: str, par: strategies.Parallel,
-                   num_classes: int, class_names: list[str]) -> evaluate.Evaluator:
+                   outputs: targets.Classes | targets.Regions, class_names: list[str]
+                   ) -> evaluate.Evaluator:
   """The compiled eval step (3D: predict step over sliding windows) with what evaluation
   needs to batch and report."""
-  return run.kind.evaluator(par, functools.partial(step.eval_step, num_classes=num_classes),
-                            step.predict_step, eval_batch(run.cfg, par.num_devices),
-                            num_classes, class_names, workdir)
+  return run.kind.evaluator(par, functools.partial(step.eval_step, outputs=outputs),
+                            functools.partial(step.predict_step, outputs=outputs),
+                            eval_batch(run.cfg, par.num_devices), outputs, class_names,
+                            workdir)
 
 
 def eval_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> int:

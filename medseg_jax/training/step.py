@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medseg_jax.data import targets
 from medseg_jax.evaluation import mirroring
 from medseg_jax.training.state import TrainState
 
@@ -51,25 +52,29 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(state: TrainState, batch: dict, *, num_classes: int, reduce_sum: Reduce,
-              flips: tuple[tuple[int, ...], ...] = ((),)) -> tuple[jax.Array, jax.Array]:
-  """(Confusion matrix [true, predicted] of the valid pixels summed over shards, labels).
-  With several `flips` (test-time mirroring), the labels of the probabilities averaged
-  over the flipped images (`evaluation.mirroring`)."""
+def eval_step(state: TrainState, batch: dict, *, outputs: targets.Classes | targets.Regions,
+              reduce_sum: Reduce, flips: tuple[tuple[int, ...], ...] = ((),)
+              ) -> tuple[jax.Array, jax.Array]:
+  """(Confusion matrix [true, predicted] of the valid pixels' labels summed over shards,
+  labels). With several `flips` (test-time mirroring), the labels of the probabilities
+  averaged over the flipped images (`evaluation.mirroring`)."""
   if len(flips) == 1 and not flips[0]:
-    scores, _ = _apply(state, state.params, batch["image"], False)
+    logits, _ = _apply(state, state.params, batch["image"], False)
+    pred = outputs.labels_of_logits(logits)
   else:
-    scores = mirroring.mean_over_flips(lambda images: predict_step(state, images),
-                                       batch["image"], flips, jnp.flip)
-  pred = jnp.argmax(scores, axis=-1)
-  index = batch["label"].astype(jnp.int32) * num_classes + pred
+    probs = mirroring.mean_over_flips(lambda images: predict_step(state, images, outputs),
+                                      batch["image"], flips, jnp.flip)
+    pred = outputs.labels(probs, jnp)
+  n = outputs.num_labels
+  index = batch["label"].astype(jnp.int32) * n + pred
   weight = jnp.broadcast_to(batch["mask"][:, None, None], index.shape).astype(jnp.int32)
-  counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=num_classes**2)
-  confusion = reduce_sum(counts.reshape(num_classes, num_classes).astype(jnp.int32))
+  counts = jnp.bincount(index.ravel(), weights=weight.ravel(), length=n**2)
+  confusion = reduce_sum(counts.reshape(n, n).astype(jnp.int32))
   return confusion, pred.astype(jnp.uint8)
 
 
-def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
-  """Per-pixel class probabilities [B,H,W,C]."""
+def predict_step(state: TrainState, images: jax.Array,
+                 outputs: targets.Classes | targets.Regions) -> jax.Array:
+  """Per-pixel probabilities [B,H,W,K] of the classes (softmax) or regions (sigmoid)."""
   logits, _ = _apply(state, state.params, images, False)
-  return jax.nn.softmax(logits, axis=-1)
+  return outputs.probabilities(logits)
