@@ -114,13 +114,14 @@ def write_ensemble(path: str, member_paths: list[str], summary: dict, card: str)
 
 def ensemble_mismatch(models: list[tuple[str, dict]]) -> str | None:
   """Why models (name, their model.json or summary) cannot be averaged into one ensemble:
-  the first whose modalities or classes differ from the first model's; None if none do."""
+  the first whose modalities, classes or regions (`data.regions`: sigmoid outputs are not
+  averaged with softmax ones) differ from the first model's; None if none do."""
   (first, known), *others = models
   for name, info in others:
-    for key in ("modalities", "classes"):
-      if list(info[key]) != list(known[key]):
-        return (f"{name}: {key} {list(info[key])} differ from {first}'s {list(known[key])}; "
-                "an ensemble's models must share them")
+    for key in ("modalities", "classes", "regions"):
+      if list(info.get(key, [])) != list(known.get(key, [])):
+        return (f"{name}: {key} {list(info.get(key, []))} differ from {first}'s "
+                f"{list(known.get(key, []))}; an ensemble's models must share them")
   return None
 
 

@@ -130,9 +130,9 @@ def _default_order(regions: tuple) -> tuple[int, ...]:
 
 def make(num_labels: int, regions: tuple = (), order: tuple = ()) -> Classes | Regions:
   """The outputs of a dataset with `num_labels` labels (after `data.label_map`)."""
+  check(regions, order)
   if not regions:
     return Classes(num_labels)
-  check(regions, order)
   regions = tuple(tuple(int(label) for label in region) for region in regions)
   for r, region in enumerate(regions):
     if max(region) >= num_labels:

@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
+from medseg_jax.data import targets
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.evaluation import postprocess
 from medseg_jax.tuning import crossval
@@ -41,12 +42,13 @@ def _probabilities(directory: str, subject: str) -> np.ndarray:
                                           f"{subject}_probs.nii.gz")).dataobj)
 
 
-def score(members: tuple[str, ...], truths: dict[str, np.ndarray], num_classes: int) -> dict:
-  """The out-of-fold Dice per foreground class and their mean, of the argmax of the
-  members' mean probabilities."""
-  cases = [(np.argmax(sum(_probabilities(d, subject) for d in members) / len(members), -1),
+def score(members: tuple[str, ...], truths: dict[str, np.ndarray],
+          outputs: targets.Classes | targets.Regions) -> dict:
+  """The out-of-fold Dice per foreground class and their mean, of the labels of the
+  members' mean probabilities (their argmax; with regions, rebuilt in the declared order)."""
+  cases = [(outputs.labels(sum(_probabilities(d, subject) for d in members) / len(members)),
             truth) for subject, truth in sorted(truths.items())]
-  per_class = postprocess.class_dice(cases, num_classes)
+  per_class = postprocess.class_dice(cases, outputs.num_labels)
   return {"members": list(members), "dice_per_class": per_class.tolist(),
           "dice": float(np.nanmean(per_class))}
 
@@ -63,8 +65,8 @@ def choose(directories: list[str]) -> dict:
   if not subjects[first]:
     raise DataError(f"{first}: no fold evaluated yet; run tuning.crossval there first")
   truths = crossval.truth_labels(first)
-  num_classes = _probabilities(first, subjects[first][0]).shape[-1]
-  scored = [score(c, truths, num_classes) for c in candidates(directories)]
+  outputs = crossval.outputs(first)
+  scored = [score(c, truths, outputs) for c in candidates(directories)]
   best = max(enumerate(scored),
              key=lambda item: (round(item[1]["dice"], 9), -len(item[1]["members"]), -item[0]))
   return {"subjects": subjects[first], "candidates": scored, "chosen": best[1]["members"],

@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from medseg_jax import cli, files
-from medseg_jax.data import decathlon
+from medseg_jax.data import decathlon, targets
 from medseg_jax.evaluation import postprocess
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.tuning import runs
@@ -95,6 +95,14 @@ def evaluated_folds(workdir: str) -> list[int]:
            if d.startswith("fold_") and d.removeprefix("fold_").isdigit()
            and os.path.exists(os.path.join(workdir, d, EVALUATED))]
   return sorted(found)
+
+
+def outputs(workdir: str) -> targets.Classes | targets.Regions:
+  """What the folds' networks output (classes or regions), as the first evaluated fold's
+  data_info.json records it."""
+  info = files.read_json(os.path.join(fold_dir(workdir, evaluated_folds(workdir)[0]),
+                                      "data_info.json"), "a fold's data")
+  return targets.from_info(info)
 
 
 def truth_labels(workdir: str) -> dict[str, np.ndarray]:
