@@ -28,9 +28,14 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """1 - soft Dice averaged over classes, per sample: [B,...,C], [B,...] -> [B]."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  axes = _spatial_axes(logits)
-  intersection = jnp.sum(probs * onehot, axis=axes)
-  total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
+  return _one_minus_soft_dice(probs, onehot, _spatial_axes(logits))
+
+
+def _one_minus_soft_dice(probs: jax.Array, truth: jax.Array, axes: tuple) -> jax.Array:
+  """1 - the soft Dice of each channel of `probs` against `truth` over `axes`, averaged
+  over the channels: [B,...,K] -> [B]."""
+  intersection = jnp.sum(probs * truth, axis=axes)
+  total = jnp.sum(probs, axis=axes) + jnp.sum(truth, axis=axes)
   dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
   return 1.0 - jnp.mean(dice, axis=-1)
 
@@ -57,11 +62,7 @@ def sigmoid_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
   """1 - soft Dice of each region's sigmoid against its membership mask, averaged over
   regions, per sample: logits and masks [B,...,R] -> [B]."""
   probs = jax.nn.sigmoid(logits.astype(jnp.float32))
-  axes = _spatial_axes(logits)
-  intersection = jnp.sum(probs * masks, axis=axes)
-  total = jnp.sum(probs, axis=axes) + jnp.sum(masks, axis=axes)
-  dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
-  return 1.0 - jnp.mean(dice, axis=-1)
+  return _one_minus_soft_dice(probs, masks, _spatial_axes(logits))
 
 
 def binary_cross_entropy_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
