@@ -1,0 +1,148 @@
+"""The recipe's stages on one synthetic dataset, each measured in test Dice and time: one
+fold -> the k-fold ensemble -> + test-time mirroring -> + post-processing (the largest
+foreground component), every stage a model file predicting the held-out test subjects.
+
+    python3 benchmarks/recipe_chain.py --config=configs/quickstart.py --folds=5 \\
+        --out=/tmp/chain2d [--config.KEY=VALUE ...]
+
+Cross-validation (`medseg_jax.tuning.crossval`) trains the folds on the subjects outside
+the test split; its out-of-fold decisions (mirroring, post-processing) are reported beside
+the chain, which applies each stage whatever they decided, to measure its gain. The model
+files are written with `--mode=export` (one fold; every fold as one ensemble file) and
+predict with `--mode=predict --engine=jax`; the ensemble files without and with mirroring
+are timed with `--engine=onnxruntime` too. Test Dice is the mean over the test subjects
+of the foreground Dice (each foreground label, then their mean), computed here from the
+written label maps and the truth read back with nibabel. Resumable: complete folds,
+exports and predictions are kept. Writes OUT/chain.json and OUT/chain.md.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+
+STAGES = (  # name, what the model file holds, its inference overrides
+    ("one fold", "fold 0", ["--config.evaluation.mirror=False"]),
+    ("ensemble", "every fold", ["--config.evaluation.mirror=False"]),
+    ("+ mirroring", "every fold", ["--config.evaluation.mirror=True"]),
+    ("+ post-processing", "every fold", ["--config.evaluation.mirror=True",
+                                         "--config.evaluation.largest_component_foreground=True"]),
+)
+TIMED_BOTH = ("ensemble", "+ mirroring")  # also timed with ONNX Runtime
+
+
+def _run(args: list[str], log: str) -> float:
+  """Seconds `python -m ARGS` took; its output appended to `log`; stops on a failure."""
+  started = time.perf_counter()
+  with open(log, "a") as out:
+    code = subprocess.run([sys.executable, "-m", *args], stdout=out,
+                          stderr=subprocess.STDOUT).returncode
+  if code:
+    sys.exit(f"error: {' '.join(args[:2])} failed ({code}); see {log}")
+  return time.perf_counter() - started
+
+
+def _test_cases(cv: str) -> tuple[list[str], dict[str, str], dict[str, np.ndarray]]:
+  """The test subjects of the cross-validation, their images and label maps (label_map
+  applied), from its first fold's split and data."""
+  fold = os.path.join(cv, "fold_0")
+  names = sorted(json.load(open(os.path.join(fold, "split.json")))["test"])
+  label_map = json.load(open(os.path.join(fold, "config.json")))["data"]["label_map"]
+  images, truths = {}, {}
+  for name in names:
+    images[name] = os.path.join(fold, "data", "imagesTr", f"{name}.nii.gz")
+    truth = np.asarray(nib.load(os.path.join(fold, "data", "labelsTr", f"{name}.nii.gz")).dataobj)
+    truths[name] = np.asarray(label_map)[truth] if label_map else truth
+  return names, images, truths
+
+
+def _foreground_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+  """The mean over foreground labels present in either map of their Dice."""
+  scores = []
+  for c in range(1, int(max(pred.max(), truth.max())) + 1):
+    p, t = pred == c, truth == c
+    if p.any() or t.any():
+      scores.append(2 * (p & t).sum() / (p.sum() + t.sum()))
+  return float(np.mean(scores)) if scores else 1.0
+
+
+def _predict(model: str, inputs: str, out: str, engine: str, log: str) -> float | None:
+  """Seconds the prediction took (None when it was already written)."""
+  if os.path.isdir(out):
+    return None
+  return _run(["medseg_jax.main", "--mode=predict", f"--model={model}", f"--input={inputs}",
+               f"--output={out}", f"--engine={engine}"], log)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True)
+  p.add_argument("--folds", type=int, default=5)
+  p.add_argument("--out", required=True)
+  args, overrides = p.parse_known_args()
+  config = [f"--config={args.config}", f"--config.data.num_folds={args.folds}", *overrides]
+  os.makedirs(args.out, exist_ok=True)
+  log, cv = os.path.join(args.out, "chain.log"), os.path.join(args.out, "cv")
+  state_path = os.path.join(args.out, "chain.json")
+  state = json.load(open(state_path)) if os.path.exists(state_path) else {"seconds": {}}
+  if "crossval" not in state["seconds"]:
+    state["seconds"]["crossval"] = _run(["medseg_jax.tuning.crossval", *config,
+                                         f"--workdir={cv}"], log)
+  folds = [os.path.join(cv, f"fold_{k}") for k in range(args.folds)]
+  names, images, truths = _test_cases(cv)
+  inputs = os.path.join(args.out, "test_images")
+  os.makedirs(inputs, exist_ok=True)
+  for name, path in images.items():
+    if not os.path.lexists(os.path.join(inputs, f"{name}.nii.gz")):
+      os.symlink(os.path.abspath(path), os.path.join(inputs, f"{name}.nii.gz"))
+  rows = []
+  for k, (stage, holds, inference) in enumerate(STAGES):
+    model = os.path.join(args.out, f"stage{k}.zip")
+    workdirs = folds[:1] if holds == "fold 0" else folds
+    if not os.path.exists(model):
+      extra = ["--config.data.fold=0"] if holds == "fold 0" else []
+      state["seconds"][f"export {stage}"] = _run(
+          ["medseg_jax.main", "--mode=export", *config, *extra, *inference,
+           f"--workdir={','.join(workdirs)}", "--checkpoint=latest", f"--output={model}"], log)
+    row = {"stage": stage, "model": holds, "inference": inference,
+           "file_mb": os.path.getsize(model) / 2**20}
+    for engine in ("jax", "onnxruntime") if stage in TIMED_BOTH else ("jax",):
+      out = os.path.join(args.out, f"pred{k}_{engine}")
+      seconds = _predict(model, inputs, out, engine, log)
+      if seconds is not None:
+        state["seconds"][f"predict {stage} {engine}"] = seconds
+      row[f"s_per_volume_{engine}"] = state["seconds"][f"predict {stage} {engine}"] / len(names)
+      dice = [_foreground_dice(np.asarray(nib.load(os.path.join(out, f"{n}.nii.gz")).dataobj),
+                               truths[n]) for n in names]
+      row[f"test_dice_{engine}"] = float(np.mean(dice))
+      row[f"test_dice_per_subject_{engine}"] = dice
+    rows.append(row)
+    json.dump(state, open(state_path, "w"), indent=1)
+  decided = json.load(open(os.path.join(cv, "crossval.json")))
+  state.update(rows=rows, test_subjects=names, crossval_mean=decided["mean"],
+               mirroring=decided["mirroring"], postprocessing=decided["postprocessing"])
+  json.dump(state, open(state_path, "w"), indent=1)
+  lines = [f"# Recipe chain: {args.config} {' '.join(overrides)}, {args.folds} folds, "
+           f"{len(names)} test subjects", "",
+           "| stage | model file | MB | test Dice (JAX) | s/volume JAX | s/volume ONNX Runtime |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    onnx = f"{r['s_per_volume_onnxruntime']:.1f}" if "s_per_volume_onnxruntime" in r else "-"
+    lines.append(f"| {r['stage']} | {r['model']} | {r['file_mb']:.1f} | {r['test_dice_jax']:.4f} "
+                 f"| {r['s_per_volume_jax']:.1f} | {onnx} |")
+  lines += ["", f"Out-of-fold decisions: mirroring {decided['mirroring']['mirror']} "
+            f"({decided['mirroring']['mean_dice']}); largest foreground component "
+            f"{decided['postprocessing']['foreground']} "
+            f"({decided['postprocessing']['mean_dice']}).",
+            f"Seconds: {json.dumps({k: round(v, 1) for k, v in state['seconds'].items()})}"]
+  open(os.path.join(args.out, "chain.md"), "w").write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
