@@ -176,21 +176,24 @@ def jax_train(s: dict, images: np.ndarray, labels: np.ndarray, shifted: bool = T
 def jax_predictor(s: dict) -> tuple:
   """(run: windows [N,d,h,w,1] -> probabilities, as validation and prediction run them;
   the train state on the host)."""
+  from medseg_jax.data import targets
   from medseg_jax.evaluation import predict
   from medseg_jax.training import step as step_lib
   par, state = jax_build(s)
-  run = predict.mesh_run(par, par.predict_step(step_lib.predict_step), par.put_state(state),
-                         s["batch"])
+  predict_fn = functools.partial(step_lib.predict_step, outputs=targets.Classes(NUM_CLASSES))
+  run = predict.mesh_run(par, par.predict_step(predict_fn), par.put_state(state), s["batch"])
   return run, state
 
 
 def onnx_predictor(state, s: dict, threads: int) -> tuple:
   """(run: windows -> probabilities by ONNX Runtime with `threads` threads, on the graph of
   the project's predict step with `state` that `export.onnx_graph` writes; export s)."""
+  from medseg_jax.data import targets
   from medseg_jax.export import onnx_graph
   from medseg_jax.training import step as step_lib
   start = time.perf_counter()
-  graph = onnx_graph.forward_graph(functools.partial(step_lib.predict_step, state),
+  graph = onnx_graph.forward_graph(functools.partial(step_lib.predict_step, state,
+                                                     outputs=targets.Classes(NUM_CLASSES)),
                                    window(s) + (1,))
   export_s = time.perf_counter() - start
   sess = onnx_graph.session(graph, threads)

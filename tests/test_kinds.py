@@ -7,7 +7,7 @@ import pytest
 
 import helpers
 from medseg_jax import kinds
-from medseg_jax.data import loader, store, volume_loader, volume_store
+from medseg_jax.data import loader, store, targets, volume_loader, volume_store
 from medseg_jax.errors import ConfigError
 from medseg_jax.evaluation import evaluate
 
@@ -52,13 +52,15 @@ def test_the_evaluator_predicts_slices_or_slides_windows(devices8):
   the patch and the evaluation settings, a global batch of windows at a time."""
   cfg = helpers.config(*VOLUMES)
   par = helpers.parallel(cfg)
-  volumes = kinds.from_config(cfg).evaluator(par, lambda *a: None, lambda *a: None, 8, 2,
-                                             ["background", "tumour"], "/nowhere")
+  volumes = kinds.from_config(cfg).evaluator(par, lambda *a: None, lambda *a: None, 8,
+                                             targets.Classes(2), ["background", "tumour"],
+                                             "/nowhere")
   assert volumes.predict is evaluate.predict_volumes
   w = volumes.windows
   assert (w.patch, w.overlap, w.mirror, w.batch) == ((16, 24, 8), 0.25, True, 8)
   slices = kinds.from_config(helpers.config()).evaluator(
-      par, lambda *a: None, lambda *a: None, 8, 2, ["background", "tumour"], "/nowhere")
+      par, lambda *a: None, lambda *a: None, 8, targets.Classes(2), ["background", "tumour"],
+      "/nowhere")
   assert slices.predict is evaluate.predict_slices and slices.windows is None
 
 
