@@ -312,7 +312,7 @@ def test_bad_preprocessing_settings_are_config_errors(dataset_dir, tmp_path):
 
 
 # The data path in order: a module may import only the ones listed before it.
-DATA_STAGES = ("source", "synthetic", "augment", "augment3d", "decathlon", "preprocess", "crop", "resample",
+DATA_STAGES = ("targets", "source", "synthetic", "augment", "augment3d", "decathlon", "preprocess", "crop", "resample",
                "pool", "validate", "store", "volume_store", "split", "loader", "patches",
                "volume_loader", "pipeline")
 
