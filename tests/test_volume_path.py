@@ -125,6 +125,29 @@ def test_evaluation_of_whole_volumes_counts_every_voxel(splits, tmp_path):
     assert len(f.read().splitlines()) == 7  # a header and a row per volume
 
 
+def test_whole_volumes_of_a_region_network_are_labelled_in_the_declared_order(splits, tmp_path):
+  """Two sigmoid outputs for label 1, above 2 and above 1: rebuilt in order, the label map
+  is their union (an argmax over the two would pick the larger, not the union)."""
+  data = splits[0]["train"]
+  def run(windows):
+    image = windows[..., 0]
+    return np.stack([np.where(image > 2.0, 0.9, 0.2), np.where(image > 1.0, 0.6, 0.1)],
+                    axis=-1).astype(np.float32)
+  regions = targets.make(2, ((1,), (1,)), (1, 1))
+  ev = evaluate.Evaluator(eval_step=None, put_batch=None, global_batch=3, outputs=regions,
+                          class_names=["background", "tumour"], workdir=str(tmp_path),
+                          predict=evaluate.predict_volumes,
+                          windows=sliding_window.Windows(PATCH, overlap=0.5, batch=3),
+                          window_run=lambda state: run)
+  result = evaluate.evaluate(ev, None, data, "val", 5)
+  images, labels = _whole(data)
+  pred = np.concatenate([(i[..., 0] > 1.0).ravel() for i in images])
+  truth = np.concatenate([(label > 0).ravel() for label in labels])
+  dice = 2 * np.sum(pred & truth) / (pred.sum() + truth.sum())
+  assert [r["dice"] for r in result["per_region"]] == pytest.approx([dice, dice])
+  assert result["dice"] == pytest.approx(dice)
+
+
 def _write(path, data, affine):
   img = nib.Nifti1Image(data, affine)
   img.set_qform(affine, code=1)
