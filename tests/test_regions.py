@@ -140,3 +140,24 @@ def test_a_region_run_trains_selects_predicts_and_exports_on_its_regions(tmp_pat
                           probabilities=True)
   theirs = nib.load(tmp_path / "onnx" / name.replace(".nii.gz", "_probs.nii.gz")).get_fdata()
   np.testing.assert_allclose(theirs, probs, atol=1e-4)  # sigmoid, not softmax, in the graph
+
+
+def test_out_of_fold_decisions_score_the_regions():
+  """A planted island of label 2 away from the body: the regions' Dice (whole (1, 2),
+  core (2,)) by hand, and the largest foreground component kept because it raises it;
+  no class is decided on its own."""
+  from medseg_jax.evaluation import postprocess  # pylint: disable=import-outside-toplevel
+  truth = np.zeros((12, 12, 6), np.int64)
+  truth[2:7, 2:7, 1:5] = 1
+  truth[3:6, 3:6, 2:4] = 2
+  pred = truth.copy()
+  pred[9:11, 9:11, 1:3] = 2  # the island
+  regions = ((1, 2), (2,))
+  got = postprocess.class_dice([(pred, truth)], 3, regions)
+  hand = [2 * (np.isin(pred, r) & np.isin(truth, r)).sum()
+          / (np.isin(pred, r).sum() + np.isin(truth, r).sum()) for r in regions]
+  np.testing.assert_allclose(got, hand)
+  decision = postprocess.decide([(pred, truth)], 3, regions)
+  assert decision["foreground"] is True and decision["classes"] == []
+  assert decision["mean_dice"]["chosen"] == pytest.approx(1.0)
+  assert decision["mean_dice"]["none"] == pytest.approx(np.mean(hand))

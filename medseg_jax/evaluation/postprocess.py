@@ -62,35 +62,41 @@ def apply(labels: np.ndarray, foreground: bool, classes: tuple[int, ...]) -> np.
   return out
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-  """Dice of each foreground class 1..K-1 of one case; NaN where both are empty."""
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int,
+                   regions: tuple = ()) -> np.ndarray:
+  """Dice of each foreground class 1..K-1 of one case (with `regions`, of each region: the
+  voxels whose labels lie in it); NaN where both are empty."""
   scores = []
-  for c in range(1, num_classes):
-    p, t = pred == c, truth == c
+  for labels in regions or [(c,) for c in range(1, num_classes)]:
+    p, t = np.isin(pred, labels), np.isin(truth, labels)
     total = p.sum() + t.sum()
     scores.append(2.0 * np.logical_and(p, t).sum() / total if total else np.nan)
   return np.array(scores)
 
 
-def class_dice(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> np.ndarray:
-  """The Dice of each foreground class over (prediction, truth) pairs: per class, the mean
-  over the cases where the class is in the prediction or the truth."""
-  return np.nanmean([dice_per_class(p, t, num_classes) for p, t in cases], axis=0)
+def class_dice(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+               regions: tuple = ()) -> np.ndarray:
+  """The Dice of each foreground class (or region) over (prediction, truth) pairs: per
+  class, the mean over the cases where the class is in the prediction or the truth."""
+  return np.nanmean([dice_per_class(p, t, num_classes, regions) for p, t in cases], axis=0)
 
 
-def decide(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:
+def decide(cases: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+           regions: tuple = ()) -> dict:
   """nnU-Net's rule on (prediction, truth) pairs: keep the largest foreground component if
   that raises the mean foreground Dice over the cases; then, on top, the largest component
-  of each class whose own Dice that raises. Returns the decision and the Dice behind it."""
+  of each class whose own Dice that raises. With `regions` the Dice is the regions' and
+  only the foreground is decided (a class's component is not a region's). Returns the
+  decision and the Dice behind it."""
   def mean_dice(post: Postprocessing) -> np.ndarray:  # per class, mean over the cases
-    return class_dice([(post(p), t) for p, t in cases], num_classes)
+    return class_dice([(post(p), t) for p, t in cases], num_classes, regions)
   none = mean_dice(Postprocessing())
   chosen = Postprocessing(foreground=True)
   with_foreground = mean_dice(chosen)
   if not np.nanmean(with_foreground) > np.nanmean(none):
     chosen, with_foreground = Postprocessing(), none
   current = with_foreground
-  for c in range(1, num_classes):
+  for c in range(1, 1 if regions else num_classes):
     trial = dataclasses.replace(chosen, classes=chosen.classes + (c,))
     dice = mean_dice(trial)
     if dice[c - 1] > current[c - 1]:

@@ -44,11 +44,12 @@ def _probabilities(directory: str, subject: str) -> np.ndarray:
 
 def score(members: tuple[str, ...], truths: dict[str, np.ndarray],
           outputs: targets.Classes | targets.Regions) -> dict:
-  """The out-of-fold Dice per foreground class and their mean, of the labels of the
-  members' mean probabilities (their argmax; with regions, rebuilt in the declared order)."""
+  """The out-of-fold Dice per foreground class (with regions, per region) and their mean,
+  of the labels of the members' mean probabilities (their argmax; with regions, rebuilt
+  in the declared order)."""
   cases = [(outputs.labels(sum(_probabilities(d, subject) for d in members) / len(members)),
             truth) for subject, truth in sorted(truths.items())]
-  per_class = postprocess.class_dice(cases, outputs.num_labels)
+  per_class = postprocess.class_dice(cases, outputs.num_labels, outputs.regions)
   return {"members": list(members), "dice_per_class": per_class.tolist(),
           "dice": float(np.nanmean(per_class))}
 

@@ -134,6 +134,11 @@ def _num_classes(cases: list[tuple[np.ndarray, np.ndarray]]) -> int:
   return max(2, max(max(int(p.max()), int(t.max())) for p, t in cases) + 1)
 
 
+def _scored_on(workdir: str) -> tuple:
+  """The regions the folds were trained on (the decisions score them), or () for classes."""
+  return outputs(workdir).regions
+
+
 def decide_mirroring(workdir: str, truths: dict) -> dict:
   """Test-time mirroring (`evaluation.mirror`) where it raises the out-of-fold mean
   foreground Dice of the label maps; the Dice behind it, the override and where the
@@ -141,7 +146,8 @@ def decide_mirroring(workdir: str, truths: dict) -> dict:
   dice = {}
   for name, directory in (("off", OOF), ("on", OOF_MIRRORED)):
     cases = _cases(workdir, directory, truths)
-    dice[name] = float(np.nanmean(postprocess.class_dice(cases, _num_classes(cases))))
+    dice[name] = float(np.nanmean(postprocess.class_dice(cases, _num_classes(cases),
+                                                         _scored_on(workdir))))
   mirror = dice["on"] > dice["off"]
   return {"mirror": mirror, "directory": OOF_MIRRORED if mirror else OOF, "mean_dice": dice,
           "overrides": [f"--config.evaluation.mirror={mirror}"]}
@@ -158,7 +164,7 @@ def decide_postprocessing(workdir: str, directory: str, truths: dict) -> dict:
   maps in DIR/`directory` (`postprocess.decide`), with the Dice behind it and the
   overrides that apply it."""
   cases = _cases(workdir, directory, truths)
-  decision = postprocess.decide(cases, _num_classes(cases))
+  decision = postprocess.decide(cases, _num_classes(cases), _scored_on(workdir))
   decision["overrides"] = [
       f"--config.evaluation.largest_component_foreground={decision['foreground']}",
       f"--config.evaluation.largest_component_classes={tuple(decision['classes'])}"]
