@@ -121,6 +121,9 @@ def test_a_region_run_trains_selects_predicts_and_exports_on_its_regions(tmp_pat
   assert [r["labels"] for r in val["per_region"]] == [[1, 2], [2]]
   assert val["dice"] == pytest.approx(np.nanmean([r["dice"] for r in val["per_region"]]))
   assert len(val["per_class"]) == 3
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in logged if "val_dice" in r][-1]
+  assert last["val_dice_region2"] == val["per_region"][1]["dice"] and "val_per_region" not in last
   image = sorted((workdir / "data" / "imagesTr").iterdir())[0]
   out = tmp_path / "pred"
   helpers.predict(cfg, workdir, str(image), str(out), probabilities=True)

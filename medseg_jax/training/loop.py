@@ -209,11 +209,13 @@ def _validate(setup: Setup, ckpt: checkpoint.Checkpointer, mon: events.Monitor,
 
 def _val_record(result: dict | None) -> dict:
   """The `val_*` scalars of a validation, for metrics.jsonl, each class's Dice as
-  `val_dice_class<index>`."""
+  `val_dice_class<index>` (and each region's as `val_dice_region<number from 1>`)."""
   record = {f"val_{k}": v for k, v in (result or {}).items()
-            if k not in ("per_class", "per_volume", "step")}
+            if k not in ("per_class", "per_region", "per_volume", "step")}
   record.update({f"val_dice_class{c['class']}": c["dice"]
                  for c in (result or {}).get("per_class") or [] if c.get("dice") is not None})
+  record.update({f"val_dice_region{r['region'] + 1}": r["dice"]
+                 for r in (result or {}).get("per_region") or [] if r.get("dice") is not None})
   return record
 
 
