@@ -11,8 +11,8 @@ the chain, which applies each stage whatever they decided, to measure its gain. 
 files are written with `--mode=export` (one fold; every fold as one ensemble file) and
 predict with `--mode=predict --engine=jax`; the ensemble files without and with mirroring
 are timed with `--engine=onnxruntime` too. Test Dice is the mean over the test subjects
-of the foreground Dice (each foreground label, then their mean), computed here from the
-written label maps and the truth read back with nibabel. Resumable: complete folds,
+of the foreground Dice (each foreground label, then their mean; `postprocess.dice_per_class`)
+of the written label maps against the truth read back with nibabel. Resumable: complete folds,
 exports and predictions are kept. Writes OUT/chain.json and OUT/chain.md.
 """
 
@@ -25,6 +25,9 @@ import time
 
 import nibabel as nib
 import numpy as np
+
+from medseg_jax.evaluation import postprocess
+from medseg_jax.tuning import crossval
 
 STAGES = (  # name, what the model file holds, its inference overrides
     ("one fold", "fold 0", ["--config.evaluation.mirror=False"]),
@@ -49,26 +52,17 @@ def _run(args: list[str], log: str) -> float:
 
 def _test_cases(cv: str) -> tuple[list[str], dict[str, str], dict[str, np.ndarray]]:
   """The test subjects of the cross-validation, their images and label maps (label_map
-  applied), from its first fold's split and data."""
+  applied), from its first fold's split and dataset."""
   fold = os.path.join(cv, "fold_0")
   names = sorted(json.load(open(os.path.join(fold, "split.json")))["test"])
-  label_map = json.load(open(os.path.join(fold, "config.json")))["data"]["label_map"]
-  images, truths = {}, {}
-  for name in names:
-    images[name] = os.path.join(fold, "data", "imagesTr", f"{name}.nii.gz")
-    truth = np.asarray(nib.load(os.path.join(fold, "data", "labelsTr", f"{name}.nii.gz")).dataobj)
-    truths[name] = np.asarray(label_map)[truth] if label_map else truth
-  return names, images, truths
+  images = {c.name: c.image for c in crossval.fold_dataset(fold).training if c.name in names}
+  return names, images, crossval.labels_of(fold, names)
 
 
 def _foreground_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-  """The mean over foreground labels present in either map of their Dice."""
-  scores = []
-  for c in range(1, int(max(pred.max(), truth.max())) + 1):
-    p, t = pred == c, truth == c
-    if p.any() or t.any():
-      scores.append(2 * (p & t).sum() / (p.sum() + t.sum()))
-  return float(np.mean(scores)) if scores else 1.0
+  """The mean Dice of the foreground labels present in either map (1 when none is)."""
+  dice = postprocess.dice_per_class(pred, truth, int(max(pred.max(), truth.max())) + 1)
+  return float(np.nanmean(dice)) if np.isfinite(dice).any() else 1.0
 
 
 def _predict(model: str, inputs: str, out: str, engine: str, log: str) -> float | None:

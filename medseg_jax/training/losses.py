@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from medseg_jax import components
 from medseg_jax.data import targets
@@ -67,8 +68,7 @@ def sigmoid_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
 
 def binary_cross_entropy_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
   """Each region's sigmoid cross-entropy averaged over pixels and regions, per sample."""
-  x = logits.astype(jnp.float32)
-  bce = jnp.maximum(x, 0) - x * masks + jnp.log1p(jnp.exp(-jnp.abs(x)))  # stable form
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks)
   return jnp.mean(bce, axis=(*_spatial_axes(logits), logits.ndim - 1))
 
 

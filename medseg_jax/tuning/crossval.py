@@ -70,7 +70,7 @@ def predict_out_of_fold(config_args: list[str], workdir: str, fold: int,
     return
   inputs = os.path.join(run_dir, "oof_inputs")  # the subjects' images, linked by name
   os.makedirs(inputs, exist_ok=True)
-  images = {c.name: c.image for c in _dataset(run_dir).training}
+  images = {c.name: c.image for c in fold_dataset(run_dir).training}
   for name in names:
     link = os.path.join(inputs, f"{name}.nii.gz")
     if not os.path.lexists(link):
@@ -109,17 +109,25 @@ def truth_labels(workdir: str) -> dict[str, np.ndarray]:
   """Each out-of-fold subject's label map, with the folds' `data.label_map` applied."""
   truths = {}
   for fold in evaluated_folds(workdir):
-    run_dir = fold_dir(workdir, fold)
-    label_map = files.read_json(os.path.join(run_dir, "config.json"), "a fold's config")[
-        "data"]["label_map"]
-    labels = {c.name: c.label for c in _dataset(run_dir).training}
-    for name in _volumes(workdir, fold):
-      truth = np.asarray(nib.load(labels[name]).dataobj).astype(np.int64)
-      truths[name] = np.asarray(label_map)[truth] if label_map else truth
+    truths.update(labels_of(fold_dir(workdir, fold), _volumes(workdir, fold)))
   return truths
 
 
-def _dataset(run_dir: str) -> decathlon.Dataset:
+def labels_of(run_dir: str, names: list[str]) -> dict[str, np.ndarray]:
+  """The label maps of the subjects `names` of the run in `run_dir`'s dataset, with its
+  `data.label_map` applied."""
+  label_map = files.read_json(os.path.join(run_dir, "config.json"), "a fold's config")[
+      "data"]["label_map"]
+  labels = {c.name: c.label for c in fold_dataset(run_dir).training}
+  truths = {}
+  for name in names:
+    truth = np.asarray(nib.load(labels[name]).dataobj).astype(np.int64)
+    truths[name] = np.asarray(label_map)[truth] if label_map else truth
+  return truths
+
+
+def fold_dataset(run_dir: str) -> decathlon.Dataset:
+  """The dataset the run in `run_dir` read (its data_info.json's root)."""
   info = files.read_json(os.path.join(run_dir, "data_info.json"), "a fold's data_info.json")
   return decathlon.read_dataset(info["root"])
 
@@ -134,20 +142,14 @@ def _num_classes(cases: list[tuple[np.ndarray, np.ndarray]]) -> int:
   return max(2, max(max(int(p.max()), int(t.max())) for p, t in cases) + 1)
 
 
-def _scored_on(workdir: str) -> tuple:
-  """The regions the folds were trained on (the decisions score them), or () for classes."""
-  return outputs(workdir).regions
-
-
-def decide_mirroring(workdir: str, truths: dict) -> dict:
+def decide_mirroring(workdir: str, truths: dict, regions: tuple) -> dict:
   """Test-time mirroring (`evaluation.mirror`) where it raises the out-of-fold mean
-  foreground Dice of the label maps; the Dice behind it, the override and where the
-  chosen predictions are."""
+  foreground Dice of the label maps (of `regions` when the folds trained on regions); the
+  Dice behind it, the override and where the chosen predictions are."""
   dice = {}
   for name, directory in (("off", OOF), ("on", OOF_MIRRORED)):
     cases = _cases(workdir, directory, truths)
-    dice[name] = float(np.nanmean(postprocess.class_dice(cases, _num_classes(cases),
-                                                         _scored_on(workdir))))
+    dice[name] = float(np.nanmean(postprocess.class_dice(cases, _num_classes(cases), regions)))
   mirror = dice["on"] > dice["off"]
   return {"mirror": mirror, "directory": OOF_MIRRORED if mirror else OOF, "mean_dice": dice,
           "overrides": [f"--config.evaluation.mirror={mirror}"]}
@@ -159,12 +161,12 @@ def chosen_predictions(workdir: str) -> str:
   return result["mirroring"]["directory"]
 
 
-def decide_postprocessing(workdir: str, directory: str, truths: dict) -> dict:
+def decide_postprocessing(workdir: str, directory: str, truths: dict, regions: tuple) -> dict:
   """The largest-component post-processing that raises the out-of-fold Dice of the label
-  maps in DIR/`directory` (`postprocess.decide`), with the Dice behind it and the
-  overrides that apply it."""
+  maps in DIR/`directory` (of `regions` when the folds trained on regions;
+  `postprocess.decide`), with the Dice behind it and the overrides that apply it."""
   cases = _cases(workdir, directory, truths)
-  decision = postprocess.decide(cases, _num_classes(cases), _scored_on(workdir))
+  decision = postprocess.decide(cases, _num_classes(cases), regions)
   decision["overrides"] = [
       f"--config.evaluation.largest_component_foreground={decision['foreground']}",
       f"--config.evaluation.largest_component_classes={tuple(decision['classes'])}"]
@@ -257,9 +259,9 @@ def _cli() -> None:
     done = evaluated_folds(workdir.value)
     if not done:
       raise DataError(f"{workdir.value}: no fold evaluated yet")
-    truths = truth_labels(workdir.value)
-    mirroring = decide_mirroring(workdir.value, truths)
-    post = decide_postprocessing(workdir.value, mirroring["directory"], truths)
+    truths, regions = truth_labels(workdir.value), outputs(workdir.value).regions
+    mirroring = decide_mirroring(workdir.value, truths, regions)
+    post = decide_postprocessing(workdir.value, mirroring["directory"], truths, regions)
     result = write(workdir.value, [fold_result(workdir.value, f) for f in done], mirroring, post)
     print(f"[crossval] {len(done)} of {cfg.data.num_folds} folds: mean Dice "
           f"{result['mean']['dice']:.4f}, foreground {result['mean']['dice_foreground']:.4f}; "
