@@ -72,9 +72,12 @@ def quickstart_steps(data: str, budget: str) -> dict:
           "steps": rules.budget_steps(plan.budget_seconds(budget), seconds)}
 
 
-def train(setting: str, seed: int, info: dict, out: str) -> dict:
-  """The test metrics of one (setting, seed), training it unless its run finished."""
-  workdir = os.path.join(out, f"{setting}_seed{seed}")
+def train(setting: str, seed: int, info: dict, out: str, name: str = "",
+          extra: tuple = ()) -> dict:
+  """The test metrics of one (setting, seed), training it unless its run finished; a
+  `name` other than the setting's, with `extra` arguments, is a variant of it."""
+  name = name or setting
+  workdir = os.path.join(out, f"{name}_seed{seed}")
   manifest = os.path.join(workdir, "manifest.json")
   if not (os.path.exists(manifest) and json.load(open(manifest)).get("finished")):
     common = [f"--workdir={workdir}", f"--config.seed={seed}", "--config.data.split_seed=0"]
@@ -86,9 +89,9 @@ def train(setting: str, seed: int, info: dict, out: str) -> dict:
     else:
       args = [f"--config={os.path.join(info['plans'], setting + '.py')}"]
     os.makedirs(workdir, exist_ok=True)
-    run(["-m", "medseg_jax.main", *args, *common], os.path.join(workdir, "run.log"))
+    run(["-m", "medseg_jax.main", *args, *extra, *common], os.path.join(workdir, "run.log"))
   done = json.load(open(manifest))
-  return {"setting": setting, "seed": seed, "dice": done["final_metrics"]["test"][
+  return {"setting": name, "seed": seed, "dice": done["final_metrics"]["test"][
       "dice_foreground"], "wall_seconds": done["wall_time_seconds"]}
 
 

@@ -261,3 +261,27 @@ def test_a_planned_3d_config_trains_and_its_steps_fill_the_time_budget(planned, 
   per_step = np.mean([r["step_time"] for r in records[1:]])
   share = rules.TRAIN_SHARE * BUDGET
   assert share / 2 <= per_step * planned_steps <= share * 2, (per_step, planned_steps, share)
+
+
+def test_the_benchmarks_n_device_plan_keeps_the_examples_of_the_one_device_plan(planned):
+  """benchmarks/plan_devices.py's 8-device variant of a budgeted 3D plan: every device's
+  batch capped for 8 devices, the one-device plan's examples in fewer, larger steps, and
+  otherwise the documented differences of an 8-device plan."""
+  tmp, _ = planned
+  sys.path.insert(0, f"{REPO}/benchmarks")
+  import plan_devices  # pylint: disable=import-outside-toplevel
+  path = str(tmp / "plans" / "plan_3d.py")
+  one = config_schema.load_config(path)
+  eight = copy.deepcopy(one)
+  for choice in plan_devices.device_choices(path, 8):
+    config_schema.assign(eight, choice.key, choice.value)
+  fingerprint = json.loads((tmp / "plans" / "fingerprint.json").read_text())
+  batch = min(one.train.per_device_batch_size,
+              rules.batch_cap(fingerprint, int(np.prod(one.data.patch_size)), 8))
+  assert eight.train.per_device_batch_size == batch == eight.lr.reference_batch_size
+  examples = one.train.num_steps * one.train.per_device_batch_size
+  assert 0 <= eight.train.num_steps * 8 * batch - examples < 8 * batch
+  assert (eight.lr.policy, eight.lr.scaling, eight.lr.decay) == ("grescale", "linear", "none")
+  assert eight.parallel.num_devices == 8 and eight.optim.lr == one.optim.lr
+  assert (eight.model, eight.data.patch_size) == (one.model, one.data.patch_size)
+  config_check.check(eight)
