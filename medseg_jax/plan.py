@@ -5,8 +5,9 @@ Reads the Decathlon task at ROOT (dataset.json and its training cases) and write
 - its fingerprint (`fingerprint.json`, planning/fingerprint.py): per case spacing, shape,
   shape inside its non-zero box and class voxels; per channel the foreground's intensity
   statistics. A fingerprint already there is reused while the dataset is unchanged.
-- `plan_2d.py` and `plan_3d.py`: config files for `--config` (planning/planner.py), fitted
-  to each device's memory (`--memory`, or the device's own) on `--num_devices` devices.
+- `plan_2d.py` and `plan_3d.py` (or one of them, `--configurations`): config files for
+  `--config` (planning/planner.py), fitted to each device's memory (`--memory`, or the
+  device's own) on `--num_devices` devices.
 docs/new_dataset.md tells the rest.
 """
 
@@ -20,7 +21,7 @@ from medseg_jax import cli
 from medseg_jax.data import decathlon
 from medseg_jax.data.pool import worker_count
 from medseg_jax.errors import ConfigError
-from medseg_jax.planning import fingerprint
+from medseg_jax.planning import fingerprint, written
 
 
 def default_output(root: str) -> str:
@@ -50,18 +51,19 @@ def _numbers(values) -> str:
   return " x ".join(f"{v:g}" for v in values)
 
 
-def write_plans(found: dict, root: str, output: str, machine,
-                time_budget=None) -> list[tuple[str, float]]:
-  """plan_2d.py and plan_3d.py of fingerprint `found` in `output`; their paths and the
-  seconds each took to plan."""
-  from medseg_jax.planning import planner, written  # pylint: disable=import-outside-toplevel
+def write_plans(found: dict, root: str, output: str, machine, time_budget=None,
+                configurations=written.CONFIGURATIONS) -> list[tuple[str, float]]:
+  """plan_2d.py and/or plan_3d.py (`configurations`) of fingerprint `found` in `output`;
+  their paths and the seconds each took to plan."""
+  from medseg_jax.planning import planner  # pylint: disable=import-outside-toplevel
   header = {"fingerprint_sha256": written.fingerprint_hash(found),
             "num_devices": machine.num_devices, "memory_budget": machine.budget_source}
   if time_budget:
     header["time_budget_seconds"] = time_budget.seconds
   peak = planner.peak_fn(found)
-  texts = []  # both plans are made before either is written: a failure writes neither
-  for dims, make in ((2, planner.plan_2d), (3, planner.plan_3d)):
+  texts = []  # every plan is made before any is written: a failure writes none
+  makers = {"2d": (2, planner.plan_2d), "3d": (3, planner.plan_3d)}
+  for dims, make in (makers[c] for c in written.CONFIGURATIONS if c in configurations):
     start = time.perf_counter()
     path = os.path.join(output, f"plan_{dims}d.py")
     choices = make(found, os.path.abspath(root), machine, peak, time_budget)
@@ -111,6 +113,9 @@ def machine_of(memory_gib: float, num_devices: int):
 def main() -> None:
   if not _DATA.value:
     raise ConfigError("--data is required: a Decathlon task directory")
+  if not _CONFIGURATIONS.value or set(_CONFIGURATIONS.value) - set(written.CONFIGURATIONS):
+    raise ConfigError(f"--configurations={','.join(_CONFIGURATIONS.value)}: choose from "
+                      f"{','.join(written.CONFIGURATIONS)}")
   seconds = budget_seconds(_BUDGET.value) if _BUDGET.value else 0.0
   started = time.perf_counter()
   dataset = decathlon.read_dataset(_DATA.value)
@@ -127,7 +132,8 @@ def main() -> None:
                                             if time_budget else ""), flush=True)
   fingerprinted = time.perf_counter() - started
   costs = [f"fingerprint {fingerprinted:.0f} s"]
-  for written_path, took in write_plans(found, _DATA.value, output, machine, time_budget):
+  for written_path, took in write_plans(found, _DATA.value, output, machine, time_budget,
+                                       _CONFIGURATIONS.value):
     print(f"wrote {written_path}")
     costs.append(f"{os.path.basename(written_path)} {took:.0f} s")
   total = time.perf_counter() - started
@@ -146,6 +152,8 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the plan trains o
 _BUDGET = flags.DEFINE_string("budget", "", "The training run's wall time, e.g. 10m, 600s, "
                               "1.5h: each plan's network and steps are chosen by timing its "
                               "train step here; empty = nnU-Net's 1000 epochs.")
+_CONFIGURATIONS = flags.DEFINE_list("configurations", list(written.CONFIGURATIONS),
+                                    "The plans to make: 2d, 3d or both.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Processes reading the cases; 0 = every core.",
                                 lower_bound=0)
 

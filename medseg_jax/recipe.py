@@ -4,7 +4,8 @@
         [--num_folds=5] [--budget=10m] [--memory=GIB] [--num_devices=N]
         [--override=KEY=VALUE ...]
 
-1. plan: the fingerprint and a 2D and a 3D plan (`medseg_jax.plan`) in DIR/plans;
+1. plan: the fingerprint and the plan of each configuration (`medseg_jax.plan`) in
+   DIR/plans;
 2. folds: each configuration cross-validated (`tuning.crossval`) in DIR/cv_<c>, which also
    decides its mirroring and post-processing out of fold;
 3. choose: the best configuration or pair of them (`tuning.best`), DIR/best.json;
@@ -28,9 +29,9 @@ from absl import flags
 from medseg_jax import cli, files
 from medseg_jax.errors import ConfigError, MedsegError
 from medseg_jax.export import write
+from medseg_jax.planning import written
 from medseg_jax.tuning import crossval, report
 
-CONFIGURATIONS = ("2d", "3d")
 STATE, REPORT, MODEL = "recipe_state.json", "recipe.md", "model.zip"
 
 
@@ -70,8 +71,11 @@ class Recipe:
     return os.path.join(self.dir, f"cv_{c}")
 
   def plan(self) -> None:
-    if not all(os.path.exists(self.plan_path(c)) for c in CONFIGURATIONS):
-      _step(["medseg_jax.plan", f"--data={self.data}",
+    """The plans of the configurations asked for that are not there yet (a plan already
+    made stays as its folds trained it)."""
+    missing = [c for c in self.configurations if not os.path.exists(self.plan_path(c))]
+    if missing:
+      _step(["medseg_jax.plan", f"--data={self.data}", f"--configurations={','.join(missing)}",
              f"--output={os.path.join(self.dir, 'plans')}", *self.plan_args], self.log)
 
   def folds(self) -> None:
@@ -153,7 +157,7 @@ def report_plot(recipe: Recipe, path: str) -> None:
 def _cli() -> None:
   data = flags.DEFINE_string("data", None, "The dataset: a Decathlon task directory.")
   workdir = flags.DEFINE_string("workdir", None, "Directory of every stage's outputs.")
-  configurations = flags.DEFINE_list("configurations", list(CONFIGURATIONS),
+  configurations = flags.DEFINE_list("configurations", list(written.CONFIGURATIONS),
                                      "The planned configurations to cross-validate.")
   num_folds = flags.DEFINE_integer("num_folds", 5, "Cross-validation folds.", lower_bound=2)
   budget = flags.DEFINE_string("budget", "", "The planner's --budget: each run's wall time.")
@@ -166,10 +170,10 @@ def _cli() -> None:
   def check() -> None:
     if not data.value or not workdir.value:
       cli.fail("--data and --workdir are required", 2)
-    bad = [c for c in configurations.value if c not in CONFIGURATIONS]
+    bad = [c for c in configurations.value if c not in written.CONFIGURATIONS]
     if bad or not configurations.value:
       cli.fail(f"--configurations={','.join(configurations.value)}: choose from "
-               f"{','.join(CONFIGURATIONS)}", 2)
+               f"{','.join(written.CONFIGURATIONS)}", 2)
     wrong = [o for o in overrides.value if "=" not in o]
     if wrong:
       cli.fail(f"--override={wrong[0]}: KEY=VALUE", 2)

@@ -120,7 +120,8 @@ def _plan(*args):
     ("one_case", "1 training case(s); a plan needs at least 2"),
     ("mixed_modalities", "imagesTr/case_0.nii.gz: 2 channels, but dataset.json names 3 "
                          "modalities"),
-    ("budget", "--budget=soon: a positive time, e.g. 600, 600s, 10m or 1.5h")])
+    ("budget", "--budget=soon: a positive time, e.g. 600, 600s, 10m or 1.5h"),
+    ("configurations", "--configurations=2d,4d: choose from 2d,3d")])
 def test_an_unusable_dataset_is_one_line_and_writes_nothing(tmp_path, damage, message):
   modalities = dict(MODALITIES, **{"2": "MR"}) if damage == "mixed_modalities" else MODALITIES
   root = _dataset(tmp_path / "Task", cases=1 if damage == "one_case" else 3,
@@ -129,8 +130,9 @@ def test_an_unusable_dataset_is_one_line_and_writes_nothing(tmp_path, damage, me
     os.remove(root / "dataset.json")
   if damage == "no_label":
     os.remove(root / "labelsTr" / "case_1.nii.gz")
-  budget = ["--budget=soon"] if damage == "budget" else []
-  proc = _plan(f"--data={root}", f"--output={tmp_path / 'plans'}", "--workers=1", *budget)
+  extra = {"budget": ["--budget=soon"], "configurations": ["--configurations=2d,4d"]}
+  proc = _plan(f"--data={root}", f"--output={tmp_path / 'plans'}", "--workers=1",
+               *extra.get(damage, []))
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert message in lines[0]

@@ -26,9 +26,10 @@ def test_the_recipe_plans_cross_validates_chooses_and_exports_one_file(tmp_path)
   proc = recipe(*args)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   out = tmp_path / "recipe"
-  for name in ("plans/plan_2d.py", "plans/plan_3d.py", "cv_2d/crossval.json", "best.json",
+  for name in ("plans/plan_2d.py", "cv_2d/crossval.json", "best.json",
                "model.zip", "recipe.md", "recipe.png", "recipe_state.json"):
     assert (out / name).exists(), name
+  assert not (out / "plans" / "plan_3d.py").exists()  # only the configurations asked for
   best = json.loads((out / "best.json").read_text())
   assert best["chosen"] == [str(out / "cv_2d")]
   cv = json.loads((out / "cv_2d" / "crossval.json").read_text())

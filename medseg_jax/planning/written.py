@@ -9,6 +9,7 @@ import textwrap
 from medseg_jax import files
 from medseg_jax.planning.rules import Choice
 
+CONFIGURATIONS = ("2d", "3d")  # the plans of a dataset: plan_2d.py and plan_3d.py
 WIDTH = 96
 
 
