@@ -53,8 +53,8 @@ def test_an_isotropic_mri_dataset():
   assert levels == [(2, 2, 2)] * 4
   assert rules.divisible(patch, levels) == (96, 112, 80)
   # the box holds every voxel: z-scores over the whole volume
-  assert rules.normalisation(fp).value == "zscore"
-  assert rules.normalisation(fp, 2).value == "zscore_nonzero"
+  assert rules.volume_normalisation(fp).value == "zscore"
+  assert rules.slice_normalisation(fp).value == "zscore_nonzero"
 
 
 @pytest.mark.parametrize("margin,scheme", [(0, "zscore"), (4, "zscore"), (6, "mri"),
@@ -65,7 +65,7 @@ def test_mri_z_scores_over_the_non_zero_voxels_where_cropping_shrinks_a_case(mar
   fp = _fingerprint([(1, 1, 1)] * 3, [(100, 120, 80)] * 3, margin=margin)
   share = 100 * 120 * 80 / ((100 + 2 * margin) * (120 + 2 * margin) * (80 + 2 * margin))
   assert rules.cropped_share(fp) == pytest.approx(share)
-  assert rules.normalisation(fp).value == scheme
+  assert rules.volume_normalisation(fp).value == scheme
   assert f"a median {share:.0%} of" in rules.cropping(fp).rule
 
 
@@ -88,9 +88,9 @@ def test_an_anisotropic_ct_dataset():
   assert rules.pooling(spacing, (160, 160, 24), 5)[-1] == (2, 2, 1)  # 24 / 8 = 3 < 4
   # z is largest against the median shape (48 / 59): one step of its total factor, 8
   assert rules.smaller_patch((160, 160, 48), (400, 400, 59), spacing) == (160, 160, 40)
-  assert rules.normalisation(fp).value == "ct"
-  assert rules.normalisation(fp, 2).value == "percentile"
-  assert rules.normalisation(_fingerprint([(1, 1, 1)], [(9, 9, 9)], ("CT", "PET"))).value == "auto"
+  assert rules.volume_normalisation(fp).value == "ct"
+  assert rules.slice_normalisation(fp).value == "percentile"
+  assert rules.volume_normalisation(_fingerprint([(1, 1, 1)], [(9, 9, 9)], ("CT", "PET"))).value == "auto"
 
 
 def test_a_dataset_barely_coarser_along_z_stays_at_its_median():
@@ -159,8 +159,9 @@ def _compiled_peak(cfg, batch, classes, channels):
 def test_the_planned_batch_is_the_largest_the_budget_holds():
   """A 2D plan on a dataset large enough that memory, not its size, decides the batch."""
   fp = _fingerprint([(1, 1, 1)] * 400, [(12, 12, 12)] * 400)
-  small = planner.config_of(planner.data_choices(fp, "/data", 2) + rules.schedule(2, 1)
-                            + rules.topology_2d(12) + rules.augmentation(12))
+  small = planner.config_of(planner.data_choices("/data", 2, rules.slice_normalisation(fp))
+                            + rules.schedule(2, 1) + rules.topology_2d(12)
+                            + rules.augmentation(12))
   budget = _compiled_peak(small, 3, 2, 1) + 1
   machine = planner.Machine(budget, "a test budget", 1)
   choices = planner.plan_2d(fp, "/data", machine, planner.peak_fn(fp))
@@ -179,7 +180,8 @@ def test_a_time_budget_takes_the_largest_candidate_that_trains_min_steps(fitting
   take rules.MIN_STEPS: the plan takes the largest of them (the smallest when none does),
   found by timing at most 3 of the 6 candidates."""
   fp = _fingerprint([(1, 1, 1)] * 40, [(64, 64, 64)] * 40)
-  fixed = planner.data_choices(fp, "/data", 2) + rules.augmentation(64)
+  fixed = (planner.data_choices("/data", 2, rules.slice_normalisation(fp))
+           + rules.augmentation(64))
   order = [(b, s[0]) for b, s in rules.candidates((64, 64), lambda s: (32, 32))]
   budget = 1000.0
   enough = rules.TRAIN_SHARE * budget / rules.MIN_STEPS  # the slowest step that fits

@@ -40,11 +40,10 @@ def config_of(choices: list[Choice]) -> ml_collections.ConfigDict:
   return cfg
 
 
-def data_choices(fingerprint: dict, root: str, dims: int) -> list[Choice]:
+def data_choices(root: str, dims: int, normalisation: Choice) -> list[Choice]:
   """The dataset and what is read of it."""
   return [Choice("data.root", root, "the dataset planned"),
-          Choice("data.spatial_dims", dims, f"the {dims}D plan"),
-          rules.normalisation(fingerprint, dims)]
+          Choice("data.spatial_dims", dims, f"the {dims}D plan"), normalisation]
 
 
 def peak_fn(fingerprint: dict) -> PeakFn:
@@ -67,7 +66,8 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   `time_budget`, the width and patch that budget trains best, and its steps."""
   spacing, spacing_rule = rules.target_spacing(fingerprint)
   shape = rules.median_shape(fingerprint, spacing)
-  fixed = (data_choices(fingerprint, root, 3) + [rules.cropping(fingerprint)]
+  fixed = (data_choices(root, 3, rules.volume_normalisation(fingerprint))
+           + [rules.cropping(fingerprint)]
            + [Choice("data.target_spacing", tuple(float(s) for s in spacing), spacing_rule),
               Choice("data.foreground_fraction", 1 / 3, "nnU-Net's foreground oversampling")]
            + rules.augmentation(budgeted=time_budget is not None))
@@ -183,7 +183,7 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   """The 2D plan: slice axis and size, network, batch, schedule; with a `time_budget`,
   the width and slice size that budget trains best, and its steps."""
   _, size, slicing = rules.slicing(fingerprint)
-  fixed = data_choices(fingerprint, root, 2) + slicing
+  fixed = data_choices(root, 2, rules.slice_normalisation(fingerprint)) + slicing
   while True:
     network = rules.topology_2d(size)
     image_size = rules.choices_dict(network)["data.image_size"]

@@ -86,18 +86,22 @@ def cropping(fingerprint: dict) -> Choice:
                 f"{cropped_share(fingerprint):.0%} of its voxels)")
 
 
-def normalisation(fingerprint: dict, dims: int = 3) -> Choice:
-  """3D: CT channels clipped to the training foreground's 0.5-99.5 percentiles and z-scored
+def slice_normalisation(fingerprint: dict) -> Choice:
+  """2D slices have no dataset-wide scheme: CT clipped to each volume's percentiles, other
+  modalities z-scored per volume over its non-zero voxels."""
+  if any(str(m).casefold() == "ct" for m in fingerprint["modalities"]):
+    return Choice("data.normalisation", "percentile", "CT: clipped to each volume's "
+                  "0.5-99.5 percentiles, rescaled to [0, 1]")
+  return Choice("data.normalisation", "zscore_nonzero", "no channel is CT: z-score each "
+                "volume over its non-zero voxels")
+
+
+def volume_normalisation(fingerprint: dict) -> Choice:
+  """CT channels clipped to the training foreground's 0.5-99.5 percentiles and z-scored
   with its mean and std; every other modality z-scored per volume, over its non-zero
   voxels where cropping to them shrinks a case (its median share under
-  NONZERO_MASK_SHARE, nnU-Net's rule), else over the whole volume. 2D slices have no
-  dataset-wide scheme: CT clipped to each volume's percentiles."""
+  NONZERO_MASK_SHARE, nnU-Net's rule), else over the whole volume."""
   ct = [str(m).casefold() == "ct" for m in fingerprint["modalities"]]
-  if dims == 2:
-    return (Choice("data.normalisation", "percentile", "CT: clipped to each volume's "
-                   "0.5-99.5 percentiles, rescaled to [0, 1]") if any(ct) else
-            Choice("data.normalisation", "zscore_nonzero", "no channel is CT: z-score each "
-                   "volume over its non-zero voxels"))
   share = cropped_share(fingerprint)
   if all(ct):
     value = "ct"
