@@ -58,11 +58,16 @@ def main():
   extra = [f"--config.{c.key}={c.value}" for c in device_choices(plan, args.devices)]
   name = f"plan_3d_dev{args.devices}"
   rows = []
+  simulated = f"--xla_force_host_platform_device_count={args.devices}"
   for seed in map(int, args.seeds.split(",")):
     rows.append(plan_budget.train("plan_3d", seed, info, args.study))
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-    rows.append(plan_budget.train("plan_3d", seed, info, args.study, name=name, extra=extra))
-    del os.environ["XLA_FLAGS"]
+    before = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{before} {simulated}".strip()  # for the N-device run only
+    try:
+      rows.append(plan_budget.train("plan_3d", seed, info, args.study, name=name,
+                                    extra=extra))
+    finally:
+      os.environ["XLA_FLAGS"] = before
   from medseg_jax.tuning import paired
   by = {(r["setting"], r["seed"]): r["dice"] for r in rows}
   seeds = sorted({r["seed"] for r in rows})
