@@ -30,10 +30,11 @@ sys.path.insert(0, plan_budget.REPO)
 def device_choices(plan_path: str, devices: int) -> list:
   """What turns the one-device plan at `plan_path` into the plan for `devices` devices
   on the same examples: the planner's rules.Choice list, with the device count."""
-  from medseg_jax import config_schema, defaults
-  from medseg_jax.planning import rules
+  from medseg_jax import config_schema, defaults, files
+  from medseg_jax.planning import fingerprint, rules
   cfg = config_schema.load_config(plan_path)
-  found = json.load(open(os.path.join(os.path.dirname(plan_path), "fingerprint.json")))
+  found = files.read_json(os.path.join(os.path.dirname(plan_path), fingerprint.FILE),
+                          "the plan's fingerprint")
   batch = min(cfg.train.per_device_batch_size,
               rules.batch_cap(found, math.prod(cfg.data.patch_size), devices))
   examples = cfg.train.num_steps * cfg.train.per_device_batch_size

@@ -113,9 +113,8 @@ def machine_of(memory_gib: float, num_devices: int):
 def main() -> None:
   if not _DATA.value:
     raise ConfigError("--data is required: a Decathlon task directory")
-  if not _CONFIGURATIONS.value or set(_CONFIGURATIONS.value) - set(written.CONFIGURATIONS):
-    raise ConfigError(f"--configurations={','.join(_CONFIGURATIONS.value)}: choose from "
-                      f"{','.join(written.CONFIGURATIONS)}")
+  if error := written.configurations_error(_CONFIGURATIONS.value):
+    raise ConfigError(error)
   seconds = budget_seconds(_BUDGET.value) if _BUDGET.value else 0.0
   started = time.perf_counter()
   dataset = decathlon.read_dataset(_DATA.value)

@@ -170,10 +170,8 @@ def _cli() -> None:
   def check() -> None:
     if not data.value or not workdir.value:
       cli.fail("--data and --workdir are required", 2)
-    bad = [c for c in configurations.value if c not in written.CONFIGURATIONS]
-    if bad or not configurations.value:
-      cli.fail(f"--configurations={','.join(configurations.value)}: choose from "
-               f"{','.join(written.CONFIGURATIONS)}", 2)
+    if error := written.configurations_error(configurations.value):
+      cli.fail(error, 2)
     wrong = [o for o in overrides.value if "=" not in o]
     if wrong:
       cli.fail(f"--override={wrong[0]}: KEY=VALUE", 2)

@@ -66,3 +66,13 @@ def test_a_dataset_without_dataset_json_is_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: --data={tmp_path}: no dataset.json there")
   assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_configuration_is_one_line_and_writes_nothing(tmp_path):
+  root = synthetic.write_synthetic_decathlon(str(tmp_path / "Task"), num_training=2,
+                                             num_test=0, shape=(8, 8, 4))
+  proc = recipe(f"--data={root}", f"--workdir={tmp_path / 'out'}", "--configurations=2d,4d")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --configurations=2d,4d: choose from 2d,3d")
+  assert not (tmp_path / "out").exists()

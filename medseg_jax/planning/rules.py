@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from medseg_jax.data import preprocess
+
 ANISOTROPY = 3.0         # an axis this much coarser than the others (nnU-Net's threshold)
 COARSE_PERCENTILE = 10   # an anisotropic axis's target: this percentile of its spacings
 PATCH_VOXELS = 256 ** 3  # the 3D patch a plan starts from, before the memory fit shrinks it
@@ -89,7 +91,7 @@ def cropping(fingerprint: dict) -> Choice:
 def slice_normalisation(fingerprint: dict) -> Choice:
   """2D slices have no dataset-wide scheme: CT clipped to each volume's percentiles, other
   modalities z-scored per volume over its non-zero voxels."""
-  if any(str(m).casefold() == "ct" for m in fingerprint["modalities"]):
+  if any(_ct_channels(fingerprint)):
     return Choice("data.normalisation", "percentile", "CT: clipped to each volume's "
                   "0.5-99.5 percentiles, rescaled to [0, 1]")
   return Choice("data.normalisation", "zscore_nonzero", "no channel is CT: z-score each "
@@ -101,7 +103,7 @@ def volume_normalisation(fingerprint: dict) -> Choice:
   with its mean and std; every other modality z-scored per volume, over its non-zero
   voxels where cropping to them shrinks a case (its median share under
   NONZERO_MASK_SHARE, nnU-Net's rule), else over the whole volume."""
-  ct = [str(m).casefold() == "ct" for m in fingerprint["modalities"]]
+  ct = _ct_channels(fingerprint)
   share = cropped_share(fingerprint)
   if all(ct):
     value = "ct"
@@ -119,6 +121,11 @@ def volume_normalisation(fingerprint: dict) -> Choice:
            "auto": "CT channels as CT (clip, dataset z-score), the others z-scored per volume "
                    "over their non-zero voxels"}
   return Choice("data.volume_normalisation", value, words[value])
+
+
+def _ct_channels(fingerprint: dict) -> list[bool]:
+  """Which channels are CT, by the rule the volume store normalises them by."""
+  return [s == "ct" for s in preprocess.channel_schemes(tuple(fingerprint["modalities"]))]
 
 
 def pooling(spacing, patch, max_depth: int) -> list[tuple[int, ...]]:

@@ -13,6 +13,13 @@ CONFIGURATIONS = ("2d", "3d")  # the plans of a dataset: plan_2d.py and plan_3d.
 WIDTH = 96
 
 
+def configurations_error(names: list[str]) -> str | None:
+  """The error line of a `--configurations` list that is empty or names an unknown plan."""
+  if names and set(names) <= set(CONFIGURATIONS):
+    return None
+  return f"--configurations={','.join(names)}: choose from {','.join(CONFIGURATIONS)}"
+
+
 def fingerprint_hash(fingerprint: dict) -> str:
   """sha256 of the fingerprint's canonical JSON (sorted keys): what a plan was made from."""
   text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
