@@ -177,12 +177,13 @@ def test_the_planned_batch_is_the_largest_the_budget_holds():
 @pytest.mark.parametrize("fitting", [0, 1, 3, 6])
 def test_a_time_budget_takes_the_largest_candidate_that_trains_min_steps(fitting):
   """A timer whose step time grows with capacity, where the `fitting` smallest candidates
-  take rules.MIN_STEPS: the plan takes the largest of them (the smallest when none does),
-  found by timing at most 3 of the 6 candidates."""
+  take rules.MIN_STEPS: the plan takes the largest of them (the smallest when none does and
+  the example shrinks no more), found by timing at most 3 of the 6 candidates."""
   fp = _fingerprint([(1, 1, 1)] * 40, [(64, 64, 64)] * 40)
   fixed = (planner.data_choices("/data", 2, rules.slice_normalisation(fp))
            + rules.augmentation(64))
   order = [(b, s[0]) for b, s in rules.candidates((64, 64), lambda s: (32, 32))]
+  shrink = lambda s, share: (32, 32)  # noqa: E731  (nothing under 32x32)
   budget = 1000.0
   enough = rules.TRAIN_SHARE * budget / rules.MIN_STEPS  # the slowest step that fits
   timed = []
@@ -193,12 +194,41 @@ def test_a_time_budget_takes_the_largest_candidate_that_trains_min_steps(fitting
     return enough * (0.9 if rank < fitting else 1.1) * (1 + rank / 100)
   network, steps = planner._fit_to_time(  # pylint: disable=protected-access
       fixed, 2, planner.Machine(2**30, "test", 1), planner.TimeBudget(budget, timer),
-      (64, 64), lambda s: (32, 32), lambda base, s: rules.topology_2d(s[0], base))
+      (64, 64), shrink, lambda base, s: rules.topology_2d(s[0], base))
   chosen = rules.choices_dict(network)
   expected = order[max(fitting - 1, 0)]
   assert (chosen["model.base_features"], chosen["data.image_size"]) == expected
   assert (steps >= rules.MIN_STEPS) == (fitting > 0)
   assert len(timed) <= 3 and expected in timed
+
+
+def test_when_no_candidate_trains_min_steps_the_example_shrinks_until_one_does():
+  """A step time proportional to width x pixels, where even the smallest candidate, width 8
+  at 40x40 (64 x 0.707 = 45, down to a multiple of 8), trains 700 steps: the example
+  shrinks by the steps missing (a share of 0.7: 40 x 0.837 = 33.5, down to 32) and width 8
+  at 32x32 trains 700 x 1600 / 1024 = 1093 steps."""
+  fp = _fingerprint([(1, 1, 1)] * 40, [(64, 64, 64)] * 40)
+  fixed = (planner.data_choices("/data", 2, rules.slice_normalisation(fp))
+           + rules.augmentation(64))
+  budget = 1000.0
+  per_pixel = rules.TRAIN_SHARE * budget / 700 / (8 * 40 * 40)  # width 8 at 40x40: 700 steps
+  timed = []
+
+  def timer(cfg):
+    timed.append((cfg.model.base_features, cfg.data.image_size))
+    return per_pixel * cfg.model.base_features * cfg.data.image_size ** 2
+
+  def shrink(size, share):  # the example's side by the square root of the share, by 8s
+    return (max(8, int(size[0] * share ** 0.5) // 8 * 8),) * 2
+
+  network, steps = planner._fit_to_time(  # pylint: disable=protected-access
+      fixed, 2, planner.Machine(2**30, "test", 1), planner.TimeBudget(budget, timer),
+      (64, 64), shrink, lambda base, s: rules.topology_2d(s[0], base))
+  chosen = rules.choices_dict(network)
+  assert (chosen["model.base_features"], chosen["data.image_size"]) == (8, 32)
+  assert steps == 1093
+  assert timed[-2:] == [(8, 40), (8, 32)]
+  assert "width 8 at 32x32: " in [c.rule for c in network if c.key == "model.base_features"][0]
 
 
 BUDGET = 120  # seconds of training: enough for the tiny candidates to take 1000 steps

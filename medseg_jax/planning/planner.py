@@ -90,17 +90,17 @@ def plan_3d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
   patch = rules.choices_dict(network)["data.patch_size"]
   steps = 0
   if time_budget:
-    half = lambda p: _half_patch(p, shape, spacing)
-    network, steps = _fit_to_time(fixed, batch, machine, time_budget, patch, half,
+    shrunk = lambda p, share: _shrunk_patch(p, shape, spacing, share)
+    network, steps = _fit_to_time(fixed, batch, machine, time_budget, patch, shrunk,
                                   lambda base, p: rules.topology_3d(spacing, p, base))
   return fixed + network + _batch_and_schedule(fingerprint, batch, peaks, int(np.prod(patch)),
                                                machine, steps)
 
 
-def _half_patch(patch, shape, spacing) -> tuple[int, ...]:
-  """`patch` shrunk (as the memory fit shrinks it) to at most half its voxels."""
+def _shrunk_patch(patch, shape, spacing, share: float) -> tuple[int, ...]:
+  """`patch` shrunk (as the memory fit shrinks it) to at most `share` of its voxels."""
   smaller = tuple(patch)
-  while np.prod(smaller) > np.prod(patch) / 2:
+  while np.prod(smaller) > np.prod(patch) * share:
     shrunk = rules.smaller_patch(smaller, shape, spacing)
     if shrunk == smaller:
       break
@@ -109,34 +109,44 @@ def _half_patch(patch, shape, spacing) -> tuple[int, ...]:
 
 
 def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget: TimeBudget,
-                 example: tuple, half: Callable, network_of: Callable
+                 example: tuple, shrink: Callable, network_of: Callable
                  ) -> tuple[list[Choice], int]:
   """The network a time budget trains (rules.candidates, rules.chosen), found by bisection:
   a step's time grows with capacity, so the candidates that take rules.MIN_STEPS are a
-  prefix of the list, and about log2 of them are timed; its choices, with the timings in
-  the width's rule, and steps."""
-  candidates = rules.candidates(example, half)
-  timed = {}
-  low, high = 0, len(candidates) - 1    # the boundary lies in [low, high]
-  while low <= high:
-    middle = (low + high) // 2
-    base, shape = candidates[middle]
+  prefix of the list, and about log2 of them are timed. When none takes them, the smallest
+  width's example shrinks (`shrink(example, share)`) in proportion to the steps missing
+  until one does or it shrinks no more. Its choices, with the timings in the width's rule,
+  and steps."""
+  def timed(base: int, shape: tuple) -> tuple:
     network = network_of(base, shape)
     seconds = time_budget.timer(config_of(fixed + network
                                           + rules.schedule(batch, machine.num_devices)))
-    timed[middle] = (network, base, shape, seconds,
-                     rules.budget_steps(time_budget.seconds, seconds))
-    if timed[middle][-1] >= rules.MIN_STEPS:
+    return network, base, shape, seconds, rules.budget_steps(time_budget.seconds, seconds)
+
+  candidates = rules.candidates(example, lambda e: shrink(e, 0.5))
+  found = {}
+  low, high = 0, len(candidates) - 1    # the boundary lies in [low, high]
+  while low <= high:
+    middle = (low + high) // 2
+    found[middle] = timed(*candidates[middle])
+    if found[middle][-1] >= rules.MIN_STEPS:
       low = middle + 1
     else:
       high = middle - 1
-  tried = [timed[i] for i in sorted(timed)]
+  tried = [found[i] for i in sorted(found)]
+  while all(t[-1] < rules.MIN_STEPS for t in tried):
+    _, base, shape, _, steps = tried[0]
+    smaller = shrink(shape, steps / rules.MIN_STEPS)
+    if smaller == tuple(shape):
+      break
+    tried.insert(0, timed(base, smaller))
   network, *_, steps = tried[rules.chosen([t[-1] for t in tried])]
   timings = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
-                    for _, b, shape, sec, n in tried)
+                      for _, b, shape, sec, n in tried)
   rule = (f"time budget {time_budget.seconds:g} s: the largest network (width x voxels) "
           f"that trains at least {rules.MIN_STEPS} steps in {rules.TRAIN_SHARE:.0%} of it "
-          f"(else the fastest); timed here: {timings}")
+          f"(when none does, the smallest width on an example shrunk in proportion to the "
+          f"steps missing); timed here: {timings}")
   return [dataclasses.replace(c, rule=rule) if c.key == "model.base_features" else c
           for c in network], steps
 
@@ -199,10 +209,10 @@ def plan_2d(fingerprint: dict, root: str, machine: Machine, peak: PeakFn,
     size = int(image_size * 0.9)
   steps = 0
   if time_budget:
-    half = lambda size: (rules.choices_dict(rules.topology_2d(int(size[0] / 2 ** 0.5)))
-                         ["data.image_size"],) * 2
+    shrunk = lambda size, share: (rules.choices_dict(rules.topology_2d(
+        int(size[0] * share ** 0.5)))["data.image_size"],) * 2
     network, steps = _fit_to_time(fixed + augment, batch, machine, time_budget,
-                                  (image_size, image_size), half,
+                                  (image_size, image_size), shrunk,
                                   lambda base, size: rules.topology_2d(size[0], base))
     augment = rules.augmentation(rules.choices_dict(network)["data.image_size"],
                                  budgeted=True)
