@@ -4,12 +4,17 @@ many steps as the same share of the budget holds at its own timed step.
 
     python benchmarks/plan_budget.py --budget=10m --seeds=0,1,2     # resumable
     python benchmarks/plan_budget.py --dataset=ct_aniso --out=runs/plan_budget_ct
+    python benchmarks/plan_budget.py --dataset=ct_aniso --out=runs/plan_budget_ct \
+        --plans=benchmarks/results/plan_budget/plan_budget_ct_epyc   # a committed plan set
 
 Writes a synthetic dataset (`--dataset`: `mri`, the quickstart's phantoms at 1 x 1 x 2 mm;
 `ct_aniso`, CT-like phantoms at 0.8 x 0.8 x 3 mm whose shapes vary by up to 20%; their three
 classes for every setting) to OUT/data, plans it
 once (timing steps: run it on an idle machine), then trains every (seed, setting) in its own
 workdir; a workdir whose run finished is read, not run again, so a stopped study resumes.
+`--plans=DIR` trains a plan set made before (DIR/plans and DIR/prepared.json, as OUT holds
+them) instead of planning, on the dataset written anew (the same generator and seed), so a
+study continues on another machine with the plans and step counts timed on the first.
 The runs' steps are fixed before they start: their results do not depend on the machine's
 load while they train. Prints one JSON line and a table of test mean foreground Dice with
 the paired differences (Student's t, 95%).
@@ -18,6 +23,7 @@ the paired differences (Student's t, 95%).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,8 +43,9 @@ def run(args: list[str], log: str) -> None:
     raise SystemExit(f"{' '.join(args)} failed with {proc.returncode}: see {log}")
 
 
-def prepare(out: str, volumes: int, budget: str, dataset: str) -> dict:
-  """The dataset, its plans and the quickstart's step count for the budget (timed once)."""
+def prepare(out: str, volumes: int, budget: str, dataset: str, made: str = "") -> dict:
+  """The dataset, its plans and the quickstart's step count for the budget (timed once, or
+  read from `made`, a plan set made before)."""
   sys.path.insert(0, REPO)
   from medseg_jax.data import synthetic
   data = os.path.join(out, "data")
@@ -49,6 +56,13 @@ def prepare(out: str, volumes: int, budget: str, dataset: str) -> dict:
   info_path = os.path.join(out, "prepared.json")
   if os.path.exists(info_path):
     return json.load(open(info_path))
+  if made:
+    shutil.copytree(os.path.join(made, "plans"), plans)
+    info = {**json.load(open(os.path.join(made, "prepared.json"))), "data": data,
+            "plans": plans, "made_in": os.path.abspath(made)}
+    with open(info_path, "w") as f:
+      json.dump(info, f)
+    return info
   start = time.time()
   run(["-m", "medseg_jax.plan", f"--data={data}", f"--output={plans}", f"--budget={budget}",
        "--num_devices=1"], os.path.join(out, "plan.log"))
@@ -87,7 +101,8 @@ def train(setting: str, seed: int, info: dict, out: str, name: str = "",
               "--config.data.synthetic=False", "--config.data.label_map=()",
               f"--config.train.num_steps={info['quickstart']['steps']}"]
     else:
-      args = [f"--config={os.path.join(info['plans'], setting + '.py')}"]
+      args = [f"--config={os.path.join(info['plans'], setting + '.py')}",
+              f"--config.data.root={info['data']}"]
     os.makedirs(workdir, exist_ok=True)
     run(["-m", "medseg_jax.main", *args, *extra, *common], os.path.join(workdir, "run.log"))
   done = json.load(open(manifest))
@@ -104,9 +119,11 @@ def main():
   p.add_argument("--settings", default=",".join(SETTINGS),
                  help="the settings to train (a study in parts); the table needs all")
   p.add_argument("--out", default=os.path.join(REPO, "runs", "plan_budget"))
+  p.add_argument("--plans", default="", help="a plan set made before (DIR/plans, "
+                 "DIR/prepared.json): trained instead of planning anew")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  info = prepare(args.out, args.volumes, args.budget, args.dataset)
+  info = prepare(args.out, args.volumes, args.budget, args.dataset, args.plans)
   settings = args.settings.split(",")
   if unknown := set(settings) - set(SETTINGS):
     p.error(f"--settings: unknown {sorted(unknown)}; choose from {SETTINGS}")

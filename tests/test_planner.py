@@ -7,6 +7,7 @@ import copy
 import functools
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -317,3 +318,26 @@ def test_the_benchmarks_n_device_plan_keeps_the_examples_of_the_one_device_plan(
   assert eight.parallel.num_devices == 8 and eight.optim.lr == one.optim.lr
   assert (eight.model, eight.data.patch_size) == (one.model, one.data.patch_size)
   config_check.check(eight)
+
+
+def test_the_benchmarks_study_trains_a_plan_set_made_before(planned, tmp_path):
+  """benchmarks/plan_budget.py --plans=DIR: the plans and step counts of DIR are copied, not
+  planned again, and the dataset is written anew in OUT."""
+  tmp, _ = planned
+  made = tmp_path / "made"
+  shutil.copytree(tmp / "plans", made / "plans")
+  timed = {"data": "/elsewhere/data", "plans": "/elsewhere/plans", "planning_seconds": 61.0,
+           "quickstart": {"step_seconds": 0.5, "steps": 925}}
+  (made / "prepared.json").write_text(json.dumps(timed))
+  sys.path.insert(0, f"{REPO}/benchmarks")
+  import plan_budget  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  info = plan_budget.prepare(str(out), 2, "10m", "mri", str(made))
+  assert info == {**timed, "data": str(out / "data"), "plans": str(out / "plans"),
+                  "made_in": str(made)}
+  assert json.loads((out / "prepared.json").read_text()) == info
+  for name in ("plan_2d.py", "plan_3d.py", "fingerprint.json"):
+    assert (out / "plans" / name).read_bytes() == (made / "plans" / name).read_bytes()
+  assert sorted(p.name for p in (out / "data" / "imagesTr").iterdir()) == [
+      "phantom_000.nii.gz", "phantom_001.nii.gz"]
+  assert not (out / "plan.log").exists()  # nothing planned
