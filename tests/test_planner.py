@@ -94,6 +94,16 @@ def test_an_anisotropic_ct_dataset():
   assert rules.volume_normalisation(_fingerprint([(1, 1, 1)], [(9, 9, 9)], ("CT", "PET"))).value == "auto"
 
 
+def test_a_3d_example_shrinks_to_a_share_of_its_voxels_largest_axis_first():
+  """64x80x12 in a median shape of 95x96x17 at 0.8 x 0.8 x 3 mm (in-plane axes pooled 4
+  times, z once: totals 16, 16, 2), shrunk to a third (20,480 of 61,440 voxels): y (80/96
+  the largest share) to 64; z (12/17) to 10; x (64/95 against 64/96) to 48; y to 48;
+  z to 8: 48x48x8, 18,432 voxels. To a half: the first three steps, 48x64x10."""
+  spacing, shape = (0.8, 0.8, 3.0), (95, 96, 17)
+  assert planner._shrunk_patch((64, 80, 12), shape, spacing, 1 / 3) == (48, 48, 8)  # pylint: disable=protected-access
+  assert planner._shrunk_patch((64, 80, 12), shape, spacing, 0.5) == (48, 64, 10)  # pylint: disable=protected-access
+
+
 def test_a_dataset_barely_coarser_along_z_stays_at_its_median():
   fp = _fingerprint([(1, 1, 2.9)] * 3, [(100, 100, 30)] * 3)
   np.testing.assert_allclose(rules.target_spacing(fp)[0], [1, 1, 2.9])
