@@ -100,8 +100,9 @@ def test_a_3d_example_shrinks_to_a_share_of_its_voxels_largest_axis_first():
   the largest share) to 64; z (12/17) to 10; x (64/95 against 64/96) to 48; y to 48;
   z to 8: 48x48x8, 18,432 voxels. To a half: the first three steps, 48x64x10."""
   spacing, shape = (0.8, 0.8, 3.0), (95, 96, 17)
-  assert planner._shrunk_patch((64, 80, 12), shape, spacing, 1 / 3) == (48, 48, 8)  # pylint: disable=protected-access
-  assert planner._shrunk_patch((64, 80, 12), shape, spacing, 0.5) == (48, 64, 10)  # pylint: disable=protected-access
+  shrunk = planner._shrunk_patch  # pylint: disable=protected-access
+  assert shrunk((64, 80, 12), shape, spacing, 1 / 3) == (48, 48, 8)
+  assert shrunk((64, 80, 12), shape, spacing, 0.5) == (48, 64, 10)
 
 
 def test_a_dataset_barely_coarser_along_z_stays_at_its_median():
