@@ -133,13 +133,7 @@ def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget:
       low = middle + 1
     else:
       high = middle - 1
-  tried = [found[i] for i in sorted(found)]
-  while all(t[-1] < rules.MIN_STEPS for t in tried):
-    _, base, shape, _, steps = tried[0]
-    smaller = shrink(shape, steps / rules.MIN_STEPS)
-    if smaller == tuple(shape):
-      break
-    tried.insert(0, timed(base, smaller))
+  tried = _shrunk_to_min_steps([found[i] for i in sorted(found)], shrink, timed)
   network, *_, steps = tried[rules.chosen([t[-1] for t in tried])]
   timings = "; ".join(f"width {b} at {'x'.join(map(str, shape))}: {sec:.3g} s/step, {n} steps"
                       for _, b, shape, sec, n in tried)
@@ -149,6 +143,19 @@ def _fit_to_time(fixed: list[Choice], batch: int, machine: Machine, time_budget:
           f"steps missing); timed here: {timings}")
   return [dataclasses.replace(c, rule=rule) if c.key == "model.base_features" else c
           for c in network], steps
+
+
+def _shrunk_to_min_steps(tried: list[tuple], shrink: Callable, timed: Callable) -> list[tuple]:
+  """`tried` (timed candidates, capacity ascending), and while none of them takes
+  rules.MIN_STEPS, the smallest one's example shrunk by the share of the steps it takes
+  and timed (`timed(base, shape)`) in front, until it shrinks no more."""
+  while all(t[-1] < rules.MIN_STEPS for t in tried):
+    _, base, shape, _, steps = tried[0]
+    smaller = shrink(shape, steps / rules.MIN_STEPS)
+    if smaller == tuple(shape):
+      break
+    tried = [timed(base, smaller), *tried]
+  return tried
 
 
 def _optimizer(machine: Machine) -> list[Choice]:
