@@ -517,6 +517,69 @@ def test_decisions_use_the_mean_over_the_draws_and_say_where_they_disagree(tmp_p
   assert "| 0.9500 / 0.8400 / 0.8600 |" in report_md
 
 
+DIVERGED = "error: training diverged at step 121 (learning rate 0.03): mean loss 29.73"
+
+
+class Diverging(Fake):
+  """A Fake whose runs with `diverges(overrides)` stop as the divergence guard stops them
+  (the trainer's record of such a run: no metrics, its error line)."""
+
+  def __init__(self, score, diverges, baseline=0.9):
+    super().__init__(score, baseline)
+    self.diverges = diverges
+
+  def __call__(self, name, overrides):
+    if self.diverges(overrides):
+      self.calls.append((name, overrides))
+      none = dict.fromkeys(metrics(0.0)["val"])
+      return {"val": none, "test": dict(none), "diverged": DIVERGED}
+    return super().__call__(name, overrides)
+
+
+def test_a_setting_that_diverges_is_dropped_after_its_first_draw_and_the_search_goes_on(
+    tmp_path):
+  """Halving the LR diverges on fold 0 (three draws): folds 1 and 2 are not trained, the
+  setting is not better, and the next action (a larger decay coefficient: 0.95 on every
+  fold) reaches the baseline and is confirmed."""
+  fake = Diverging(lambda o: 0.95 if o[COEF] > 0.15 else 0.8,
+                   lambda o: o.get(INITIAL, 1) < 2e-3)
+  g = settings(val_draws=3, seed=100)
+  tuner, status = tune(g, fake, tmp_path)
+  assert status == "confirmed" and tuner.chosen == "03_increase_decay_coefficient"
+  assert [n for n, _ in fake.calls if "decrease_initial_lr" in n] == [
+      "02_decrease_initial_lr_fold0"]
+  halved = tuner.history[2]
+  assert halved["result"]["val"]["dice"] is None and len(halved["draws"]) == 1
+  assert halved["decision"] == (f"diverged (02_decrease_initial_lr_fold0: {DIVERGED}): "
+                                "not better: next action")
+  report_md = report.markdown(report.table_rows(tuner.history), "t", "n")
+  assert "diverged (02_decrease_initial_lr_fold0" in report_md
+  resumed = Diverging(lambda o: 0.0, lambda o: True)  # the state file has every run
+  tuner, status = tune(g, resumed, tmp_path)
+  assert status == "confirmed" and resumed.calls == []
+
+
+def test_a_baseline_that_diverges_is_one_error(tmp_path):
+  fake = Diverging(lambda o: 0.8, lambda o: o["parallel.num_devices"] == 1)
+  with pytest.raises(ConfigError, match=r"^the baseline diverged on one device \(00_baseline: "
+                     r"error: training diverged at step 121 .*\): nothing to scale; lower "
+                     r"optim.lr$"):
+    tune(settings(), fake, tmp_path)
+
+
+def test_the_trainer_returns_a_diverged_run_as_such(tmp_path):
+  """A run whose directory records the divergence guard's stop (runs.DIVERGED, its best
+  checkpoint evaluated) is not trained again: the tuner gets its error, no metrics."""
+  workdir = tmp_path / "runs" / "03_change_optimizer"
+  workdir.mkdir(parents=True)
+  (workdir / runs.DIVERGED).write_text(json.dumps({"error": DIVERGED, "evaluated": False}))
+  train = runs.trainer(["--config=configs/quickstart.py"], str(tmp_path / "runs"), 0,
+                       "guideline")
+  result = train("03_change_optimizer", {"optim.name": "adam"})
+  assert result == {"val": dict.fromkeys(runs.METRICS), "test": dict.fromkeys(runs.METRICS),
+                    "diverged": DIVERGED}
+
+
 def test_val_draws_need_folds_to_draw_from():
   cfg = quickstart.get_config()
   assert guideline.draw_folds(cfg, 3) == 6      # round(0.85 / 0.15)

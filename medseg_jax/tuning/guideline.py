@@ -183,14 +183,22 @@ class Tuner:
   def _train(self, action: str, setting: dict, changed: str = "",
              first_seed: int | None = None) -> Result:
     """The mean result of `setting` over the validation draws (each draw's run from the
-    state file when it is there; else trained), appended to the history."""
+    state file when it is there; else trained), appended to the history. A draw the
+    divergence guard stopped ends the setting: it diverged, and compares below any other
+    (its metrics are None)."""
     base = f"{len(self.history):02d}_{action}"
     setting = json.loads(json.dumps(setting))
     draws = []
-    for d, draw in enumerate(self._draws(self.g.seed if first_seed is None else first_seed)):
+    for draw in self._draws(self.g.seed if first_seed is None else first_seed):
       name = base if self.g.val_draws == 1 else f"{base}_fold{draw['data.fold']}"
       draws.append({"run": name, **self._draw_result(name, {**setting, **draw}, changed)})
+      if "diverged" in draws[-1]["result"]:
+        break
     result = mean_result([d["result"] for d in draws])
+    diverged = [f"{d['run']}: {d['result']['diverged']}" for d in draws
+                if "diverged" in d["result"]]
+    if diverged:
+      result["diverged"] = diverged[0]
     self.history.append({"run": base, "action": action, "changed": changed, "decision": "",
                          "overrides": setting, "draws": draws, "result": result})
     self._save()
@@ -207,7 +215,8 @@ class Tuner:
       record = {"overrides": overrides, "result": self.trainer(name, overrides)}
       self.done[name] = record
       self._save()
-    if (record["result"].get(self.g.split) or {}).get("dice") is None:
+    if ("diverged" not in record["result"]
+        and (record["result"].get(self.g.split) or {}).get("dice") is None):
       raise DataError(f"run {name} has no {self.g.split} metrics; "
                       "use --split=test if the config has no validation split")
     return record
@@ -229,9 +238,13 @@ class Tuner:
     last = self.history[-1]
     if against is not None:
       decision += disagreement(last["draws"], against["draws"], self.g.split)
+    if "diverged" in last["result"]:
+      decision = f"diverged ({last['result']['diverged']}): {decision}"
+      self.say(f"{last['run']}: {decision}")
+    else:
+      self.say(f"{last['run']}: {self.g.split} Dice "
+               f"{last['result'][self.g.split]['dice']:.4f} -> {decision}")
     last["decision"] = decision
-    self.say(f"{last['run']}: {self.g.split} Dice {last['result'][self.g.split]['dice']:.4f} "
-             f"-> {decision}")
 
   def _split(self) -> dict:
     """The config's split seed, which every run keeps: the test split is always the same."""
@@ -246,6 +259,9 @@ class Tuner:
     reference = self.cfg.lr.reference_batch_size or self.cfg.train.per_device_batch_size
     base = self._train("baseline", {"parallel.num_devices": 1,
                                     "train.per_device_batch_size": reference, **self._split()})
+    if "diverged" in base:
+      raise ConfigError(f"the baseline diverged on one device ({base['diverged']}): "
+                        "nothing to scale; lower optim.lr")
     self._decide("baseline")
     self.baseline = self.history[-1]
     params = actions.start_params(self.cfg)
@@ -327,6 +343,8 @@ def mean_result(results: list[Result]) -> Result:
 def disagreement(draws: list[dict], others: list[dict], split_name: str) -> str:
   """"" when the Dice differences between paired draws share a sign (or there is one
   draw); else what the report says: "; draws disagree: +0.0040, -0.0020"."""
+  if any(d["result"][split_name]["dice"] is None for d in [*draws, *others]):
+    return ""  # a diverged draw: no difference to sign
   differences = [a["result"][split_name]["dice"] - b["result"][split_name]["dice"]
                  for a, b in zip(draws, others)]
   if len(differences) < 2 or not (min(differences) < 0 < max(differences)):

@@ -125,10 +125,14 @@ def _main(args: list[str], workdir: str, simulated_devices: int, tool: str) -> t
 def trainer(config_args: list[str], runs_dir: str, simulated_devices: int,
             tool: str) -> Callable[[str, dict], dict]:
   """A trainer for the guideline tuner: (name, config overrides) -> {"val": metrics or None,
-  "test": metrics} of the run in RUNS_DIR/<name>, trained unless complete."""
+  "test": metrics} of the run in RUNS_DIR/<name>, trained unless complete; a run the
+  divergence guard stopped has no metrics and its error line under "diverged"."""
   def train_run(name: str, overrides: dict) -> dict:
     workdir = os.path.join(runs_dir, name)
     outcome = run(config_args + override_args(overrides), workdir, simulated_devices, tool)
+    if outcome == "diverged":
+      return {"val": dict.fromkeys(METRICS), "test": dict.fromkeys(METRICS),
+              "diverged": diverged(workdir)["error"]}
     if outcome != "complete":
       raise MedsegError(f"run {name} {outcome}; see {workdir}/{tool}_run.log")
     try:
