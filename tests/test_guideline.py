@@ -358,7 +358,8 @@ def test_chosen_config_file_is_the_source_and_the_changes(tmp_path):
     ("large_batch", "configs/large_batch_contrast.py"),
     ("large_batch/large_batch_study_2026-11-24", "configs/large_batch_study.py"),
     ("large_batch/draws_2026-12-07/guideline8", "configs/large_batch_contrast.py"),
-    ("large_batch/draws_2026-12-07/guideline16", "configs/large_batch_contrast.py")])
+    ("large_batch/draws_2026-12-07/guideline16", "configs/large_batch_contrast.py"),
+    ("large_batch/fcn_2026-12-07/guideline8", "configs/large_batch_contrast_fcn.py")])
 def test_the_committed_chosen_config_loads_as_its_run_was_trained(directory, source):
   """benchmarks/results/large_batch/...: each chosen file is its study's config with the
   chosen run's overrides from the tuner's state."""
