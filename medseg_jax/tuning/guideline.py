@@ -21,14 +21,14 @@ validation split) with seed `--seed` + d, and the setting's metrics are the mean
 its draws. Every run keeps the config's `data.split_seed` (unset: its `seed`), so the
 test split is the same in all of them and in the scaling study, and the deciding and
 confirming seeds (100, 101, ... by default) are apart from the study's (0, 1, ...).
-Where the draws disagree on the sign of a Dice difference, the decision says so.
+Where the draws disagree on the sign of a Dice difference, the decision says so; a setting
+with a diverged run is worse than any other, its other draws not trained.
 
 Decisions compare the metrics of `--split` (default `val`: the validation metrics of
 each run's tested checkpoint), by `--comparison`, with differences below `--tolerance`
 as ties; the test metrics are reported beside them and decide nothing. The tuner's
-settings are its own (`Settings`, each one a flag), not part of the experiment config.
-Every run is a normal run in DIR/runs/<name>; the tuner's state is
-DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
+settings are its own flags (`Settings`). Every run is a normal run in DIR/runs/<name>;
+its state is DIR/guideline_state.json, so an interrupted tuner continues where it stopped.
 """
 
 import functools
@@ -182,10 +182,8 @@ class Tuner:
 
   def _train(self, action: str, setting: dict, changed: str = "",
              first_seed: int | None = None) -> Result:
-    """The mean result of `setting` over the validation draws (each draw's run from the
-    state file when it is there; else trained), appended to the history. A draw the
-    divergence guard stopped ends the setting: it diverged, and compares below any other
-    (its metrics are None)."""
+    """The mean result of `setting` over the validation draws (from the state file, else
+    trained), appended to the history; a diverged draw ends it, its metrics None."""
     base = f"{len(self.history):02d}_{action}"
     setting = json.loads(json.dumps(setting))
     draws = []
@@ -195,10 +193,8 @@ class Tuner:
       if "diverged" in draws[-1]["result"]:
         break
     result = mean_result([d["result"] for d in draws])
-    diverged = [f"{d['run']}: {d['result']['diverged']}" for d in draws
-                if "diverged" in d["result"]]
-    if diverged:
-      result["diverged"] = diverged[0]
+    if "diverged" in draws[-1]["result"]:  # the last draw trained
+      result["diverged"] = f"{draws[-1]['run']}: {draws[-1]['result']['diverged']}"
     self.history.append({"run": base, "action": action, "changed": changed, "decision": "",
                          "overrides": setting, "draws": draws, "result": result})
     self._save()
@@ -215,8 +211,7 @@ class Tuner:
       record = {"overrides": overrides, "result": self.trainer(name, overrides)}
       self.done[name] = record
       self._save()
-    if ("diverged" not in record["result"]
-        and (record["result"].get(self.g.split) or {}).get("dice") is None):
+    if record["result"].get(self.g.split) is None:  # (a diverged run has them, all None)
       raise DataError(f"run {name} has no {self.g.split} metrics; "
                       "use --split=test if the config has no validation split")
     return record
@@ -240,11 +235,10 @@ class Tuner:
       decision += disagreement(last["draws"], against["draws"], self.g.split)
     if "diverged" in last["result"]:
       decision = f"diverged ({last['result']['diverged']}): {decision}"
-      self.say(f"{last['run']}: {decision}")
-    else:
-      self.say(f"{last['run']}: {self.g.split} Dice "
-               f"{last['result'][self.g.split]['dice']:.4f} -> {decision}")
     last["decision"] = decision
+    dice = last["result"][self.g.split]["dice"]
+    shown = "" if dice is None else f"{self.g.split} Dice {dice:.4f} -> "
+    self.say(f"{last['run']}: {shown}{decision}")
 
   def _split(self) -> dict:
     """The config's split seed, which every run keeps: the test split is always the same."""
@@ -344,7 +338,7 @@ def disagreement(draws: list[dict], others: list[dict], split_name: str) -> str:
   """"" when the Dice differences between paired draws share a sign (or there is one
   draw); else what the report says: "; draws disagree: +0.0040, -0.0020"."""
   if any(d["result"][split_name]["dice"] is None for d in [*draws, *others]):
-    return ""  # a diverged draw: no difference to sign
+    return ""  # a diverged draw has no difference to sign
   differences = [a["result"][split_name]["dice"] - b["result"][split_name]["dice"]
                  for a, b in zip(draws, others)]
   if len(differences) < 2 or not (min(differences) < 0 < max(differences)):
