@@ -15,7 +15,7 @@ from configs import quickstart
 from medseg_jax import defaults
 from helpers import REPO, TINY as TINY_RUN, env_with_devices
 from medseg_jax import config_schema, optim
-from medseg_jax.errors import ConfigError
+from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.tuning import guideline, guideline_settings, report, runs
 from medseg_jax.tuning.actions import after_action
 from medseg_jax.tuning.guideline_settings import Settings
@@ -566,6 +566,18 @@ def test_a_baseline_that_diverges_is_one_error(tmp_path):
                      r"error: training diverged at step 121 .*\): nothing to scale; lower "
                      r"optim.lr$"):
     tune(settings(), fake, tmp_path)
+
+
+@pytest.mark.parametrize("val", [None, dict.fromkeys(metrics(0.0)["val"])])
+def test_a_run_without_validation_metrics_is_one_error_unless_it_diverged(tmp_path, val):
+  """A run that did not diverge but has no validation Dice (no validation split) stops the
+  tuner with the hint to decide on test; a diverged run's None metrics do not (above)."""
+  class NoValidation(Fake):
+    def __call__(self, name, overrides):
+      return {**super().__call__(name, overrides), "val": val}
+  with pytest.raises(DataError, match=r"^run 00_baseline has no val metrics; use --split=test "
+                     r"if the config has no validation split$"):
+    tune(settings(), NoValidation(lambda o: 0.8), tmp_path)
 
 
 def test_the_trainer_returns_a_diverged_run_as_such(tmp_path):

@@ -182,8 +182,7 @@ class Tuner:
 
   def _train(self, action: str, setting: dict, changed: str = "",
              first_seed: int | None = None) -> Result:
-    """The mean result of `setting` over the validation draws (from the state file, else
-    trained), appended to the history; a diverged draw ends it, its metrics None."""
+    """The mean result of `setting` over its draws (a diverged one is the last), in history."""
     base = f"{len(self.history):02d}_{action}"
     setting = json.loads(json.dumps(setting))
     draws = []
@@ -211,7 +210,8 @@ class Tuner:
       record = {"overrides": overrides, "result": self.trainer(name, overrides)}
       self.done[name] = record
       self._save()
-    if record["result"].get(self.g.split) is None:  # (a diverged run has them, all None)
+    result = record["result"]  # a diverged run's metrics are all None, by design
+    if "diverged" not in result and (result.get(self.g.split) or {}).get("dice") is None:
       raise DataError(f"run {name} has no {self.g.split} metrics; "
                       "use --split=test if the config has no validation split")
     return record
