@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +233,26 @@ def test_has_checkpoint_only_with_a_step_directory(tmp_path):
   assert not checkpoint.has_checkpoint(str(tmp_path))
   os.makedirs(tmp_path / "checkpoints" / "5")
   assert checkpoint.has_checkpoint(str(tmp_path))
+
+
+def test_an_unfinished_step_written_into_after_its_removal_is_removed_again(tmp_path):
+  """A write of a failed save that lands late (tensorstore's, on its own thread) recreates
+  the unfinished step's directories; the removal outlasts it. Finished steps stay."""
+  (tmp_path / "2").mkdir()
+  unfinished = tmp_path / "4.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp" / "d"
+  unfinished.mkdir(parents=True)
+  (unfinished / "first").write_bytes(b"x" * 1000)
+
+  def late_write():
+    time.sleep(0.3)
+    os.makedirs(unfinished, exist_ok=True)
+    (unfinished / "late").write_bytes(b"x" * 1000)
+
+  writer = threading.Thread(target=late_write)
+  writer.start()
+  checkpoint.remove_unfinished(str(tmp_path))
+  writer.join()
+  assert os.listdir(tmp_path) == ["2"]
 
 
 def test_a_run_and_its_resume_past_an_unreadable_checkpoint_print_no_traceback(tmp_path):

@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import os
 import shutil
+import time
 from typing import Any, Iterator
 
 import jax
@@ -35,6 +36,9 @@ LATEST, BEST = "latest", "best"
 _DICE = "dice"
 # Room a save asks for beyond its arrays' bytes: orbax's metadata files and the meta item.
 _SAVE_MARGIN, _SAVE_SLACK = 1.1, 2**20
+# A failed save's unfinished step is removed until it has stayed away this long (seconds),
+# giving up after the limit: see `remove_unfinished`.
+_SETTLE_S, _SETTLE_LIMIT_S, _POLL_S = 1.0, 20.0, 0.02
 
 
 def parse_which(value: Any, name: str) -> str | int:
@@ -61,6 +65,25 @@ def require_checkpoint(workdir: str) -> None:
   """Raises a one-line error unless WORKDIR/checkpoints holds at least one step."""
   if not has_checkpoint(workdir):
     raise MedsegError(f"{directory(workdir)}: no checkpoint (train first, or check --workdir)")
+
+
+def remove_unfinished(checkpoints: str) -> None:
+  """Removes the unfinished steps (orbax's `*.orbax-checkpoint-tmp*`) in `checkpoints`.
+
+  After a save failed midway, writes it started may still land: tensorstore's writes of
+  other arrays, whose futures the failed save dropped (orbax offers nothing to wait for
+  them), finish on their own threads and recreate the directories they write into, also
+  while `rmtree` is emptying them. So the removal repeats until nothing unfinished has
+  appeared for `_SETTLE_S` seconds."""
+  pattern = os.path.join(checkpoints, "*.orbax-checkpoint-tmp*")
+  start = quiet_since = time.monotonic()
+  while time.monotonic() - quiet_since < _SETTLE_S and time.monotonic() - start < _SETTLE_LIMIT_S:
+    unfinished = glob.glob(pattern)
+    for path in unfinished:
+      shutil.rmtree(path, ignore_errors=True)
+    if unfinished:
+      quiet_since = time.monotonic()
+    time.sleep(_POLL_S)
 
 
 def remove_all(workdir: str) -> None:
@@ -270,8 +293,7 @@ class Checkpointer:
         yield
     except MedsegError:  # only the disk-full line: orbax's own errors are not MedsegErrors
       if jax.process_index() == 0:
-        for unfinished in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
-          shutil.rmtree(unfinished, ignore_errors=True)
+        remove_unfinished(self.directory)
       raise
 
   def wait(self) -> None:
