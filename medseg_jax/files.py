@@ -4,9 +4,12 @@ JSON file that is missing or broken is one line too."""
 import contextlib
 import csv
 import errno
+import glob
 import json
 import os
+import shutil
 import tempfile
+import time
 from typing import Any, Callable, Iterator
 
 from medseg_jax.errors import DataError, MedsegError, first_line
@@ -30,6 +33,28 @@ def disk_full(error: BaseException | str | None) -> str | None:
       return found
     error, seen = error.__cause__ or error.__context__, seen + 1
   return None
+
+
+def remove_until_gone(pattern: str, settle_seconds: float, limit_seconds: float,
+                      poll_seconds: float = 0.02) -> list[str]:
+  """Removes the paths matching the glob `pattern` (escape literal parts with
+  `glob.escape`), again whenever one reappears, until none has for `settle_seconds`;
+  returns what still matches after `limit_seconds` ([] once gone).
+
+  For what a failed tensorstore write leaves (the slice store's, orbax's): the write
+  returns at its first failing chunk while its other chunks may still be landing from
+  tensorstore's threads, which has no call that waits for them, and a landing chunk
+  recreates its directories, also while `rmtree` is emptying them."""
+  start = quiet_since = time.monotonic()
+  while (time.monotonic() - quiet_since < settle_seconds
+         and time.monotonic() - start < limit_seconds):
+    found = glob.glob(pattern)
+    for path in found:
+      shutil.rmtree(path, ignore_errors=True)
+    if found:
+      quiet_since = time.monotonic()
+    time.sleep(poll_seconds)
+  return glob.glob(pattern)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ A store is built in a temporary directory beside its final path and renamed into
 when complete: an interrupted or failed build leaves nothing a later run would open.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -124,18 +125,9 @@ def build_atomically(path: str, write: Callable[[str], dict], what: str) -> None
     raise
 
 
-def _remove(tmp: str, seconds: float = 10.0) -> None:
-  """Removes the temporary store `tmp`. A failed tensorstore write returns at its first
-  failing chunk while the write's other chunks may still be landing from tensorstore's
-  threads (it has no call that waits for them), and a landing chunk recreates its
-  directory: so remove, let in-flight writes land, and remove again until it stays gone."""
-  deadline = time.monotonic() + seconds
-  while True:
-    shutil.rmtree(tmp, ignore_errors=True)
-    time.sleep(0.25)
-    if not os.path.exists(tmp) or time.monotonic() > deadline:
-      break
-  if os.path.exists(tmp):
+def _remove(tmp: str) -> None:
+  """Removes the temporary store `tmp`, also what a failed write lands in it late."""
+  if files.remove_until_gone(glob.escape(tmp), settle_seconds=0.25, limit_seconds=10.0):
     logging.warning("Could not remove the temporary store %s", tmp)
 
 

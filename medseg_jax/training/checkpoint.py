@@ -16,7 +16,6 @@ import dataclasses
 import glob
 import os
 import shutil
-import time
 from typing import Any, Iterator
 
 import jax
@@ -38,7 +37,7 @@ _DICE = "dice"
 _SAVE_MARGIN, _SAVE_SLACK = 1.1, 2**20
 # A failed save's unfinished step is removed until it has stayed away this long (seconds),
 # giving up after the limit: see `remove_unfinished`.
-_SETTLE_S, _SETTLE_LIMIT_S, _POLL_S = 1.0, 20.0, 0.02
+_SETTLE_S, _SETTLE_LIMIT_S = 1.0, 20.0
 
 
 def parse_which(value: Any, name: str) -> str | int:
@@ -68,22 +67,11 @@ def require_checkpoint(workdir: str) -> None:
 
 
 def remove_unfinished(checkpoints: str) -> None:
-  """Removes the unfinished steps (orbax's `*.orbax-checkpoint-tmp*`) in `checkpoints`.
-
-  After a save failed midway, writes it started may still land: tensorstore's writes of
-  other arrays, whose futures the failed save dropped (orbax offers nothing to wait for
-  them), finish on their own threads and recreate the directories they write into, also
-  while `rmtree` is emptying them. So the removal repeats until nothing unfinished has
-  appeared for `_SETTLE_S` seconds."""
-  pattern = os.path.join(checkpoints, "*.orbax-checkpoint-tmp*")
-  start = quiet_since = time.monotonic()
-  while time.monotonic() - quiet_since < _SETTLE_S and time.monotonic() - start < _SETTLE_LIMIT_S:
-    unfinished = glob.glob(pattern)
-    for path in unfinished:
-      shutil.rmtree(path, ignore_errors=True)
-    if unfinished:
-      quiet_since = time.monotonic()
-    time.sleep(_POLL_S)
+  """Removes the unfinished steps (orbax's `*.orbax-checkpoint-tmp*`) in `checkpoints`,
+  also the directories a failed save's late writes recreate (`files.remove_until_gone`)."""
+  pattern = os.path.join(glob.escape(checkpoints), "*.orbax-checkpoint-tmp*")
+  if files.remove_until_gone(pattern, _SETTLE_S, _SETTLE_LIMIT_S):
+    logging.warning("Could not remove the unfinished checkpoints in %s", checkpoints)
 
 
 def remove_all(workdir: str) -> None:
